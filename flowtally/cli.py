@@ -1,0 +1,141 @@
+"""The `flowtally` command: one subcommand per stage and tool.
+
+Argument definitions live here; each subcommand imports its stage lazily (Faust alone takes a
+second to import) and calls that stage's ``run(args) -> int``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+from collections.abc import Sequence
+
+from flowtally import __version__
+from flowtally.settings import SettingsError
+
+# subcommand path -> "module:function"
+_TARGETS = {
+    ("sensor", "netflow"): "sensors.netflow.collector:run",
+    ("enrich",): "enricher.app:run",
+    ("sink",): "sink.service:run",
+    ("migrate",): "sql.migrate:run",
+    ("query",): "sql.queries:run",
+    ("decode",): "sensors.netflow.decodefile:run",
+    ("generate", "netflow"): "sensors.netflow.generator:run_netflow",
+    ("generate", "inventory"): "sensors.netflow.generator:run_inventory",
+    ("kafka", "up"): "flowtally.localkafka:run_up",
+    ("kafka", "down"): "flowtally.localkafka:run_down",
+    ("demo",): "flowtally.demo:run",
+}
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("-c", "--config", help="YAML settings file (also FLOWTALLY_CONFIG)")
+    p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The whole command-line interface."""
+    parser = argparse.ArgumentParser(
+        prog="flowtally",
+        description="Kubernetes traffic history: sensors -> Kafka -> enricher -> ClickHouse.",
+    )
+    parser.add_argument("--version", action="version", version=f"flowtally {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    sensor = sub.add_parser("sensor", help="run a sensor").add_subparsers(
+        dest="sensor", required=True, metavar="KIND"
+    )
+    nf = sensor.add_parser("netflow", help="receive NetFlow v5/v9 over UDP, publish raw batches")
+    _common(nf)
+    nf.add_argument("--listen", help="UDP address to receive on, host:port (default 0.0.0.0:2055)")
+    nf.add_argument("--metrics-listen", help="host:port of /metrics and /healthz")
+
+    enrich = sub.add_parser("enrich", help="run the Faust enrichment stream")
+    _common(enrich)
+    enrich.add_argument("--inventory", help="static identity inventory (YAML)")
+    enrich.add_argument("--metrics-listen", help="host:port of /metrics and /healthz")
+
+    sink = sub.add_parser("sink", help="write enriched batches to ClickHouse")
+    _common(sink)
+    sink.add_argument("--metrics-listen", help="host:port of /metrics and /healthz")
+
+    migrate = sub.add_parser("migrate", help="apply the SQL migrations in sql/migrations")
+    _common(migrate)
+    migrate.add_argument("--status", action="store_true", help="list migrations, apply nothing")
+
+    query = sub.add_parser("query", help="run a named query from sql/queries")
+    _common(query)
+    query.add_argument("name", nargs="?", help="query name (omit to list them)")
+    query.add_argument("--param", action="append", default=[], metavar="KEY=VALUE")
+    query.add_argument("--format", choices=["table", "json"], default="table")
+
+    decode = sub.add_parser("decode", help="decode NetFlow packets in pcap/pcapng files to JSON lines")
+    decode.add_argument("files", nargs="+", help="pcap or pcapng captures")
+    decode.add_argument(
+        "--port", action="append", type=int, default=[],
+        help="only UDP packets to this destination port (repeatable; default: any port)",
+    )
+    decode.add_argument("--log-level", default="WARNING", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+
+    gen = sub.add_parser("generate", help="synthetic data").add_subparsers(
+        dest="what", required=True, metavar="WHAT"
+    )
+    gnf = gen.add_parser("netflow", help="send a synthetic NetFlow v9 stream over UDP")
+    gnf.add_argument("--to", required=True, help="host:port of the collector")
+    gnf.add_argument("--flows", type=int, default=100_000, help="number of flow records to send")
+    gnf.add_argument("--rate", type=float, default=50_000, help="flows per second (0 = as fast as possible)")
+    gnf.add_argument("--seed", type=int, default=1, help="seed of the synthetic cluster and traffic")
+    gnf.add_argument("--source-id", type=int, default=1, help="v9 source ID (observation domain)")
+    gnf.add_argument("--json", action="store_true", help="print the totals as JSON")
+    gnf.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    ginv = gen.add_parser("inventory", help="print the synthetic cluster's inventory (YAML)")
+    ginv.add_argument("--seed", type=int, default=1)
+    ginv.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+
+    kafka = sub.add_parser("kafka", help="a local single-node Kafka broker for development").add_subparsers(
+        dest="action", required=True, metavar="ACTION"
+    )
+    kup = kafka.add_parser("up", help="download (once), format and start the local broker")
+    kup.add_argument("--dir", help="state directory (default var/kafka)")
+    kup.add_argument("--port", type=int, default=0, help="listener port (0 = a free port)")
+    kup.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    kdown = kafka.add_parser("down", help="stop the local broker")
+    kdown.add_argument("--dir", help="state directory (default var/kafka)")
+    kdown.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+
+    demo = sub.add_parser("demo", help="run the whole pipeline locally and print the top talkers")
+    demo.add_argument("--flows", type=int, default=200_000)
+    demo.add_argument("--rate", type=float, default=50_000)
+    demo.add_argument("--dir", default="var/demo", help="where the demo keeps its state")
+    demo.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the `flowtally` console script."""
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=getattr(args, "log_level", "INFO"),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    path = tuple(
+        v for v in (args.command, getattr(args, "sensor", None), getattr(args, "what", None),
+                    getattr(args, "action", None)) if v
+    )
+    module_name, func_name = _TARGETS[path].split(":")
+    func = getattr(importlib.import_module(module_name), func_name)
+    try:
+        return int(func(args) or 0)
+    except SettingsError as exc:
+        print(f"flowtally {' '.join(path)}: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

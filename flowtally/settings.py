@@ -1,0 +1,194 @@
+"""Typed settings shared by every stage.
+
+Each stage has one frozen settings model (a subclass of :class:`StageSettings`) read from, in
+order of precedence: command-line overrides, environment variables ``FLOWTALLY_…``, an optional
+YAML file (``--config`` or ``FLOWTALLY_CONFIG``), then the defaults written next to each field.
+Unknown keys are rejected; a bad value stops the process with a message naming the setting and
+the environment variable that sets it.
+
+Nested groups use one underscore after the group name: ``FLOWTALLY_KAFKA_BOOTSTRAP`` sets
+``kafka.bootstrap``, ``FLOWTALLY_CLICKHOUSE_URL`` sets ``clickhouse.url``.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import os
+from pathlib import Path
+from typing import Any, ClassVar, TypeVar
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    YamlConfigSettingsSource,
+)
+
+ENV_PREFIX = "FLOWTALLY_"
+_yaml_file: contextvars.ContextVar[Path | None] = contextvars.ContextVar("flowtally_yaml", default=None)
+
+
+class SettingsError(Exception):
+    """Settings that cannot be used; the message names each bad setting."""
+
+
+class Group(BaseModel):
+    """A nested settings group: frozen, unknown keys rejected."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+def parse_hostport(value: str, *, what: str) -> tuple[str, int]:
+    """Split ``host:port`` (``[v6]:port`` for IPv6) and check the port."""
+    host, sep, port = value.strip().rpartition(":")
+    if not sep or not host:
+        raise ValueError(f"{what} {value!r} is not host:port")
+    if not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ValueError(f"{what} {value!r} has no valid port (0-65535)")
+    return host.strip("[]"), int(port)
+
+
+class KafkaSettings(Group):
+    """Where Kafka is and what the topics are called."""
+
+    bootstrap: str = Field(
+        "127.0.0.1:9092", description="Comma-separated broker list host:port[,host:port…]"
+    )
+    topic_prefix: str = Field("flowtally", pattern=r"^[A-Za-z0-9._-]+$")
+    client_id: str = "flowtally"
+    security_protocol: str = Field("PLAINTEXT", pattern=r"^(PLAINTEXT|SSL|SASL_PLAINTEXT|SASL_SSL)$")
+    sasl_mechanism: str | None = None
+    sasl_username: str | None = None
+    sasl_password: SecretStr | None = None
+    request_timeout_ms: int = Field(30_000, ge=1_000, le=600_000)
+
+    @field_validator("bootstrap")
+    @classmethod
+    def _check_bootstrap(cls, value: str) -> str:
+        servers = [s.strip() for s in value.split(",") if s.strip()]
+        if not servers:
+            raise ValueError("bootstrap is empty")
+        for server in servers:
+            parse_hostport(server, what="broker")
+        return ",".join(servers)
+
+    def topic(self, name: str) -> str:
+        """The full name of topic ``name`` (``raw``, ``enriched``, ``identity``, ``dlq``…)."""
+        return f"{self.topic_prefix}.{TOPIC_SUFFIXES[name]}"
+
+    def client_kwargs(self) -> dict[str, Any]:
+        """Keyword arguments shared by every aiokafka client."""
+        kwargs: dict[str, Any] = {
+            "bootstrap_servers": self.bootstrap,
+            "client_id": self.client_id,
+            "security_protocol": self.security_protocol,
+            "request_timeout_ms": self.request_timeout_ms,
+        }
+        if self.sasl_mechanism:
+            kwargs["sasl_mechanism"] = self.sasl_mechanism
+            kwargs["sasl_plain_username"] = self.sasl_username
+            kwargs["sasl_plain_password"] = (
+                self.sasl_password.get_secret_value() if self.sasl_password else None
+            )
+        return kwargs
+
+
+TOPIC_SUFFIXES = {
+    "raw": "flows.raw",
+    "enriched": "flows.enriched",
+    "identity": "k8s.identity",
+    "dlq": "flows.dlq",
+}
+
+
+class ClickHouseSettings(Group):
+    """A ClickHouse server (``url``) or, when no URL is set, the embedded chDB engine at ``path``."""
+
+    url: str | None = Field(
+        None, description="http(s)://user:password@host:8123 of a ClickHouse server; unset = chDB"
+    )
+    path: Path = Field(Path("var/chdb"), description="Data directory of the embedded chDB engine")
+    database: str = Field("flowtally", pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")
+
+    @field_validator("url")
+    @classmethod
+    def _check_url(cls, value: str | None) -> str | None:
+        if value in (None, ""):
+            return None
+        if not value.startswith(("http://", "https://")):
+            raise ValueError("url must start with http:// or https://")
+        return value
+
+
+class StageSettings(BaseSettings):
+    """Base of every stage's settings model."""
+
+    model_config = SettingsConfigDict(
+        env_prefix=ENV_PREFIX,
+        env_nested_delimiter="_",
+        env_nested_max_split=1,
+        extra="forbid",
+        frozen=True,
+        validate_default=True,
+    )
+    #: Which environment variables a stage reads, for error messages.
+    env_note: ClassVar[str] = ENV_PREFIX
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
+        path = _yaml_file.get()
+        if path is not None:
+            sources.append(YamlConfigSettingsSource(settings_cls, yaml_file=path))
+        return tuple(sources)
+
+
+S = TypeVar("S", bound=StageSettings)
+
+
+def load_settings(cls: type[S], config_file: str | Path | None = None, **overrides: Any) -> S:
+    """Build ``cls`` from overrides, environment and YAML; raise :class:`SettingsError` with one
+    line per bad setting."""
+    path = config_file or os.environ.get(ENV_PREFIX + "CONFIG")
+    if path:
+        path = Path(path)
+        if not path.is_file():
+            raise SettingsError(f"config file {path} does not exist")
+        try:
+            content = yaml.safe_load(path.read_text())
+        except yaml.YAMLError as exc:
+            raise SettingsError(f"config file {path} is not valid YAML: {exc}") from exc
+        if content is not None and not isinstance(content, dict):
+            raise SettingsError(f"config file {path} must hold a mapping of settings")
+    token = _yaml_file.set(Path(path) if path else None)
+    try:
+        return cls(**{k: v for k, v in overrides.items() if v is not None})
+    except ValidationError as exc:
+        raise SettingsError(describe_errors(exc)) from None
+    finally:
+        _yaml_file.reset(token)
+
+
+def describe_errors(exc: ValidationError) -> str:
+    """One line per error: the dotted setting, its environment variable and what is wrong."""
+    lines = []
+    for err in exc.errors():
+        loc = [str(p) for p in err["loc"]]
+        dotted = ".".join(loc)
+        env = ENV_PREFIX + "_".join(loc).upper()
+        got = err.get("input")
+        shown = "" if isinstance(got, dict) else f" (got {got!r})"
+        msg = err["msg"]
+        if err["type"] == "extra_forbidden":
+            msg = "unknown setting"
+        lines.append(f"invalid setting {dotted} [{env}]: {msg}{shown}")
+    return "\n".join(lines)

@@ -1,0 +1,147 @@
+"""The raw flow record schema (`raw.v1`), owned by the sensors.
+
+Every sensor (NetFlow/IPFIX, conntrack) publishes batches with exactly these columns; later stages
+import this module and never define raw columns of their own. Addresses are 16-byte IPv6 (IPv4 in
+IPv4-mapped form ``::ffff:a.b.c.d``) so one column type covers both families and maps to
+ClickHouse's ``IPv6``. Times are UTC milliseconds.
+
+Extending the schema: add a column at the end with a default that means "not reported", bump
+nothing for additive changes that old readers can ignore, and bump the version for anything else.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+
+SCHEMA_NAME = "raw.v1"
+
+TIMESTAMP = pa.timestamp("ms", tz="UTC")
+ADDRESS = pa.binary(16)
+
+RAW_SCHEMA = pa.schema(
+    [
+        # Who observed the flow and when it was received.
+        pa.field("time_received", TIMESTAMP, nullable=False),
+        pa.field("exporter", ADDRESS, nullable=False),  # exporter address, or the node's address
+        pa.field("observation_domain", pa.uint32(), nullable=False),  # v9 source ID / IPFIX domain
+        pa.field("observer", pa.dictionary(pa.int32(), pa.string()), nullable=False),  # node name or ""
+        pa.field("version", pa.uint16(), nullable=False),  # 5, 9, 10 (IPFIX); 0 for conntrack
+        # The flow.
+        pa.field("start", TIMESTAMP, nullable=False),
+        pa.field("end", TIMESTAMP, nullable=False),
+        pa.field("src_addr", ADDRESS, nullable=False),
+        pa.field("dst_addr", ADDRESS, nullable=False),
+        pa.field("src_port", pa.uint16(), nullable=False),
+        pa.field("dst_port", pa.uint16(), nullable=False),
+        pa.field("proto", pa.uint8(), nullable=False),
+        pa.field("bytes", pa.uint64(), nullable=False),  # as sent by the exporter, not scaled
+        pa.field("packets", pa.uint64(), nullable=False),
+        pa.field("sampling_rate", pa.uint32(), nullable=False),  # 1 = unsampled; queries scale
+        pa.field("tcp_flags", pa.uint8(), nullable=False),
+        pa.field("in_if", pa.uint32(), nullable=False),
+        pa.field("out_if", pa.uint32(), nullable=False),
+    ],
+    metadata={"flowtally-schema": SCHEMA_NAME},
+)
+
+#: numpy dtype of each non-address, non-string column, for decoders that build columns.
+NUMPY_DTYPES: dict[str, np.dtype[Any]] = {
+    "time_received": np.dtype("int64"),
+    "observation_domain": np.dtype("uint32"),
+    "version": np.dtype("uint16"),
+    "start": np.dtype("int64"),
+    "end": np.dtype("int64"),
+    "src_port": np.dtype("uint16"),
+    "dst_port": np.dtype("uint16"),
+    "proto": np.dtype("uint8"),
+    "bytes": np.dtype("uint64"),
+    "packets": np.dtype("uint64"),
+    "sampling_rate": np.dtype("uint32"),
+    "tcp_flags": np.dtype("uint8"),
+    "in_if": np.dtype("uint32"),
+    "out_if": np.dtype("uint32"),
+}
+
+ADDRESS_COLUMNS = ("exporter", "src_addr", "dst_addr")
+STRING_COLUMNS = ("observer",)
+
+
+def ipv4_to_mapped(v4: np.ndarray) -> np.ndarray:
+    """Turn IPv4 addresses (uint32 host order, or (n, 4) uint8 network order) into (n, 16) uint8
+    IPv4-mapped IPv6 addresses."""
+    if v4.ndim == 1:
+        v4 = v4.astype(">u4").view(np.uint8).reshape(-1, 4)
+    out = np.zeros((len(v4), 16), dtype=np.uint8)
+    out[:, 10:12] = 0xFF
+    out[:, 12:16] = v4
+    return out
+
+
+def address_array(addresses: np.ndarray) -> pa.FixedSizeBinaryArray:
+    """Wrap an (n, 16) uint8 array as an Arrow fixed_size_binary(16) column without copying rows."""
+    addresses = np.ascontiguousarray(addresses, dtype=np.uint8)
+    if addresses.ndim != 2 or addresses.shape[1] != 16:
+        raise ValueError(f"addresses must have shape (n, 16), got {addresses.shape}")
+    return pa.FixedSizeBinaryArray.from_buffers(
+        ADDRESS, len(addresses), [None, pa.py_buffer(addresses.tobytes())]
+    )
+
+
+def address_bytes(column: pa.Array | pa.ChunkedArray) -> np.ndarray:
+    """The inverse of :func:`address_array`: an (n, 16) uint8 view of an address column."""
+    if isinstance(column, pa.ChunkedArray):
+        column = column.combine_chunks()
+    if len(column) == 0:
+        return np.zeros((0, 16), dtype=np.uint8)
+    buf = column.buffers()[1]
+    flat = np.frombuffer(buf, dtype=np.uint8, count=(column.offset + len(column)) * 16)
+    return flat.reshape(-1, 16)[column.offset :]
+
+
+def build_raw_table(columns: Mapping[str, Any], observer: str | None = None) -> pa.Table:
+    """Build a `raw.v1` table from decoder output.
+
+    ``columns`` maps column names to numpy arrays (addresses as (n, 16) uint8, times as int64
+    milliseconds since the epoch). Missing optional columns get their "not reported" default
+    (0, or 1 for ``sampling_rate``); ``observer`` fills the observer column when not given.
+    """
+    n = _row_count(columns)
+    arrays: list[pa.Array] = []
+    for field in RAW_SCHEMA:
+        name = field.name
+        value = columns.get(name)
+        if name in ADDRESS_COLUMNS:
+            if value is None:
+                value = np.zeros((n, 16), dtype=np.uint8)
+            arrays.append(address_array(value))
+        elif name in STRING_COLUMNS:
+            if value is None:
+                arrays.append(
+                    pa.DictionaryArray.from_arrays(
+                        pa.array(np.zeros(n, dtype=np.int32)), pa.array([observer or ""])
+                    )
+                )
+            else:
+                arrays.append(pa.array(value, pa.string()).dictionary_encode())
+        else:
+            dtype = NUMPY_DTYPES[name]
+            if value is None:
+                value = np.full(n, 1 if name == "sampling_rate" else 0, dtype=dtype)
+            arrays.append(pa.array(np.asarray(value, dtype=dtype), type=field.type))
+    return pa.Table.from_arrays(arrays, schema=RAW_SCHEMA)
+
+
+def _row_count(columns: Mapping[str, Any]) -> int:
+    lengths = {len(v) for v in columns.values() if v is not None}
+    if len(lengths) > 1:
+        raise ValueError(f"columns have different lengths: {sorted(lengths)}")
+    return lengths.pop() if lengths else 0
+
+
+def empty_raw_table() -> pa.Table:
+    """A `raw.v1` table with no rows."""
+    return RAW_SCHEMA.empty_table()
