@@ -1,0 +1,5 @@
+"""Shared fixtures. Each fixture family lives in tests/fixtures/<name>.py and is loaded here."""
+
+pytest_plugins = [
+    "tests.fixtures.kafka",
+]
