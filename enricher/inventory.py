@@ -26,6 +26,8 @@ from pathlib import Path
 import yaml
 from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
 
+from flowtally.settings import SettingsError
+
 
 class OwnerKind(StrEnum):
     """What kind of cluster object holds an address."""
@@ -81,8 +83,8 @@ class Inventory(BaseModel):
         return owners
 
 
-class InventoryError(ValueError):
-    """An inventory file that cannot be used."""
+class InventoryError(SettingsError):
+    """An inventory file that cannot be used (a configuration error: the stage stops)."""
 
 
 def load_inventory(path: str | Path) -> Inventory:

@@ -1,0 +1,102 @@
+"""Kafka clients built the same way by every stage, and the topics they agree on.
+
+Producers are idempotent with ``acks=all`` so a retried send cannot duplicate a batch; consumers
+never auto-commit, because a stage commits its input only after its output is durable.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any
+
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from aiokafka.errors import KafkaConnectionError, TopicAlreadyExistsError
+from pydantic import Field
+
+from flowtally.settings import Group, KafkaSettings
+
+log = logging.getLogger(__name__)
+
+#: A batch is one message; keep well under the broker's default message.max.bytes (1 MiB).
+MAX_MESSAGE_BYTES = 1_000_000
+
+
+class TopicSettings(Group):
+    """Partition counts of the topics a stage may create (all must agree across stages)."""
+
+    raw_partitions: int = Field(4, ge=1, le=1024)
+    enriched_partitions: int = Field(4, ge=1, le=1024)
+    dlq_partitions: int = Field(1, ge=1, le=64)
+    identity_partitions: int = Field(1, ge=1, le=1)  # one partition: every enricher reads it all
+    replication_factor: int = Field(1, ge=1, le=5)
+    retention_hours: int = Field(24, ge=1, description="Retention of the flow topics")
+
+
+def producer(kafka: KafkaSettings, **overrides: Any) -> AIOKafkaProducer:
+    """An idempotent producer for batch messages."""
+    kwargs = kafka.client_kwargs() | {
+        "enable_idempotence": True,
+        "acks": "all",
+        "linger_ms": 5,
+        "max_request_size": MAX_MESSAGE_BYTES + 64_000,
+    }
+    return AIOKafkaProducer(**(kwargs | overrides))
+
+
+def consumer(kafka: KafkaSettings, *topics: str, group_id: str, **overrides: Any) -> AIOKafkaConsumer:
+    """A consumer in ``group_id`` that never commits on its own."""
+    kwargs = kafka.client_kwargs() | {
+        "group_id": group_id,
+        "enable_auto_commit": False,
+        "auto_offset_reset": "earliest",
+        "isolation_level": "read_committed",
+        "max_partition_fetch_bytes": 4 * MAX_MESSAGE_BYTES,
+    }
+    return AIOKafkaConsumer(*topics, **(kwargs | overrides))
+
+
+def topic_specs(kafka: KafkaSettings, topics: TopicSettings) -> list[NewTopic]:
+    """Every flowtally topic with its partitions and configuration."""
+    retention = str(topics.retention_hours * 3600 * 1000)
+    flow = {"retention.ms": retention, "max.message.bytes": str(MAX_MESSAGE_BYTES + 64_000)}
+    rf = topics.replication_factor
+    return [
+        NewTopic(kafka.topic("raw"), topics.raw_partitions, rf, topic_configs=flow),
+        NewTopic(kafka.topic("enriched"), topics.enriched_partitions, rf, topic_configs=flow),
+        NewTopic(kafka.topic("dlq"), topics.dlq_partitions, rf, topic_configs=flow),
+        # Compacted: only the latest identity record per key matters after a replay.
+        NewTopic(kafka.topic("identity"), topics.identity_partitions, rf,
+                 topic_configs={"cleanup.policy": "compact"}),
+    ]
+
+
+async def ensure_topics(kafka: KafkaSettings, topics: TopicSettings, *, timeout: float = 30.0) -> None:
+    """Create the flowtally topics that do not exist yet (explicitly, so partition counts are ours
+    and not the broker's auto-create default). Waits for the broker up to ``timeout`` seconds."""
+    admin = AIOKafkaAdminClient(**kafka.client_kwargs())
+    deadline = asyncio.get_running_loop().time() + timeout
+    while True:
+        try:
+            await admin.start()
+            break
+        except KafkaConnectionError as exc:
+            if asyncio.get_running_loop().time() > deadline:
+                raise KafkaUnavailable(f"Kafka at {kafka.bootstrap} is unreachable: {exc}") from exc
+            await asyncio.sleep(1.0)
+    try:
+        existing = set(await admin.list_topics())
+        wanted = [t for t in topic_specs(kafka, topics) if t.name not in existing]
+        for spec in wanted:
+            try:
+                await admin.create_topics([spec])
+                log.info("created topic %s (%d partitions)", spec.name, spec.num_partitions)
+            except TopicAlreadyExistsError:
+                pass  # another stage won the race
+    finally:
+        await admin.close()
+
+
+class KafkaUnavailable(RuntimeError):
+    """The broker could not be reached within the allowed time."""

@@ -1,0 +1,88 @@
+"""The `/metrics` (Prometheus) and `/healthz` endpoints every stage exposes.
+
+Served from a small thread rather than the stage's event loop, so a stage whose loop is busy
+decoding a big batch still answers scrapes, and Faust's loop and ours need no coordination.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, CollectorRegistry, generate_latest
+
+from flowtally.settings import parse_hostport
+
+log = logging.getLogger(__name__)
+
+#: Returns (healthy, reason). Called from the server thread: keep it cheap and thread-safe.
+HealthCheck = Callable[[], tuple[bool, str]]
+
+
+def _always_healthy() -> tuple[bool, str]:
+    return True, "ok"
+
+
+class MetricsServer:
+    """A component serving ``/metrics`` and ``/healthz`` on ``listen`` (host:port; port 0 = any)."""
+
+    name = "metrics-server"
+
+    def __init__(self, listen: str, health: HealthCheck = _always_healthy,
+                 registry: CollectorRegistry = REGISTRY) -> None:
+        self._host, self._port = parse_hostport(listen, what="metrics listen address")
+        self._health = health
+        self._registry = registry
+        self._server: ThreadingHTTPServer | None = None
+        self._thread: threading.Thread | None = None
+
+    @property
+    def address(self) -> tuple[str, int]:
+        """The bound address (useful with port 0)."""
+        if self._server is None:
+            raise RuntimeError("metrics server not started")
+        host, port = self._server.server_address[:2]
+        return str(host), int(port)
+
+    async def start(self) -> None:
+        """Bind and serve in a daemon thread."""
+        health, registry = self._health, self._registry
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self) -> None:
+                path = self.path.split("?", 1)[0]
+                if path == "/metrics":
+                    self._reply(200, generate_latest(registry), CONTENT_TYPE_LATEST)
+                elif path == "/healthz":
+                    try:
+                        ok, reason = health()
+                    except Exception as exc:  # a failing check is an unhealthy stage, not a 500
+                        ok, reason = False, f"health check failed: {exc}"
+                    self._reply(200 if ok else 503, (reason + "\n").encode(), "text/plain")
+                else:
+                    self._reply(404, b"not found: try /metrics or /healthz\n", "text/plain")
+
+            def _reply(self, code: int, body: bytes, ctype: str) -> None:
+                self.send_response(code)
+                self.send_header("Content-Type", ctype)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, format: str, *args: object) -> None:
+                pass  # scrapes every few seconds would drown the stage's own log
+
+        self._server = ThreadingHTTPServer((self._host, self._port), Handler)
+        self._server.daemon_threads = True
+        self._thread = threading.Thread(target=self._server.serve_forever, name="metrics", daemon=True)
+        self._thread.start()
+        log.info("metrics and health on http://%s:%d/metrics", *self.address)
+
+    async def stop(self) -> None:
+        """Stop serving (idempotent)."""
+        if self._server is not None:
+            self._server.shutdown()
+            self._server.server_close()
+            self._server = None

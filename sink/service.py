@@ -1,0 +1,170 @@
+"""`flowtally sink`: consume enriched batches, insert them into ClickHouse, then commit.
+
+Order per poll (the exact-totals rule): insert every message of a partition in offset order,
+each with a deduplication token naming the raw message it came from; only after the inserts
+succeeded, commit the partition's next offset. A crash anywhere replays from the last commit and
+the tokens turn the replayed inserts into no-ops. A message that is not a valid batch goes to the
+DLQ (and is committed: retrying it cannot help); a failing insert is retried with backoff and
+nothing after it is committed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import time
+
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord, TopicPartition
+from prometheus_client import Counter, Gauge, Histogram
+
+from enricher.schema import ENRICHED_SCHEMA
+from enricher.schema import SCHEMA_NAME as ENRICHED
+from flowtally import kafka
+from flowtally.clickhouse import connect
+from flowtally.lifecycle import run_components
+from flowtally.metrics import MetricsServer
+from flowtally.settings import load_settings
+from flowtally.wire import ORIGIN_HEADER, WireError, decode_batch, header
+from sink.rows import flow_rows
+from sink.settings import SinkSettings
+from sink.writer import Writer
+from sql.migrate import migrate
+
+log = logging.getLogger(__name__)
+
+MESSAGES = Counter("flowtally_sink_messages_total", "Enriched messages consumed", ["outcome"])
+ROWS = Counter("flowtally_sink_rows_inserted_total", "Flow rows inserted into ClickHouse")
+INSERT_ERRORS = Counter("flowtally_sink_insert_errors_total", "Failed insert attempts")
+INSERT_SECONDS = Histogram("flowtally_sink_insert_seconds", "Duration of one batch insert")
+COMMITTED = Gauge("flowtally_sink_committed_offset", "Last committed offset", ["partition"])
+
+
+def dedup_token(msg: ConsumerRecord) -> str:
+    """The raw message a batch came from (set by the enricher), else this message itself."""
+    origin = header(msg.headers, ORIGIN_HEADER)
+    return origin.decode() if origin else f"{msg.topic}/{msg.partition}/{msg.offset}"
+
+
+class SinkWorker:
+    """The consume -> insert -> commit loop."""
+
+    name = "sink"
+
+    def __init__(self, settings: SinkSettings) -> None:
+        self._settings = settings
+        self._topic = settings.kafka.topic("enriched")
+        self._consumer: AIOKafkaConsumer | None = None
+        self._dlq: AIOKafkaProducer | None = None
+        self._writer: Writer | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._stopping = asyncio.Event()
+        self._failing_since: float | None = None
+
+    def health(self) -> tuple[bool, str]:
+        """Unhealthy while inserts have been failing for longer than allowed."""
+        if self._task is None:
+            return False, "starting"
+        if self._failing_since is not None:
+            failing = time.monotonic() - self._failing_since
+            if failing > self._settings.unhealthy_after_s:
+                return False, f"inserts failing for {failing:.0f}s"
+        return True, "ok"
+
+    async def start(self) -> None:
+        s = self._settings
+        await kafka.ensure_topics(s.kafka, s.topics)
+        client = await asyncio.to_thread(connect, s.clickhouse)
+        if s.migrate_on_start:
+            await asyncio.to_thread(migrate, client)
+        self._writer = Writer(client, s.table)
+        self._client = client
+        self._dlq = kafka.producer(s.kafka)
+        await self._dlq.start()
+        self._consumer = kafka.consumer(s.kafka, self._topic, group_id=s.group_id)
+        await self._consumer.start()
+        self._task = asyncio.create_task(self._run())
+
+    async def wait(self) -> None:
+        assert self._task is not None
+        await self._task
+
+    async def stop(self) -> None:
+        """Finish the poll in hand (insert + commit), then close everything."""
+        self._stopping.set()
+        if self._task is not None:
+            await asyncio.wait([self._task])
+        if self._consumer is not None:
+            await self._consumer.stop()
+        if self._dlq is not None:
+            await self._dlq.stop()
+        if self._writer is not None:
+            await asyncio.to_thread(self._client.close)
+            self._writer = None
+
+    async def _run(self) -> None:
+        assert self._consumer is not None
+        while not self._stopping.is_set():
+            polled = await self._consumer.getmany(
+                timeout_ms=500, max_records=self._settings.max_messages_per_poll
+            )
+            commits: dict[TopicPartition, int] = {}
+            for tp, messages in polled.items():
+                for msg in messages:
+                    if not await self._handle(msg):
+                        break  # stopping during retries: commit what landed, replay the rest
+                    commits[tp] = msg.offset + 1
+            if commits:
+                await self._consumer.commit(commits)
+                for tp, offset in commits.items():
+                    COMMITTED.labels(str(tp.partition)).set(offset - 1)
+
+    async def _handle(self, msg: ConsumerRecord) -> bool:
+        """Insert one message; False if the sink is stopping before it could land."""
+        try:
+            table = decode_batch(msg.value, msg.headers, ENRICHED_SCHEMA, ENRICHED)
+        except WireError as exc:
+            await self._to_dlq(msg, exc)
+            return True
+        rows = flow_rows(table)
+        token = dedup_token(msg)
+        delay = self._settings.retry_initial_s
+        assert self._writer is not None
+        while True:
+            try:
+                with INSERT_SECONDS.time():
+                    await asyncio.to_thread(self._writer.insert, rows, token)
+                break
+            except Exception as exc:  # any failure: the batch stays uncommitted and is retried
+                INSERT_ERRORS.inc()
+                if self._failing_since is None:
+                    self._failing_since = time.monotonic()
+                log.warning("insert of %s failed (retrying in %.1fs): %s", token, delay, exc)
+                try:
+                    await asyncio.wait_for(self._stopping.wait(), delay)
+                    return False
+                except TimeoutError:
+                    delay = min(delay * 2, self._settings.retry_max_s)
+        self._failing_since = None
+        MESSAGES.labels("inserted").inc()
+        ROWS.inc(rows.num_rows)
+        return True
+
+    async def _to_dlq(self, msg: ConsumerRecord, exc: WireError) -> None:
+        log.error("message %s/%d/%d is not an %s batch (%s): sent to the DLQ",
+                  msg.topic, msg.partition, msg.offset, ENRICHED, exc)
+        MESSAGES.labels(f"dlq_{exc.reason}").inc()
+        assert self._dlq is not None
+        headers = [*(msg.headers or ()), ("flowtally-error", str(exc).encode()),
+                   ("flowtally-stage", b"sink")]
+        await self._dlq.send_and_wait(
+            self._settings.kafka.topic("dlq"), msg.value, key=msg.key, headers=headers
+        )
+
+
+def run(args: argparse.Namespace) -> int:
+    """`flowtally sink`."""
+    settings = load_settings(SinkSettings, args.config, metrics_listen=args.metrics_listen)
+    worker = SinkWorker(settings)
+    metrics = MetricsServer(settings.metrics_listen, worker.health)
+    return asyncio.run(run_components([metrics, worker]))

@@ -1,0 +1,24 @@
+"""Settings of `flowtally sink` (also used by `flowtally migrate` and `flowtally query`)."""
+
+from __future__ import annotations
+
+from pydantic import Field
+
+from flowtally.kafka import TopicSettings
+from flowtally.settings import ClickHouseSettings, KafkaSettings, StageSettings
+
+
+class SinkSettings(StageSettings):
+    """Where enriched batches come from and which ClickHouse they go to."""
+
+    kafka: KafkaSettings = KafkaSettings()
+    topics: TopicSettings = TopicSettings()
+    clickhouse: ClickHouseSettings = ClickHouseSettings()
+    group_id: str = Field("flowtally-sink", min_length=1)
+    metrics_listen: str = "0.0.0.0:9463"
+    table: str = Field("flows", pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")
+    migrate_on_start: bool = Field(True, description="Apply pending migrations before consuming")
+    max_messages_per_poll: int = Field(64, ge=1, le=10_000)
+    retry_initial_s: float = Field(0.5, gt=0)
+    retry_max_s: float = Field(30.0, gt=0)
+    unhealthy_after_s: float = Field(60.0, gt=0, description="Failing inserts this long = unhealthy")

@@ -1,0 +1,118 @@
+"""Named queries: ``sql/queries/<name>.sql`` with ClickHouse ``{param:Type}`` placeholders.
+
+The header comment of each file documents it; a line ``-- params: name Type = default, …``
+declares its parameters and their defaults, so ``flowtally query NAME`` needs no arguments for
+the common case and Grafana panels can use the same files.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import sys
+from dataclasses import dataclass
+from importlib import resources
+from typing import Any
+
+import orjson
+from clickhouse_connect.driver.client import Client
+
+_PARAM = re.compile(r"(\w+)\s+(\w+)\s*=\s*([^,()]+?)\s*(?:\([^)]*\))?\s*(?:,|$)")
+
+
+@dataclass(frozen=True)
+class NamedQuery:
+    """A query file with its declared parameters."""
+
+    name: str
+    sql: str
+    defaults: dict[str, str]
+    description: str
+
+
+class QueryError(ValueError):
+    """An unknown query or a bad parameter."""
+
+
+def load(name: str) -> NamedQuery:
+    """Read query ``name``."""
+    path = resources.files("sql").joinpath("queries", f"{name}.sql")
+    if not path.is_file():
+        raise QueryError(f"no query named {name!r}; known: {', '.join(names())}")
+    sql = path.read_text()
+    defaults: dict[str, str] = {}
+    description = []
+    for line in sql.splitlines():
+        if line.startswith("-- params:"):
+            for pname, _ptype, default in _PARAM.findall(line.removeprefix("-- params:")):
+                defaults[pname] = default.strip()
+        elif line.startswith("--"):
+            description.append(line.removeprefix("--").strip())
+    return NamedQuery(name, sql, defaults, " ".join(description))
+
+
+def names() -> list[str]:
+    """Every named query."""
+    folder = resources.files("sql").joinpath("queries")
+    return sorted(e.name.removesuffix(".sql") for e in folder.iterdir() if e.name.endswith(".sql"))
+
+
+def execute(client: Client, name: str, params: dict[str, str] | None = None) -> tuple[list[str], list[tuple[Any, ...]]]:
+    """Run query ``name`` with ``params`` over its defaults; returns column names and rows."""
+    query = load(name)
+    unknown = set(params or {}) - set(query.defaults)
+    if unknown:
+        raise QueryError(f"query {name} has no parameter {', '.join(sorted(unknown))}")
+    result = client.query(query.sql, parameters=query.defaults | (params or {}))
+    return list(result.column_names), [tuple(r) for r in result.result_rows]
+
+
+def format_table(columns: list[str], rows: list[tuple[Any, ...]]) -> str:
+    """A plain aligned text table (numbers right-aligned, with thousands separators)."""
+    def cell(v: Any) -> str:
+        return f"{v:,}" if isinstance(v, int) else str(v)
+
+    cells = [[cell(v) for v in row] for row in rows]
+    widths = [max([len(c)] + [len(r[i]) for r in cells]) for i, c in enumerate(columns)]
+    numeric = [bool(rows) and all(isinstance(r[i], int | float) for r in rows) for i in range(len(columns))]
+
+    def line(values: list[str]) -> str:
+        return "  ".join(v.rjust(w) if num else v.ljust(w) for v, w, num in zip(values, widths, numeric, strict=True))
+
+    out = [line(columns), line(["-" * w for w in widths])]
+    out += [line(r) for r in cells]
+    return "\n".join(out)
+
+
+def run(args: argparse.Namespace) -> int:
+    """`flowtally query [NAME] [--param k=v]`."""
+    from flowtally.clickhouse import connect
+    from flowtally.settings import load_settings
+    from sink.settings import SinkSettings
+
+    if not args.name:
+        for n in names():
+            print(f"{n}\t{load(n).description}")
+        return 0
+    params = {}
+    for item in args.param:
+        key, sep, value = item.partition("=")
+        if not sep:
+            print(f"flowtally query: --param {item!r} is not KEY=VALUE", file=sys.stderr)
+            return 2
+        params[key] = value
+    settings = load_settings(SinkSettings, args.config)
+    client = connect(settings.clickhouse)
+    try:
+        columns, rows = execute(client, args.name, params)
+    except QueryError as exc:
+        print(f"flowtally query: {exc}", file=sys.stderr)
+        return 2
+    finally:
+        client.close()
+    if args.format == "json":
+        for row in rows:
+            sys.stdout.buffer.write(orjson.dumps(dict(zip(columns, row, strict=True)), default=str) + b"\n")
+    else:
+        print(format_table(columns, rows))
+    return 0
