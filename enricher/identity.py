@@ -36,7 +36,7 @@ def _v4(addr: str) -> int:
 
 
 def is_private(addresses: np.ndarray) -> np.ndarray:
-    """Boolean mask of addresses in RFC 1918/6598, loopback, link-local or ULA space.
+    """Boolean mask of addresses in RFC 1918/6598, loopback, link-local, ULA or unspecified space.
 
     ``addresses`` is an (n, 16) uint8 array (IPv4 in IPv4-mapped form).
     """
@@ -49,7 +49,8 @@ def is_private(addresses: np.ndarray) -> np.ndarray:
     first = addresses[:, 0]
     ula = (first & 0xFE) == 0xFC
     link_local = (first == 0xFE) & ((addresses[:, 1] & 0xC0) == 0x80)
-    loopback = np.all(addresses[:, :15] == 0, axis=1) & (addresses[:, 15] == 1)
+    # ::1 and :: (unspecified: what a record that reports no address carries).
+    loopback = np.all(addresses[:, :15] == 0, axis=1) & (addresses[:, 15] <= 1)
     return np.where(is_v4, private_v4, ula | link_local | loopback)
 
 

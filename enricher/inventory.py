@@ -27,6 +27,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
 
 from flowtally.settings import SettingsError
+from sensors.schema import address16
 
 
 class OwnerKind(StrEnum):
@@ -59,10 +60,7 @@ class Owner(BaseModel):
 
     def address16(self) -> bytes:
         """The address as 16 bytes, IPv4 in IPv4-mapped form (as in the raw schema)."""
-        addr = ipaddress.ip_address(self.ip)
-        if addr.version == 4:
-            return b"\x00" * 10 + b"\xff\xff" + addr.packed
-        return addr.packed
+        return address16(self.ip)
 
 
 class Inventory(BaseModel):

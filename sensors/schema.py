@@ -11,6 +11,7 @@ nothing for additive changes that old readers can ignore, and bump the version f
 
 from __future__ import annotations
 
+import ipaddress
 from collections.abc import Mapping
 from typing import Any
 
@@ -145,3 +146,24 @@ def _row_count(columns: Mapping[str, Any]) -> int:
 def empty_raw_table() -> pa.Table:
     """A `raw.v1` table with no rows."""
     return RAW_SCHEMA.empty_table()
+
+
+def with_observer(table: pa.Table, observer: str) -> pa.Table:
+    """``table`` with every row's observer set to ``observer`` (e.g. the sensor's node name)."""
+    index = table.schema.get_field_index("observer")
+    column = pa.DictionaryArray.from_arrays(
+        pa.array(np.zeros(table.num_rows, dtype=np.int32)), pa.array([observer], pa.string())
+    )
+    return table.set_column(index, table.schema.field(index), column)
+
+
+def address_text(address: bytes) -> str:
+    """Printable form of a 16-byte address (IPv4-mapped ones as plain IPv4)."""
+    ip = ipaddress.IPv6Address(address)
+    return str(ip.ipv4_mapped or ip)
+
+
+def address16(text: str) -> bytes:
+    """The 16-byte form of an IPv4 or IPv6 address string (IPv4 mapped)."""
+    ip = ipaddress.ip_address(text.split("%")[0])
+    return b"\x00" * 10 + b"\xff\xff" + ip.packed if ip.version == 4 else ip.packed

@@ -2,4 +2,5 @@
 
 pytest_plugins = [
     "tests.fixtures.kafka",
+    "tests.fixtures.clickhouse",
 ]

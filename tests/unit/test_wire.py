@@ -1,0 +1,62 @@
+"""The Arrow wire format: round trip and the errors a consumer relies on."""
+
+from __future__ import annotations
+
+import numpy as np
+import pyarrow as pa
+import pytest
+
+from flowtally.wire import SCHEMA_HEADER, WireError, decode_batch, encode_batch
+from sensors.publisher import encode_messages
+from sensors.schema import RAW_SCHEMA, SCHEMA_NAME, build_raw_table, ipv4_to_mapped
+
+
+def _raw(n: int) -> pa.Table:
+    rng = np.random.default_rng(7)
+    return build_raw_table({
+        "src_addr": ipv4_to_mapped(rng.integers(0, 2**32, n, dtype=np.uint32)),
+        "dst_addr": ipv4_to_mapped(rng.integers(0, 2**32, n, dtype=np.uint32)),
+        "bytes": rng.integers(0, 10**9, n),
+        "packets": rng.integers(1, 10**6, n),
+        "start": np.full(n, 1_700_000_000_000),
+        "end": np.full(n, 1_700_000_001_000),
+    })
+
+
+def test_round_trip_keeps_every_value() -> None:
+    table = _raw(1000)
+    value, headers = encode_batch(table, SCHEMA_NAME)
+    assert (SCHEMA_HEADER, b"raw.v1") in headers
+    back = decode_batch(value, headers, RAW_SCHEMA, SCHEMA_NAME)
+    assert back.equals(table)
+
+
+@pytest.mark.parametrize(
+    ("value", "headers", "reason"),
+    [
+        (b"\x00" * 40, [(SCHEMA_HEADER, b"raw.v1")], "not-arrow"),
+        (b"whatever", [], "missing-schema-header"),
+        (b"whatever", [(SCHEMA_HEADER, b"raw.v0")], "wrong-schema"),
+        (b"", [(SCHEMA_HEADER, b"raw.v1")], "empty"),
+    ],
+)
+def test_bad_messages_are_named(value: bytes, headers: list[tuple[str, bytes]], reason: str) -> None:
+    with pytest.raises(WireError) as info:
+        decode_batch(value, headers, RAW_SCHEMA, SCHEMA_NAME)
+    assert info.value.reason == reason
+
+
+def test_missing_column_is_refused() -> None:
+    value, headers = encode_batch(_raw(3).drop_columns(["bytes"]), SCHEMA_NAME)
+    with pytest.raises(WireError, match="bytes"):
+        decode_batch(value, headers, RAW_SCHEMA, SCHEMA_NAME)
+
+
+def test_big_batches_are_split_to_fit_a_message() -> None:
+    table = _raw(50_000)
+    messages = encode_messages(table, b"k", max_bytes=200_000)
+    assert len(messages) > 1
+    assert all(len(m.value) <= 200_000 for m in messages)
+    assert sum(m.flows for m in messages) == 50_000
+    back = pa.concat_tables(decode_batch(m.value, m.headers, RAW_SCHEMA, SCHEMA_NAME) for m in messages)
+    assert back.equals(table)
