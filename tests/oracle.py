@@ -1,0 +1,290 @@
+"""tshark as the independent NetFlow decoder that our decoder's output is checked against.
+
+Wireshark's cflow dissector is a separate implementation (C, its own field tables), so agreement
+on record counts, byte and packet sums and the multiset of flow keys is strong evidence. Tests
+that use it must fail, never skip, when tshark is missing: a silently skipped oracle is no oracle.
+
+Things tshark does differently, which the helpers here account for:
+
+* it keeps templates per capture file and per transport session (addresses *and* ports), so a
+  sequence of files is concatenated with ``mergecap -a`` first;
+* it only dissects the cflow protocol on its default ports, so every UDP destination port of the
+  capture is registered with ``-d udp.port==P,cflow``;
+* it labels field types its own way: IN_BYTES/IN_PKTS are ``cflow.octets``/``cflow.packets``,
+  OUT_BYTES/OUT_PKTS (23/24) are ``cflow.post_octets``/``cflow.post_packets`` and the totals
+  (85/86) ``cflow.permanent_octets``/``cflow.permanent_packets``;
+* options data records look like flow records in its output; they are told apart here by the
+  options template IDs it announced, and counted separately;
+* it stops at the header's record count, which our decoder does not enforce (see sensors.netflow.v9).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import re
+import shutil
+import socket
+import subprocess
+import tempfile
+from collections import Counter
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from decimal import Decimal
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import dpkt
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+SHARED_TESTDATA = REPO_ROOT.parent / "shared" / "testdata"
+DATA = Path(__file__).resolve().parent / "data"
+
+_FLOWSET = re.compile(r"^FlowSet \d+ \[id=(\d+)\]")
+_RECORD = re.compile(r"^(Flow \d+|pdu \d+/\d+)$")
+_OPTIONS_TEMPLATE = re.compile(r"^Options Template \(Id = (\d+)\)")
+_ABSTIME = re.compile(r"^(\w{3}) +(\d+), (\d{4}) (\d\d):(\d\d):(\d\d)\.(\d+) UTC$")
+_MONTHS = {m: i for i, m in enumerate("Jan Feb Mar Apr May Jun Jul Aug Sep Oct Nov Dec".split(), 1)}
+
+
+class FlowKey(NamedTuple):
+    """What the oracle comparison looks at, per record."""
+
+    src: str
+    dst: str
+    sport: int
+    dport: int
+    proto: int
+    bytes: int
+    packets: int
+
+
+@dataclass
+class OracleResult:
+    """tshark's view of a capture (v5 and v9 packets only unless asked otherwise)."""
+
+    records: list[FlowKey] = field(default_factory=list)
+    #: (start_ms, end_ms) per record, aligned with ``records``; None where tshark shows no times
+    times: list[tuple[int, int] | None] = field(default_factory=list)
+    options_records: int = 0
+    missing_template_flowsets: int = 0
+    packets_by_version: Counter[int] = field(default_factory=Counter)
+
+    @property
+    def totals(self) -> tuple[int, int, int]:
+        """(record count, byte sum, packet sum)."""
+        return (
+            len(self.records),
+            sum(r.bytes for r in self.records),
+            sum(r.packets for r in self.records),
+        )
+
+    def multiset(self) -> Counter[FlowKey]:
+        """The records as a multiset, for order-insensitive comparison."""
+        return Counter(self.records)
+
+
+def require_tool(name: str) -> str:
+    """The path of a command-line tool the oracle needs; fails the test (never skips) if absent."""
+    path = shutil.which(name)
+    if path is None:
+        pytest.fail(
+            f"{name} is required as the independent NetFlow oracle but was not found on PATH; "
+            "install Wireshark's command-line tools (Debian: apt-get install tshark)",
+            pytrace=False,
+        )
+    return path
+
+
+def shared_testdata(*parts: str) -> Path:
+    """A file of the shared third-party test data (``../shared/testdata``); fails if absent."""
+    path = SHARED_TESTDATA.joinpath(*parts)
+    if not path.exists():
+        pytest.fail(f"shared test data missing: {path} (expected next to the repository)", pytrace=False)
+    return path
+
+
+def payloads_to_pcap(
+    payloads: Iterable[bytes],
+    path: Path,
+    src: str = "127.0.0.1",
+    dst: str = "127.0.0.1",
+    sport: int = 40000,
+    dport: int = 2055,
+    start_ts: float = 1_700_000_000.0,
+) -> Path:
+    """Wrap raw UDP payloads (e.g. Telegraf's .bin files) into an Ethernet/IPv4/UDP pcap."""
+    with path.open("wb") as f:
+        writer = dpkt.pcap.Writer(f)
+        for i, payload in enumerate(payloads):
+            udp = dpkt.udp.UDP(sport=sport, dport=dport, data=payload)
+            udp.ulen = 8 + len(payload)
+            ip = dpkt.ip.IP(src=socket.inet_aton(src), dst=socket.inet_aton(dst), p=17, ttl=64, data=udp)
+            ip.len = 20 + len(udp)
+            eth = dpkt.ethernet.Ethernet(src=b"\x02\x00\x00\x00\x00\x01", dst=b"\x02\x00\x00\x00\x00\x02",
+                                         type=dpkt.ethernet.ETH_TYPE_IP, data=ip)
+            writer.writepkt(bytes(eth), ts=start_ts + i * 0.001)
+    return path
+
+
+def tshark_decode(paths: Path | Sequence[Path], versions: Iterable[int] = (5, 9)) -> OracleResult:
+    """Decode captures with tshark; several files are decoded as one sequence (one template state).
+
+    Only records of the given NetFlow versions are returned.
+    """
+    tshark = require_tool("tshark")
+    files = [paths] if isinstance(paths, Path) else list(paths)
+    with tempfile.TemporaryDirectory(prefix="oracle-") as tmp:
+        if len(files) > 1:
+            merged = Path(tmp) / "merged.pcap"
+            subprocess.run(
+                [require_tool("mergecap"), "-a", "-F", "pcap", "-w", str(merged), *map(str, files)],
+                check=True, capture_output=True,
+            )
+            capture = merged
+        else:
+            capture = files[0]
+        ports = _udp_ports(tshark, capture)
+        decode_as = [arg for port in sorted(ports) for arg in ("-d", f"udp.port=={port},cflow")]
+        proc = subprocess.run(
+            [tshark, "-n", "-r", str(capture), *decode_as, "-T", "json", "--no-duplicate-keys",
+             "-J", "ip ipv6 cflow"],
+            check=True, capture_output=True,
+        )
+    return _parse(json.loads(proc.stdout or b"[]"), set(versions))
+
+
+def _udp_ports(tshark: str, capture: Path) -> set[int]:
+    proc = subprocess.run(
+        [tshark, "-n", "-r", str(capture), "-T", "fields", "-e", "udp.dstport"],
+        check=True, capture_output=True, text=True,
+    )
+    return {int(p) for line in proc.stdout.split() for p in line.split(",") if p}
+
+
+def _first(value: Any) -> Any:
+    return value[0] if isinstance(value, list) else value
+
+
+def _parse(frames: list[dict[str, Any]], versions: set[int]) -> OracleResult:
+    out = OracleResult()
+    options_ids: set[tuple[str, str, int]] = set()
+    for frame in frames:
+        layers = frame["_source"]["layers"]
+        cflow = _first(layers.get("cflow"))
+        if not isinstance(cflow, dict):
+            continue
+        version = int(_first(cflow["cflow.version"]))
+        out.packets_by_version[version] += 1
+        if version not in versions:
+            continue
+        ip = _first(layers.get("ip") or layers.get("ipv6") or {})
+        exporter = ip.get("ip.src") or ip.get("ipv6.src") or "?"
+        domain = str(_first(cflow.get("cflow.source_id", "0")))
+        header = _Header(cflow)
+        for key, value in cflow.items():
+            if _RECORD.match(key):  # v5 records sit directly under the header
+                _add_record(out, value, header)
+                continue
+            m = _FLOWSET.match(key)
+            if not m:
+                continue
+            flowset_id = int(m.group(1))
+            for item in value if isinstance(value, list) else [value]:
+                if flowset_id == 1:
+                    for sub in item:
+                        o = _OPTIONS_TEMPLATE.match(sub)
+                        if o:
+                            options_ids.add((exporter, domain, int(o.group(1))))
+                elif flowset_id >= 256:
+                    if any("no template found" in sub for sub in item):
+                        out.missing_template_flowsets += 1
+                        continue
+                    records = [v for k, v in item.items() if _RECORD.match(k)]
+                    if (exporter, domain, flowset_id) in options_ids:
+                        out.options_records += len(records)
+                        continue
+                    for record in records:
+                        _add_record(out, record, header)
+    return out
+
+
+class _Header:
+    """The header times tshark shows, to turn record times into UTC milliseconds."""
+
+    def __init__(self, cflow: dict[str, Any]) -> None:
+        tree = _first(cflow.get("cflow.timestamp_tree", {}))
+        secs = int(_first(tree.get("cflow.unix_secs", "0")))
+        nsecs = int(_first(tree.get("cflow.unix_nsecs", "0")))
+        self.export_ms = secs * 1000 + nsecs // 1_000_000
+        self.uptime_ms = _seconds_to_ms(_first(cflow.get("cflow.sysuptime", "0")))
+
+    def absolute(self, relative: str) -> int:
+        return self.export_ms - (self.uptime_ms - _seconds_to_ms(relative))
+
+
+def _seconds_to_ms(text: str) -> int:
+    return int(Decimal(text) * 1000)
+
+
+def _abstime_ms(text: str) -> int:
+    m = _ABSTIME.match(text)
+    if not m:
+        raise ValueError(f"unexpected tshark time format: {text!r}")
+    mon, day, year, hh, mm, ss, frac = m.groups()
+    dt = datetime(int(year), _MONTHS[mon], int(day), int(hh), int(mm), int(ss), tzinfo=UTC)
+    return int(dt.timestamp()) * 1000 + int(frac[:3].ljust(3, "0"))
+
+
+def _record_times(record: dict[str, Any], header: _Header) -> tuple[int, int] | None:
+    trees = record.get("cflow.timedelta_tree")
+    if trees is None:
+        return None
+    if isinstance(trees, list):
+        return None  # several time encodings in one record: which one a decoder prefers is a choice
+    tree = trees
+    if "cflow.abstimestart" in tree:
+        return _abstime_ms(_first(tree["cflow.abstimestart"])), _abstime_ms(_first(tree["cflow.abstimeend"]))
+    if "cflow.timestart" in tree:
+        return header.absolute(_first(tree["cflow.timestart"])), header.absolute(_first(tree["cflow.timeend"]))
+    return None
+
+
+def _add_record(out: OracleResult, record: dict[str, Any], header: _Header) -> None:
+    def get(*names: str, default: str | None = None) -> str | None:
+        for name in names:
+            if name in record:
+                return str(_first(record[name]))
+        return default
+
+    def num(*names: str) -> int:
+        value = get(*names)
+        return 0 if value is None else int(value, 0)
+
+    src4, dst4 = get("cflow.srcaddr"), get("cflow.dstaddr")
+    src6, dst6 = get("cflow.srcaddrv6"), get("cflow.dstaddrv6")
+    has4 = src4 is not None or dst4 is not None
+    has6 = src6 is not None or dst6 is not None
+    zero4 = {None, "0.0.0.0"}
+    zero6 = {None, "::"}
+    # The same family choice as the decoder documents: IPv6 when the record has IPv6 addresses
+    # and its IPv4 addresses are absent or both 0.0.0.0.
+    use6 = has6 and (not has4 or (src4 in zero4 and dst4 in zero4 and (src6 not in zero6 or dst6 not in zero6)))
+    if use6:
+        src, dst = src6 or "::", dst6 or "::"
+    else:
+        src, dst = src4 or "0.0.0.0", dst4 or "0.0.0.0"
+    out.records.append(
+        FlowKey(
+            src=ipaddress.ip_address(src).compressed,
+            dst=ipaddress.ip_address(dst).compressed,
+            sport=num("cflow.srcport"),
+            dport=num("cflow.dstport"),
+            proto=num("cflow.protocol"),
+            bytes=num("cflow.octets", "cflow.post_octets", "cflow.permanent_octets"),
+            packets=num("cflow.packets", "cflow.post_packets", "cflow.permanent_packets"),
+        )
+    )
+    out.times.append(_record_times(record, header))
