@@ -13,11 +13,13 @@ import hashlib
 import logging
 import re
 from dataclasses import dataclass
-from importlib import resources
+from pathlib import Path
 
 from clickhouse_connect.driver.client import Client
 
 log = logging.getLogger(__name__)
+
+MIGRATIONS_DIR = Path(__file__).with_name("migrations")
 
 _NAME = re.compile(r"^(\d{4})_([a-z0-9_]+)\.sql$")
 
@@ -62,7 +64,7 @@ def _has_code(part: str) -> bool:
 def available() -> list[Migration]:
     """The migrations shipped in ``sql/migrations``, by version."""
     found = []
-    for entry in resources.files("sql").joinpath("migrations").iterdir():
+    for entry in sorted(MIGRATIONS_DIR.iterdir()):
         match = _NAME.match(entry.name)
         if match:
             found.append(Migration(int(match[1]), match[2], entry.read_text()))

@@ -11,11 +11,13 @@ import argparse
 import re
 import sys
 from dataclasses import dataclass
-from importlib import resources
+from pathlib import Path
 from typing import Any
 
 import orjson
 from clickhouse_connect.driver.client import Client
+
+QUERIES_DIR = Path(__file__).with_name("queries")
 
 _PARAM = re.compile(r"(\w+)\s+(\w+)\s*=\s*([^,()]+?)\s*(?:\([^)]*\))?\s*(?:,|$)")
 
@@ -36,7 +38,7 @@ class QueryError(ValueError):
 
 def load(name: str) -> NamedQuery:
     """Read query ``name``."""
-    path = resources.files("sql").joinpath("queries", f"{name}.sql")
+    path = QUERIES_DIR / f"{name}.sql"
     if not path.is_file():
         raise QueryError(f"no query named {name!r}; known: {', '.join(names())}")
     sql = path.read_text()
@@ -53,8 +55,7 @@ def load(name: str) -> NamedQuery:
 
 def names() -> list[str]:
     """Every named query."""
-    folder = resources.files("sql").joinpath("queries")
-    return sorted(e.name.removesuffix(".sql") for e in folder.iterdir() if e.name.endswith(".sql"))
+    return sorted(p.stem for p in QUERIES_DIR.glob("*.sql"))
 
 
 def execute(client: Client, name: str, params: dict[str, str] | None = None) -> tuple[list[str], list[tuple[Any, ...]]]:
