@@ -198,12 +198,15 @@ def _k8s_suffix(rng: np.random.Generator, length: int) -> str:
 
 
 def synthetic_cluster(seed: int) -> SyntheticCluster:
-    """A deterministic made-up cluster: 3 nodes, 6 namespaces, 14 workloads (~38 pods), 14 services.
+    """A deterministic made-up cluster: 3 nodes, 6 namespaces, 14 workloads (39 pods), 14 services.
 
     Pods get ``10.244.<node>.x`` and ``fd00:10:244:<node>::x`` (dual-stack), nodes ``10.0.0.1x``,
     ClusterIPs ``10.96.x.y``. Names follow Kubernetes' conventions (``<deployment>-<rs hash>-<5>``,
     ``<statefulset>-<ordinal>``, ``<daemonset>-<5>``). The same seed always gives the same cluster.
+    ``seed`` must be >= 0.
     """
+    if seed < 0:
+        raise ValueError(f"seed must be >= 0, got {seed}")
     rng = np.random.default_rng([seed, 0x6B3])
     nodes = tuple(Node(f"node-{i}", f"10.0.0.{10 + i}", i) for i in range(1, _NODE_COUNT + 1))
     # Each node hands out host numbers from its own /24 in a shuffled order, like an IPAM would
@@ -663,6 +666,9 @@ def encode_packets(
     """:func:`encode_v9` plus per-datagram totals, so a sender can account for partial sends."""
     if template_every < 1:
         raise ValueError("template_every must be >= 1")
+    for name, value in (("source_id", source_id), ("unix_secs", unix_secs), ("uptime_ms", uptime_ms)):
+        if not 0 <= value <= 0xFFFFFFFF:
+            raise ValueError(f"{name} {value} does not fit the header's 32 bits")
     src = np.asarray(columns["src_addr"], dtype=np.uint8)
     dst = np.asarray(columns["dst_addr"], dtype=np.uint8)
     n = len(src)
@@ -713,8 +719,8 @@ def encode_packets(
             body_len = 4 + k * size
             pad = -body_len % 4
             header = _HEADER.pack(
-                9, k + (_TEMPLATE_RECORDS if with_template else 0), uptime_ms & 0xFFFFFFFF,
-                unix_secs, seq & 0xFFFFFFFF, source_id,
+                9, k + (_TEMPLATE_RECORDS if with_template else 0), uptime_ms, unix_secs,
+                seq & 0xFFFFFFFF, source_id,
             )
             packets.append(
                 b"".join(
@@ -830,8 +836,10 @@ def run_netflow(args: argparse.Namespace) -> int:
     family, sockaddr = _resolve(args.to)
     total = int(args.flows)
     rate = float(args.rate)
-    if total < 0 or rate < 0:
-        raise SettingsError("--flows and --rate must be >= 0")
+    if total < 0 or rate < 0 or args.seed < 0:
+        raise SettingsError("--flows, --rate and --seed must be >= 0")
+    if not 0 <= args.source_id <= 0xFFFFFFFF:
+        raise SettingsError(f"--source-id {args.source_id} is not a 32-bit unsigned number")
     cluster = synthetic_cluster(args.seed)
     sock = socket.socket(family, socket.SOCK_DGRAM)
     # A big send buffer absorbs bursts; an unconnected socket ignores ICMP errors from a collector
@@ -919,5 +927,7 @@ def run_netflow(args: argparse.Namespace) -> int:
 
 def run_inventory(args: argparse.Namespace) -> int:
     """Print the synthetic cluster's inventory (YAML) for ``args.seed`` to stdout."""
+    if args.seed < 0:
+        raise SettingsError("--seed must be >= 0")
     sys.stdout.write(inventory_yaml(synthetic_cluster(args.seed)))
     return 0
