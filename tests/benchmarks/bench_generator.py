@@ -13,19 +13,24 @@ import io
 import json
 import multiprocessing as mp
 import socket
+import sys
 import time
 from multiprocessing.connection import Connection
 
 from sensors.netflow import generator as gen
 
 _CHUNK = 20_000
+# Lets root exceed net.core.rmem_max; Python does not export the constant (33 on Linux).
+_RCVBUFFORCE = getattr(socket, "SO_RCVBUFFORCE", 33 if sys.platform == "linux" else socket.SO_RCVBUF)
 
 
 def _drain(conn: Connection) -> None:
     """Receive datagrams until 1 s of silence, then report how many arrived."""
     sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    with contextlib.suppress(OSError):  # root only; others keep rmem_max
-        sock.setsockopt(socket.SOL_SOCKET, getattr(socket, "SO_RCVBUFFORCE", socket.SO_RCVBUF), 64 << 20)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, _RCVBUFFORCE, 64 << 20)
+    except OSError:  # not root: as much as rmem_max allows
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 << 20)
     sock.bind(("127.0.0.1", 0))
     conn.send(sock.getsockname()[1])
     count = 0

@@ -170,6 +170,49 @@ def test_encode_v9_matches_tshark(cluster: gen.SyntheticCluster, tmp_path: Path)
     assert sum(r[6] for r in got.elements()) == int(cols["packets"].sum())
 
 
+def test_encode_v9_extreme_values_with_tshark(tmp_path: Path) -> None:
+    """Counters, ports and times at the edges of their fields survive the trip through tshark."""
+    unix_secs, uptime = 2_000_000_000, 0xFFFF_FFFF
+    boot = unix_secs * 1000 - uptime
+    addrs = [
+        ("0.0.0.0", "255.255.255.255"),
+        ("::", "ffff:ffff:ffff:ffff:ffff:ffff:ffff:ffff"),
+        ("10.0.0.1", "1.2.3.4"),
+    ]
+
+    def a16(ip: str) -> bytes:
+        a = ipaddress.ip_address(ip)
+        return (b"\0" * 10 + b"\xff\xff" + a.packed) if a.version == 4 else a.packed
+
+    cols: dict[str, np.ndarray] = {
+        "src_addr": np.frombuffer(b"".join(a16(s) for s, _ in addrs), np.uint8).reshape(-1, 16),
+        "dst_addr": np.frombuffer(b"".join(a16(d) for _, d in addrs), np.uint8).reshape(-1, 16),
+        "src_port": np.array([0, 65535, 1], np.uint16),
+        "dst_port": np.array([65535, 0, 2], np.uint16),
+        "proto": np.array([255, 0, 6], np.uint8),
+        "bytes": np.array([2**64 - 1, 0, 1], np.uint64),
+        "packets": np.array([2**64 - 1, 0, 1], np.uint64),
+        "tcp_flags": np.array([0xFF, 0, 0x02], np.uint8),
+        "in_if": np.array([65535, 0, 1], np.uint32),
+        "out_if": np.array([0, 65535, 2], np.uint32),
+        # switched from 1 to 2**32 - 1 (tshark shows a switched time of 0 as an absolute time,
+        # in another field, so 0 is left out here).
+        "start": np.array([boot + 1, boot + 1, boot + 1], np.int64),
+        "end": np.array([boot + 0xFFFF_FFFF, boot + 1, boot + 2], np.int64),
+    }
+    packets, next_seq = gen.encode_v9(
+        cols, source_id=0xFFFF_FFFF, sequence=0xFFFF_FFFF, unix_secs=unix_secs, uptime_ms=uptime
+    )
+    assert next_seq == 1  # two packets (IPv4, IPv6); the 32-bit sequence wraps
+    decoded = _tshark(packets, tmp_path)
+    assert [d["sequence"] for d in decoded] == [0xFFFF_FFFF, 0]
+    assert all(d["source_id"] == 0xFFFF_FFFF for d in decoded)
+    assert Counter(r for d in decoded for r in d["records"]) == _expected_records(cols)
+    assert gen.encode_v9(
+        {k: v[:0] for k, v in cols.items()}, source_id=1, sequence=5, unix_secs=unix_secs, uptime_ms=uptime
+    ) == ([], 5)
+
+
 def test_encode_v9_layout(cluster: gen.SyntheticCluster) -> None:
     cols = gen.synthetic_flows(cluster, 3000, seed=5, start_ms=EPOCH_MS)
     enc = gen.encode_packets(
@@ -361,7 +404,7 @@ class _Receiver:
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
         self.sock = socket.socket(family, socket.SOCK_DGRAM)
         # Root may exceed net.core.rmem_max (SO_RCVBUFFORCE, Linux); others get what rmem_max allows.
-        force = getattr(socket, "SO_RCVBUFFORCE", None)
+        force = getattr(socket, "SO_RCVBUFFORCE", 33 if sys.platform == "linux" else None)
         try:
             if force is None:
                 raise PermissionError
