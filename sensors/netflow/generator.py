@@ -370,8 +370,8 @@ _REPLY_SHARE = 0.4
 class _TrafficModel:
     """The cluster flattened into arrays so that flows can be drawn with a few fancy indexes.
 
-    Entities are pods, nodes, service ClusterIPs and external hosts. ``addr`` holds each entity's
-    primary address in rows [0, m) and its IPv6 address (or the primary one) in rows [m, 2m).
+    Entities are pods, nodes, service ClusterIPs and external hosts. ``addr_items`` holds each
+    entity's primary address in rows [0, m) and its IPv6 address (or the primary one) in [m, 2m).
     """
 
     addr_items: np.ndarray  # (2m,) V16: the rows of the (2m, 16) uint8 address table
