@@ -28,6 +28,8 @@ from sensors.schema import address16, address_text, with_observer
 
 log = logging.getLogger(__name__)
 
+_SO_RCVBUFFORCE = getattr(socket, "SO_RCVBUFFORCE", 33)  # Linux; missing from Python's socket module
+
 PACKETS = Counter("flowtally_sensor_netflow_packets_total", "Datagrams received", ["exporter"])
 FLOWS = Counter("flowtally_sensor_netflow_flows_total", "Flow records decoded", ["exporter"])
 TEMPLATES = Counter("flowtally_sensor_netflow_templates_total", "Templates received", ["exporter"])
@@ -105,10 +107,14 @@ class NetflowReceiver(asyncio.DatagramProtocol):
         sock = socket.socket(family, socket.SOCK_DGRAM)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         size = self._settings.receive_buffer_bytes
-        try:  # root may exceed net.core.rmem_max; others get what the kernel allows
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUFFORCE, size)
-        except (PermissionError, OSError):
+        try:  # with CAP_NET_ADMIN, beyond net.core.rmem_max; otherwise what the kernel allows
+            sock.setsockopt(socket.SOL_SOCKET, _SO_RCVBUFFORCE, size)
+        except OSError:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, size)
+        granted = sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF) // 2  # the kernel doubles it
+        if granted < size:
+            log.warning("UDP receive buffer is %d bytes, not the %d asked for: raise net.core.rmem_max "
+                        "or bursts will be dropped by the kernel", granted, size)
         try:
             sock.bind((host, port))
         except OSError as exc:
