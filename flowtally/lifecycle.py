@@ -72,10 +72,10 @@ async def run_components(components: Sequence[Component], *, stop_timeout: float
 async def _until_stopped(started: Sequence[Component], stopping: asyncio.Event) -> int:
     """Wait for a stop signal or the end of a worker; the exit code that end implies."""
     exit_code = 0
-    waiters = {
+    waiters: dict[asyncio.Future[object], Worker] = {
         asyncio.ensure_future(c.wait()): c for c in started if isinstance(c, Worker)
     }
-    stop_wait = asyncio.ensure_future(stopping.wait())
+    stop_wait: asyncio.Future[object] = asyncio.ensure_future(stopping.wait())
     done, _ = await asyncio.wait([stop_wait, *waiters], return_when=asyncio.FIRST_COMPLETED)
     for task in done:
         if task is stop_wait:

@@ -186,7 +186,7 @@ class Pipeline:
 
     def stop(self, timeout: float = 30.0) -> dict[str, int]:
         """SIGTERM each stage, upstream first so each drains into the next; exit codes."""
-        codes = {}
+        codes: dict[str, int] = {}
         for name in ("sensor", "enricher", "sink"):
             if name in self.stages:
                 codes[name] = self.stages[name].stop(timeout)

@@ -58,7 +58,9 @@ def names() -> list[str]:
     return sorted(p.stem for p in QUERIES_DIR.glob("*.sql"))
 
 
-def execute(client: Client, name: str, params: dict[str, str] | None = None) -> tuple[list[str], list[tuple[Any, ...]]]:
+def execute(
+    client: Client, name: str, params: dict[str, str] | None = None
+) -> tuple[list[str], list[tuple[Any, ...]]]:
     """Run query ``name`` with ``params`` over its defaults; returns column names and rows."""
     query = load(name)
     unknown = set(params or {}) - set(query.defaults)
@@ -78,7 +80,8 @@ def format_table(columns: list[str], rows: list[tuple[Any, ...]]) -> str:
     numeric = [bool(rows) and all(isinstance(r[i], int | float) for r in rows) for i in range(len(columns))]
 
     def line(values: list[str]) -> str:
-        return "  ".join(v.rjust(w) if num else v.ljust(w) for v, w, num in zip(values, widths, numeric, strict=True))
+        cells = zip(values, widths, numeric, strict=True)
+        return "  ".join(v.rjust(w) if num else v.ljust(w) for v, w, num in cells)
 
     out = [line(columns), line(["-" * w for w in widths])]
     out += [line(r) for r in cells]

@@ -81,7 +81,7 @@ def test_inventory_errors_name_the_entry(tmp_path: Path) -> None:
     with pytest.raises(InventoryError, match="appears twice"):
         load_inventory(path)
     path.write_text("owners:\n  - ip: 10.0.0.300\n")
-    with pytest.raises(InventoryError, match="owners.0.ip"):
+    with pytest.raises(InventoryError, match=r"owners\.0\.ip"):
         load_inventory(path)
     path.write_text("owners:\n  - ip: 10.0.0.1\n    colour: blue\n")
     with pytest.raises(InventoryError, match="colour"):
