@@ -16,6 +16,7 @@ import logging
 import time
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord, TopicPartition
+from clickhouse_connect.driver.client import Client
 from prometheus_client import Counter, Gauge, Histogram
 
 from enricher.schema import ENRICHED_SCHEMA
@@ -56,6 +57,7 @@ class SinkWorker:
         self._topic = settings.kafka.topic("enriched")
         self._consumer: AIOKafkaConsumer | None = None
         self._dlq: AIOKafkaProducer | None = None
+        self._client: Client | None = None
         self._writer: Writer | None = None
         self._task: asyncio.Task[None] | None = None
         self._stopping = asyncio.Event()
@@ -98,9 +100,9 @@ class SinkWorker:
             await self._consumer.stop()
         if self._dlq is not None:
             await self._dlq.stop()
-        if self._writer is not None:
+        if self._client is not None:
             await asyncio.to_thread(self._client.close)
-            self._writer = None
+            self._client = self._writer = None
 
     async def _run(self) -> None:
         assert self._consumer is not None

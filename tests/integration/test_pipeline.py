@@ -189,3 +189,61 @@ def test_generator_stream_totals(kafka_bootstrap: str, tmp_path: Path) -> None:
         assert unnamed_pods == 0  # every cluster address of the synthetic stream is in its inventory
     finally:
         client.close()
+
+
+def test_bad_kafka_messages_go_to_the_dlq_and_lose_nothing_else(kafka_bootstrap: str, tmp_path: Path) -> None:
+    """A raw message that is not an Arrow batch is parked in the DLQ with the reason; the good
+    batches around it are all stored."""
+    import asyncio
+
+    import numpy as np
+
+    from flowtally import kafka
+    from flowtally.settings import KafkaSettings
+    from flowtally.wire import encode_batch
+    from sensors.schema import build_raw_table, ipv4_to_mapped
+
+    pipe = _pipeline(kafka_bootstrap, tmp_path)
+    pipe.start()
+    settings = KafkaSettings(bootstrap=kafka_bootstrap, topic_prefix=pipe.topic_prefix)
+    n = 1234
+    good = build_raw_table({
+        "src_addr": ipv4_to_mapped(np.arange(n, dtype=np.uint32) + 0x0AF40000),
+        "dst_addr": ipv4_to_mapped(np.full(n, 0x510245A0, dtype=np.uint32)),
+        "bytes": np.arange(n) * 10, "packets": np.ones(n), "end": np.full(n, 1_700_000_000_000),
+    })
+    value, headers = encode_batch(good, "raw.v1")
+
+    async def produce_and_read_dlq() -> list[tuple[bytes, dict[str, bytes]]]:
+        producer = kafka.producer(settings)
+        await producer.start()
+        try:
+            await producer.send_and_wait(settings.topic("raw"), value, key=b"a", headers=headers)
+            await producer.send_and_wait(settings.topic("raw"), b"not arrow at all", key=b"a", headers=headers)
+            await producer.send_and_wait(settings.topic("raw"), value, key=b"a", headers=[("flowtally-schema", b"raw.v0")])
+            await producer.send_and_wait(settings.topic("raw"), value, key=b"a", headers=headers)
+        finally:
+            await producer.stop()
+        consumer = kafka.consumer(settings, settings.topic("dlq"), group_id=f"{pipe.topic_prefix}-dlq-reader")
+        await consumer.start()
+        got: list[tuple[bytes, dict[str, bytes]]] = []
+        try:
+            deadline = time.monotonic() + 60
+            while len(got) < 2 and time.monotonic() < deadline:
+                for messages in (await consumer.getmany(timeout_ms=1000)).values():
+                    got += [(m.value, dict(m.headers)) for m in messages]
+        finally:
+            await consumer.stop()
+        return got
+
+    try:
+        dlq = asyncio.run(produce_and_read_dlq())
+        assert pipe.wait_rows(2 * n, timeout=60) == 2 * n
+        enricher = pipe.stages["enricher"]
+        assert enricher.metric("flowtally_enricher_batches_total", {"outcome": "dlq_not-arrow"}) == 1
+        assert enricher.metric("flowtally_enricher_batches_total", {"outcome": "dlq_wrong-schema"}) == 1
+    finally:
+        codes = pipe.stop()
+    assert set(codes.values()) == {0}
+    assert sorted(v for v, _ in dlq) == sorted([b"not arrow at all", value])
+    assert all(h["flowtally-stage"] == b"enricher" and h["flowtally-error"] for _, h in dlq)
