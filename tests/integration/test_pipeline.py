@@ -42,7 +42,8 @@ def _plain(address: str) -> str:
 def _inventory(oracle: OracleResult) -> dict[str, dict[str, str]]:
     """Owners for every private address the captures mention, as pods of a few workloads."""
     private = sorted({_plain(a) for r in oracle.records for a in (r.src, r.dst)
-                      if ipaddress.ip_address(_plain(a)).is_private}, key=ipaddress.ip_address)
+                      if ipaddress.ip_address(_plain(a)).is_private},
+                     key=lambda a: (ipaddress.ip_address(a).version, ipaddress.ip_address(a)))
     owners = {}
     for i, ip in enumerate(private):
         owners[ip] = {"ip": ip, "kind": "pod", "namespace": f"ns{i % 3}", "name": f"pod-{i}",
