@@ -36,7 +36,13 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 import dpkt
+import pyarrow as pa
 import pytest
+
+from sensors.netflow.decoder import Datagram, DecodeStats, decode_datagrams, exporter_label
+from sensors.netflow.pcap import iter_udp
+from sensors.netflow.templates import TemplateStore
+from sensors.schema import address_bytes
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SHARED_TESTDATA = REPO_ROOT.parent / "shared" / "testdata"
@@ -46,7 +52,7 @@ _FLOWSET = re.compile(r"^FlowSet \d+ \[id=(\d+)\]")
 _RECORD = re.compile(r"^(Flow \d+|pdu \d+/\d+)$")
 _OPTIONS_TEMPLATE = re.compile(r"^Options Template \(Id = (\d+)\)")
 _ABSTIME = re.compile(r"^(\w{3}) +(\d+), (\d{4}) (\d\d):(\d\d):(\d\d)\.(\d+) UTC$")
-_MONTHS = {m: i for i, m in enumerate("Jan Feb Mar Apr May Jun Jul Aug Sep Oct Nov Dec".split(), 1)}
+_MONTHS = {m: i for i, m in enumerate(["Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec"], 1)}
 
 
 class FlowKey(NamedTuple):
@@ -245,10 +251,12 @@ def _record_times(record: dict[str, Any], header: _Header) -> tuple[int, int] | 
     if isinstance(trees, list):
         return None  # several time encodings in one record: which one a decoder prefers is a choice
     tree = trees
-    if "cflow.abstimestart" in tree:
+    if "cflow.abstimestart" in tree and "cflow.abstimeend" in tree:
         return _abstime_ms(_first(tree["cflow.abstimestart"])), _abstime_ms(_first(tree["cflow.abstimeend"]))
-    if "cflow.timestart" in tree:
+    if "cflow.timestart" in tree and "cflow.timeend" in tree:
         return header.absolute(_first(tree["cflow.timestart"])), header.absolute(_first(tree["cflow.timeend"]))
+    # tshark 4.0 shows a FIRST_SWITCHED of 0 as an absolute "Jan 1, 1970" next to a relative
+    # end time; there is nothing to compare in that case.
     return None
 
 
@@ -288,3 +296,84 @@ def _add_record(out: OracleResult, record: dict[str, Any], header: _Header) -> N
         )
     )
     out.times.append(_record_times(record, header))
+
+
+# --- our side of the comparison -------------------------------------------------------------
+
+
+def decode_captures(paths: Path | Sequence[Path]) -> tuple[pa.Table, DecodeStats]:
+    """Decode captures in order with one template store, as `flowtally decode` does."""
+    files = [paths] if isinstance(paths, Path) else list(paths)
+    templates = TemplateStore()
+    stats = DecodeStats()
+    tables = []
+    for path in files:
+        datagrams = [Datagram(p.src_addr, p.timestamp_ms, p.payload) for p in iter_udp(str(path))]
+        tables.append(decode_datagrams(datagrams, templates, stats))
+    return pa.concat_tables(tables), stats
+
+
+def table_rows(table: pa.Table) -> list[dict[str, Any]]:
+    """Rows as dicts with printable addresses and integer millisecond times (tests only)."""
+    columns: dict[str, list[Any]] = {}
+    for name in table.column_names:
+        column = table[name]
+        if name in ("exporter", "src_addr", "dst_addr"):
+            columns[name] = [exporter_label(bytes(a)) for a in address_bytes(column)]
+        elif pa.types.is_timestamp(column.type):
+            columns[name] = column.cast(pa.int64()).to_pylist()
+        else:
+            columns[name] = column.to_pylist()
+    return [{name: columns[name][i] for name in columns} for i in range(table.num_rows)]
+
+
+def flow_keys(table: pa.Table) -> list[FlowKey]:
+    """Our decoded records in the oracle's terms."""
+    return [
+        FlowKey(r["src_addr"], r["dst_addr"], r["src_port"], r["dst_port"], r["proto"], r["bytes"], r["packets"])
+        for r in table_rows(table)
+    ]
+
+
+def flow_times(table: pa.Table) -> list[tuple[int, int]]:
+    """(start_ms, end_ms) per row, aligned with :func:`flow_keys`."""
+    return [(r["start"], r["end"]) for r in table_rows(table)]
+
+
+def assert_matches_oracle(table: pa.Table, oracle: OracleResult, compare_times: bool = True) -> None:
+    """Record count, byte and packet sums, the multiset of flow keys and (where tshark shows
+    them) start/end times must all agree with tshark."""
+    ours = flow_keys(table)
+    totals = (len(ours), sum(k.bytes for k in ours), sum(k.packets for k in ours))
+    assert totals == oracle.totals, f"(records, bytes, packets): ours {totals}, tshark {oracle.totals}"
+    only_ours = Counter(ours) - oracle.multiset()
+    only_tshark = oracle.multiset() - Counter(ours)
+    assert not only_ours and not only_tshark, f"only ours: {only_ours}; only tshark: {only_tshark}"
+    if compare_times:
+        theirs = Counter((k, t) for k, t in zip(oracle.records, oracle.times, strict=True) if t is not None)
+        known = {k for k, t in zip(oracle.records, oracle.times, strict=True) if t is not None}
+        mine = Counter((k, t) for k, t in zip(ours, flow_times(table), strict=True) if k in known)
+        assert mine == theirs, f"times differ: ours-only {mine - theirs}, tshark-only {theirs - mine}"
+
+
+# --- the generated traffic behind the softflowd captures --------------------------------------
+
+TruthKey = tuple[str, str, int, int, int]  # src, dst, sport, dport, proto
+
+
+def traffic_truth() -> dict[TruthKey, dict[str, Any]]:
+    """Per-direction packets, IP bytes and first/last times of ``tests/data/traffic.pcap``, as
+    written by make_softflowd_captures.py when it built the traffic."""
+    flows = json.loads((DATA / "traffic-expected.json").read_text())
+    return {(f["src"], f["dst"], f["sport"], f["dport"], f["proto"]): f for f in flows}
+
+
+def conversation_times(truth: dict[TruthKey, dict[str, Any]], key: TruthKey) -> tuple[int, int]:
+    """The (first, last) times softflowd reports for a record: it tracks both directions of a
+    TCP/UDP conversation as one flow, so both records carry the conversation's times; ICMP flows
+    are keyed by type/code, so an echo request and its reply are separate flows."""
+    src, dst, sport, dport, proto = key
+    if proto in (1, 58):
+        return truth[key]["first_ms"], truth[key]["last_ms"]
+    both = [truth[key]] + ([truth[k]] if (k := (dst, src, dport, sport, proto)) in truth else [])
+    return min(f["first_ms"] for f in both), max(f["last_ms"] for f in both)
