@@ -15,6 +15,7 @@ its own template in the same packet (akvorado's ``data+templates.pcap``) is coun
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Iterator
 from typing import BinaryIO
@@ -56,8 +57,10 @@ def run(args: argparse.Namespace) -> int:
                 print(f"flowtally decode: {exc}", file=sys.stderr)
                 status = 1
         out.flush()
-    except BrokenPipeError:  # `flowtally decode x.pcap | head`: stop quietly
-        sys.stderr.close()
+    except BrokenPipeError:
+        # `flowtally decode x.pcap | head`: the reader is gone. Point stdout at /dev/null so the
+        # interpreter's final flush does not fail again, and stop quietly.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return status
     print(_summary(len(files), stats, counts), file=sys.stderr)
     return status

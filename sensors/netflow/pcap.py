@@ -16,7 +16,7 @@ import struct
 from collections.abc import Iterator
 from dataclasses import dataclass
 from decimal import ROUND_FLOOR, Decimal
-from typing import Any, NamedTuple
+from typing import Any, BinaryIO, NamedTuple
 
 import dpkt
 
@@ -89,6 +89,36 @@ class _Reader:
     linktype: int
 
 
+class _ShortReadDetector:
+    """Wraps the capture file and notes reads that return fewer bytes than asked for.
+
+    dpkt's readers hand out a record cut short by the end of the file as if it were complete;
+    watching the reads lets the reader drop it and report the file as truncated instead.
+    """
+
+    def __init__(self, f: BinaryIO) -> None:
+        self._f = f
+        self.name = getattr(f, "name", "")
+        self.short = False  # a read since the last reset returned less than requested
+        self.partial = False  # ... and it returned some bytes (not a clean end of file)
+
+    def read(self, n: int = -1) -> bytes:
+        data = self._f.read(n)
+        if 0 < n != len(data):
+            self.short = True
+            self.partial = self.partial or bool(data)
+        return data
+
+    def seek(self, offset: int, whence: int = 0) -> int:
+        return self._f.seek(offset, whence)
+
+    def fileno(self) -> int:
+        return self._f.fileno()
+
+    def reset(self) -> None:
+        self.short = self.partial = False
+
+
 def _open(path: str, fileobj: Any) -> _Reader:
     magic = fileobj.read(4)
     fileobj.seek(0)
@@ -132,14 +162,21 @@ def iter_udp(path: str, counts: CaptureCounts | None = None) -> Iterator[UdpPack
     except OSError as exc:
         raise NotACaptureError(path, exc.strerror or str(exc)) from exc
     try:
-        opened = _open(path, f)
+        watched = _ShortReadDetector(f)
+        opened = _open(path, watched)
         frames = iter(opened.reader)
         while True:
+            watched.reset()
             try:
                 ts, frame = next(frames)
             except StopIteration:
+                if watched.partial:
+                    counts.truncated_file += 1
                 return
             except (dpkt.Error, ValueError, struct.error):
+                counts.truncated_file += 1
+                return
+            if watched.short:  # the file ends inside this record
                 counts.truncated_file += 1
                 return
             counts.frames += 1
