@@ -9,19 +9,18 @@ template layout). Records come out grouped by version and layout, not in packet 
 Every datagram is accounted for in :class:`DecodeStats`: it is counted as a packet of its
 exporter, and whatever could not be decoded is counted under a short, stable reason:
 
-=========================  ==========================================================
-``truncated_header``       shorter than its version's header (or than 2 bytes)
-``unknown_version``        not NetFlow v5, v9 or IPFIX (e.g. other UDP traffic)
-``unsupported_version_10`` IPFIX, not decoded yet
-``count_mismatch``         v5: fewer bytes than the header's record count needs
-``bad_flowset_length``     v9: a flowset length below 4 or past the packet's end
-``bad_template``           v9: a malformed (options) template record
-``missing_template``       v9: a data flowset whose template was never received
-                           (counted per flowset; its records are dropped, not decoded)
-``reserved_flowset_id``    v9: flowset IDs 2-255, which carry nothing defined
-``bad_exporter_address``   the datagram's exporter is not a 4- or 16-byte address
-``malformed_packet``       the parser hit something it did not expect (a bug guard)
-=========================  ==========================================================
+- ``truncated_header``: shorter than its version's header (or than 2 bytes);
+- ``unknown_version``: not NetFlow v5, v9 or IPFIX (e.g. other UDP traffic);
+- ``unsupported_version_10``: IPFIX, not decoded yet;
+- ``count_mismatch``: v5 with fewer bytes than the header's record count needs;
+- ``bad_flowset_length``: v9 flowset length below 4 or past the end of the packet;
+- ``bad_template``: v9 malformed template or options template record;
+- ``missing_template``: v9 data flowset whose template was never received, counted once per
+  flowset; its records are dropped, not decoded;
+- ``reserved_flowset_id``: v9 flowset IDs 2-255, which carry nothing defined;
+- ``bad_exporter_address``: the datagram's exporter is not a 4- or 16-byte address;
+- ``malformed_packet``: the parser met something it did not expect (a guard against bugs: the
+  datagram is skipped, the rest of the batch still decodes).
 """
 
 from __future__ import annotations

@@ -10,7 +10,7 @@ one process, or a test and a replay tool, each keep their own.
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import NamedTuple
 
 
@@ -26,8 +26,8 @@ class Field(NamedTuple):
 class Template:
     """The layout of the records of one data flowset.
 
-    Equal layouts compare (and hash) equal whatever exporter sent them, so the decoder can gather
-    records of many exporters that share a layout and convert them in one numpy pass.
+    Equal layouts compare equal, which tells a template refresh (routers resend their templates
+    periodically) from a redefinition.
     ``scope_fields`` is only set for options templates, whose records describe the exporter
     (sampling, interface names) rather than flows.
     """
@@ -35,11 +35,13 @@ class Template:
     fields: tuple[Field, ...]
     scope_fields: tuple[Field, ...] = ()
     is_options: bool = False
+    #: Bytes per data record: the sum of all (scope and non-scope) field lengths. Computed once,
+    #: since the decoder needs it for every data flowset.
+    record_length: int = field(init=False, compare=False, repr=False)
 
-    @property
-    def record_length(self) -> int:
-        """Bytes per data record: the sum of all (scope and non-scope) field lengths."""
-        return sum(f.length for f in self.scope_fields) + sum(f.length for f in self.fields)
+    def __post_init__(self) -> None:
+        length = sum(f.length for f in self.scope_fields) + sum(f.length for f in self.fields)
+        object.__setattr__(self, "record_length", length)
 
     def offsets(self) -> dict[int, tuple[int, int]]:
         """Map each field type to ``(offset, length)`` within a record; the first occurrence wins."""
@@ -82,11 +84,17 @@ class TemplateStore:
         return self._templates.get((version, exporter, domain, template_id))
 
     def put(self, version: int, exporter: bytes, domain: int, template_id: int, template: Template) -> bool:
-        """Store a template; True if it is new or changed the layout of the one it replaces."""
+        """Store a template; True if it is new or changed the layout of the one it replaces.
+
+        A refresh with an unchanged layout keeps the stored object, so the decoder, which groups
+        records by template object, keeps one group per layout across refreshes.
+        """
         key = (version, exporter, domain, template_id)
         old = self._templates.get(key)
+        if old == template:
+            return False
         self._templates[key] = template
-        return old != template
+        return True
 
     def remove(self, version: int, exporter: bytes, domain: int, template_id: int) -> bool:
         """Forget one template (IPFIX template withdrawal); True if it was known."""

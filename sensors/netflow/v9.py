@@ -77,7 +77,9 @@ class V9Batch:
     __slots__ = ("_groups",)
 
     def __init__(self) -> None:
-        self._groups: dict[Template, _Group] = {}
+        # Keyed by the template object's identity: the store hands out the same object for as
+        # long as a template is in force, and hashing a layout per flowset would cost more.
+        self._groups: dict[int, tuple[Template, _Group]] = {}
 
     def add(
         self,
@@ -122,9 +124,10 @@ class V9Batch:
                 if template.is_options:
                     counts.options_records += n
                     continue
-                group = self._groups.get(template)
-                if group is None:
-                    group = self._groups[template] = _Group()
+                entry = self._groups.get(id(template))
+                if entry is None:
+                    entry = self._groups[id(template)] = (template, _Group())
+                group = entry[1]
                 group.chunks.append(view[body : body + n * size])
                 group.counts.append(n)
                 group.export_ms.append(export_ms)
@@ -142,11 +145,11 @@ class V9Batch:
                 counts.error("reserved_flowset_id")
 
     def __len__(self) -> int:
-        return sum(sum(g.counts) for g in self._groups.values())
+        return sum(sum(g.counts) for _, g in self._groups.values())
 
     def columns(self, exporters: np.ndarray) -> list[dict[str, np.ndarray]]:
         """One column dict per template layout seen in this call (see :func:`group_columns`)."""
-        return [group_columns(t, g, exporters) for t, g in self._groups.items()]
+        return [group_columns(t, g, exporters) for t, g in self._groups.values()]
 
 
 def _parse_templates(

@@ -350,7 +350,8 @@ def test_template_store_scope_and_replacement() -> None:
     t1 = Template((Field(8, 4), Field(1, 4)))
     t2 = Template((Field(8, 4), Field(1, 8)))
     assert store.put(9, EXPORTER_A, 0, 256, t1) is True
-    assert store.put(9, EXPORTER_A, 0, 256, Template((Field(8, 4), Field(1, 4)))) is False  # same layout
+    assert store.put(9, EXPORTER_A, 0, 256, Template((Field(8, 4), Field(1, 4)))) is False  # a refresh
+    assert store.get(9, EXPORTER_A, 0, 256) is t1  # ... keeps the stored object
     assert store.put(9, EXPORTER_A, 0, 256, t2) is True
     assert store.get(9, EXPORTER_A, 0, 256) is t2
     assert store.get(9, EXPORTER_B, 0, 256) is None
