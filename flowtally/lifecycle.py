@@ -43,6 +43,7 @@ async def run_components(components: Sequence[Component], *, stop_timeout: float
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stopping.set)
     started: list[Component] = []
+    waiters: dict[asyncio.Future[object], Worker] = {}
     exit_code = 0
     try:
         for component in components:
@@ -55,7 +56,8 @@ async def run_components(components: Sequence[Component], *, stop_timeout: float
             started.append(component)
             log.debug("%s started", component.name)
         else:
-            exit_code = await _until_stopped(started, stopping)
+            waiters = {asyncio.ensure_future(c.wait()): c for c in started if isinstance(c, Worker)}
+            exit_code = await _until_stopped(waiters, stopping)
     finally:
         for component in reversed(started):
             try:
@@ -64,17 +66,26 @@ async def run_components(components: Sequence[Component], *, stop_timeout: float
             except Exception as exc:
                 log.error("%s did not stop cleanly: %s", component.name, exc)
                 exit_code = 1
+        # The waiters end with their components; one still pending now is a component that
+        # ignored stop(), and cancelling it is all that is left.
+        for task in waiters:
+            if not task.done():
+                task.cancel()
+            elif not task.cancelled() and task.exception() is not None:
+                exit_code = 1
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.remove_signal_handler(sig)
     return exit_code
 
 
-async def _until_stopped(started: Sequence[Component], stopping: asyncio.Event) -> int:
-    """Wait for a stop signal or the end of a worker; the exit code that end implies."""
+async def _until_stopped(waiters: dict[asyncio.Future[object], Worker], stopping: asyncio.Event) -> int:
+    """Wait for a stop signal or the end of a worker; the exit code that end implies.
+
+    The waiters are not cancelled here: cancelling a task that awaits a component's own task
+    would cancel that task too, in the middle of work ``stop()`` is meant to finish (a sink's
+    insert, a publisher's queue).
+    """
     exit_code = 0
-    waiters: dict[asyncio.Future[object], Worker] = {
-        asyncio.ensure_future(c.wait()): c for c in started if isinstance(c, Worker)
-    }
     stop_wait: asyncio.Future[object] = asyncio.ensure_future(stopping.wait())
     done, _ = await asyncio.wait([stop_wait, *waiters], return_when=asyncio.FIRST_COMPLETED)
     for task in done:
@@ -88,6 +99,5 @@ async def _until_stopped(started: Sequence[Component], stopping: asyncio.Event) 
             exit_code = 1
         else:
             log.info("%s finished", component.name)
-    for task in [stop_wait, *waiters]:
-        task.cancel()
+    stop_wait.cancel()
     return exit_code

@@ -49,6 +49,7 @@ class Stage:
     log_path: Path
     metrics_port: int
     process: subprocess.Popen[bytes] | None = field(default=None, repr=False)
+    stopped: bool = False  # stopped on purpose: its exit is not a failure
 
     def start(self) -> None:
         """Spawn the process (its output goes to ``log_path``)."""
@@ -82,8 +83,8 @@ class Stage:
         return scrape(self.metrics(), name, labels)
 
     def check_alive(self) -> None:
-        """Raise with the log's tail if the process has exited."""
-        if self.process is not None and self.process.poll() is not None:
+        """Raise with the log's tail if the process has exited without being asked to."""
+        if not self.stopped and self.process is not None and self.process.poll() is not None:
             raise StageFailed(f"{self.name} exited with {self.process.returncode}:\n{self.log_tail()}")
 
     def wait_healthy(self, timeout: float = 60.0) -> None:
@@ -98,6 +99,7 @@ class Stage:
 
     def stop(self, timeout: float = 30.0) -> int:
         """SIGTERM, wait up to ``timeout``, SIGKILL if still running; returns the exit code."""
+        self.stopped = True
         if self.process is None:
             return 0
         if self.process.poll() is None:

@@ -157,10 +157,14 @@ def with_observer(table: pa.Table, observer: str) -> pa.Table:
     return table.set_column(index, table.schema.field(index), column)
 
 
+_V4_MAPPED_PREFIX = b"\x00" * 10 + b"\xff\xff"
+
+
 def address_text(address: bytes) -> str:
-    """Printable form of a 16-byte address (IPv4-mapped ones as plain IPv4)."""
-    ip = ipaddress.IPv6Address(address)
-    return str(ip.ipv4_mapped or ip)
+    """Printable form of a 16-byte address (IPv4-mapped ones as plain dotted IPv4)."""
+    if address[:12] == _V4_MAPPED_PREFIX:
+        return str(ipaddress.IPv4Address(address[12:]))
+    return str(ipaddress.IPv6Address(address))
 
 
 def address16(text: str) -> bytes:

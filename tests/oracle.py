@@ -39,10 +39,10 @@ import dpkt
 import pyarrow as pa
 import pytest
 
-from sensors.netflow.decoder import Datagram, DecodeStats, decode_datagrams, exporter_label
+from sensors.netflow.decoder import Datagram, DecodeStats, decode_datagrams
 from sensors.netflow.pcap import iter_udp
 from sensors.netflow.templates import TemplateStore
-from sensors.schema import address_bytes
+from sensors.schema import address_bytes, address_text
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SHARED_TESTDATA = REPO_ROOT.parent / "shared" / "testdata"
@@ -319,7 +319,7 @@ def table_rows(table: pa.Table) -> list[dict[str, Any]]:
     for name in table.column_names:
         column = table[name]
         if name in ("exporter", "src_addr", "dst_addr"):
-            columns[name] = [exporter_label(bytes(a)) for a in address_bytes(column)]
+            columns[name] = [address_text(bytes(a)) for a in address_bytes(column)]
         elif pa.types.is_timestamp(column.type):
             columns[name] = column.cast(pa.int64()).to_pylist()
         else:

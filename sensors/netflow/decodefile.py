@@ -24,10 +24,10 @@ import numpy as np
 import orjson
 import pyarrow as pa
 
-from sensors.netflow.decoder import Datagram, DecodeStats, decode_datagrams, exporter_label
+from sensors.netflow.decoder import Datagram, DecodeStats, decode_datagrams
 from sensors.netflow.pcap import CaptureCounts, NotACaptureError, check_capture, iter_udp
 from sensors.netflow.templates import TemplateStore
-from sensors.schema import address_bytes
+from sensors.schema import address_bytes, address_text
 
 CHUNK = 1000
 
@@ -85,7 +85,7 @@ def _addresses(column: pa.ChunkedArray | pa.Array) -> list[str]:
     if len(raw) == 0:
         return []
     unique, inverse = np.unique(raw.view("V16").ravel(), return_inverse=True)
-    labels = [exporter_label(u.tobytes()) for u in unique]
+    labels = [address_text(u.tobytes()) for u in unique]
     return [labels[i] for i in inverse.ravel()]
 
 

@@ -25,7 +25,6 @@ exporter, and whatever could not be decoded is counted under a short, stable rea
 
 from __future__ import annotations
 
-import ipaddress
 import struct
 from collections import Counter
 from collections.abc import Sequence
@@ -37,7 +36,7 @@ import pyarrow as pa
 from sensors.netflow.templates import TemplateStore
 from sensors.netflow.v5 import V5Batch
 from sensors.netflow.v9 import V9Batch
-from sensors.schema import build_raw_table, empty_raw_table
+from sensors.schema import address_text, build_raw_table, empty_raw_table
 
 _V4_MAPPED_PREFIX = b"\x00" * 10 + b"\xff\xff"
 
@@ -144,13 +143,6 @@ class DecodeStats:
         }
 
 
-def exporter_label(address: bytes) -> str:
-    """The printable form of a 16-byte address: plain dotted IPv4 for IPv4-mapped addresses."""
-    if address[:12] == _V4_MAPPED_PREFIX:
-        return str(ipaddress.IPv4Address(address[12:]))
-    return str(ipaddress.IPv6Address(address))
-
-
 def decode_datagrams(datagrams: Sequence[Datagram], templates: TemplateStore, stats: DecodeStats) -> pa.Table:
     """Decode NetFlow v5 and v9 datagrams into one `raw.v1` table.
 
@@ -169,7 +161,7 @@ def decode_datagrams(datagrams: Sequence[Datagram], templates: TemplateStore, st
             exporter = _V4_MAPPED_PREFIX + exporter
         counts = per_exporter.get(exporter)
         if counts is None:
-            label = exporter_label(exporter) if len(exporter) == 16 else f"invalid:{exporter.hex()}"
+            label = address_text(exporter) if len(exporter) == 16 else f"invalid:{exporter.hex()}"
             counts = per_exporter[exporter] = stats.exporter(label)
         counts.packets += 1
         if len(exporter) != 16:
