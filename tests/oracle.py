@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import ipaddress
 import json
+import os
 import re
 import shutil
 import socket
@@ -45,7 +46,20 @@ from sensors.netflow.templates import TemplateStore
 from sensors.schema import address_bytes, address_text
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-SHARED_TESTDATA = REPO_ROOT.parent / "shared" / "testdata"
+
+
+
+def _find_shared_testdata() -> Path:
+    """The workplace's shared third-party test data: $FLOWTALLY_SHARED_TESTDATA, else
+    ``../shared/testdata`` next to this checkout, else ``/work/shared/testdata`` (where it lives
+    on these machines when the repository is cloned elsewhere, as CI checks do)."""
+    candidates = [REPO_ROOT.parent / "shared" / "testdata", Path("/work/shared/testdata")]
+    if os.environ.get("FLOWTALLY_SHARED_TESTDATA"):
+        candidates.insert(0, Path(os.environ["FLOWTALLY_SHARED_TESTDATA"]))
+    return next((c for c in candidates if c.is_dir()), candidates[0])
+
+
+SHARED_TESTDATA = _find_shared_testdata()
 DATA = Path(__file__).resolve().parent / "data"
 
 _FLOWSET = re.compile(r"^FlowSet \d+ \[id=(\d+)\]")
@@ -108,7 +122,8 @@ def shared_testdata(*parts: str) -> Path:
     """A file of the shared third-party test data (``../shared/testdata``); fails if absent."""
     path = SHARED_TESTDATA.joinpath(*parts)
     if not path.exists():
-        pytest.fail(f"shared test data missing: {path} (expected next to the repository)", pytrace=False)
+        pytest.fail(f"shared test data missing: {path} (set FLOWTALLY_SHARED_TESTDATA to the shared/testdata folder)",
+                    pytrace=False)
     return path
 
 
