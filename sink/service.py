@@ -1,11 +1,16 @@
 """`flowtally sink`: consume enriched batches, insert them into ClickHouse, then commit.
 
 Order per poll (the exact-totals rule): insert every message of a partition in offset order,
-each with a deduplication token naming the raw message it came from; only after the inserts
-succeeded, commit the partition's next offset. A crash anywhere replays from the last commit and
-the tokens turn the replayed inserts into no-ops. A message that is not a valid batch goes to the
-DLQ (and is committed: retrying it cannot help); a failing insert is retried with backoff and
-nothing after it is committed.
+one message per insert, each with a deduplication token naming the raw message it came from;
+only after the inserts succeeded, commit the partition's next offset. A crash anywhere replays
+from the last commit and the tokens turn the replayed inserts into no-ops (in ``flows`` and in
+every rollup). The enricher re-emitting a batch after its own crash gives the same token again.
+
+Failures (see :mod:`sink.writer` for the rule): a message that is not a valid batch, or a batch
+ClickHouse *rejects* (constraint, unconvertible value…), goes to the DLQ with the reason and is
+committed — retrying cannot help. ClickHouse *unavailable* (any other error) is retried with
+backoff; nothing after it is committed and the partition's consumption stops meanwhile (the loop
+does not poll again), so memory stays bounded by one poll.
 """
 
 from __future__ import annotations
@@ -29,14 +34,14 @@ from flowtally.settings import load_settings
 from flowtally.wire import ORIGIN_HEADER, WireError, decode_batch, header
 from sink.rows import flow_rows
 from sink.settings import SinkSettings
-from sink.writer import Writer
+from sink.writer import InsertFailure, Writer, classify
 from sql.migrate import migrate
 
 log = logging.getLogger(__name__)
 
 MESSAGES = Counter("flowtally_sink_messages_total", "Enriched messages consumed", ["outcome"])
 ROWS = Counter("flowtally_sink_rows_inserted_total", "Flow rows inserted into ClickHouse")
-INSERT_ERRORS = Counter("flowtally_sink_insert_errors_total", "Failed insert attempts")
+INSERT_ERRORS = Counter("flowtally_sink_insert_errors_total", "Failed insert attempts", ["reason"])
 INSERT_SECONDS = Histogram("flowtally_sink_insert_seconds", "Duration of one batch insert")
 COMMITTED = Gauge("flowtally_sink_committed_offset", "Last committed offset", ["partition"])
 
@@ -78,12 +83,16 @@ class SinkWorker:
         await kafka.ensure_topics(s.kafka, s.topics)
         client = await asyncio.to_thread(connect, s.clickhouse)
         if s.migrate_on_start:
-            await asyncio.to_thread(migrate, client)
+            await asyncio.to_thread(migrate, client, s.migration_variables())
         self._writer = Writer(client, s.table)
         self._client = client
         self._dlq = kafka.producer(s.kafka)
         await self._dlq.start()
-        self._consumer = kafka.consumer(s.kafka, self._topic, group_id=s.group_id)
+        self._consumer = kafka.consumer(
+            s.kafka, self._topic, group_id=s.group_id,
+            session_timeout_ms=int(s.session_timeout_s * 1000),
+            heartbeat_interval_ms=int(min(3.0, s.session_timeout_s / 3) * 1000),
+        )
         await self._consumer.start()
         self._task = asyncio.create_task(self._run())
 
@@ -137,8 +146,14 @@ class SinkWorker:
                 with INSERT_SECONDS.time():
                     await asyncio.to_thread(self._writer.insert, rows, token)
                 break
-            except Exception as exc:  # any failure: the batch stays uncommitted and is retried
-                INSERT_ERRORS.inc()
+            except Exception as exc:
+                failure = classify(exc)
+                INSERT_ERRORS.labels(failure.reason).inc()
+                if failure.rejected:  # this batch can never land: park it, move on
+                    await self._to_dlq(msg, failure)
+                    self._failing_since = None
+                    return True
+                # unavailable: the batch stays uncommitted and is retried
                 if self._failing_since is None:
                     self._failing_since = time.monotonic()
                 log.warning("insert of %s failed (retrying in %.1fs): %s", token, delay, exc)
@@ -152,12 +167,18 @@ class SinkWorker:
         ROWS.inc(rows.num_rows)
         return True
 
-    async def _to_dlq(self, msg: ConsumerRecord, exc: WireError) -> None:
-        log.error("message %s/%d/%d is not an %s batch (%s): sent to the DLQ",
-                  msg.topic, msg.partition, msg.offset, ENRICHED, exc)
+    async def _to_dlq(self, msg: ConsumerRecord, exc: WireError | InsertFailure) -> None:
+        if isinstance(exc, InsertFailure):
+            log.error("ClickHouse rejected message %s/%d/%d (%s): sent to the DLQ: %s",
+                      msg.topic, msg.partition, msg.offset, exc.reason, exc.detail)
+            error = f"clickhouse-rejected {exc.reason}: {exc.detail}"
+        else:
+            log.error("message %s/%d/%d is not an %s batch (%s): sent to the DLQ",
+                      msg.topic, msg.partition, msg.offset, ENRICHED, exc)
+            error = str(exc)
         MESSAGES.labels(f"dlq_{exc.reason}").inc()
         assert self._dlq is not None
-        headers = [*(msg.headers or ()), ("flowtally-error", str(exc).encode()),
+        headers = [*(msg.headers or ()), ("flowtally-error", error.encode()),
                    ("flowtally-stage", b"sink")]
         await self._dlq.send_and_wait(
             self._settings.kafka.topic("dlq"), msg.value, key=msg.key, headers=headers

@@ -22,3 +22,20 @@ class SinkSettings(StageSettings):
     retry_initial_s: float = Field(0.5, gt=0)
     retry_max_s: float = Field(30.0, gt=0)
     unhealthy_after_s: float = Field(60.0, gt=0, description="Failing inserts this long = unhealthy")
+    session_timeout_s: float = Field(
+        10.0, ge=6, le=300,
+        description="Kafka consumer-group session timeout: how long a dead sink holds its partitions",
+    )
+    # Retention, rendered into the migrations that set TTLs ({flows_ttl_days}, …). They take
+    # effect when that migration is applied; later changes need an ALTER TABLE … MODIFY TTL.
+    flows_ttl_days: int = Field(15, ge=1, le=36_500, description="TTL of raw flows (days)")
+    rollup_1m_ttl_days: int = Field(30, ge=1, le=36_500, description="TTL of the per-minute rollup")
+    rollup_1h_ttl_days: int = Field(730, ge=1, le=36_500, description="TTL of the per-hour rollup")
+
+    def migration_variables(self) -> dict[str, int]:
+        """The ``{name}`` placeholders the migrations may use, with this deployment's values."""
+        return {
+            "flows_ttl_days": self.flows_ttl_days,
+            "rollup_1m_ttl_days": self.rollup_1m_ttl_days,
+            "rollup_1h_ttl_days": self.rollup_1h_ttl_days,
+        }

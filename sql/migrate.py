@@ -4,6 +4,20 @@ Each file is one migration; statements are separated by a ``;`` at the end of a 
 migrations are recorded in ``schema_migrations`` with a checksum, so a second run applies nothing
 and an edited, already-applied file is refused instead of silently diverging. Statements must be
 safe to re-run (``IF NOT EXISTS``), because a crash between a statement and its record re-applies it.
+
+Variables: a migration may contain ``{name}`` placeholders (lower-case names, e.g.
+``{flows_ttl_days}``) rendered from the sink's settings (:data:`DEFAULT_VARIABLES` lists them and
+their defaults). The checksum is taken over the file, not the rendered text, so changing a TTL
+setting later does not make an applied migration look edited — and does not change the table
+either: use ``ALTER TABLE … MODIFY TTL`` (or a new migration) for that. ClickHouse's own
+``{name:Type}`` query parameters are never used in migrations, so the two cannot clash.
+
+Cluster note: the files target a single ClickHouse server (and chDB). On a cluster every
+``MergeTree`` family engine becomes its ``Replicated…`` variant (``ReplicatedMergeTree``,
+``ReplicatedSummingMergeTree``, with ``ON CLUSTER`` on each DDL), deduplication then uses
+``replicated_deduplication_window`` instead of ``non_replicated_deduplication_window``, and reads
+go through ``Distributed`` tables over the local ones (the sink inserting into the local table of
+one shard per partition keeps the tokens effective). That rendering is not implemented yet.
 """
 
 from __future__ import annotations
@@ -12,6 +26,7 @@ import argparse
 import hashlib
 import logging
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,6 +37,14 @@ log = logging.getLogger(__name__)
 MIGRATIONS_DIR = Path(__file__).with_name("migrations")
 
 _NAME = re.compile(r"^(\d{4})_([a-z0-9_]+)\.sql$")
+_VARIABLE = re.compile(r"\{([a-z_][a-z0-9_]*)\}")
+
+#: Placeholders migrations may use, and their values when no settings are given.
+DEFAULT_VARIABLES: dict[str, int | str] = {
+    "flows_ttl_days": 15,
+    "rollup_1m_ttl_days": 30,
+    "rollup_1h_ttl_days": 730,
+}
 
 _LEDGER = """
 CREATE TABLE IF NOT EXISTS schema_migrations
@@ -47,10 +70,19 @@ class Migration:
     def checksum(self) -> str:
         return hashlib.sha256(self.sql.encode()).hexdigest()
 
-    def statements(self) -> list[str]:
-        """The statements of the file, comments kept, empty ones dropped."""
+    def statements(self, variables: Mapping[str, int | str] | None = None) -> list[str]:
+        """The statements of the file with ``{name}`` placeholders rendered, comments kept,
+        empty ones dropped."""
+        values = DEFAULT_VARIABLES | dict(variables or {})
+
+        def render(match: re.Match[str]) -> str:
+            if match[1] not in values:
+                raise MigrationError(f"migration {self.version:04d}_{self.name} uses unknown "
+                                     f"variable {{{match[1]}}}; known: {', '.join(sorted(values))}")
+            return str(values[match[1]])
+
         parts = re.split(r";[ \t]*(?:\n|$)", self.sql)
-        return [p.strip() for p in parts if _has_code(p)]
+        return [_VARIABLE.sub(render, p.strip()) for p in parts if _has_code(p)]
 
 
 class MigrationError(RuntimeError):
@@ -100,11 +132,12 @@ def pending(client: Client) -> list[Migration]:
     return todo
 
 
-def migrate(client: Client) -> list[Migration]:
-    """Apply every pending migration in order; returns what was applied."""
+def migrate(client: Client, variables: Mapping[str, int | str] | None = None) -> list[Migration]:
+    """Apply every pending migration in order (placeholders rendered from ``variables`` over
+    :data:`DEFAULT_VARIABLES`); returns what was applied."""
     todo = pending(client)
     for migration in todo:
-        for statement in migration.statements():
+        for statement in migration.statements(variables):
             client.command(statement)
         client.insert(
             "schema_migrations",
@@ -130,7 +163,7 @@ def run(args: argparse.Namespace) -> int:
                 state = "applied" if m.version in done else "pending"
                 print(f"{m.version:04d}_{m.name}\t{state}")
             return 0
-        applied_now = migrate(client)
+        applied_now = migrate(client, settings.migration_variables())
         print(f"{len(applied_now)} migration(s) applied" + "".join(
             f"\n  {m.version:04d}_{m.name}" for m in applied_now))
         return 0

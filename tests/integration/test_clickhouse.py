@@ -12,8 +12,12 @@ from enricher.identity import IdentityIndex
 from enricher.inventory import Owner
 from sensors.schema import address16, build_raw_table
 from sink.rows import FLOW_COLUMNS, flow_rows
-from sink.writer import Writer
+from sink.writer import Writer, classify
 from sql import migrate, queries
+from tests.oracle import DATA
+
+SCHEMA_DUMPS = sorted((DATA / "schema").glob("*.sql"))
+ROLLUPS = ("flows_1m", "flows_1h")
 
 OWNERS = [
     Owner(ip="10.244.1.7", namespace="shop", name="cart-1", workload="cart", workload_kind="Deployment"),
@@ -21,14 +25,18 @@ OWNERS = [
 ]
 
 
-def _rows(src: list[str], dst: list[str], nbytes: list[int], end_ms: int) -> pa.Table:
+def _now_ms(client: Client) -> int:
+    return int(client.query("SELECT toUnixTimestamp64Milli(now64(3))").result_rows[0][0])
+
+
+def _rows(src: list[str], dst: list[str], nbytes: list[int], end_ms: int, **extra: np.ndarray) -> pa.Table:
     n = len(src)
     def addr(texts: list[str]) -> np.ndarray:
         return np.frombuffer(b"".join(address16(t) for t in texts), dtype=np.uint8).reshape(-1, 16)
     raw = build_raw_table({
         "src_addr": addr(src), "dst_addr": addr(dst), "bytes": np.array(nbytes),
         "packets": np.ones(n), "start": np.full(n, end_ms - 1000), "end": np.full(n, end_ms),
-        "time_received": np.full(n, end_ms + 10), "version": np.full(n, 9),
+        "time_received": np.full(n, end_ms + 10), "version": np.full(n, 9), **extra,
     })
     return flow_rows(enrich_batch(raw, IdentityIndex(OWNERS)))
 
@@ -52,8 +60,9 @@ def test_migration_statements_split_on_line_end_semicolons() -> None:
 def test_writer_dedup_token_makes_a_replay_a_no_op(clickhouse: Client) -> None:
     migrate.migrate(clickhouse)
     writer = Writer(clickhouse, "flows")
+    # Recent flows: the flows TTL (15 days) must not expire test data during the test.
     batch = _rows(["10.244.1.7", "10.244.2.9", "81.2.69.160"], ["10.244.2.9", "10.244.1.7", "10.244.1.7"],
-                  [100, 250, 7], 1_700_000_000_000)
+                  [100, 250, 7], _now_ms(clickhouse) - 60_000)
     assert writer.insert(batch, "flowtally.flows.raw/0/17") == 3
     writer.insert(batch, "flowtally.flows.raw/0/17")  # replay of the same raw message
     writer.insert(batch, "flowtally.flows.raw/1/17")  # a different message with equal content
@@ -68,7 +77,7 @@ def test_writer_dedup_token_makes_a_replay_a_no_op(clickhouse: Client) -> None:
 def test_top_talkers_query(clickhouse: Client) -> None:
     migrate.migrate(clickhouse)
     writer = Writer(clickhouse, "flows")
-    now_ms = int(clickhouse.query("SELECT toUnixTimestamp64Milli(now64(3))").result_rows[0][0])
+    now_ms = _now_ms(clickhouse)
     writer.insert(_rows(["10.244.1.7"] * 3 + ["10.244.2.9"], ["10.244.2.9"] * 3 + ["81.2.69.160"],
                         [10, 20, 30, 5], now_ms - 60_000), "t1")
     writer.insert(_rows(["10.244.1.7"], ["10.244.2.9"], [1000], now_ms - 3 * 3600_000), "t2")  # 3 h ago
@@ -82,3 +91,164 @@ def test_top_talkers_query(clickhouse: Client) -> None:
     with pytest.raises(queries.QueryError, match="no query named"):
         queries.load("nope")
     assert "top_talkers" in queries.names()
+
+
+def _totals(client: Client, table: str) -> tuple[int, ...]:
+    """(flows, bytes, packets, scaled bytes, scaled packets) of ``flows`` or a rollup (sum() over keys)."""
+    if table == "flows":
+        sql = "SELECT count(), sum(bytes), sum(packets), sum(bytes * sampling_rate), sum(packets * sampling_rate) FROM flows"
+    else:
+        sql = f"SELECT sum(flows), sum(bytes), sum(packets), sum(scaled_bytes), sum(scaled_packets) FROM {table}"
+    return tuple(int(v) for v in client.query(sql).result_rows[0])
+
+
+def _grouped(client: Client, table: str) -> dict[tuple[object, ...], tuple[int, ...]]:
+    """Totals per rollup key (the raw table grouped the way the views group it)."""
+    bucket = "toStartOfMinute" if table != "flows_1h" else "toStartOfHour"
+    keys = ("src_namespace, src_workload, src_service, src_kind, dst_namespace, dst_workload, dst_service, "
+            "dst_kind, proto")
+    if table == "flows":
+        sql = (f"SELECT toStartOfMinute(flow_end) AS t, {keys}, if(dst_port < 32768, dst_port, 0) AS p, "
+               "count(), sum(bytes), sum(packets), sum(bytes * sampling_rate) FROM flows GROUP BY ALL")
+    else:
+        sql = (f"SELECT {bucket}(time) AS t, {keys}, dst_port AS p, sum(flows), sum(bytes), sum(packets), "
+               f"sum(scaled_bytes) FROM {table} GROUP BY ALL")
+    return {tuple(r[:-4]): tuple(int(v) for v in r[-4:]) for r in client.query(sql).result_rows}
+
+
+def _load_dump(client: Client, name: str) -> None:
+    text = (DATA / "schema" / name).read_text()
+    for statement in migrate.Migration(0, "dump", text).statements():
+        client.command(statement)
+
+
+def _known_traffic(client: Client, batches: int = 6, seed: int = 7) -> tuple[int, int, int]:
+    """Insert ``batches`` batches of varied flows over the last two hours; their totals."""
+    rng = np.random.default_rng(seed)
+    writer = Writer(client, "flows")
+    now = _now_ms(client)
+    pods = ["10.244.1.7", "10.244.2.9", "81.2.69.160", "10.99.0.1"]
+    total = [0, 0, 0]
+    for b in range(batches):
+        n = 500
+        src = [pods[i] for i in rng.integers(0, 4, n)]
+        dst = [pods[i] for i in rng.integers(0, 4, n)]
+        nbytes = rng.integers(40, 1_000_000, n)
+        packets = rng.integers(1, 1000, n)
+        ends = now - rng.integers(0, 7_200_000, n)
+        batch = _rows(src, dst, list(nbytes), 0, packets=packets, end=ends, start=ends - 1000,
+                      dst_port=rng.choice([53, 80, 443, 5432, 40000, 61000], n),
+                      sampling_rate=rng.choice([1, 1, 10], n), proto=rng.choice([6, 17], n))
+        writer.insert(batch, f"known/{seed}/{b}")
+        total[0] += n
+        total[1] += int(nbytes.sum())
+        total[2] += int(packets.sum())
+    return total[0], total[1], total[2]
+
+
+def test_migrations_from_empty_database(clickhouse: Client) -> None:
+    applied = migrate.migrate(clickhouse)
+    assert [m.version for m in applied] == [m.version for m in migrate.available()]
+    assert migrate.migrate(clickhouse) == []
+    tables = {r[0]: r[1] for r in clickhouse.query(
+        "SELECT name, engine_full FROM system.tables WHERE database = currentDatabase()").result_rows}
+    assert {"flows", "flows_1m", "flows_1h", "flows_1m_mv", "flows_1h_mv", "schema_migrations"} <= set(tables)
+    # TTLs present with the defaults
+    assert "TTL toDateTime(flow_end) + toIntervalDay(15)" in tables["flows"]
+    assert "TTL time + toIntervalDay(30)" in tables["flows_1m"]
+    assert "TTL time + toIntervalDay(730)" in tables["flows_1h"]
+    for name in ("flows", *ROLLUPS):
+        assert "non_replicated_deduplication_window = 10000" in tables[name]
+
+
+def test_ttls_come_from_settings(clickhouse: Client) -> None:
+    from sink.settings import SinkSettings
+
+    settings = SinkSettings(flows_ttl_days=3, rollup_1m_ttl_days=7, rollup_1h_ttl_days=400)
+    migrate.migrate(clickhouse, settings.migration_variables())
+    engines = dict(clickhouse.query("SELECT name, engine_full FROM system.tables WHERE database = currentDatabase()").result_rows)
+    assert "toIntervalDay(3)" in engines["flows"]
+    assert "toIntervalDay(7)" in engines["flows_1m"]
+    assert "toIntervalDay(400)" in engines["flows_1h"]
+    with pytest.raises(migrate.MigrationError, match="unknown variable"):
+        migrate.Migration(9, "x", "SELECT {nope}").statements()
+
+
+@pytest.mark.parametrize("dump", [p.name for p in SCHEMA_DUMPS])
+def test_migrations_from_each_previous_version(clickhouse: Client, dump: str) -> None:
+    """A database at an older version (its schema dump, with data) migrates to the newest; the
+    rollups are backfilled from the flows already there, exactly."""
+    _load_dump(clickhouse, dump)
+    version = int(dump.split(".")[0])
+    assert set(migrate.applied(clickhouse)) == set(range(1, version + 1))
+    expected = _known_traffic(clickhouse, batches=3)
+    applied = migrate.migrate(clickhouse)
+    assert [m.version for m in applied] == [m.version for m in migrate.available() if m.version > version]
+    assert migrate.migrate(clickhouse) == []
+    for table in ROLLUPS:
+        assert _totals(clickhouse, table)[:3] == expected
+    # and the views take over from there
+    more = _known_traffic(clickhouse, batches=2, seed=8)
+    for table in ("flows", *ROLLUPS):
+        assert _totals(clickhouse, table)[:3] == tuple(a + b for a, b in zip(expected, more, strict=True))
+
+
+def test_rollups_equal_raw_totals_with_and_without_merges(clickhouse: Client) -> None:
+    migrate.migrate(clickhouse)
+    expected = _known_traffic(clickhouse)
+    raw = _totals(clickhouse, "flows")
+    assert raw[:3] == expected
+    assert raw[3] > raw[1]  # some flows are sampled
+    by_minute = _grouped(clickhouse, "flows")
+    by_hour: dict[tuple[object, ...], list[int]] = {}
+    for key, values in by_minute.items():
+        hour = (key[0].replace(minute=0), *key[1:])  # type: ignore[attr-defined]
+        acc = by_hour.setdefault(hour, [0, 0, 0, 0])
+        for i, v in enumerate(values):
+            acc[i] += v
+    for final in (False, True):
+        if final:
+            for table in ROLLUPS:
+                clickhouse.command(f"OPTIMIZE TABLE {table} FINAL")
+        for table in ROLLUPS:
+            assert _totals(clickhouse, table) == raw, (table, final)
+        assert _grouped(clickhouse, "flows_1m") == by_minute
+        assert _grouped(clickhouse, "flows_1h") == {k: tuple(v) for k, v in by_hour.items()}
+    # ephemeral destination ports are bucketed as 0, well-known ones kept
+    ports = {r[0] for r in clickhouse.query("SELECT DISTINCT dst_port FROM flows_1m").result_rows}
+    assert ports == {0, 53, 80, 443, 5432}
+
+
+def test_replays_never_double_the_rollups(clickhouse: Client) -> None:
+    """The same token again is a no-op everywhere; if the sink died after the flows part was
+    written but before the rollup parts (simulated by dropping the rollup rows), the replay fills
+    in the rollups and still adds nothing to flows."""
+    migrate.migrate(clickhouse)
+    writer = Writer(clickhouse, "flows")
+    batch = _rows(["10.244.1.7", "10.244.2.9"], ["10.244.2.9", "81.2.69.160"], [100, 250], _now_ms(clickhouse) - 60_000)
+    writer.insert(batch, "raw/0/1")
+    writer.insert(batch, "raw/0/1")
+    for table in ("flows", *ROLLUPS):
+        assert _totals(clickhouse, table)[:3] == (2, 350, 2), table
+    clickhouse.command("TRUNCATE TABLE flows_1m")  # the rollup insert "never happened"
+    writer.insert(batch, "raw/0/1")
+    for table in ("flows", *ROLLUPS):
+        assert _totals(clickhouse, table)[:3] == (2, 350, 2), table
+
+
+def test_rejections_and_outages_are_told_apart(clickhouse: Client) -> None:
+    """A constraint violation is a rejection of the batch (DLQ); a missing table is an outage (retry)."""
+    migrate.migrate(clickhouse)
+    writer = Writer(clickhouse, "flows")
+    now = _now_ms(clickhouse)
+    clickhouse.command("ALTER TABLE flows ADD CONSTRAINT sane_bytes CHECK bytes < 1000000000000")
+    with pytest.raises(Exception) as rejected:
+        writer.insert(_rows(["10.244.1.7"], ["10.244.2.9"], [10**13], now), "bad")
+    failure = classify(rejected.value)
+    assert (failure.rejected, failure.code, failure.reason) == (True, 469, "VIOLATED_CONSTRAINT")
+    clickhouse.command("RENAME TABLE flows TO flows_away")
+    with pytest.raises(Exception) as missing:
+        writer.insert(_rows(["10.244.1.7"], ["10.244.2.9"], [10], now), "ok")
+    failure = classify(missing.value)
+    assert (failure.rejected, failure.code) == (False, 60)
+    assert classify(ConnectionRefusedError("refused")).rejected is False
