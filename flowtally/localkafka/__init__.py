@@ -73,7 +73,7 @@ MIN_JAVA_MAJOR = 17
 #: Where ``flowtally kafka up|down`` keep the broker's state unless ``--dir`` says otherwise.
 DEFAULT_STATE_DIR = Path("var/kafka")
 #: Environment variable naming the jar cache root (instead of ``~/.cache/flowtally``).
-CACHE_ENV = "FLOWTALLY_KAFKA_CACHE"
+CACHE_ENV = "FLOWTALLY_LOCALKAFKA_CACHE"  # not FLOWTALLY_KAFKA_*: that prefix is the kafka settings group
 
 #: Logged by kafka.server.KafkaRaftServer once the broker serves requests.
 STARTED_LINE = "Kafka Server started"
@@ -107,7 +107,7 @@ class LocalKafkaError(RuntimeError):
 
 
 def cache_root(cache_dir: Path | None = None) -> Path:
-    """Root of the jar cache: ``cache_dir``, else ``$FLOWTALLY_KAFKA_CACHE``, else
+    """Root of the jar cache: ``cache_dir``, else ``$FLOWTALLY_LOCALKAFKA_CACHE``, else
     ``$XDG_CACHE_HOME/flowtally`` (``~/.cache/flowtally``). Jars go to ``<root>/kafka-<version>/libs``.
     """
     if cache_dir is not None:

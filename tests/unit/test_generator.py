@@ -26,8 +26,8 @@ import pytest
 
 from enricher.inventory import OwnerKind, load_inventory
 from sensors.netflow import generator as gen
+from tests.oracle import shared_testdata
 
-SHARED = Path(__file__).resolve().parents[3] / "shared" / "testdata"
 NF_PORT = 2055
 V4_MAPPED_PREFIX = np.array([0] * 10 + [0xFF, 0xFF], dtype=np.uint8)
 EPOCH_MS = 1_760_000_000_000  # an arbitrary fixed "now" for deterministic tests
@@ -300,7 +300,7 @@ def test_cluster_shape(cluster: gen.SyntheticCluster) -> None:
 def test_externals_resolve_in_maxmind_test_databases(cluster: gen.SyntheticCluster) -> None:
     import maxminddb
 
-    mmdb = SHARED / "mmdb"
+    mmdb = shared_testdata("mmdb")
     with maxminddb.open_database(str(mmdb / "GeoIP2-City-Test.mmdb")) as city, maxminddb.open_database(
         str(mmdb / "GeoLite2-ASN-Test.mmdb")
     ) as asn:
