@@ -69,6 +69,8 @@ def topic_specs(kafka: KafkaSettings, topics: TopicSettings) -> list[NewTopic]:
         # Compacted: only the latest identity record per key matters after a replay.
         NewTopic(kafka.topic("identity"), topics.identity_partitions, rf,
                  topic_configs={"cleanup.policy": "compact"}),
+        # Small (one row per exporter and minute): one partition keeps each sensor's minutes in order.
+        NewTopic(kafka.topic("completeness"), 1, rf, topic_configs=flow),
     ]
 
 

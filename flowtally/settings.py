@@ -100,6 +100,7 @@ TOPIC_SUFFIXES = {
     "enriched": "flows.enriched",
     "identity": "k8s.identity",
     "dlq": "flows.dlq",
+    "completeness": "sensor.completeness",  # per-minute completeness records of the sensors
 }
 
 

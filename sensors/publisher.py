@@ -1,15 +1,29 @@
-"""Publishing raw batches to Kafka, shared by every sensor.
+"""Publishing encoded batches to Kafka, shared by every sensor.
 
 A bounded queue sits between the receiving side and the producer: when Kafka is slow or down
 the queue fills, and further batches are dropped *and counted* rather than growing memory
-without bound (a UDP sensor cannot push back on its exporters). On stop the queue is drained
-before the producer closes.
+without bound (a UDP sensor cannot push back on its exporters). Memory held here is at most
+``max_queued + max_in_flight`` messages of at most :data:`~flowtally.kafka.MAX_MESSAGE_BYTES`.
+
+Sends are pipelined: up to ``max_in_flight`` messages are handed to the producer before the
+oldest acknowledgement is awaited (the producer is idempotent, so retries neither duplicate nor
+reorder a partition). A send that fails is retried with backoff until it succeeds or the
+publisher stops; none is given up silently.
+
+Kafka being unreachable at start is not fatal: the sensor keeps receiving (and counting what it
+has to drop) while the publisher keeps trying to connect, and ``healthy`` reports the outage.
+
+On stop the queue is drained for at most ``drain_timeout_s``; whatever is still undelivered then
+is counted under ``flowtally_sensor_flows_dropped_total{reason="shutdown"}`` and the process exits.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+from collections import deque
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 import pyarrow as pa
@@ -22,61 +36,84 @@ from sensors.schema import SCHEMA_NAME
 
 log = logging.getLogger(__name__)
 
-PUBLISHED_BATCHES = Counter("flowtally_sensor_batches_published_total", "Raw batches acknowledged by Kafka")
+PUBLISHED_BATCHES = Counter("flowtally_sensor_batches_published_total", "Batches acknowledged by Kafka",
+                            ["topic"])
 PUBLISHED_FLOWS = Counter("flowtally_sensor_flows_published_total", "Flows acknowledged by Kafka")
+PUBLISHED_BYTES = Counter("flowtally_sensor_message_bytes_published_total",
+                          "Bytes of message values acknowledged by Kafka")
 DROPPED_FLOWS = Counter("flowtally_sensor_flows_dropped_total", "Flows dropped before Kafka", ["reason"])
-PUBLISH_ERRORS = Counter("flowtally_sensor_publish_errors_total", "Failed publish attempts")
-QUEUED = Gauge("flowtally_sensor_batches_queued", "Batches waiting for Kafka")
+DROPPED_BATCHES = Counter("flowtally_sensor_batches_dropped_total", "Messages dropped before Kafka",
+                          ["reason"])
+PUBLISH_ERRORS = Counter("flowtally_sensor_publish_errors_total", "Failed publish or connect attempts")
+QUEUED = Gauge("flowtally_sensor_batches_queued", "Messages waiting for Kafka (queued and in flight)")
 
 
 @dataclass(frozen=True, slots=True)
 class Message:
-    """One Kafka message: an encoded batch."""
+    """One Kafka message: an encoded batch (``topic`` None = the publisher's default topic)."""
 
     key: bytes
     value: bytes
     headers: list[tuple[str, bytes]]
     flows: int
+    topic: str | None = None
 
 
-def encode_messages(table: pa.Table, key: bytes, max_bytes: int = MAX_MESSAGE_BYTES) -> list[Message]:
+def encode_messages(table: pa.Table, key: bytes, max_bytes: int = MAX_MESSAGE_BYTES,
+                    schema_name: str = SCHEMA_NAME, topic: str | None = None) -> list[Message]:
     """Encode ``table`` as one message, or split it in halves until each fits ``max_bytes``."""
-    value, headers = encode_batch(table, SCHEMA_NAME)
+    value, headers = encode_batch(table, schema_name)
     if len(value) <= max_bytes or table.num_rows <= 1:
-        return [Message(key, value, headers, table.num_rows)]
+        return [Message(key, value, headers, table.num_rows, topic)]
     half = table.num_rows // 2
-    return encode_messages(table.slice(0, half), key, max_bytes) + encode_messages(
-        table.slice(half), key, max_bytes
+    return encode_messages(table.slice(0, half), key, max_bytes, schema_name, topic) + encode_messages(
+        table.slice(half), key, max_bytes, schema_name, topic
     )
 
 
 class Publisher:
-    """A component that sends queued messages to ``topic`` with an idempotent producer."""
+    """A component that sends queued messages with an idempotent producer.
+
+    ``producer_factory`` makes a fresh (unstarted) producer for every connection attempt;
+    ``prepare`` (e.g. creating the topics) runs before each attempt.
+    """
 
     name = "kafka-publisher"
 
-    def __init__(self, producer: AIOKafkaProducer, topic: str, max_queued: int,
-                 retry_max_s: float = 10.0) -> None:
-        self._producer = producer
+    def __init__(self, producer_factory: Callable[[], AIOKafkaProducer], topic: str, max_queued: int, *,
+                 max_in_flight: int = 8, drain_timeout_s: float = 10.0, retry_max_s: float = 10.0,
+                 prepare: Callable[[], Awaitable[None]] | None = None) -> None:
+        self._factory = producer_factory
+        self._producer: AIOKafkaProducer | None = None
         self._topic = topic
         self._queue: asyncio.Queue[Message | None] = asyncio.Queue(maxsize=max_queued)
-        self._task: asyncio.Task[None] | None = None
+        self._in_flight: deque[tuple[Message, asyncio.Future[object]]] = deque()
+        self._max_in_flight = max(1, max_in_flight)
+        self._drain_timeout_s = drain_timeout_s
         self._retry_max_s = retry_max_s
-        self.healthy = True
+        self._prepare = prepare
+        self._task: asyncio.Task[None] | None = None
+        self._current: Message | None = None  # taken from the queue, not yet handed to the producer
+        self.healthy = False
+        self.connected = False
 
     def offer(self, message: Message) -> bool:
         """Queue a message; False (and counted) when the queue is full."""
         try:
             self._queue.put_nowait(message)
         except asyncio.QueueFull:
-            DROPPED_FLOWS.labels("backpressure").inc(message.flows)
-            log.warning("Kafka is not keeping up: dropped a batch of %d flows", message.flows)
+            self._drop(message, "backpressure")
+            log.warning("Kafka is not keeping up: dropped a message of %d flows", message.flows)
             return False
-        QUEUED.set(self._queue.qsize())
+        QUEUED.set(self._queue.qsize() + len(self._in_flight))
         return True
 
+    @property
+    def pending(self) -> int:
+        """Messages queued or in flight."""
+        return self._queue.qsize() + len(self._in_flight) + (self._current is not None)
+
     async def start(self) -> None:
-        await self._producer.start()
         self._task = asyncio.create_task(self._run())
 
     async def wait(self) -> None:
@@ -84,34 +121,123 @@ class Publisher:
         await self._task
 
     async def stop(self) -> None:
-        """Send everything queued, then close the producer."""
-        if self._task is not None and not self._task.done():
-            await self._queue.put(None)
-            await self._task
-        await self._producer.stop()
+        """Send what is queued within ``drain_timeout_s``, count the rest as dropped, close."""
+        task = self._task
+        if task is not None and not task.done():
+            try:
+                self._queue.put_nowait(None)
+                await asyncio.wait_for(asyncio.shield(task), self._drain_timeout_s)
+            except (asyncio.QueueFull, TimeoutError):
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
+        lost = 0
+        for message, future in self._in_flight:
+            if not (future.done() and not future.cancelled() and future.exception() is None):
+                self._drop(message, "shutdown")
+                lost += message.flows
+        self._in_flight.clear()
+        if self._current is not None:
+            self._drop(self._current, "shutdown")
+            lost += self._current.flows
+            self._current = None
+        while not self._queue.empty():
+            queued = self._queue.get_nowait()
+            if queued is not None:
+                self._drop(queued, "shutdown")
+                lost += queued.flows
+        if lost:
+            log.error("stopping with Kafka unreachable: %d flows not delivered (counted as dropped)", lost)
+        QUEUED.set(0)
+        if self._producer is not None:
+            producer, self._producer = self._producer, None
+            try:
+                await asyncio.wait_for(producer.stop(), max(1.0, self._drain_timeout_s / 2))
+            except Exception as exc:  # closing a producer that never reached Kafka
+                log.warning("Kafka producer did not close cleanly: %s", exc)
+
+    @staticmethod
+    def _drop(message: Message, reason: str) -> None:
+        DROPPED_FLOWS.labels(reason).inc(message.flows)
+        DROPPED_BATCHES.labels(reason).inc()
+
+    async def _connect(self) -> AIOKafkaProducer:
+        delay = 0.5
+        while True:
+            producer = self._factory()
+            try:
+                if self._prepare is not None:
+                    await self._prepare()
+                await producer.start()
+            except Exception as exc:
+                PUBLISH_ERRORS.inc()
+                log.warning("cannot connect to Kafka (retrying in %.1fs): %s", delay, exc)
+                with contextlib.suppress(Exception):
+                    await producer.stop()
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, self._retry_max_s)
+                continue
+            self.healthy = self.connected = True
+            return producer
 
     async def _run(self) -> None:
+        self._producer = await self._connect()
         while True:
             message = await self._queue.get()
-            QUEUED.set(self._queue.qsize())
             if message is None:
+                while self._in_flight:
+                    await self._settle_oldest()
                 return
-            await self._send(message)
+            self._current = message
+            await self._hand_over(message)
+            self._current = None
+            while len(self._in_flight) >= self._max_in_flight or (
+                    self._in_flight and self._in_flight[0][1].done()):
+                await self._settle_oldest()
+            QUEUED.set(self._queue.qsize() + len(self._in_flight))
 
-    async def _send(self, message: Message) -> None:
+    async def _hand_over(self, message: Message) -> None:
+        """Give ``message`` to the producer (which may wait for buffer space or metadata)."""
+        delay = 0.5
+        assert self._producer is not None
+        while True:
+            try:
+                future = await self._producer.send(message.topic or self._topic, message.value,
+                                                   key=message.key, headers=message.headers)
+            except Exception as exc:
+                await self._failed(message, exc, delay)
+                delay = min(delay * 2, self._retry_max_s)
+                continue
+            self._in_flight.append((message, future))
+            return
+
+    async def _settle_oldest(self) -> None:
+        """Await the oldest in-flight send; on failure send it again until it is acknowledged."""
+        message, future = self._in_flight[0]
         delay = 0.5
         while True:
             try:
-                await self._producer.send_and_wait(
-                    self._topic, message.value, key=message.key, headers=message.headers
-                )
+                await future
                 break
-            except Exception as exc:  # broker down, timeouts: keep the batch and retry
-                PUBLISH_ERRORS.inc()
-                self.healthy = False
-                log.warning("publishing %d flows failed (retrying in %.1fs): %s", message.flows, delay, exc)
-                await asyncio.sleep(delay)
+            except Exception as exc:
+                await self._failed(message, exc, delay)
                 delay = min(delay * 2, self._retry_max_s)
+                assert self._producer is not None
+                try:
+                    future = await self._producer.send(message.topic or self._topic, message.value,
+                                                       key=message.key, headers=message.headers)
+                except Exception as exc2:
+                    future = asyncio.get_running_loop().create_future()
+                    future.set_exception(exc2)
+                self._in_flight[0] = (message, future)
+        self._in_flight.popleft()
         self.healthy = True
-        PUBLISHED_BATCHES.inc()
-        PUBLISHED_FLOWS.inc(message.flows)
+        PUBLISHED_BATCHES.labels(message.topic or self._topic).inc()
+        if message.topic is None:
+            PUBLISHED_FLOWS.inc(message.flows)
+        PUBLISHED_BYTES.inc(len(message.value))
+
+    async def _failed(self, message: Message, exc: BaseException, delay: float) -> None:
+        PUBLISH_ERRORS.inc()
+        self.healthy = False
+        log.warning("publishing %d flows failed (retrying in %.1fs): %s", message.flows, delay, exc)
+        await asyncio.sleep(delay)

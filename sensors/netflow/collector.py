@@ -1,40 +1,67 @@
 """`flowtally sensor netflow`: receive NetFlow over UDP, decode in batches, publish raw batches.
 
-The receive path does as little as possible per datagram (stamp it, file it under its exporter);
-decoding happens per exporter when its pending datagrams reach ``batch_max_flows`` (estimated
-from the header counts) or ``batch_max_age_ms``, so the decoder works on whole batches.
+The receive path does as little as possible per datagram: :class:`~sensors.netflow.receiver.UdpReceiver`
+drains the socket in batches and this module files each payload under its exporter (one dict
+lookup per datagram; the allowlist is checked once per source address). Decoding happens per
+exporter when its pending datagrams reach ``batch_max_flows`` (estimated from the header counts)
+or ``batch_max_age_ms``, so the decoder works on whole batches.
+
+``workers > 1`` runs that many processes, each with its own socket bound to the same port with
+``SO_REUSEPORT``: the kernel hashes each datagram's 4-tuple to one socket, so an exporter (one
+source address and port) always reaches the same worker and its template state stays in one
+process. An exporter that changes its source port mid-stream may land on another worker, which
+then waits for the next template refresh (counted as ``missing_template`` meanwhile). Worker *i*
+serves its metrics on the metrics port + *i*.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import ipaddress
 import logging
-import socket
+import os
+import signal
+import subprocess
+import sys
 import time
+from typing import Annotated
 
-from prometheus_client import Counter
-from pydantic import Field
+import pyarrow as pa
+from prometheus_client import Counter, Gauge
+from pydantic import Field, field_validator
+from pydantic_settings import NoDecode
 
 from flowtally import kafka
 from flowtally.kafka import TopicSettings
 from flowtally.lifecycle import run_components
 from flowtally.metrics import MetricsServer
 from flowtally.settings import KafkaSettings, StageSettings, load_settings, parse_hostport
-from sensors.netflow.decoder import Datagram, DecodeStats, decode_datagrams
+from sensors.completeness import SCHEMA_NAME as COMPLETENESS_SCHEMA
+from sensors.completeness import CompletenessAccumulator, domain_of, group_counts
+from sensors.netflow.decoder import Datagram, DecodeStats, ExporterStats, decode_datagrams
+from sensors.netflow.receiver import UdpReceiver, open_udp_socket
 from sensors.netflow.templates import TemplateStore
 from sensors.publisher import Publisher, encode_messages
 from sensors.schema import address16, address_text, with_observer
 
 log = logging.getLogger(__name__)
 
-_SO_RCVBUFFORCE = getattr(socket, "SO_RCVBUFFORCE", 33)  # Linux; missing from Python's socket module
-
 PACKETS = Counter("flowtally_sensor_netflow_packets_total", "Datagrams received", ["exporter"])
+PAYLOAD_BYTES = Counter("flowtally_sensor_netflow_bytes_total", "UDP payload bytes received", ["exporter"])
 FLOWS = Counter("flowtally_sensor_netflow_flows_total", "Flow records decoded", ["exporter"])
 TEMPLATES = Counter("flowtally_sensor_netflow_templates_total", "Templates received", ["exporter"])
 ERRORS = Counter("flowtally_sensor_netflow_decode_errors_total", "Datagrams or flowsets not decoded",
                  ["exporter", "reason"])
+SEQUENCE_LOST = Counter("flowtally_sensor_netflow_sequence_lost_total",
+                        "Export packets/records the exporter's sequence numbers say were lost", ["exporter"])
+DENIED = Counter("flowtally_sensor_netflow_denied_packets_total",
+                 "Datagrams from sources outside the exporter allowlist (dropped)")
+KERNEL_DROPS = Gauge("flowtally_sensor_netflow_kernel_drops",
+                     "Datagrams the kernel dropped at this process's socket (SO_RXQ_OVFL, cumulative)")
+
+_ADDRESS_CACHE_MAX = 65_536  # distinct source addresses remembered (allowlist verdicts)
+_SEQUENCE_FIELDS = ("sequence_lost", "lost_packets", "lost_records", "sequence_gaps")
 
 
 class NetflowSettings(StageSettings):
@@ -42,133 +69,342 @@ class NetflowSettings(StageSettings):
 
     kafka: KafkaSettings = KafkaSettings()
     topics: TopicSettings = TopicSettings()
-    listen: str = Field("0.0.0.0:2055", description="UDP host:port to receive NetFlow on")
+    listen: str = Field("0.0.0.0:2055", description="UDP host:port to receive NetFlow on; [::]:port is "
+                        "dual-stack (IPv6 and IPv4)")
     metrics_listen: str = "0.0.0.0:9461"
     observer: str = Field("", description="Name of this observation point (e.g. the node name)")
     batch_max_flows: int = Field(8192, ge=1, le=1_000_000)
     batch_max_age_ms: int = Field(1000, ge=10, le=60_000)
-    max_queued_batches: int = Field(256, ge=1, description="Batches held while Kafka is slow")
-    receive_buffer_bytes: int = Field(32 * 1024 * 1024, ge=65536)
+    max_queued_batches: int = Field(256, ge=1, le=100_000, description="Batches held while Kafka is slow "
+                                    "(each at most ~1 MB): beyond, batches are dropped and counted")
+    max_in_flight: int = Field(8, ge=1, le=1024, description="Kafka sends awaiting acknowledgement")
+    drain_timeout_s: float = Field(10.0, ge=0.1, le=300, description="On stop, how long to wait for Kafka "
+                                   "to take queued batches; what is left is counted as dropped")
+    receive_buffer_bytes: int = Field(32 * 1024 * 1024, ge=65536, le=2**31 - 1)
+    workers: int = Field(1, ge=1, le=256, description="Processes receiving on the same port with "
+                         "SO_REUSEPORT (one exporter always reaches the same worker)")
+    reuse_port: bool = Field(False, description="Bind with SO_REUSEPORT (implied by workers > 1)")
+    allow_exporters: Annotated[list[str], NoDecode] = Field(
+        default_factory=list, description="Exporter CIDRs to accept (comma-separated in the environment); "
+        "empty = any")
+    completeness: bool = Field(True, description="Publish per-minute completeness records")
+
+    @field_validator("allow_exporters", mode="before")
+    @classmethod
+    def _split(cls, value: object) -> object:
+        if isinstance(value, str):
+            return [v.strip() for v in value.split(",") if v.strip()]
+        return value
+
+    @field_validator("allow_exporters")
+    @classmethod
+    def _check_cidrs(cls, value: list[str]) -> list[str]:
+        for cidr in value:
+            ipaddress.ip_network(cidr, strict=False)  # ValueError names the bad one
+        return value
 
     def listen_address(self) -> tuple[str, int]:
         return parse_hostport(self.listen, what="listen address")
 
 
+class Allowlist:
+    """Exporter CIDRs; IPv4-mapped IPv6 sources are matched as IPv4."""
+
+    def __init__(self, cidrs: list[str]) -> None:
+        self._networks = [ipaddress.ip_network(c, strict=False) for c in cidrs]
+
+    def __bool__(self) -> bool:
+        return bool(self._networks)
+
+    def allows(self, host: str) -> bool:
+        if not self._networks:
+            return True
+        ip = ipaddress.ip_address(host.split("%")[0])
+        if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+            ip = ip.ipv4_mapped
+        return any(ip.version == net.version and ip in net for net in self._networks)
+
+
 def _estimate_records(payload: bytes) -> int:
     """Header record count (v5 flows; v9 records incl. templates; IPFIX: by length)."""
     if len(payload) >= 4:
-        version = int.from_bytes(payload[0:2], "big")
+        version = (payload[0] << 8) | payload[1]
         if version in (5, 9):
-            return int.from_bytes(payload[2:4], "big")
+            return max(1, (payload[2] << 8) | payload[3])
         if version == 10:
-            return max(1, int.from_bytes(payload[2:4], "big") // 50)
+            return max(1, ((payload[2] << 8) | payload[3]) // 50)
     return 1
 
 
-class NetflowReceiver(asyncio.DatagramProtocol):
-    """The UDP socket and the per-exporter pending datagrams (a lifecycle component)."""
+class _Pending:
+    """One exporter's datagrams waiting to be decoded (parallel lists, no object per datagram)."""
+
+    __slots__ = ("payloads", "received", "records", "since")
+
+    def __init__(self, since: float) -> None:
+        self.payloads: list[bytes] = []
+        self.received: list[int] = []
+        self.records = 0
+        self.since = since
+
+
+class NetflowReceiver:
+    """The UDP socket, the per-exporter pending datagrams and the decoder (a lifecycle component)."""
 
     name = "netflow-receiver"
 
-    def __init__(self, settings: NetflowSettings, publisher: Publisher) -> None:
+    def __init__(self, settings: NetflowSettings, publisher: Publisher, *,
+                 completeness_topic: str | None = None) -> None:
         self._settings = settings
         self._publisher = publisher
         self._templates = TemplateStore()
-        self._pending: dict[bytes, list[Datagram]] = {}
-        self._pending_records: dict[bytes, int] = {}
-        self._oldest: dict[bytes, float] = {}
-        self._addresses: dict[str, bytes] = {}
-        self._transport: asyncio.DatagramTransport | None = None
+        self._pending: dict[bytes, _Pending] = {}
+        self._exporters: dict[str, bytes | None] = {}  # source host -> 16-byte address, None = denied
+        self._labels: dict[bytes, str] = {}
+        self._allow = Allowlist(settings.allow_exporters)
+        self._udp: UdpReceiver | None = None
         self._ticker: asyncio.Task[None] | None = None
+        self._completeness = CompletenessAccumulator(settings.observer)
+        self._completeness_topic = completeness_topic if settings.completeness else None
+        self._kernel_drops_seen = 0
+        self._reuse_port = settings.reuse_port or settings.workers > 1
         self.bound: tuple[str, int] | None = None
+        self.denied = 0
 
-    # asyncio.DatagramProtocol
-    def datagram_received(self, data: bytes, addr: tuple[str | int, ...]) -> None:
-        host = str(addr[0])
-        exporter = self._addresses.get(host)
-        if exporter is None:
-            exporter = self._addresses[host] = address16(host)
-        pending = self._pending.get(exporter)
-        if pending is None:
-            pending = self._pending[exporter] = []
-            self._pending_records[exporter] = 0
-            self._oldest[exporter] = time.monotonic()
-        pending.append(Datagram(exporter, time.time_ns() // 1_000_000, data))
-        self._pending_records[exporter] += _estimate_records(data)
-        if self._pending_records[exporter] >= self._settings.batch_max_flows:
-            self._flush(exporter)
-
-    def error_received(self, exc: Exception) -> None:
-        log.warning("UDP receive error: %s", exc)
+    @property
+    def kernel_drops(self) -> int:
+        return self._udp.kernel_drops if self._udp is not None else 0
 
     async def start(self) -> None:
         host, port = self._settings.listen_address()
-        family = socket.AF_INET6 if ":" in host else socket.AF_INET
-        sock = socket.socket(family, socket.SOCK_DGRAM)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        size = self._settings.receive_buffer_bytes
-        try:  # with CAP_NET_ADMIN, beyond net.core.rmem_max; otherwise what the kernel allows
-            sock.setsockopt(socket.SOL_SOCKET, _SO_RCVBUFFORCE, size)
-        except OSError:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, size)
-        granted = sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF) // 2  # the kernel doubles it
-        if granted < size:
-            log.warning("UDP receive buffer is %d bytes, not the %d asked for: raise net.core.rmem_max "
-                        "or bursts will be dropped by the kernel", granted, size)
-        try:
-            sock.bind((host, port))
-        except OSError as exc:
-            sock.close()
-            raise OSError(f"cannot listen on UDP {self._settings.listen}: {exc}") from exc
-        loop = asyncio.get_running_loop()
-        transport, _ = await loop.create_datagram_endpoint(lambda: self, sock=sock)
-        self._transport = transport
-        self.bound = sock.getsockname()[:2]
+        sock = open_udp_socket(host, port, receive_buffer=self._settings.receive_buffer_bytes,
+                               reuse_port=self._reuse_port)
+        self._udp = UdpReceiver(sock, self._on_datagrams)
+        self.bound = self._udp.address
+        self._udp.start()
         self._ticker = asyncio.create_task(self._tick())
-        log.info("receiving NetFlow on udp://%s:%d", *self.bound)
+        log.info("receiving NetFlow on udp://[%s]:%d", *self.bound)
 
     async def stop(self) -> None:
-        """Stop receiving and hand every pending datagram to the publisher."""
+        """Stop receiving (taking what the socket holds) and hand every pending datagram over."""
         if self._ticker is not None:
             self._ticker.cancel()
-        if self._transport is not None:
-            self._transport.close()
-            self._transport = None
+            await asyncio.gather(self._ticker, return_exceptions=True)
+            self._ticker = None
+        if self._udp is not None:
+            self._udp.stop(drain=True)
+            self._note_kernel_drops()
+            self._udp = None
         for exporter in list(self._pending):
             self._flush(exporter)
+        self._publish_completeness(None)
+
+    # The hot path: one call per socket wakeup.
+    def _on_datagrams(self, payloads: list[bytes], hosts: list[str], received_ms: int) -> None:
+        exporters = self._exporters
+        pending_of = self._pending
+        max_flows = self._settings.batch_max_flows
+        for payload, host in zip(payloads, hosts, strict=True):
+            exporter = exporters.get(host, b"")
+            if exporter is None:
+                self.denied += 1
+                DENIED.inc()
+                continue
+            if not exporter:
+                exporter = self._learn(host)
+                if exporter is None:
+                    self.denied += 1
+                    DENIED.inc()
+                    continue
+            pending = pending_of.get(exporter)
+            if pending is None:
+                pending = pending_of[exporter] = _Pending(time.monotonic())
+            pending.payloads.append(payload)
+            pending.received.append(received_ms)
+            if len(payload) >= 4 and payload[1] == 9:
+                pending.records += ((payload[2] << 8) | payload[3]) or 1
+            else:
+                pending.records += _estimate_records(payload)
+            if pending.records >= max_flows:
+                self._flush(exporter)
+
+    def _learn(self, host: str) -> bytes | None:
+        if len(self._exporters) >= _ADDRESS_CACHE_MAX:
+            self._exporters.clear()
+        verdict = address16(host) if self._allow.allows(host) else None
+        self._exporters[host] = verdict
+        if verdict is None:
+            log.warning("datagrams from %s are not from an allowed exporter: dropped and counted", host)
+        return verdict
 
     async def _tick(self) -> None:
         max_age = self._settings.batch_max_age_ms / 1000
+        grace_ms = self._settings.batch_max_age_ms + 2000
         while True:
             await asyncio.sleep(max_age / 4)
             now = time.monotonic()
-            for exporter in [e for e, t in self._oldest.items() if now - t >= max_age]:
+            for exporter in [e for e, p in self._pending.items() if now - p.since >= max_age]:
                 self._flush(exporter)
+            self._note_kernel_drops()
+            # A minute is closed once every datagram received in it has been decoded.
+            now_ms = time.time_ns() // 1_000_000
+            self._publish_completeness(now_ms - grace_ms - (now_ms - grace_ms) % 60_000)
+
+    def _note_kernel_drops(self) -> None:
+        if self._udp is None:
+            return
+        drops = self._udp.kernel_drops
+        if drops > self._kernel_drops_seen:
+            KERNEL_DROPS.set(drops)
+            self._completeness.add_kernel_drops(time.time_ns() // 1_000_000, drops - self._kernel_drops_seen)
+            self._kernel_drops_seen = drops
 
     def _flush(self, exporter: bytes) -> None:
-        datagrams = self._pending.pop(exporter, [])
-        self._pending_records.pop(exporter, None)
-        self._oldest.pop(exporter, None)
-        if not datagrams:
+        pending = self._pending.pop(exporter, None)
+        if pending is None or not pending.payloads:
             return
+        payloads, received = pending.payloads, pending.received
+        datagrams = [Datagram(exporter, ms, p) for p, ms in zip(payloads, received, strict=True)]
         stats = DecodeStats()
         table = decode_datagrams(datagrams, self._templates, stats)
         if self._settings.observer:
             table = with_observer(table, self._settings.observer)
-        _export(stats)
+        label = self._labels.get(exporter)
+        if label is None:
+            label = self._labels[exporter] = address_text(exporter)
+        counts = stats.by_exporter().get(label) or ExporterStats()
+        _export(label, counts, sum(map(len, payloads)))
+        if self._completeness_topic:
+            self._account(exporter, payloads, received, counts)
+            self._account_rows(exporter, table, "records")
         if table.num_rows:
-            for message in encode_messages(table, address_text(exporter).encode()):
+            offset = 0
+            for message in encode_messages(table, label.encode()):
+                if not self._publisher.offer(message) and self._completeness_topic:
+                    self._account_rows(exporter, table.slice(offset, message.flows), "dropped_backpressure")
+                offset += message.flows
+
+    def _account(self, exporter: bytes, payloads: list[bytes], received: list[int],
+                 counts: ExporterStats) -> None:
+        """Add a decoded batch to the completeness counts."""
+        acc = self._completeness
+        first: tuple[int, int] | None = None
+        last_key: tuple[int, int] | None = None
+        row = None
+        for payload, ms in zip(payloads, received, strict=True):
+            domain = domain_of(payload)
+            key = (ms - ms % 60_000, domain)
+            if key != last_key:
+                last_key = key
+                first = first or key
+                row = acc.counts(ms, exporter, domain)
+            assert row is not None
+            row.packets += 1
+            row.bytes += len(payload)
+        errors = sum(counts.errors.values())
+        lost = _sequence_lost(counts)
+        if first is not None and (errors or lost):
+            row = acc.counts(first[0], exporter, first[1])
+            row.decode_errors += errors
+            row.sequence_lost += lost
+
+    def _account_rows(self, exporter: bytes, table: pa.Table, counter: str) -> None:
+        """Count decoded flows (``records``, or ``dropped_backpressure`` for those Kafka did not
+        take) in the minute and domain they were received in."""
+        if not table.num_rows:
+            return
+        minutes = table.column("time_received").cast(pa.int64()).to_numpy()
+        domains = table.column("observation_domain").to_numpy()
+        for minute, domain, n in group_counts(minutes, domains):
+            row = self._completeness.counts(minute, exporter, domain)
+            setattr(row, counter, getattr(row, counter) + n)
+
+    def _publish_completeness(self, before_ms: int | None) -> None:
+        if self._completeness_topic is None or not len(self._completeness):
+            return
+        table = self._completeness.take(before_ms)
+        if table.num_rows:
+            key = (self._settings.observer or os.uname().nodename).encode()
+            for message in encode_messages(table, key, schema_name=COMPLETENESS_SCHEMA,
+                                           topic=self._completeness_topic):
                 self._publisher.offer(message)
 
 
-def _export(stats: DecodeStats) -> None:
+def _sequence_lost(counts: ExporterStats) -> int:
+    """Sequence losses, once the decoder reports them (a field of ExporterStats; 0 before)."""
+    for name in _SEQUENCE_FIELDS:
+        value = getattr(counts, name, None)
+        if isinstance(value, int):
+            return value
+    return 0
+
+
+def _export(label: str, counts: ExporterStats, payload_bytes: int) -> None:
     """Move one decode call's counters into the Prometheus metrics."""
-    for exporter, counts in stats.by_exporter().items():
-        PACKETS.labels(exporter).inc(counts.packets)
-        FLOWS.labels(exporter).inc(counts.records)
-        TEMPLATES.labels(exporter).inc(counts.templates)
-        for reason, n in counts.errors.items():
-            ERRORS.labels(exporter, reason).inc(n)
+    PACKETS.labels(label).inc(counts.packets)
+    PAYLOAD_BYTES.labels(label).inc(payload_bytes)
+    FLOWS.labels(label).inc(counts.records)
+    TEMPLATES.labels(label).inc(counts.templates)
+    for reason, n in counts.errors.items():
+        ERRORS.labels(label, reason).inc(n)
+    lost = _sequence_lost(counts)
+    if lost:
+        SEQUENCE_LOST.labels(label).inc(lost)
+
+
+class WorkerProcesses:
+    """Workers 1..N-1 as child processes on the same port (SO_REUSEPORT); a lifecycle component."""
+
+    name = "netflow-workers"
+
+    def __init__(self, settings: NetflowSettings, port: int, stop_timeout: float) -> None:
+        self._settings = settings
+        self._port = port
+        self._stop_timeout = stop_timeout
+        self._children: list[subprocess.Popen[bytes]] = []
+        self._watch: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        host, _ = self._settings.listen_address()
+        mhost, mport = parse_hostport(self._settings.metrics_listen, what="metrics listen address")
+        for i in range(1, self._settings.workers):
+            env = os.environ | {
+                "FLOWTALLY_WORKERS": "1",
+                "FLOWTALLY_REUSE_PORT": "true",
+                "FLOWTALLY_LISTEN": f"[{host}]:{self._port}" if ":" in host else f"{host}:{self._port}",
+                "FLOWTALLY_METRICS_LISTEN": f"[{mhost}]:{mport and mport + i}" if ":" in mhost
+                else f"{mhost}:{mport and mport + i}",
+            }
+            self._children.append(subprocess.Popen(
+                [sys.executable, "-m", "flowtally.cli", "sensor", "netflow"], env=env))
+        self._watch = asyncio.create_task(self._watch_children())
+
+    async def _watch_children(self) -> None:
+        while True:
+            await asyncio.sleep(0.5)
+            for child in self._children:
+                if child.poll() is not None:
+                    raise RuntimeError(f"worker process {child.pid} exited with {child.returncode}")
+
+    async def wait(self) -> None:
+        assert self._watch is not None
+        await self._watch
+
+    async def stop(self) -> None:
+        if self._watch is not None:
+            self._watch.cancel()
+            await asyncio.gather(self._watch, return_exceptions=True)
+        for child in self._children:
+            if child.poll() is None:
+                child.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + self._stop_timeout
+        for child in self._children:
+            while child.poll() is None and time.monotonic() < deadline:
+                await asyncio.sleep(0.05)
+            if child.poll() is None:
+                child.kill()
+                child.wait()
+        self._children.clear()
 
 
 def run(args: argparse.Namespace) -> int:
@@ -180,13 +416,32 @@ def run(args: argparse.Namespace) -> int:
 
 
 async def _main(settings: NetflowSettings) -> int:
-    await kafka.ensure_topics(settings.kafka, settings.topics)
-    publisher = Publisher(kafka.producer(settings.kafka), settings.kafka.topic("raw"),
-                          settings.max_queued_batches)
-    receiver = NetflowReceiver(settings, publisher)
+    async def prepare() -> None:
+        await kafka.ensure_topics(settings.kafka, settings.topics, timeout=5.0)
+
+    publisher = Publisher(lambda: kafka.producer(settings.kafka), settings.kafka.topic("raw"),
+                          settings.max_queued_batches, max_in_flight=settings.max_in_flight,
+                          drain_timeout_s=settings.drain_timeout_s, prepare=prepare)
+    receiver = NetflowReceiver(settings, publisher, completeness_topic=settings.kafka.topic("completeness"))
 
     def health() -> tuple[bool, str]:
         return (True, "ok") if publisher.healthy else (False, "cannot publish to Kafka")
 
     metrics = MetricsServer(settings.metrics_listen, health)
-    return await run_components([metrics, publisher, receiver])
+    components: list[object] = [metrics, publisher, receiver]
+    if settings.workers > 1:
+        components.append(_LateWorkers(settings, receiver))
+    return await run_components(components)  # type: ignore[arg-type]
+
+
+class _LateWorkers(WorkerProcesses):
+    """Starts the other workers once worker 0 has bound (so port 0 resolves to one port)."""
+
+    def __init__(self, settings: NetflowSettings, receiver: NetflowReceiver) -> None:
+        super().__init__(settings, 0, stop_timeout=settings.drain_timeout_s + 5)
+        self._receiver = receiver
+
+    async def start(self) -> None:
+        assert self._receiver.bound is not None
+        self._port = self._receiver.bound[1]
+        await super().start()
