@@ -8,6 +8,8 @@ the common case and Grafana panels can use the same files.
 from __future__ import annotations
 
 import argparse
+import csv
+import io
 import re
 import sys
 from dataclasses import dataclass
@@ -88,8 +90,17 @@ def format_table(columns: list[str], rows: list[tuple[Any, ...]]) -> str:
     return "\n".join(out)
 
 
+def format_csv(columns: list[str], rows: list[tuple[Any, ...]]) -> str:
+    """RFC 4180 CSV with a header row."""
+    out = io.StringIO()
+    writer = csv.writer(out, lineterminator="\n")
+    writer.writerow(columns)
+    writer.writerows(rows)
+    return out.getvalue()
+
+
 def run(args: argparse.Namespace) -> int:
-    """`flowtally query [NAME] [--param k=v]`."""
+    """`flowtally query [NAME] [--param k=v] [--format table|csv|json]`."""
     from flowtally.clickhouse import connect
     from flowtally.settings import load_settings
     from sink.settings import SinkSettings
@@ -117,6 +128,8 @@ def run(args: argparse.Namespace) -> int:
     if args.format == "json":
         for row in rows:
             sys.stdout.buffer.write(orjson.dumps(dict(zip(columns, row, strict=True)), default=str) + b"\n")
+    elif args.format == "csv":
+        sys.stdout.write(format_csv(columns, rows))
     else:
         print(format_table(columns, rows))
     return 0

@@ -1,0 +1,23 @@
+-- Traffic leaving the cluster (destination kind `external`) by source workload over the last
+-- `minutes` minutes (0 = all time), from the rollups. Bytes and packets are sampling-scaled.
+-- Per ASN and country comes with the geo/ASN columns of the enrichment (issue 6).
+-- params: minutes UInt32 = 60 (0 = all time), limit UInt32 = 20
+SELECT
+    src_namespace AS namespace,
+    if(src_workload != '', src_workload, src_kind) AS workload,
+    sum(scaled_bytes)   AS bytes,
+    sum(scaled_packets) AS packets,
+    sum(flows)          AS flows
+FROM
+(
+    SELECT * FROM flows_1m
+    WHERE {minutes:UInt32} BETWEEN 1 AND 1440 AND time >= toStartOfMinute(now() - toIntervalMinute({minutes:UInt32}))
+    UNION ALL
+    SELECT * FROM flows_1h
+    WHERE ({minutes:UInt32} = 0 OR {minutes:UInt32} > 1440)
+      AND ({minutes:UInt32} = 0 OR time >= toStartOfHour(now() - toIntervalMinute({minutes:UInt32})))
+)
+WHERE dst_kind = 'external'
+GROUP BY namespace, workload
+ORDER BY bytes DESC, namespace, workload
+LIMIT {limit:UInt32}

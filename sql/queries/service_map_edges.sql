@@ -1,0 +1,26 @@
+-- The service map's edges for Grafana's Node Graph panel over the last `minutes` minutes (0 = all
+-- time): one edge per (source, target) node pair (ids as in service_map_nodes), with the bytes
+-- sent (mainstat) and the average rate in bytes/s over the window (secondarystat; over the data's
+-- own span when minutes = 0). Bytes are sampling-scaled. From the rollups.
+-- params: minutes UInt32 = 60 (0 = all time)
+SELECT
+    concat(source, ' -> ', target) AS id,
+    if(src_workload != '', concat(src_namespace, '/', src_workload),
+       if(src_service != '', concat(src_namespace, '/', src_service), src_kind)) AS source,
+    if(dst_workload != '', concat(dst_namespace, '/', dst_workload),
+       if(dst_service != '', concat(dst_namespace, '/', dst_service), dst_kind)) AS target,
+    sum(scaled_bytes) AS mainstat,
+    round(mainstat / if({minutes:UInt32} = 0,
+                        greatest(dateDiff('second', min(min(time)) OVER (), max(max(time)) OVER ()) + 60, 60),
+                        {minutes:UInt32} * 60), 3) AS secondarystat
+FROM
+(
+    SELECT * FROM flows_1m
+    WHERE {minutes:UInt32} BETWEEN 1 AND 1440 AND time >= toStartOfMinute(now() - toIntervalMinute({minutes:UInt32}))
+    UNION ALL
+    SELECT * FROM flows_1h
+    WHERE ({minutes:UInt32} = 0 OR {minutes:UInt32} > 1440)
+      AND ({minutes:UInt32} = 0 OR time >= toStartOfHour(now() - toIntervalMinute({minutes:UInt32})))
+)
+GROUP BY source, target
+ORDER BY mainstat DESC, id
