@@ -40,7 +40,7 @@ import dpkt
 import pyarrow as pa
 import pytest
 
-from sensors.netflow.decoder import Datagram, DecodeStats, decode_datagrams
+from sensors.netflow.decoder import Datagram, DecodeStats, decode_datagrams, flush_pending
 from sensors.netflow.pcap import iter_udp
 from sensors.netflow.templates import TemplateStore
 from sensors.schema import address_bytes, address_text
@@ -62,7 +62,7 @@ def _find_shared_testdata() -> Path:
 SHARED_TESTDATA = _find_shared_testdata()
 DATA = Path(__file__).resolve().parent / "data"
 
-_FLOWSET = re.compile(r"^FlowSet \d+ \[id=(\d+)\]")
+_FLOWSET = re.compile(r"^(?:Flow)?Set \d+ \[id=(\d+)\]")
 _RECORD = re.compile(r"^(Flow \d+|pdu \d+/\d+)$")
 _OPTIONS_TEMPLATE = re.compile(r"^Options Template \(Id = (\d+)\)")
 _ABSTIME = re.compile(r"^(\w{3}) +(\d+), (\d{4}) (\d\d):(\d\d):(\d\d)\.(\d+) UTC$")
@@ -150,7 +150,7 @@ def payloads_to_pcap(
     return path
 
 
-def tshark_decode(paths: Path | Sequence[Path], versions: Iterable[int] = (5, 9)) -> OracleResult:
+def tshark_decode(paths: Path | Sequence[Path], versions: Iterable[int] = (5, 9, 10)) -> OracleResult:
     """Decode captures with tshark; several files are decoded as one sequence (one template state).
 
     Only records of the given NetFlow versions are returned.
@@ -192,6 +192,7 @@ def _first(value: Any) -> Any:
 def _parse(frames: list[dict[str, Any]], versions: set[int]) -> OracleResult:
     out = OracleResult()
     options_ids: set[tuple[str, str, int]] = set()
+    sys_init: dict[tuple[str, str], int] = {}  # IPFIX systemInitTimeMilliseconds from options data
     for frame in frames:
         layers = frame["_source"]["layers"]
         cflow = _first(layers.get("cflow"))
@@ -203,8 +204,8 @@ def _parse(frames: list[dict[str, Any]], versions: set[int]) -> OracleResult:
             continue
         ip = _first(layers.get("ip") or layers.get("ipv6") or {})
         exporter = ip.get("ip.src") or ip.get("ipv6.src") or "?"
-        domain = str(_first(cflow.get("cflow.source_id", "0")))
-        header = _Header(cflow)
+        domain = str(_first(cflow.get("cflow.source_id", cflow.get("cflow.od_id", "0"))))
+        header = _Header(cflow, sys_init.get((exporter, domain)))
         for key, value in cflow.items():
             if _RECORD.match(key):  # v5 records sit directly under the header
                 _add_record(out, value, header)
@@ -214,7 +215,7 @@ def _parse(frames: list[dict[str, Any]], versions: set[int]) -> OracleResult:
                 continue
             flowset_id = int(m.group(1))
             for item in value if isinstance(value, list) else [value]:
-                if flowset_id == 1:
+                if flowset_id == 1 or (version == 10 and flowset_id == 3):
                     for sub in item:
                         o = _OPTIONS_TEMPLATE.match(sub)
                         if o:
@@ -226,6 +227,10 @@ def _parse(frames: list[dict[str, Any]], versions: set[int]) -> OracleResult:
                     records = [v for k, v in item.items() if _RECORD.match(k)]
                     if (exporter, domain, flowset_id) in options_ids:
                         out.options_records += len(records)
+                        for record in records:
+                            if "cflow.sys_init_time" in record:
+                                sys_init[(exporter, domain)] = _abstime_ms(_first(record["cflow.sys_init_time"]))
+                                header = _Header(cflow, sys_init[(exporter, domain)])
                         continue
                     for record in records:
                         _add_record(out, record, header)
@@ -233,16 +238,24 @@ def _parse(frames: list[dict[str, Any]], versions: set[int]) -> OracleResult:
 
 
 class _Header:
-    """The header times tshark shows, to turn record times into UTC milliseconds."""
+    """The header times tshark shows, to turn record times into UTC milliseconds.
 
-    def __init__(self, cflow: dict[str, Any]) -> None:
+    IPFIX has no uptime in its header: its relative times (flowStart/EndSysUpTime) count from
+    the systemInitTimeMilliseconds of an options record seen earlier (``sys_init``); without one
+    they cannot be placed and are not compared."""
+
+    def __init__(self, cflow: dict[str, Any], sys_init: int | None = None) -> None:
         tree = _first(cflow.get("cflow.timestamp_tree", {}))
-        secs = int(_first(tree.get("cflow.unix_secs", "0")))
+        self.ipfix = "cflow.exporttime" in tree
+        secs = int(_first(tree.get("cflow.unix_secs", tree.get("cflow.exporttime", "0"))))
         nsecs = int(_first(tree.get("cflow.unix_nsecs", "0")))
         self.export_ms = secs * 1000 + nsecs // 1_000_000
         self.uptime_ms = _seconds_to_ms(_first(cflow.get("cflow.sysuptime", "0")))
+        self.sys_init = sys_init
 
-    def absolute(self, relative: str) -> int:
+    def absolute(self, relative: str) -> int | None:
+        if self.ipfix:
+            return None if self.sys_init is None else self.sys_init + _seconds_to_ms(relative)
         return self.export_ms - (self.uptime_ms - _seconds_to_ms(relative))
 
 
@@ -269,7 +282,8 @@ def _record_times(record: dict[str, Any], header: _Header) -> tuple[int, int] | 
     if "cflow.abstimestart" in tree and "cflow.abstimeend" in tree:
         return _abstime_ms(_first(tree["cflow.abstimestart"])), _abstime_ms(_first(tree["cflow.abstimeend"]))
     if "cflow.timestart" in tree and "cflow.timeend" in tree:
-        return header.absolute(_first(tree["cflow.timestart"])), header.absolute(_first(tree["cflow.timeend"]))
+        start, end = header.absolute(_first(tree["cflow.timestart"])), header.absolute(_first(tree["cflow.timeend"]))
+        return None if start is None or end is None else (start, end)
     # tshark 4.0 shows a FIRST_SWITCHED of 0 as an absolute "Jan 1, 1970" next to a relative
     # end time; there is nothing to compare in that case.
     return None
@@ -311,6 +325,16 @@ def _add_record(out: OracleResult, record: dict[str, Any], header: _Header) -> N
         )
     )
     out.times.append(_record_times(record, header))
+    # RFC 5103 biflow: tshark lists the reverse counters as a second value of the same field;
+    # the decoder emits the reverse direction as its own record when it carried anything.
+    octets, packets = record.get("cflow.octets"), record.get("cflow.packets")
+    if isinstance(octets, list) or isinstance(packets, list):
+        rbytes = int(octets[1]) if isinstance(octets, list) and len(octets) > 1 else 0
+        rpackets = int(packets[1]) if isinstance(packets, list) and len(packets) > 1 else 0
+        if rbytes or rpackets:
+            fwd = out.records[-1]
+            out.records.append(FlowKey(fwd.dst, fwd.src, fwd.dport, fwd.sport, fwd.proto, rbytes, rpackets))
+            out.times.append(None)
 
 
 # --- our side of the comparison -------------------------------------------------------------
@@ -325,6 +349,7 @@ def decode_captures(paths: Path | Sequence[Path]) -> tuple[pa.Table, DecodeStats
     for path in files:
         datagrams = [Datagram(p.src_addr, p.timestamp_ms, p.payload) for p in iter_udp(str(path))]
         tables.append(decode_datagrams(datagrams, templates, stats))
+    flush_pending(templates, stats)
     return pa.concat_tables(tables), stats
 
 

@@ -7,9 +7,10 @@ the capture timestamp. One JSON object per flow record goes to stdout; a summary
 records and errors (by reason) goes to stderr at the end.
 
 Datagrams are decoded in chunks; within a chunk the decoder still applies templates in packet
-order, so a template followed by its data in the same chunk decodes. A data flowset placed before
-its own template in the same packet (akvorado's ``data+templates.pcap``) is counted as
-``missing_template``, exactly as tshark reports "no template found" for it.
+order. Data sets that come before their template (in the same packet, as in akvorado's
+``data+templates.pcap``, or in an earlier packet or file) are held and decoded once the
+template arrives; at the end of the input, whatever still waits is counted as
+``missing_template_expired`` (where tshark reports "no template found").
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ import numpy as np
 import orjson
 import pyarrow as pa
 
-from sensors.netflow.decoder import Datagram, DecodeStats, decode_datagrams
+from sensors.netflow.decoder import Datagram, DecodeStats, decode_datagrams, flush_pending
 from sensors.netflow.pcap import CaptureCounts, NotACaptureError, check_capture, iter_udp
 from sensors.netflow.templates import TemplateStore
 from sensors.schema import address_bytes, address_text
@@ -56,6 +57,8 @@ def run(args: argparse.Namespace) -> int:
             except NotACaptureError as exc:
                 print(f"flowtally decode: {exc}", file=sys.stderr)
                 status = 1
+        # The input is over: data still waiting for a template will never be decoded.
+        flush_pending(templates, stats)
         out.flush()
     except BrokenPipeError:
         # `flowtally decode x.pcap | head`: the reader is gone. Point stdout at /dev/null so the

@@ -11,12 +11,20 @@ exporter, and whatever could not be decoded is counted under a short, stable rea
 
 - ``truncated_header``: shorter than its version's header (or than 2 bytes);
 - ``unknown_version``: not NetFlow v5, v9 or IPFIX (e.g. other UDP traffic);
-- ``unsupported_version_10``: IPFIX, not decoded yet;
 - ``count_mismatch``: v5 with fewer bytes than the header's record count needs;
 - ``bad_flowset_length``: v9 flowset length below 4 or past the end of the packet;
-- ``bad_template``: v9 malformed template or options template record;
-- ``missing_template``: v9 data flowset whose template was never received, counted once per
-  flowset; its records are dropped, not decoded;
+- ``bad_template``: malformed v9/IPFIX template or options template record;
+- ``missing_template_expired``: a v9/IPFIX data set whose template did not arrive in time: sets
+  without a known template are held in the template store (bounded per exporter and domain, see
+  :class:`~sensors.netflow.templates.TemplateStore`) and decoded when it arrives; a set that ages
+  out (by receive time), overflows the bound or is given up by :func:`flush_pending` is counted
+  here, once per set, never guessed;
+- ``missing_template``: the same when the store holds nothing (``max_pending_sets=0``);
+- ``bad_message_length`` / ``bad_set_length``: IPFIX message or set length inconsistent with the
+  datagram; ``reserved_set_id``: IPFIX set IDs 0, 1, 4-255; ``bad_data_record``: an IPFIX set
+  with variable-length fields whose tail is neither a whole record nor zero padding;
+  ``missing_system_init_time``: an IPFIX data set with uptime-relative times (21/22) before any
+  systemInitTimeMilliseconds was announced (its records get the export time);
 - ``reserved_flowset_id``: v9 flowset IDs 2-255, which carry nothing defined;
 - ``bad_exporter_address``: the datagram's exporter is not a 4- or 16-byte address;
 - ``malformed_packet``: the parser met something it did not expect (a guard against bugs: the
@@ -33,6 +41,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import pyarrow as pa
 
+from sensors.netflow.ipfix import IpfixBatch
 from sensors.netflow.templates import TemplateStore
 from sensors.netflow.v5 import V5Batch
 from sensors.netflow.v9 import V9Batch
@@ -52,12 +61,42 @@ class Datagram:
 
 @dataclass(slots=True)
 class ExporterStats:
-    """What one exporter sent in the decoded datagrams."""
+    """What one exporter sent in the decoded datagrams.
+
+    The integer fields are stable names the collector exports as metrics (all are monotonic
+    counters when instances are merged call after call):
+
+    - ``packets``: datagrams received; ``records``: flow records decoded (including RFC 5103
+      reverse records, also counted in ``reverse_records``);
+    - ``options_records``: v9/IPFIX options data records (sampling, interface tables): not flows;
+    - ``templates``: template and options template records received (IPFIX withdrawals included);
+    - ``pending_sets``: data sets that arrived before their template and were held; each is later
+      either decoded (its records counted in ``records``) or dropped and counted as the error
+      ``missing_template_expired``;
+    - ``sequence_gaps``: forward jumps of the export sequence number; ``lost_packets`` (v9, which
+      numbers packets) and ``lost_records`` (v5 flows, IPFIX data records) what they skipped;
+    - ``reordered``: datagrams that arrived behind the sequence (within a small window); their
+      units were counted as lost when the gap was seen and are counted again in
+      ``late_packets`` / ``late_records``: net loss = lost - late;
+    - ``sequence_resets``: jumps too large to be loss or reordering (exporter restart);
+    - ``enterprise_fields``: enterprise-specific IPFIX field values skipped (records x fields);
+    - ``reverse_records``: RFC 5103 biflow reverse directions emitted as their own records.
+    """
 
     packets: int = 0
-    records: int = 0  # flow records decoded
-    options_records: int = 0  # v9 options data records (sampling, interface tables): not flows
-    templates: int = 0  # template and options template records received
+    records: int = 0
+    options_records: int = 0
+    templates: int = 0
+    pending_sets: int = 0
+    sequence_gaps: int = 0
+    lost_packets: int = 0
+    lost_records: int = 0
+    reordered: int = 0
+    late_packets: int = 0
+    late_records: int = 0
+    sequence_resets: int = 0
+    enterprise_fields: int = 0
+    reverse_records: int = 0
     errors: Counter[str] = field(default_factory=Counter)  # reason -> count
 
     def error(self, reason: str, n: int = 1) -> None:
@@ -66,11 +105,16 @@ class ExporterStats:
 
     def merge(self, other: ExporterStats) -> None:
         """Add another instance's counts to this one."""
-        self.packets += other.packets
-        self.records += other.records
-        self.options_records += other.options_records
-        self.templates += other.templates
+        for name in _COUNTER_FIELDS:
+            setattr(self, name, getattr(self, name) + getattr(other, name))
         self.errors.update(other.errors)
+
+    def counters(self) -> dict[str, int]:
+        """The integer counters by name (everything but ``errors``)."""
+        return {name: getattr(self, name) for name in _COUNTER_FIELDS}
+
+
+_COUNTER_FIELDS = tuple(name for name in ExporterStats.__dataclass_fields__ if name != "errors")
 
 
 @dataclass(slots=True)
@@ -144,15 +188,21 @@ class DecodeStats:
 
 
 def decode_datagrams(datagrams: Sequence[Datagram], templates: TemplateStore, stats: DecodeStats) -> pa.Table:
-    """Decode NetFlow v5 and v9 datagrams into one `raw.v1` table.
+    """Decode NetFlow v5, v9 and IPFIX datagrams into one `raw.v1` table.
 
     Templates found in the datagrams are stored in ``templates`` as the datagrams are walked in
     order, so data later in the same call (or in a later call) can use them. Nothing raises for
     bad input: a malformed datagram is counted in ``stats`` and skipped without affecting the
     others. Row order follows version and template layout, not packet order.
+
+    Data sets held for a missing template that are older than the store's
+    ``max_pending_age_ms`` relative to the newest receive time in this call are dropped at the
+    end of the call and counted.
     """
     v5 = V5Batch()
     v9 = V9Batch()
+    ipfix = IpfixBatch()
+    latest_ms: int | None = None
     exporter_index: dict[bytes, int] = {}
     per_exporter: dict[bytes, ExporterStats] = {}
     for datagram in datagrams:
@@ -168,6 +218,8 @@ def decode_datagrams(datagrams: Sequence[Datagram], templates: TemplateStore, st
             counts.error("bad_exporter_address")
             continue
         index = exporter_index.setdefault(exporter, len(exporter_index))
+        if latest_ms is None or datagram.received_ms > latest_ms:
+            latest_ms = datagram.received_ms
         payload = datagram.payload
         if len(payload) < 2:
             counts.error("truncated_header")
@@ -177,9 +229,9 @@ def decode_datagrams(datagrams: Sequence[Datagram], templates: TemplateStore, st
             if version == 9:
                 v9.add(payload, exporter, index, datagram.received_ms, templates, counts)
             elif version == 5:
-                v5.add(payload, index, datagram.received_ms, counts)
+                v5.add(payload, index, datagram.received_ms, counts, templates, exporter)
             elif version == 10:
-                counts.error("unsupported_version_10")
+                ipfix.add(payload, exporter, index, datagram.received_ms, templates, counts)
             else:
                 counts.error("unknown_version")
         except (struct.error, ValueError, IndexError, OverflowError):
@@ -187,10 +239,27 @@ def decode_datagrams(datagrams: Sequence[Datagram], templates: TemplateStore, st
             # datagram must not take the batch (and the other exporters' flows) down with it.
             counts.error("malformed_packet")
 
+    if latest_ms is not None and templates.has_pending():
+        _count_expired(templates.expire(latest_ms), stats)
     exporters = np.frombuffer(b"".join(exporter_index), dtype=np.uint8).reshape(-1, 16)
-    parts = [c for c in (v5.columns(exporters), *v9.columns(exporters)) if c is not None]
+    parts = [c for c in (v5.columns(exporters), *v9.columns(exporters), *ipfix.columns(exporters))
+             if c is not None]
     if not parts:
         return empty_raw_table()
     if len(parts) == 1:
         return build_raw_table(parts[0])
     return build_raw_table({name: np.concatenate([p[name] for p in parts]) for name in parts[0]})
+
+
+def flush_pending(templates: TemplateStore, stats: DecodeStats) -> int:
+    """Give up on every data set still waiting for its template (end of a capture, shutdown):
+    each is counted as ``missing_template_expired`` for its exporter. Returns how many."""
+    return _count_expired(templates.expire(None), stats)
+
+
+def _count_expired(expired: list[tuple[bytes, int]], stats: DecodeStats) -> int:
+    total = 0
+    for exporter, n in expired:
+        stats.exporter(address_text(exporter)).error("missing_template_expired", n)
+        total += n
+    return total

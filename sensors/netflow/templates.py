@@ -1,17 +1,32 @@
-"""Template state of NetFlow v9 (and, later, IPFIX) exporters.
+"""Per-exporter state of NetFlow v9 and IPFIX (and v5 sequence numbers).
 
 A v9 data flowset carries no field descriptions: it names a template that the same exporter sent
 earlier, possibly in another packet. The collector therefore keeps state across packets. That state
 lives in a :class:`TemplateStore` that the caller creates and hands to the decoder with every call
 (the way goflow2's decoders receive a template system), never in a module global: two collectors in
 one process, or a test and a replay tool, each keep their own.
+
+Besides templates the store keeps the other state the decoder needs across packets, all scoped
+the same way (exporter address and observation domain / source ID):
+
+* data sets that arrived before their template (:meth:`TemplateStore.hold` /
+  :meth:`~TemplateStore.release` / :meth:`~TemplateStore.expire`), bounded in count, bytes and age;
+* the sampling rates announced in options data, per domain and per sampler ID;
+* IPFIX systemInitTimeMilliseconds, the base of flowStart/EndSysUpTime;
+* the next expected sequence number of each stream.
+
+Time is whatever the caller says (datagram receive times): the store never reads a clock.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections import OrderedDict
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import NamedTuple
+
+#: IPFIX (RFC 7011 section 7): a field length of 65535 means variable length, sent per record.
+VARIABLE_LENGTH = 0xFFFF
 
 
 class Field(NamedTuple):
@@ -36,12 +51,18 @@ class Template:
     scope_fields: tuple[Field, ...] = ()
     is_options: bool = False
     #: Bytes per data record: the sum of all (scope and non-scope) field lengths. Computed once,
-    #: since the decoder needs it for every data flowset.
+    #: since the decoder needs it for every data flowset. With variable-length fields, the
+    #: shortest possible record (each variable-length field counted as its 1-byte length).
     record_length: int = field(init=False, compare=False, repr=False)
+    #: True when some field has variable length (IPFIX): records must be walked to be found.
+    varlen: bool = field(init=False, compare=False, repr=False)
 
     def __post_init__(self) -> None:
-        length = sum(f.length for f in self.scope_fields) + sum(f.length for f in self.fields)
+        all_fields = (*self.scope_fields, *self.fields)
+        varlen = any(f.length == VARIABLE_LENGTH for f in all_fields)
+        length = sum(1 if f.length == VARIABLE_LENGTH else f.length for f in all_fields)
         object.__setattr__(self, "record_length", length)
+        object.__setattr__(self, "varlen", varlen)
 
     def offsets(self) -> dict[int, tuple[int, int]]:
         """Map each field type to ``(offset, length)`` within a record; the first occurrence wins."""
@@ -56,6 +77,18 @@ class Template:
 
 #: (version, exporter address, observation domain / source ID, template ID)
 TemplateKey = tuple[int, bytes, int, int]
+#: (version, exporter address, observation domain / source ID)
+DomainKey = tuple[int, bytes, int]
+
+
+class PendingSet(NamedTuple):
+    """A data set held until its template arrives, with the header context it came with."""
+
+    template_id: int
+    data: bytes  # the set's body (records and padding), copied out of the datagram
+    export_ms: int
+    uptime: int  # v9 header sysUptime (0 for IPFIX)
+    received_ms: int
 
 
 class TemplateStore:
@@ -74,10 +107,33 @@ class TemplateStore:
     decoded with.
     """
 
-    __slots__ = ("_templates",)
+    __slots__ = (
+        "_pending", "_pending_bytes", "_templates", "max_pending_age_ms", "max_pending_bytes",
+        "max_pending_sets", "samplers", "sampling", "sequences", "sys_init",
+    )
 
-    def __init__(self) -> None:
+    def __init__(self, max_pending_sets: int = 256, max_pending_bytes: int = 1 << 20,
+                 max_pending_age_ms: int = 30_000) -> None:
+        """``max_pending_*`` bound the data sets held for a missing template, per (version,
+        exporter, domain): beyond ``max_pending_sets`` sets or ``max_pending_bytes`` bytes the
+        oldest is dropped; a set older than ``max_pending_age_ms`` (by receive time) is dropped
+        by :meth:`expire`. 0 sets disables holding."""
         self._templates: dict[TemplateKey, Template] = {}
+        self.max_pending_sets = max_pending_sets
+        self.max_pending_bytes = max_pending_bytes
+        self.max_pending_age_ms = max_pending_age_ms
+        self._pending: dict[DomainKey, OrderedDict[int, PendingSet]] = {}
+        self._pending_bytes: dict[DomainKey, int] = {}
+        #: Sampling rate announced for a whole domain (options data without a sampler ID).
+        self.sampling: dict[DomainKey, int] = {}
+        #: Sampling rate per sampler ID (v9 48 / IPFIX 48 or 302). Each inner dict is replaced,
+        #: never mutated, so the decoder can keep a reference as a snapshot.
+        self.samplers: dict[DomainKey, dict[int, int]] = {}
+        #: IPFIX systemInitTimeMilliseconds per (exporter, domain).
+        self.sys_init: dict[tuple[bytes, int], int] = {}
+        #: Next expected sequence number per stream; None after a message whose record count is
+        #: unknown (data held for a missing template), so the next one only resynchronises.
+        self.sequences: dict[DomainKey, int | None] = {}
 
     def get(self, version: int, exporter: bytes, domain: int, template_id: int) -> Template | None:
         """The template in force for this exporter, domain and ID, or None if none was received."""
@@ -100,13 +156,118 @@ class TemplateStore:
         """Forget one template (IPFIX template withdrawal); True if it was known."""
         return self._templates.pop((version, exporter, domain, template_id), None) is not None
 
+    def remove_domain(self, version: int, exporter: bytes, domain: int, options: bool | None = None) -> int:
+        """Forget every template of one domain (IPFIX withdraw-all); ``options`` limits it to
+        options templates (True) or data templates (False). Returns how many were removed."""
+        keys = [k for k, t in self._templates.items()
+                if k[:3] == (version, exporter, domain) and (options is None or t.is_options == options)]
+        for key in keys:
+            del self._templates[key]
+        return len(keys)
+
     def clear(self, exporter: bytes | None = None) -> None:
-        """Forget all templates, or only those of one exporter address."""
+        """Forget all templates and other state, or only those of one exporter address."""
         if exporter is None:
             self._templates.clear()
+            self._pending.clear()
+            self._pending_bytes.clear()
+            self.sampling.clear()
+            self.samplers.clear()
+            self.sys_init.clear()
+            self.sequences.clear()
+            return
+        for key in [k for k in self._templates if k[1] == exporter]:
+            del self._templates[key]
+        for state in (self._pending, self._pending_bytes, self.sampling, self.samplers, self.sequences):
+            for dkey in [k for k in state if k[1] == exporter]:
+                del state[dkey]
+        for ikey in [k for k in self.sys_init if k[0] == exporter]:
+            del self.sys_init[ikey]
+
+    # --- data sets waiting for their template ---------------------------------------------
+
+    def hold(self, version: int, exporter: bytes, domain: int, pending: PendingSet) -> int:
+        """Keep a data set until its template arrives; returns how many sets were dropped to
+        stay within the bounds (the oldest ones, or this one if holding is disabled)."""
+        if self.max_pending_sets <= 0 or len(pending.data) > self.max_pending_bytes:
+            return 1
+        key = (version, exporter, domain)
+        queue = self._pending.get(key)
+        if queue is None:
+            queue = self._pending[key] = OrderedDict()
+            self._pending_bytes[key] = 0
+        # A per-domain serial keeps arrival order across template IDs.
+        serial = next(reversed(queue)) + 1 if queue else 0
+        queue[serial] = pending
+        self._pending_bytes[key] += len(pending.data)
+        dropped = 0
+        while len(queue) > self.max_pending_sets or self._pending_bytes[key] > self.max_pending_bytes:
+            _, old = queue.popitem(last=False)
+            self._pending_bytes[key] -= len(old.data)
+            dropped += 1
+        return dropped
+
+    def release(self, version: int, exporter: bytes, domain: int, template_id: int) -> list[PendingSet]:
+        """Take out, in arrival order, the held data sets of one template (it just arrived)."""
+        key = (version, exporter, domain)
+        queue = self._pending.get(key)
+        if not queue:
+            return []
+        serials = [s for s, p in queue.items() if p.template_id == template_id]
+        out = [queue.pop(s) for s in serials]
+        self._pending_bytes[key] -= sum(len(p.data) for p in out)
+        if not queue:
+            del self._pending[key], self._pending_bytes[key]
+        return out
+
+    def expire(self, now_ms: int | None) -> list[tuple[bytes, int]]:
+        """Drop held sets received more than ``max_pending_age_ms`` before ``now_ms`` (all of
+        them if ``now_ms`` is None, e.g. at the end of a capture); returns (exporter, sets
+        dropped) pairs for the caller to count."""
+        out: list[tuple[bytes, int]] = []
+        for key in list(self._pending):
+            queue = self._pending[key]
+            old = [s for s, p in queue.items()
+                   if now_ms is None or now_ms - p.received_ms > self.max_pending_age_ms]
+            if not old:
+                continue
+            for s in old:
+                self._pending_bytes[key] -= len(queue.pop(s).data)
+            if not queue:
+                del self._pending[key], self._pending_bytes[key]
+            out.append((key[1], len(old)))
+        return out
+
+    # --- what options data announced -----------------------------------------------------------
+
+    def learn_options(self, version: int, exporter: bytes, domain: int,
+                      values: Mapping[int, int | float]) -> None:
+        """Remember what one options data record says: a sampling rate (for its sampler ID,
+        field 48 or 302, or else for the whole domain) and IPFIX's systemInitTimeMilliseconds."""
+        from sensors.netflow.fields import SAMPLER_ID, SELECTOR_ID, SYSTEM_INIT_MS, rate_from_options
+
+        init = values.get(SYSTEM_INIT_MS)
+        if init:
+            self.sys_init[(exporter, domain)] = int(init)
+        rate = rate_from_options(values)
+        if rate is None:
+            return
+        key = (version, exporter, domain)
+        sampler = values.get(SAMPLER_ID, values.get(SELECTOR_ID))
+        if sampler is None:
+            self.sampling[key] = rate
         else:
-            for key in [k for k in self._templates if k[1] == exporter]:
-                del self._templates[key]
+            table = self.samplers.get(key, {})
+            if table.get(int(sampler)) != rate:
+                self.samplers[key] = {**table, int(sampler): rate}  # replaced: see ``samplers``
+
+    def pending_sets(self) -> int:
+        """Data sets currently held for a missing template, all exporters."""
+        return sum(len(q) for q in self._pending.values())
+
+    def has_pending(self) -> bool:
+        """True when some data set waits for its template (cheap: checked per template)."""
+        return bool(self._pending)
 
     def __len__(self) -> int:
         return len(self._templates)

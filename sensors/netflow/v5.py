@@ -16,6 +16,7 @@ from sensors.schema import ipv4_to_mapped
 
 if TYPE_CHECKING:
     from sensors.netflow.decoder import ExporterStats
+    from sensors.netflow.templates import TemplateStore
 
 VERSION = 5
 # version, count, sysUptime, unix secs, unix nsecs, sequence, engine type, engine ID, sampling
@@ -83,18 +84,27 @@ class V5Batch:
         self._exporter: list[int] = []
         self._received: list[int] = []
 
-    def add(self, payload: bytes, exporter_index: int, received_ms: int, counts: ExporterStats) -> None:
-        """Validate one v5 packet and keep its records for :meth:`columns`; count what was seen."""
+    def add(self, payload: bytes, exporter_index: int, received_ms: int, counts: ExporterStats,
+            state: TemplateStore | None = None, exporter: bytes = b"") -> None:
+        """Validate one v5 packet and keep its records for :meth:`columns`; count what was seen.
+
+        With ``state``, the header's flow sequence number is checked per (exporter, engine) and
+        gaps counted (see :mod:`sensors.netflow.sequence`)."""
         if len(payload) < HEADER_LENGTH:
             counts.error("truncated_header")
             return
-        _, count, uptime, secs, nsecs, _seq, engine_type, engine_id, sampling = HEADER.unpack_from(payload)
+        header = HEADER.unpack_from(payload)
+        _, count, uptime, secs, nsecs, sequence, engine_type, engine_id, sampling = header
         end = HEADER_LENGTH + count * RECORD_LENGTH
         # Shorter than the header's count says: the records cannot be trusted to line up. Longer
         # is tolerated (trailing bytes are ignored), as other collectors do.
         if len(payload) < end:
             counts.error("count_mismatch")
             return
+        if state is not None:
+            from sensors.netflow.sequence import track
+
+            track(state, (VERSION, exporter, (engine_type << 8) | engine_id), sequence, count, False, counts)
         if count == 0:
             return
         self._chunks.append(memoryview(payload)[HEADER_LENGTH:end])

@@ -1,0 +1,263 @@
+"""Column extraction shared by the template-based decoders (NetFlow v9 and IPFIX).
+
+Both protocols describe records with (type, length) field lists and use the same IANA element
+numbers for the fields that end up in `raw.v1`, so reading a field out of every record of one
+layout, picking the address family and working out a record's sampling rate are written once
+here. Everything works on a contiguous buffer of equally long records (``size`` bytes each):
+IPFIX records with variable-length fields are repacked into that shape first (see
+:mod:`sensors.netflow.ipfix`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import numpy as np
+
+from sensors.schema import ipv4_to_mapped
+
+# IANA IPFIX information elements (v9 uses the same numbers for these).
+OCTET_DELTA, PACKET_DELTA = 1, 2
+PROTOCOL, TCP_FLAGS, SRC_PORT, SRC_V4, INPUT_IF = 4, 6, 7, 8, 10
+DST_PORT, DST_V4, OUTPUT_IF = 11, 12, 14
+END_UPTIME, START_UPTIME, POST_OCTET_DELTA, POST_PACKET_DELTA = 21, 22, 23, 24
+SRC_V6, DST_V6 = 27, 28
+SAMPLING_INTERVAL, SAMPLING_ALGORITHM = 34, 35
+SAMPLER_ID, SAMPLER_MODE, SAMPLER_RANDOM_INTERVAL = 48, 49, 50
+OCTET_TOTAL, PACKET_TOTAL = 85, 86
+SELECTOR_ID = 302
+SAMPLING_PACKET_INTERVAL, SAMPLING_PACKET_SPACE = 305, 306
+SAMPLING_SIZE, SAMPLING_POPULATION, SAMPLING_PROBABILITY = 309, 310, 311
+SYSTEM_INIT_MS = 160
+
+#: Fields that make an options record worth parsing: sampling parameters, and IPFIX's
+#: systemInitTimeMilliseconds (the base of flowStart/EndSysUpTime).
+OPTIONS_OF_INTEREST = frozenset(
+    {SAMPLING_INTERVAL, SAMPLER_RANDOM_INTERVAL, SAMPLING_PACKET_INTERVAL, SAMPLING_PACKET_SPACE,
+     SAMPLING_SIZE, SAMPLING_POPULATION, SAMPLING_PROBABILITY, SYSTEM_INIT_MS}
+)
+
+Where = dict[int, tuple[int, int]]
+
+
+def field_bytes(buf: bytes, n: int, size: int, offset: int, length: int) -> np.ndarray:
+    """An (n, length) uint8 view of one field in every record (records are ``size`` bytes)."""
+    return np.ndarray((n, length), dtype=np.uint8, buffer=buf, offset=offset, strides=(size, 1))
+
+
+def uint(buf: bytes, n: int, size: int, offset: int, length: int) -> np.ndarray:
+    """One big-endian unsigned field of every record as uint64, whatever its length.
+
+    Lengths 1, 2, 4 and 8 are read through a strided view; other lengths (3, 5, 6, 7: MPLS
+    labels, IPFIX reduced-size encoding) are right-aligned into 8 zero bytes first. A field wider
+    than 8 bytes keeps its low 64 bits.
+    """
+    if length == 0:
+        return np.zeros(n, dtype=np.uint64)
+    if length > 8:
+        offset, length = offset + length - 8, 8
+    if length in (1, 2, 4, 8):
+        dtype = np.dtype(f">u{length}")
+        return np.ndarray((n,), dtype=dtype, buffer=buf, offset=offset, strides=(size,)).astype(np.uint64)
+    wide = np.zeros((n, 8), dtype=np.uint8)
+    wide[:, 8 - length :] = field_bytes(buf, n, size, offset, length)
+    return wide.view(">u8").ravel().astype(np.uint64)
+
+
+def address16(buf: bytes, n: int, size: int, offset: int, length: int) -> np.ndarray:
+    """An IPv6 field as (n, 16) uint8, right-aligned if the exporter sent another length."""
+    out = np.zeros((n, 16), dtype=np.uint8)
+    take = min(length, 16)
+    out[:, 16 - take :] = field_bytes(buf, n, size, offset + length - take, take)
+    return out
+
+
+def addresses(buf: bytes, n: int, size: int, where: Where) -> tuple[np.ndarray, np.ndarray]:
+    """Source and destination addresses as (n, 16) uint8, IPv4 in IPv4-mapped form.
+
+    Templates may carry both families (Cisco sends IPv4 and IPv6 fields in one template and
+    zeroes the unused pair). A record is IPv6 when the template has IPv6 fields and either no
+    IPv4 fields or both IPv4 addresses are 0.0.0.0 while an IPv6 address is set.
+    """
+    zeros = np.zeros(n, dtype=np.uint64)
+    has4 = SRC_V4 in where or DST_V4 in where
+    has6 = SRC_V6 in where or DST_V6 in where
+    src4 = uint(buf, n, size, *where[SRC_V4]) if SRC_V4 in where else zeros
+    dst4 = uint(buf, n, size, *where[DST_V4]) if DST_V4 in where else zeros
+    src = ipv4_to_mapped(src4.astype(np.uint32))
+    dst = ipv4_to_mapped(dst4.astype(np.uint32))
+    if not has6:
+        return src, dst
+    blank = np.zeros((n, 16), dtype=np.uint8)
+    src6 = address16(buf, n, size, *where[SRC_V6]) if SRC_V6 in where else blank
+    dst6 = address16(buf, n, size, *where[DST_V6]) if DST_V6 in where else blank
+    if has4:
+        use6 = (src4 == 0) & (dst4 == 0) & (src6.any(axis=1) | dst6.any(axis=1))
+    else:
+        use6 = np.ones(n, dtype=bool)
+    return np.where(use6[:, None], src6, src), np.where(use6[:, None], dst6, dst)
+
+
+def rate_from_options(values: Mapping[int, int | float]) -> int | None:
+    """The sampling rate (1 in N packets) an options (or data) record announces, else None.
+
+    samplingInterval (34) and samplerRandomInterval (50) are N itself; samplingPacketInterval /
+    Space (305/306, "take I, skip S") give (I + S) / I; samplingSize / Population (309/310,
+    "n out of N") give N / n; samplingProbability (311) gives 1 / p. Results are rounded and at
+    least 1; zeros and absent values mean the record says nothing about sampling.
+    """
+    for key in (SAMPLER_RANDOM_INTERVAL, SAMPLING_INTERVAL):
+        value = values.get(key)
+        if value:
+            return max(1, int(value))
+    interval = values.get(SAMPLING_PACKET_INTERVAL)
+    if interval:
+        return max(1, round((interval + values.get(SAMPLING_PACKET_SPACE, 0)) / interval))
+    size, population = values.get(SAMPLING_SIZE), values.get(SAMPLING_POPULATION)
+    if size and population:
+        return max(1, round(population / size))
+    probability = values.get(SAMPLING_PROBABILITY)
+    if probability and 0 < probability <= 1:
+        return max(1, round(1 / probability))
+    return None
+
+
+def record_rates(buf: bytes, n: int, size: int, where: Where) -> np.ndarray | None:
+    """Per-record sampling rates from fields in the flow records themselves (0 = not stated),
+    or None when the template carries no sampling field. Same rules as :func:`rate_from_options`
+    (samplingProbability is not looked at in flow records)."""
+    out: np.ndarray | None = None
+
+    def fill(values: np.ndarray) -> None:
+        nonlocal out
+        out = values if out is None else np.where(out == 0, values, out)
+
+    for key in (SAMPLER_RANDOM_INTERVAL, SAMPLING_INTERVAL):
+        if key in where:
+            fill(uint(buf, n, size, *where[key]))
+    if SAMPLING_PACKET_INTERVAL in where:
+        interval = uint(buf, n, size, *where[SAMPLING_PACKET_INTERVAL]).astype(np.float64)
+        space = (uint(buf, n, size, *where[SAMPLING_PACKET_SPACE]).astype(np.float64)
+                 if SAMPLING_PACKET_SPACE in where else np.zeros(n))
+        with np.errstate(divide="ignore", invalid="ignore"):
+            rate = np.where(interval > 0, np.rint((interval + space) / np.maximum(interval, 1)), 0)
+        fill(rate.astype(np.uint64))
+    if SAMPLING_SIZE in where and SAMPLING_POPULATION in where:
+        sz = uint(buf, n, size, *where[SAMPLING_SIZE]).astype(np.float64)
+        pop = uint(buf, n, size, *where[SAMPLING_POPULATION]).astype(np.float64)
+        rate = np.where(sz > 0, np.rint(pop / np.maximum(sz, 1)), 0)
+        fill(rate.astype(np.uint64))
+    return out
+
+
+def sampling_column(
+    buf: bytes,
+    n: int,
+    size: int,
+    where: Where,
+    counts: np.ndarray,
+    defaults: list[int],
+    samplers: list[dict[int, int] | None],
+    sampler_field: int | None,
+) -> np.ndarray:
+    """The sampling rate of every record (uint32, 1 = unsampled).
+
+    Precedence: a sampling field in the record itself; else the rate the exporter announced in
+    options data for the record's sampler ID (field 48 / 302, when the template has one); else
+    the rate announced for the whole (exporter, domain). ``defaults`` and ``samplers`` are
+    snapshots per data set, taken when the set was decoded, so an options record later in the
+    stream does not change records that came before it.
+    """
+    rate = np.repeat(np.asarray(defaults, dtype=np.uint64), counts)
+    if sampler_field is not None and sampler_field in where and any(samplers):
+        ids = uint(buf, n, size, *where[sampler_field])
+        # The snapshots are shared objects (replaced, never mutated), so there are few distinct ones.
+        distinct: dict[int, tuple[dict[int, int], list[int]]] = {}
+        for i, table in enumerate(samplers):
+            if table:
+                distinct.setdefault(id(table), (table, []))[1].append(i)
+        chunk = np.repeat(np.arange(len(counts)), counts)
+        for table, chunks in distinct.values():
+            in_chunks = np.isin(chunk, chunks)
+            for sampler_id, value in table.items():
+                rate[in_chunks & (ids == sampler_id)] = value
+    own = record_rates(buf, n, size, where)
+    if own is not None:
+        rate = np.where(own > 0, own, rate)
+    rate[rate == 0] = 1
+    return np.minimum(rate, 0xFFFFFFFF).astype(np.uint32)
+
+
+class Group:
+    """Data records of one template layout, plus the header context of each data set.
+
+    ``base`` is what the protocol's uptime-relative times are relative to: the v9 header's
+    sysUptime, or IPFIX's systemInitTimeMilliseconds (-1 when unknown). ``sampling`` and
+    ``samplers`` are the exporter's announced rates when the set was decoded (see
+    :func:`sampling_column`).
+    """
+
+    __slots__ = ("base", "chunks", "counts", "domain", "export_ms", "exporter", "received", "samplers",
+                 "sampling", "stats")
+
+    def __init__(self) -> None:
+        self.chunks: list[memoryview | bytes] = []
+        self.counts: list[int] = []
+        self.export_ms: list[int] = []
+        self.base: list[int] = []
+        self.domain: list[int] = []
+        self.exporter: list[int] = []
+        self.received: list[int] = []
+        self.sampling: list[int] = []
+        self.samplers: list[dict[int, int] | None] = []
+        self.stats: list[object] = []  # the ExporterStats of each set (IPFIX biflow counting)
+
+    def add(self, chunk: memoryview | bytes, n: int, export_ms: int, base: int, domain: int, exporter: int,
+            received_ms: int, sampling: int, samplers: dict[int, int] | None) -> None:
+        """Append one data set's ``n`` records and its context."""
+        self.chunks.append(chunk)
+        self.counts.append(n)
+        self.export_ms.append(export_ms)
+        self.base.append(base)
+        self.domain.append(domain)
+        self.exporter.append(exporter)
+        self.received.append(received_ms)
+        self.sampling.append(sampling)
+        self.samplers.append(samplers)
+
+
+def common_columns(buf: bytes, n: int, size: int, where: Where, group: Group, counts: np.ndarray,
+                   exporters: np.ndarray) -> dict[str, np.ndarray]:
+    """The `raw.v1` columns v9 and IPFIX derive the same way (all but version and times).
+
+    Counter fallbacks: octetDeltaCount/packetDeltaCount (1/2), else postOctet/PacketDeltaCount
+    (23/24, egress-only exporters), else the totals 85/86; a record without any reports 0.
+    """
+    def per_record(values: list[int], dtype: type[np.generic] = np.int64) -> np.ndarray:
+        return np.repeat(np.asarray(values, dtype=dtype), counts)
+
+    def uint_or_zero(dtype: type[np.generic], *field_types: int) -> np.ndarray:
+        for field_type in field_types:
+            if field_type in where:
+                return uint(buf, n, size, *where[field_type]).astype(dtype)
+        return np.zeros(n, dtype=dtype)
+
+    src_addr, dst_addr = addresses(buf, n, size, where)
+    sampler_field = SAMPLER_ID if SAMPLER_ID in where else (SELECTOR_ID if SELECTOR_ID in where else None)
+    return {
+        "time_received": per_record(group.received),
+        "exporter": exporters[per_record(group.exporter)],
+        "observation_domain": per_record(group.domain, np.uint32),
+        "src_addr": src_addr,
+        "dst_addr": dst_addr,
+        "src_port": uint_or_zero(np.uint16, SRC_PORT),
+        "dst_port": uint_or_zero(np.uint16, DST_PORT),
+        "proto": uint_or_zero(np.uint8, PROTOCOL),
+        "bytes": uint_or_zero(np.uint64, OCTET_DELTA, POST_OCTET_DELTA, OCTET_TOTAL),
+        "packets": uint_or_zero(np.uint64, PACKET_DELTA, POST_PACKET_DELTA, PACKET_TOTAL),
+        "sampling_rate": sampling_column(buf, n, size, where, counts, group.sampling, group.samplers,
+                                         sampler_field),
+        "tcp_flags": uint_or_zero(np.uint8, TCP_FLAGS),
+        "in_if": uint_or_zero(np.uint32, INPUT_IF),
+        "out_if": uint_or_zero(np.uint32, OUTPUT_IF),
+    }
