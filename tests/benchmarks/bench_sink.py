@@ -1,0 +1,201 @@
+"""Sink benchmark: N enriched rows through `flowtally sink` from a real local Kafka into chDB,
+against a native ClickHouse insert of the same rows in the same run.
+
+    .venv/bin/python -m tests.benchmarks.bench_sink [--rows 1000000] [--rows-per-message 8000]
+
+1. Builds N enriched rows (synthetic cluster identities) in batches of --rows-per-message and
+   produces them to the enriched topic of a fresh local Kafka (not timed).
+2. Starts the real sink subprocess; its rate is measured between the first and the last insert it
+   reports (process start-up and the consumer-group join excluded), rows/s.
+3. Native reference on the same rows, into a fresh database with the same migrations (so the
+   rollup views run too, as they do for the sink): ``INSERT INTO flows SELECT * FROM
+   file('rows.parquet')``, and one ``insert_arrow`` of the whole table.
+4. Reports the ratio sink / native (goal >= 0.8, first bar 0.5) and bytes per flow on disk (from
+   system.parts, before and after OPTIMIZE FINAL).
+
+The sink inserts one Kafka message per insert: the deduplication token is the raw message's
+coordinates, exact under any replay. Merging several messages into one insert would need a
+token for the group that a replay reproduces exactly (same first/last message, same grouping after
+a restart, a rebalance, a re-emitting enricher that interleaves duplicates), which one message per
+insert gets for free; so larger inserts come from larger batches upstream, not from grouping here.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import shutil
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from enricher.enrich import enrich_batch
+from enricher.identity import IdentityIndex
+from enricher.inventory import load_inventory
+from enricher.schema import SCHEMA_NAME as ENRICHED
+from flowtally import kafka
+from flowtally.clickhouse import connect
+from flowtally.localkafka import LocalKafka
+from flowtally.localstack import Stage, free_port
+from flowtally.settings import ClickHouseSettings, KafkaSettings
+from flowtally.wire import ORIGIN_HEADER, encode_batch
+from sensors.netflow.generator import inventory_yaml, synthetic_cluster
+from sensors.schema import build_raw_table, ipv4_to_mapped
+from sink.rows import flow_rows
+from sql.migrate import migrate
+
+
+def build_batches(rows: int, per_message: int, workdir: Path) -> list[pa.Table]:
+    """Enriched batches over a synthetic cluster's pod addresses plus some external ones."""
+    path = workdir / "inventory.yaml"
+    path.write_text(inventory_yaml(synthetic_cluster(1)))
+    owners = load_inventory(path).owners
+    index = IdentityIndex(owners)
+    v4 = [o.ip for o in owners if ":" not in o.ip]
+    pool = np.array([int.from_bytes(bytes(int(p) for p in ip.split(".")), "big") for ip in v4]
+                    + [0x51024500 + i for i in range(200)], dtype=np.uint32)
+    rng = np.random.default_rng(1)
+    now = int(time.time() * 1000)
+    batches = []
+    for start in range(0, rows, per_message):
+        n = min(per_message, rows - start)
+        ends = np.sort(now - rng.integers(0, 60_000, n))
+        raw = build_raw_table({
+            "src_addr": ipv4_to_mapped(rng.choice(pool, n)), "dst_addr": ipv4_to_mapped(rng.choice(pool, n)),
+            "src_port": rng.integers(1024, 65535, n), "dst_port": rng.choice([53, 80, 443, 5432, 8080], n),
+            "proto": rng.choice([6, 17], n), "bytes": rng.integers(40, 1_500_000, n),
+            "packets": rng.integers(1, 1000, n), "start": ends - rng.integers(0, 30_000, n), "end": ends,
+            "time_received": ends + 200, "version": np.full(n, 9), "exporter": ipv4_to_mapped(np.full(n, 0x0A000001)),
+        })
+        batches.append(enrich_batch(raw, index))
+    return batches
+
+
+async def produce(settings: KafkaSettings, batches: list[pa.Table]) -> int:
+    await kafka.ensure_topics(settings, kafka.TopicSettings())
+    producer = kafka.producer(settings)
+    await producer.start()
+    largest = 0
+    try:
+        for i, table in enumerate(batches):
+            value, headers = encode_batch(table, ENRICHED)
+            largest = max(largest, len(value))
+            headers.append((ORIGIN_HEADER, f"bench/0/{i}".encode()))
+            await producer.send(settings.topic("enriched"), value, key=f"k{i % 16}".encode(), headers=headers)
+        await producer.flush()
+    finally:
+        await producer.stop()
+    return largest
+
+
+def run_sink(bootstrap: str, prefix: str, chdb: Path, rows: int, logs: Path) -> tuple[float, int, float]:
+    """Rows/s of the real sink between its first and last reported insert, and its CPU seconds."""
+    port = free_port()
+    sink = Stage("sink", ["sink", "--metrics-listen", f"127.0.0.1:{port}"],
+                 {"FLOWTALLY_KAFKA_BOOTSTRAP": bootstrap, "FLOWTALLY_KAFKA_TOPIC_PREFIX": prefix,
+                  "FLOWTALLY_CLICKHOUSE_PATH": str(chdb), "FLOWTALLY_GROUP_ID": f"{prefix}-sink"},
+                 logs / "sink.log", port)
+    sink.start()
+    try:
+        sink.wait_healthy(120)
+        first_rows, first_t = 0, 0.0
+        deadline = time.monotonic() + 600
+        done = 0
+        while time.monotonic() < deadline:
+            sink.check_alive()
+            done = int(sink.metric("flowtally_sink_rows_inserted_total"))
+            now = time.monotonic()
+            if done and not first_rows:
+                first_rows, first_t = done, now
+            if done >= rows:
+                break
+            time.sleep(0.05)
+        elapsed = time.monotonic() - first_t
+        assert sink.process is not None
+        fields = Path(f"/proc/{sink.process.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        import os
+        cpu = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        return (done - first_rows) / max(elapsed, 1e-9), done, cpu
+    finally:
+        sink.stop()
+
+
+def native(chdb: Path, table: pa.Table, workdir: Path) -> tuple[float, float]:
+    """rows/s of INSERT … SELECT FROM file(parquet) and of one insert_arrow, into fresh databases
+    with the same schema and rollup views."""
+    parquet = workdir / "rows.parquet"
+    pq.write_table(table, parquet)
+    results = []
+    for db in ("native_file", "native_arrow"):
+        client = connect(ClickHouseSettings(path=chdb, database=db))
+        try:
+            migrate(client)
+            cols = ", ".join(table.column_names)
+            started = time.perf_counter()
+            if db == "native_file":
+                client.command(f"INSERT INTO flows ({cols}) SELECT {cols} FROM file('{parquet}', Parquet)")
+            else:
+                client.insert_arrow("flows", table)
+            results.append(table.num_rows / (time.perf_counter() - started))
+            assert client.query("SELECT count() FROM flows").result_rows[0][0] == table.num_rows
+        finally:
+            client.close()
+    return results[0], results[1]
+
+
+def bytes_per_flow(chdb: Path) -> tuple[float, float, int]:
+    client = connect(ClickHouseSettings(path=chdb))
+    try:
+        sql = ("SELECT sum(bytes_on_disk) / sum(rows), count() FROM system.parts "
+               "WHERE database = 'flowtally' AND table = 'flows' AND active")
+        before, parts = client.query(sql).result_rows[0]
+        client.command("OPTIMIZE TABLE flows FINAL")
+        after, _ = client.query(sql).result_rows[0]
+        return float(before), float(after), int(parts)
+    finally:
+        client.close()
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--rows", type=int, default=1_000_000)
+    parser.add_argument("--rows-per-message", type=int, default=8000)
+    parser.add_argument("--keep", action="store_true")
+    args = parser.parse_args()
+
+    work = Path(tempfile.mkdtemp(prefix="flowtally-bench-sink-"))
+    broker = LocalKafka(work / "kafka")
+    bootstrap = broker.start()
+    prefix = f"bs{uuid.uuid4().hex[:8]}"
+    try:
+        batches = build_batches(args.rows, args.rows_per_message, work)
+        largest = asyncio.run(produce(KafkaSettings(bootstrap=bootstrap, topic_prefix=prefix), batches))
+        sink_rate, stored, sink_cpu = run_sink(bootstrap, prefix, work / "chdb", args.rows, work)
+    finally:
+        broker.stop()
+    before, after, parts = bytes_per_flow(work / "chdb")
+    all_rows = flow_rows(pa.concat_tables(batches))
+    file_rate, arrow_rate = native(work / "chdb", all_rows, work)
+
+    print(f"rows {args.rows:,} in {len(batches)} messages of {args.rows_per_message:,} (largest {largest:,} B)")
+    print(f"sink:   {sink_rate:12,.0f} rows/s  (stored {stored:,}; {sink_cpu:.1f} CPU-s incl. start-up)")
+    print(f"native: {file_rate:12,.0f} rows/s  INSERT … SELECT FROM file(parquet), one insert")
+    print(f"native: {arrow_rate:12,.0f} rows/s  insert_arrow, one insert")
+    print(f"ratio sink/native(file) = {sink_rate / file_rate:.2f}, sink/native(arrow) = {sink_rate / arrow_rate:.2f} "
+          "(goal >= 0.8, first bar 0.5)")
+    print(f"bytes per flow on disk: {before:.1f} ({parts} parts as inserted), {after:.1f} after OPTIMIZE FINAL")
+    if args.keep:
+        print(f"kept {work}")
+    else:
+        shutil.rmtree(work, ignore_errors=True)
+    return 0 if stored == args.rows else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
