@@ -53,15 +53,20 @@ FLOWS = Counter("flowtally_sensor_netflow_flows_total", "Flow records decoded", 
 TEMPLATES = Counter("flowtally_sensor_netflow_templates_total", "Templates received", ["exporter"])
 ERRORS = Counter("flowtally_sensor_netflow_decode_errors_total", "Datagrams or flowsets not decoded",
                  ["exporter", "reason"])
-SEQUENCE_LOST = Counter("flowtally_sensor_netflow_sequence_lost_total",
-                        "Export packets/records the exporter's sequence numbers say were lost", ["exporter"])
+SEQUENCE_GAPS = Counter("flowtally_sensor_netflow_sequence_gaps_total",
+                        "Forward jumps of the exporter's sequence number", ["exporter"])
+SEQUENCE_LOST = Counter("flowtally_sensor_netflow_sequence_lost_total", "What sequence gaps skipped "
+                        "(v9: packets; v5, IPFIX: records); net loss = lost - late", ["exporter", "unit"])
+SEQUENCE_LATE = Counter("flowtally_sensor_netflow_sequence_late_total",
+                        "Reordered datagrams' units, counted as lost before they came", ["exporter", "unit"])
+SEQUENCE_RESETS = Counter("flowtally_sensor_netflow_sequence_resets_total",
+                          "Sequence jumps too large for loss (exporter restarts)", ["exporter"])
 DENIED = Counter("flowtally_sensor_netflow_denied_packets_total",
                  "Datagrams from sources outside the exporter allowlist (dropped)")
 KERNEL_DROPS = Gauge("flowtally_sensor_netflow_kernel_drops",
                      "Datagrams the kernel dropped at this process's socket (SO_RXQ_OVFL, cumulative)")
 
 _ADDRESS_CACHE_MAX = 65_536  # distinct source addresses remembered (allowlist verdicts)
-_SEQUENCE_FIELDS = ("sequence_lost", "lost_packets", "lost_records", "sequence_gaps")
 
 
 class NetflowSettings(StageSettings):
@@ -330,13 +335,18 @@ class NetflowReceiver:
                 self._publisher.offer(message)
 
 
+def _count(counts: ExporterStats, name: str) -> int:
+    """A counter of ExporterStats, 0 if this decoder version does not keep it."""
+    value = getattr(counts, name, 0)
+    return value if isinstance(value, int) else 0
+
+
 def _sequence_lost(counts: ExporterStats) -> int:
-    """Sequence losses, once the decoder reports them (a field of ExporterStats; 0 before)."""
-    for name in _SEQUENCE_FIELDS:
-        value = getattr(counts, name, None)
-        if isinstance(value, int):
-            return value
-    return 0
+    """Net units lost according to the sequence numbers in one decoded batch (lost minus late,
+    never below 0: a late datagram decoded in a later batch makes this an over-count)."""
+    lost = _count(counts, "lost_packets") + _count(counts, "lost_records")
+    late = _count(counts, "late_packets") + _count(counts, "late_records")
+    return max(0, lost - late)
 
 
 def _export(label: str, counts: ExporterStats, payload_bytes: int) -> None:
@@ -347,9 +357,15 @@ def _export(label: str, counts: ExporterStats, payload_bytes: int) -> None:
     TEMPLATES.labels(label).inc(counts.templates)
     for reason, n in counts.errors.items():
         ERRORS.labels(label, reason).inc(n)
-    lost = _sequence_lost(counts)
-    if lost:
-        SEQUENCE_LOST.labels(label).inc(lost)
+    if _count(counts, "sequence_gaps"):
+        SEQUENCE_GAPS.labels(label).inc(_count(counts, "sequence_gaps"))
+    for unit in ("packets", "records"):
+        if _count(counts, f"lost_{unit}"):
+            SEQUENCE_LOST.labels(label, unit).inc(_count(counts, f"lost_{unit}"))
+        if _count(counts, f"late_{unit}"):
+            SEQUENCE_LATE.labels(label, unit).inc(_count(counts, f"late_{unit}"))
+    if _count(counts, "sequence_resets"):
+        SEQUENCE_RESETS.labels(label).inc(_count(counts, "sequence_resets"))
 
 
 class WorkerProcesses:

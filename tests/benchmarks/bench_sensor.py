@@ -1,0 +1,213 @@
+"""Sensor benchmark: the same generated NetFlow v9 stream to nfcapd and to `flowtally sensor netflow`.
+
+    .venv/bin/python -m tests.benchmarks.bench_sensor [--flows 1000000] [--rate 100000] [--profile DIR]
+
+Sends the stream once to nfcapd (Debian nfdump) and once to the sensor publishing to a real local
+Kafka broker, and prints for both the CPU seconds per million flows (from /proc/PID/stat between
+"ready" and "every flow stored/published"), flows/s per core, the sensor/nfcapd ratio and the loss
+(flows sent vs decoded and published by the sensor vs stored by nfcapd; must be 0). Goal: sensor
+<= 1.0x nfcapd's CPU per flow; not acceptable above 2.0x.
+
+``--profile DIR`` also records the sensor with py-spy (``pip install py-spy``) into DIR as a
+flame graph (svg) and as raw folded stacks; ``--encode-study`` times Arrow IPC encoding of one
+decoded batch with each compression codec (CPU vs bytes on the wire).
+
+IPFIX: the generator only makes NetFlow v9 so far; ``--ipfix`` says so and exits 2. Add the
+IPFIX variant here once ``flowtally generate netflow`` can send IPFIX.
+
+The machine is small and shared: compare the ratio measured in one run, not absolute numbers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from flowtally.localkafka import LocalKafka
+from flowtally.localstack import Stage, free_port, scrape
+from tests.benchmarks.bench_pipeline import cpu_seconds
+
+
+def generate(port: int, flows: int, rate: float, seed: int = 1) -> dict[str, float]:
+    out = subprocess.run(
+        [sys.executable, "-m", "flowtally.cli", "generate", "netflow", "--to", f"127.0.0.1:{port}",
+         "--flows", str(flows), "--rate", str(rate), "--seed", str(seed), "--json"],
+        check=True, capture_output=True, text=True,
+    )
+    return dict(json.loads(out.stdout.strip().splitlines()[-1]))
+
+
+def run_nfcapd(flows: int, rate: float, workdir: Path) -> dict[str, float]:
+    """nfcapd receiving the stream: CPU seconds from ready to the end of the stream, flows stored."""
+    nfcapd = shutil.which("nfcapd")
+    if nfcapd is None:
+        raise SystemExit("nfcapd (Debian package nfdump) is needed for the reference")
+    port = free_port(socket.SOCK_DGRAM)
+    flowdir = workdir / "nfcapd"
+    flowdir.mkdir()
+    proc = subprocess.Popen([nfcapd, "-b", "127.0.0.1", "-p", str(port), "-w", str(flowdir), "-t", "3600",
+                             "-B", str(32 * 1024 * 1024)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        time.sleep(1.0)
+        before = cpu_seconds(proc.pid)
+        t0 = time.monotonic()
+        sent = generate(port, flows, rate)
+        time.sleep(1.0)  # nfcapd has taken the last datagrams from its socket by now
+        used = cpu_seconds(proc.pid) - before
+        elapsed = time.monotonic() - t0
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(60)
+    stored = 0
+    summary = subprocess.run(["nfdump", "-R", str(flowdir), "-q", "-o", "fmt:%fl"], capture_output=True, text=True)
+    for line in summary.stdout.splitlines():
+        if line.strip().isdigit():
+            stored += int(line.strip())
+    return {"cpu": used, "stored": stored, "sent": sent["flows"], "elapsed": elapsed}
+
+
+def run_sensor(flows: int, rate: float, workdir: Path, bootstrap: str, env: dict[str, str],
+               profile: Path | None) -> dict[str, float]:
+    """The sensor receiving the stream and publishing to Kafka: CPU seconds from healthy to the
+    moment every decoded flow is acknowledged by Kafka."""
+    udp = free_port(socket.SOCK_DGRAM)
+    mport = free_port()
+    stage = Stage("sensor", ["sensor", "netflow", "--listen", f"127.0.0.1:{udp}", "--metrics-listen",
+                             f"127.0.0.1:{mport}"],
+                  {"FLOWTALLY_KAFKA_BOOTSTRAP": bootstrap, "FLOWTALLY_KAFKA_TOPIC_PREFIX": f"b{int(time.time())}",
+                   "FLOWTALLY_COMPLETENESS": "true"} | env,
+                  workdir / "sensor.log", mport)
+    spy: subprocess.Popen[bytes] | None = None
+    stage.start()
+    try:
+        stage.wait_healthy(60)
+        assert stage.process is not None
+        pid = stage.process.pid
+        if profile is not None:
+            profile.mkdir(parents=True, exist_ok=True)
+            spy = subprocess.Popen(["py-spy", "record", "--pid", str(pid), "--rate", "200", "--format", "raw",
+                                    "-o", str(profile / "sensor.folded")],
+                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            time.sleep(1.0)
+        before = cpu_seconds(pid)
+        t0 = time.monotonic()
+        sent = generate(udp, flows, rate)
+        deadline = time.monotonic() + max(60.0, flows / 5000)
+        published = decoded = 0.0
+        while time.monotonic() < deadline:
+            stage.check_alive()
+            text = stage.metrics()
+            decoded = scrape(text, "flowtally_sensor_netflow_flows_total")
+            published = scrape(text, "flowtally_sensor_flows_published_total")
+            if published >= sent["flows"]:
+                break
+            time.sleep(0.05)
+        used = cpu_seconds(pid) - before
+        elapsed = time.monotonic() - t0
+        text = stage.metrics()
+        wire_bytes = scrape(text, "flowtally_sensor_message_bytes_published_total")
+        dropped = scrape(text, "flowtally_sensor_flows_dropped_total")
+        kernel = scrape(text, "flowtally_sensor_netflow_kernel_drops")
+        if spy is not None:
+            spy.send_signal(signal.SIGINT)
+            spy.wait(60)
+        code = stage.stop(30)
+    finally:
+        if spy is not None and spy.poll() is None:
+            spy.kill()
+        stage.stop()
+    return {"cpu": used, "decoded": decoded, "published": published, "sent": sent["flows"],
+            "elapsed": elapsed, "wire_bytes": wire_bytes, "dropped": dropped, "kernel_drops": kernel,
+            "exit": code, "payload_bytes": sent["payload_bytes"]}
+
+
+def encode_study(flows: int) -> None:
+    """CPU and bytes of Arrow IPC encoding of one decoded 8192-flow batch, per codec."""
+    import pyarrow as pa
+
+    from sensors.netflow.decoder import Datagram, DecodeStats, decode_datagrams
+    from sensors.netflow.generator import encode_packets, synthetic_cluster, synthetic_flows
+    from sensors.netflow.templates import TemplateStore
+    from sensors.schema import address16
+
+    cluster = synthetic_cluster(1)
+    now = int(time.time() * 1000)
+    enc = encode_packets(synthetic_flows(cluster, 8192, (1, 0), now - 1000, span_ms=1000), source_id=1,
+                         sequence=0, unix_secs=now // 1000, uptime_ms=3_600_000, template_first=True)
+    exporter = address16("127.0.0.1")
+    table = decode_datagrams([Datagram(exporter, now, p) for p in enc.packets], TemplateStore(), DecodeStats())
+    print(f"encode study: one batch of {table.num_rows} flows ({table.nbytes:,} bytes in memory)")
+    for codec in (None, "lz4", "zstd"):
+        options = pa.ipc.IpcWriteOptions(compression=codec)
+        t0 = time.process_time()
+        n = 50
+        for _ in range(n):
+            sink = pa.BufferOutputStream()
+            with pa.ipc.new_stream(sink, table.schema, options=options) as writer:
+                writer.write_table(table)
+            size = len(sink.getvalue())
+        per_m = (time.process_time() - t0) / n / table.num_rows * 1_000_000
+        print(f"  {codec or 'none':>5}: {per_m:6.3f} CPU-s per million flows, {size / table.num_rows:6.1f} bytes/flow")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--flows", type=int, default=1_000_000)
+    parser.add_argument("--rate", type=float, default=100_000, help="flows/s the generator sends")
+    parser.add_argument("--ipfix", action="store_true", help="the IPFIX variant (not available yet)")
+    parser.add_argument("--profile", type=Path, help="record the sensor with py-spy into this directory")
+    parser.add_argument("--encode-study", action="store_true", help="also time Arrow encoding per codec")
+    parser.add_argument("--skip-nfcapd", action="store_true", help="only the sensor (for profiling)")
+    parser.add_argument("--env", action="append", default=[], metavar="FLOWTALLY_X=V",
+                        help="extra sensor settings (repeatable)")
+    parser.add_argument("--keep", action="store_true", help="keep the working directory")
+    args = parser.parse_args()
+    if args.ipfix:
+        print("the IPFIX variant needs `flowtally generate netflow` to send IPFIX, which it does not yet")
+        return 2
+    env = dict(item.split("=", 1) for item in args.env)
+
+    work = Path(tempfile.mkdtemp(prefix="flowtally-bench-sensor-"))
+    broker = LocalKafka(work / "kafka")
+    bootstrap = broker.start()
+    try:
+        sensor = run_sensor(args.flows, args.rate, work, bootstrap, env, args.profile)
+        nf = None if args.skip_nfcapd else run_nfcapd(args.flows, args.rate, work)
+    finally:
+        broker.stop()
+    if args.encode_study:
+        encode_study(args.flows)
+
+    sent = int(sensor["sent"])
+    s_per_m = sensor["cpu"] * 1_000_000 / max(sent, 1)
+    print(f"sensor: {sent:,} flows sent, {int(sensor['decoded']):,} decoded, {int(sensor['published']):,} "
+          f"published (loss {sent - int(sensor['published'])}; dropped {int(sensor['dropped'])}, kernel drops "
+          f"{int(sensor['kernel_drops'])}), exit code {int(sensor['exit'])}")
+    print(f"  {s_per_m:.3f} CPU-s per million flows; {sent / max(sensor['cpu'], 1e-9):,.0f} flows/s per core; "
+          f"Kafka {sensor['wire_bytes'] / max(sent, 1):.1f} bytes/flow "
+          f"(NetFlow {sensor['payload_bytes'] / max(sent, 1):.1f} bytes/flow)")
+    ok = sent == int(sensor["published"]) and sensor["exit"] == 0
+    if nf is not None:
+        n_sent = int(nf["sent"])
+        n_per_m = nf["cpu"] * 1_000_000 / max(nf["stored"], 1)
+        print(f"nfcapd: {n_sent:,} flows sent, {int(nf['stored']):,} stored (loss {n_sent - int(nf['stored'])})")
+        print(f"  {n_per_m:.3f} CPU-s per million flows; {nf['stored'] / max(nf['cpu'], 1e-9):,.0f} flows/s per core")
+        print(f"ratio sensor/nfcapd CPU per flow: {s_per_m / max(n_per_m, 1e-9):.2f}x (goal <= 1.0, limit 2.0)")
+        ok = ok and n_sent == int(nf["stored"])
+    if args.keep:
+        print(f"kept {work}")
+    else:
+        shutil.rmtree(work, ignore_errors=True)
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
