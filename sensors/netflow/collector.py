@@ -27,6 +27,7 @@ import sys
 import time
 from typing import Annotated
 
+import numpy as np
 import pyarrow as pa
 from prometheus_client import Counter, Gauge
 from pydantic import Field, field_validator
@@ -43,7 +44,7 @@ from sensors.netflow.decoder import Datagram, DecodeStats, ExporterStats, decode
 from sensors.netflow.receiver import UdpReceiver, open_udp_socket
 from sensors.netflow.templates import TemplateStore
 from sensors.publisher import Publisher, encode_messages
-from sensors.schema import address16, address_text, with_observer
+from sensors.schema import address16, address_text, build_raw_table, with_observer
 
 log = logging.getLogger(__name__)
 
@@ -181,6 +182,7 @@ class NetflowReceiver:
         return self._udp.kernel_drops if self._udp is not None else 0
 
     async def start(self) -> None:
+        _warm_up()
         host, port = self._settings.listen_address()
         sock = open_udp_socket(host, port, receive_buffer=self._settings.receive_buffer_bytes,
                                reuse_port=self._reuse_port)
@@ -333,6 +335,12 @@ class NetflowReceiver:
             for message in encode_messages(table, key, schema_name=COMPLETENESS_SCHEMA,
                                            topic=self._completeness_topic):
                 self._publisher.offer(message)
+
+
+def _warm_up() -> None:
+    """Build one raw table before receiving: pyarrow imports pandas on the first timestamp
+    conversion (about a CPU-second), which would otherwise stall the first batch's datagrams."""
+    build_raw_table({"bytes": np.zeros(1, dtype=np.uint64), "end": np.zeros(1, dtype=np.int64)})
 
 
 def _count(counts: ExporterStats, name: str) -> int:

@@ -109,7 +109,7 @@ def run_sensor(flows: int, rate: float, workdir: Path, bootstrap: str, env: dict
             published = scrape(text, "flowtally_sensor_flows_published_total")
             if published >= sent["flows"]:
                 break
-            time.sleep(0.05)
+            time.sleep(0.5)  # scrapes cost the sensor CPU: not too often
         used = cpu_seconds(pid) - before
         elapsed = time.monotonic() - t0
         text = stage.metrics()
