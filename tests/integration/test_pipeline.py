@@ -84,7 +84,9 @@ def _pipeline(kafka_bootstrap: str, state: Path, inventory: dict[str, dict[str, 
 def running(kafka_bootstrap: str, tmp_path: Path) -> Iterator[tuple[Pipeline, OracleResult, dict[str, dict[str, str]]]]:
     oracle = tshark_decode([p for files in CAPTURES.values() for p in files])
     inventory = _inventory(oracle)
-    pipe = _pipeline(kafka_bootstrap, tmp_path, inventory)
+    # The captures' flows are years old: keep them past the default retention (TTL on flow_end;
+    # not 36500 days: flow_end + TTL must stay below DateTime's 2106 limit or every row expires).
+    pipe = _pipeline(kafka_bootstrap, tmp_path, inventory, FLOWTALLY_FLOWS_TTL_DAYS="3650")
     pipe.start()
     try:
         yield pipe, oracle, inventory
