@@ -25,7 +25,7 @@ import signal
 import subprocess
 import sys
 import time
-from typing import Annotated
+from typing import Annotated, Literal
 
 import numpy as np
 import pyarrow as pa
@@ -93,6 +93,9 @@ class NetflowSettings(StageSettings):
     allow_exporters: Annotated[list[str], NoDecode] = Field(
         default_factory=list, description="Exporter CIDRs to accept (comma-separated in the environment); "
         "empty = any")
+    compression: Literal["none", "lz4", "zstd"] = Field(
+        "lz4", description="Arrow buffer compression of published batches: lz4 costs half of zstd's "
+        "CPU for about twice its bytes (28 vs 15 per flow); none is nearly free but 116 bytes per flow")
     completeness: bool = Field(True, description="Publish per-minute completeness records")
 
     @field_validator("allow_exporters", mode="before")
@@ -286,7 +289,7 @@ class NetflowReceiver:
             self._account_rows(exporter, table, "records")
         if table.num_rows:
             offset = 0
-            for message in encode_messages(table, label.encode()):
+            for message in encode_messages(table, label.encode(), compression=self._settings.compression):
                 if not self._publisher.offer(message) and self._completeness_topic:
                     self._account_rows(exporter, table.slice(offset, message.flows), "dropped_backpressure")
                 offset += message.flows
@@ -320,9 +323,13 @@ class NetflowReceiver:
         take) in the minute and domain they were received in."""
         if not table.num_rows:
             return
-        minutes = table.column("time_received").cast(pa.int64()).to_numpy()
+        minutes = table.column("time_received").cast(pa.int64()).to_numpy() // 60_000
         domains = table.column("observation_domain").to_numpy()
-        for minute, domain, n in group_counts(minutes, domains):
+        if (minutes == minutes[0]).all() and (domains == domains[0]).all():  # the usual case
+            groups = [(int(minutes[0]) * 60_000, int(domains[0]), table.num_rows)]
+        else:
+            groups = list(group_counts(minutes * 60_000, domains))
+        for minute, domain, n in groups:
             row = self._completeness.counts(minute, exporter, domain)
             setattr(row, counter, getattr(row, counter) + n)
 
