@@ -327,7 +327,10 @@ def _add_record(out: OracleResult, record: dict[str, Any], header: _Header) -> N
     out.times.append(_record_times(record, header))
     # RFC 5103 biflow: tshark lists the reverse counters as a second value of the same field;
     # the decoder emits the reverse direction as its own record when it carried anything.
-    octets, packets = record.get("cflow.octets"), record.get("cflow.packets")
+    octets = next((record[k] for k in ("cflow.octets", "cflow.post_octets", "cflow.permanent_octets")
+                   if k in record), None)
+    packets = next((record[k] for k in ("cflow.packets", "cflow.post_packets", "cflow.permanent_packets")
+                    if k in record), None)
     if isinstance(octets, list) or isinstance(packets, list):
         rbytes = int(octets[1]) if isinstance(octets, list) and len(octets) > 1 else 0
         rpackets = int(packets[1]) if isinstance(packets, list) and len(packets) > 1 else 0

@@ -102,20 +102,21 @@ def rate_from_options(values: Mapping[int, int | float]) -> int | None:
     """The sampling rate (1 in N packets) an options (or data) record announces, else None.
 
     samplingInterval (34) and samplerRandomInterval (50) are N itself; samplingPacketInterval /
-    Space (305/306, "take I, skip S") give (I + S) / I; samplingSize / Population (309/310,
-    "n out of N") give N / n; samplingProbability (311) gives 1 / p. Results are rounded and at
+    Space (305/306, "take I, skip S") give (I + S) / I (an interval without a space says
+    nothing: Cisco sends interval 1 beside its n-out-of-N parameters); samplingSize / Population
+    (309/310, "n out of N") give N / n and win over 305/306; samplingProbability (311) gives 1 / p. Results are rounded and at
     least 1; zeros and absent values mean the record says nothing about sampling.
     """
     for key in (SAMPLER_RANDOM_INTERVAL, SAMPLING_INTERVAL):
         value = values.get(key)
         if value:
             return max(1, int(value))
-    interval = values.get(SAMPLING_PACKET_INTERVAL)
-    if interval:
-        return max(1, round((interval + values.get(SAMPLING_PACKET_SPACE, 0)) / interval))
     size, population = values.get(SAMPLING_SIZE), values.get(SAMPLING_POPULATION)
     if size and population:
         return max(1, round(population / size))
+    interval = values.get(SAMPLING_PACKET_INTERVAL)
+    if interval and SAMPLING_PACKET_SPACE in values:
+        return max(1, round((interval + values[SAMPLING_PACKET_SPACE]) / interval))
     probability = values.get(SAMPLING_PROBABILITY)
     if probability and 0 < probability <= 1:
         return max(1, round(1 / probability))
@@ -135,17 +136,14 @@ def record_rates(buf: bytes, n: int, size: int, where: Where) -> np.ndarray | No
     for key in (SAMPLER_RANDOM_INTERVAL, SAMPLING_INTERVAL):
         if key in where:
             fill(uint(buf, n, size, *where[key]))
-    if SAMPLING_PACKET_INTERVAL in where:
-        interval = uint(buf, n, size, *where[SAMPLING_PACKET_INTERVAL]).astype(np.float64)
-        space = (uint(buf, n, size, *where[SAMPLING_PACKET_SPACE]).astype(np.float64)
-                 if SAMPLING_PACKET_SPACE in where else np.zeros(n))
-        with np.errstate(divide="ignore", invalid="ignore"):
-            rate = np.where(interval > 0, np.rint((interval + space) / np.maximum(interval, 1)), 0)
-        fill(rate.astype(np.uint64))
     if SAMPLING_SIZE in where and SAMPLING_POPULATION in where:
         sz = uint(buf, n, size, *where[SAMPLING_SIZE]).astype(np.float64)
         pop = uint(buf, n, size, *where[SAMPLING_POPULATION]).astype(np.float64)
-        rate = np.where(sz > 0, np.rint(pop / np.maximum(sz, 1)), 0)
+        fill(np.where(sz > 0, np.rint(pop / np.maximum(sz, 1)), 0).astype(np.uint64))
+    if SAMPLING_PACKET_INTERVAL in where and SAMPLING_PACKET_SPACE in where:
+        interval = uint(buf, n, size, *where[SAMPLING_PACKET_INTERVAL]).astype(np.float64)
+        space = uint(buf, n, size, *where[SAMPLING_PACKET_SPACE]).astype(np.float64)
+        rate = np.where(interval > 0, np.rint((interval + space) / np.maximum(interval, 1)), 0)
         fill(rate.astype(np.uint64))
     return out
 

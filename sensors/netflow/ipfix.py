@@ -144,7 +144,9 @@ class IpfixBatch:
         if length < HEADER_LENGTH or length > size:
             counts.error("bad_message_length")
             return
-        end = length  # bytes after the message's own length are not part of it
+        # Walk the whole datagram, not just the header's length: a shorter length is an exporter
+        # bug (Telegraf issue 14370), and the sets are self-delimiting anyway, as tshark has it.
+        end = size
         export_ms = export_secs * 1000
         view = memoryview(payload)
         offset = HEADER_LENGTH
@@ -233,7 +235,7 @@ class IpfixBatch:
             chunk = view[body : body + n * template.record_length]
         key = (VERSION, exporter, domain)
         group.add(chunk, n, export_ms, templates.sys_init.get((exporter, domain), -1), domain, exporter_index,
-                  received_ms, templates.sampling.get(key, 1), templates.samplers.get(key))
+                  received_ms, templates.domain_rate(key), templates.samplers.get(key))
         group.stats.append(counts)
         counts.records += n
         if plan.enterprise:

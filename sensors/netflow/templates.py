@@ -261,6 +261,18 @@ class TemplateStore:
             if table.get(int(sampler)) != rate:
                 self.samplers[key] = {**table, int(sampler): rate}  # replaced: see ``samplers``
 
+    def domain_rate(self, key: DomainKey) -> int:
+        """The rate for flows of a domain that name no sampler: the one announced for the domain,
+        else, when the exporter announced exactly one sampler (with an ID the flows do not
+        carry, as Cisco's IPFIX selectorId), that sampler's; else 1."""
+        rate = self.sampling.get(key)
+        if rate is not None:
+            return rate
+        table = self.samplers.get(key)
+        if table and len(table) == 1:
+            return next(iter(table.values()))
+        return 1
+
     def pending_sets(self) -> int:
         """Data sets currently held for a missing template, all exporters."""
         return sum(len(q) for q in self._pending.values())

@@ -162,7 +162,7 @@ class V9Batch:
         key = (VERSION, exporter, source_id)
         entry[1].add(view[body : body + n * size], n, export_ms, uptime, source_id, exporter_index,
                      received_ms,
-                     templates.sampling.get(key, 1), templates.samplers.get(key))
+                     templates.domain_rate(key), templates.samplers.get(key))
         counts.records += n
 
     def __len__(self) -> int:

@@ -1,0 +1,415 @@
+"""IPFIX decoding: messages built here with exact expected values (the hard cases), then real
+exporters' captures checked against tshark's decode of the same files; plus sampling and
+sequence-number accounting for v9 and IPFIX."""
+
+from __future__ import annotations
+
+import ipaddress
+import struct
+from pathlib import Path
+
+import pytest
+
+from sensors.netflow.decoder import Datagram, DecodeStats, decode_datagrams, flush_pending
+from sensors.netflow.templates import TemplateStore
+from sensors.schema import RAW_SCHEMA
+from tests.oracle import (
+    DATA,
+    assert_matches_oracle,
+    decode_captures,
+    payloads_to_pcap,
+    shared_testdata,
+    table_rows,
+    tshark_decode,
+)
+
+EXPORTER_A = ipaddress.IPv6Address("::ffff:192.0.2.1").packed
+EXPORTER_B = ipaddress.IPv6Address("::ffff:192.0.2.2").packed
+SECS = 1_700_000_000
+VAR = 0xFFFF
+
+# src, dst, sport, dport, proto, flags, bytes (reduced to 4), packets, start ms, end ms, in, out
+V4 = [(8, 4), (12, 4), (7, 2), (11, 2), (4, 1), (6, 1), (1, 4), (2, 8), (152, 8), (153, 8), (10, 4), (14, 4)]
+
+
+# --- builders -------------------------------------------------------------------------------
+
+
+def message(*sets: bytes, domain: int = 0, secs: int = SECS, sequence: int = 0) -> bytes:
+    body = b"".join(sets)
+    return struct.pack("!HHIII", 10, 16 + len(body), secs, sequence, domain) + body
+
+
+def _spec(field: tuple[int, ...]) -> bytes:
+    if len(field) == 3:  # (type, length, pen)
+        return struct.pack("!HHI", field[0] | 0x8000, field[1], field[2])
+    return struct.pack("!HH", field[0], field[1])
+
+
+def template_set(*templates: tuple[int, list[tuple[int, ...]]]) -> bytes:
+    body = b"".join(struct.pack("!HH", tid, len(f)) + b"".join(map(_spec, f)) for tid, f in templates)
+    return struct.pack("!HH", 2, 4 + len(body)) + body
+
+
+def options_template_set(tid: int, scope: list[tuple[int, ...]], options: list[tuple[int, ...]]) -> bytes:
+    body = struct.pack("!HHH", tid, len(scope) + len(options), len(scope)) + b"".join(map(_spec, scope + options))
+    body += b"\0" * (-len(body) % 4)
+    return struct.pack("!HH", 3, 4 + len(body)) + body
+
+
+def withdrawal(tid: int, set_id: int = 2) -> bytes:
+    return struct.pack("!HHHH", set_id, 8, tid, 0)
+
+
+def record(fields: list[tuple[int, ...]], values: dict[int, int | bytes]) -> bytes:
+    out = b""
+    for field in fields:
+        ftype, length = field[0], field[1]
+        value = values.get(ftype, 0) if len(field) == 2 else values.get(-ftype, 0)
+        if length == VAR:
+            raw = value if isinstance(value, bytes) else b""
+            out += (bytes([len(raw)]) if len(raw) < 255 else b"\xff" + struct.pack("!H", len(raw))) + raw
+        else:
+            out += value if isinstance(value, bytes) else value.to_bytes(length, "big")
+    return out
+
+
+def data_set(tid: int, *records: bytes, pad: int = 0) -> bytes:
+    body = b"".join(records) + b"\0" * pad
+    return struct.pack("!HH", tid, 4 + len(body)) + body
+
+
+def ip4(text: str) -> int:
+    return int(ipaddress.IPv4Address(text))
+
+
+def flow(src: str, dst: str, nbytes: int, pkts: int, sport: int = 1000, dport: int = 443, proto: int = 6,
+         start: int = SECS * 1000 - 5000, end: int = SECS * 1000 - 1000) -> dict[int, int | bytes]:
+    return {8: ip4(src), 12: ip4(dst), 7: sport, 11: dport, 4: proto, 6: 0x12, 1: nbytes, 2: pkts,
+            152: start, 153: end, 10: 3, 14: 4}
+
+
+def dg(payload: bytes, exporter: bytes = EXPORTER_A, received_ms: int = SECS * 1000 + 7) -> Datagram:
+    return Datagram(exporter, received_ms, payload)
+
+
+def decode(*datagrams: Datagram, templates: TemplateStore | None = None,
+           stats: DecodeStats | None = None) -> tuple[list[dict], DecodeStats]:
+    stats = stats if stats is not None else DecodeStats()
+    table = decode_datagrams(list(datagrams), templates if templates is not None else TemplateStore(), stats)
+    assert table.schema.equals(RAW_SCHEMA, check_metadata=True)
+    assert table.num_rows == stats.records
+    return sorted(table_rows(table), key=lambda r: (r["src_addr"], r["src_port"], r["bytes"])), stats
+
+
+def brief(rows: list[dict]) -> list[tuple]:
+    return [(r["src_addr"], r["dst_addr"], r["bytes"], r["packets"]) for r in rows]
+
+
+# --- built messages: exact values -----------------------------------------------------------
+
+
+def test_template_and_data_exact_values_reduced_size_and_padding() -> None:
+    msg = message(template_set((256, V4)),
+                  data_set(256, record(V4, flow("10.0.0.1", "10.0.0.2", 1500, 3)), pad=3), domain=7)
+    rows, stats = decode(dg(msg))
+    assert rows == [{
+        "time_received": SECS * 1000 + 7, "exporter": "192.0.2.1", "observation_domain": 7, "observer": "",
+        "version": 10, "start": SECS * 1000 - 5000, "end": SECS * 1000 - 1000,
+        "src_addr": "10.0.0.1", "dst_addr": "10.0.0.2", "src_port": 1000, "dst_port": 443, "proto": 6,
+        "bytes": 1500, "packets": 3, "sampling_rate": 1, "tcp_flags": 0x12, "in_if": 3, "out_if": 4,
+    }]
+    counts = stats.by_exporter()["192.0.2.1"]
+    assert (counts.packets, counts.records, counts.templates, dict(counts.errors)) == (1, 1, 1, {})
+
+
+def test_template_after_data_is_held_then_decoded_in_a_later_call() -> None:
+    templates = TemplateStore()
+    data = message(data_set(256, record(V4, flow("10.0.0.1", "10.0.0.2", 100, 1))))
+    rows, stats = decode(dg(data), templates=templates)
+    assert rows == [] and stats.by_exporter()["192.0.2.1"].pending_sets == 1 and templates.pending_sets() == 1
+    rows, stats = decode(dg(message(template_set((256, V4)))), templates=templates)
+    assert brief(rows) == [("10.0.0.1", "10.0.0.2", 100, 1)]
+    assert rows[0]["time_received"] == SECS * 1000 + 7  # the held set keeps its own context
+    assert templates.pending_sets() == 0 and stats.errors_by_reason() == {}
+
+
+def test_held_data_ages_out_and_is_counted_never_guessed() -> None:
+    templates = TemplateStore(max_pending_age_ms=1000)
+    data = message(data_set(256, record(V4, flow("10.0.0.1", "10.0.0.2", 100, 1))))
+    other = message(template_set((300, V4)))
+    rows, stats = decode(dg(data, received_ms=1_000), dg(other, received_ms=2_500), templates=templates)
+    assert rows == [] and stats.errors_by_reason() == {"missing_template_expired": 1}
+    rows, stats = decode(dg(message(template_set((256, V4))), received_ms=3_000), templates=templates)
+    assert rows == []
+
+
+def test_held_data_is_bounded_per_domain() -> None:
+    templates = TemplateStore(max_pending_sets=2)
+    sets = [dg(message(data_set(256, record(V4, flow("10.0.0.1", "10.0.0.2", i, 1))))) for i in range(1, 5)]
+    _, stats = decode(*sets, templates=templates)
+    assert stats.errors_by_reason() == {"missing_template_expired": 2}
+    rows, _ = decode(dg(message(template_set((256, V4)))), templates=templates)
+    assert [r["bytes"] for r in rows] == [3, 4]  # the newest two were kept
+    assert flush_pending(templates, DecodeStats()) == 0
+
+
+def test_template_change_mid_stream_and_two_exporters_same_id() -> None:
+    other = [(8, 4), (12, 4), (85, 8), (86, 4)]
+    msgs = [
+        dg(message(template_set((256, V4)), data_set(256, record(V4, flow("10.0.0.1", "10.0.0.9", 10, 1))))),
+        dg(message(template_set((256, other)), data_set(256, record(other, {8: ip4("10.0.0.2"), 85: 20, 86: 2})))),
+        dg(message(template_set((256, other)), data_set(256, record(other, {8: ip4("10.0.0.3"), 85: 30, 86: 3}))),
+           exporter=EXPORTER_B),
+    ]
+    rows, _ = decode(*msgs)
+    assert [(r["exporter"], r["src_addr"], r["bytes"], r["packets"]) for r in rows] == [
+        ("192.0.2.1", "10.0.0.1", 10, 1), ("192.0.2.1", "10.0.0.2", 20, 2), ("192.0.2.2", "10.0.0.3", 30, 3),
+    ]
+
+
+def test_withdrawal_of_one_template_and_of_all() -> None:
+    templates = TemplateStore()
+    fields = [(8, 4), (1, 4)]
+    decode(dg(message(template_set((256, fields), (257, fields)))), templates=templates)
+    assert len(templates) == 2
+    decode(dg(message(withdrawal(256))), templates=templates)
+    assert templates.get(10, EXPORTER_A, 0, 256) is None and templates.get(10, EXPORTER_A, 0, 257) is not None
+    decode(dg(message(withdrawal(2))), templates=templates)  # template ID 2: withdraw all
+    assert len(templates) == 0
+
+
+def test_variable_length_and_enterprise_fields_are_skipped_by_length() -> None:
+    fields = [(8, 4), (82, VAR), (12, 4), (1000, 6, 9), (1, 4), (83, VAR), (2, 4)]
+    long_name = b"x" * 300  # the 3-byte length form
+    recs = [
+        record(fields, {8: ip4("10.0.0.1"), 82: b"eth0", 12: ip4("10.0.0.2"), -1000: b"ABCDEF", 1: 64, 2: 1}),
+        record(fields, {8: ip4("10.0.0.3"), 82: long_name, 12: ip4("10.0.0.4"), 1: 128, 83: b"", 2: 2}),
+        record(fields, {8: ip4("10.0.0.5"), 82: b"", 12: ip4("10.0.0.6"), 1: 256, 83: b"y" * 20, 2: 3}),
+    ]
+    rows, stats = decode(dg(message(template_set((256, fields)), data_set(256, *recs, pad=2))))
+    assert brief(rows) == [("10.0.0.1", "10.0.0.2", 64, 1), ("10.0.0.3", "10.0.0.4", 128, 2),
+                           ("10.0.0.5", "10.0.0.6", 256, 3)]
+    counts = stats.by_exporter()["192.0.2.1"]
+    assert counts.enterprise_fields == 3 and dict(counts.errors) == {}
+
+
+def test_ipv6_and_delta_and_ntp_times() -> None:
+    fields = [(27, 16), (28, 16), (1, 8), (2, 8), (158, 4), (159, 4)]
+    values: dict[int, int | bytes] = {27: ipaddress.IPv6Address("2001:db8::1").packed,
+                                      28: ipaddress.IPv6Address("2001:db8::2").packed,
+                                      1: 1000, 2: 4, 158: 3_000_000, 159: 500_000}
+    ntp_fields = [(8, 4), (1, 4), (156, 8), (157, 8)]
+    ntp = ((SECS + 2_208_988_800) << 32) | (1 << 31)  # SECS + 0.5 s
+    rows, _ = decode(dg(message(template_set((256, fields), (257, ntp_fields)),
+                                data_set(256, record(fields, values)),
+                                data_set(257, record(ntp_fields, {8: 1, 1: 5, 156: ntp, 157: ntp})))))
+    assert [(r["src_addr"], r["start"], r["end"]) for r in rows] == [
+        ("0.0.0.1", SECS * 1000 + 500, SECS * 1000 + 500),
+        ("2001:db8::1", SECS * 1000 - 3000, SECS * 1000 - 500),
+    ]
+
+
+def test_uptime_times_need_system_init_time_and_handle_the_wrap() -> None:
+    fields = [(8, 4), (1, 4), (22, 4), (21, 4)]
+    opts = options_template_set(400, [(149, 4)], [(160, 8)])
+    init = SECS * 1000 - (1 << 32) - 10_000  # the 32-bit uptime wrapped once since init
+    templates = TemplateStore()
+    rows, stats = decode(dg(message(template_set((256, fields)),
+                                    data_set(256, record(fields, {8: 1, 1: 5, 22: 100, 21: 200})))),
+                         templates=templates)
+    assert rows[0]["start"] == SECS * 1000 and stats.errors_by_reason() == {"missing_system_init_time": 1}
+    rows, stats = decode(dg(message(opts, data_set(400, record([(149, 4), (160, 8)], {160: init})),
+                                    data_set(256, record(fields, {8: 1, 1: 5, 22: 4000, 21: 9000})))),
+                         templates=templates)
+    assert (rows[0]["start"], rows[0]["end"]) == (SECS * 1000 - 6000, SECS * 1000 - 1000)
+    assert stats.options_records == 1 and stats.errors_by_reason() == {}
+
+
+def test_biflow_reverse_direction_is_its_own_record() -> None:
+    fields = [(8, 4), (12, 4), (7, 2), (11, 2), (10, 4), (14, 4), (1, 8), (2, 8), (1, 8, 29305), (2, 8, 29305),
+              (6, 1, 29305)]
+    recs = [
+        record(fields, {8: ip4("10.0.0.1"), 12: ip4("10.0.0.2"), 7: 5000, 11: 53, 10: 1, 14: 2,
+                        1: 60, 2: 1, -1: 120, -2: 1, -6: 0x10}),
+        record(fields, {8: ip4("10.0.0.3"), 12: ip4("10.0.0.4"), 7: 5001, 11: 53, 1: 70, 2: 1}),  # no answer
+    ]
+    rows, stats = decode(dg(message(template_set((256, fields)), data_set(256, *recs))))
+    assert [(r["src_addr"], r["dst_addr"], r["src_port"], r["dst_port"], r["in_if"], r["out_if"], r["bytes"],
+             r["tcp_flags"]) for r in rows] == [
+        ("10.0.0.1", "10.0.0.2", 5000, 53, 1, 2, 60, 0),
+        ("10.0.0.2", "10.0.0.1", 53, 5000, 2, 1, 120, 0x10),
+        ("10.0.0.3", "10.0.0.4", 5001, 53, 0, 0, 70, 0),
+    ]
+    counts = stats.by_exporter()["192.0.2.1"]
+    assert (counts.records, counts.reverse_records, counts.enterprise_fields) == (3, 1, 0)
+
+
+def test_malformed_messages_are_counted() -> None:
+    good = message(template_set((256, V4)), data_set(256, record(V4, flow("10.0.0.1", "10.0.0.2", 1, 1))))
+    bad = [
+        b"\x00\x0a\x00",  # truncated header
+        good[:2] + struct.pack("!H", len(good) + 10) + good[4:],  # length beyond the datagram
+        message(struct.pack("!HH", 256, 2)),  # set length below 4
+        message(struct.pack("!HH", 1, 4)),  # reserved set ID
+        message(struct.pack("!HHHH", 2, 12, 5, 1) + struct.pack("!HH", 8, 4)),  # template ID < 256
+    ]
+    rows, stats = decode(*[dg(b) for b in bad], dg(good, exporter=EXPORTER_B))
+    assert brief(rows) == [("10.0.0.1", "10.0.0.2", 1, 1)]
+    assert stats.by_exporter()["192.0.2.1"].errors == {
+        "truncated_header": 1, "bad_message_length": 1, "bad_set_length": 1, "reserved_set_id": 1,
+        "bad_template": 1,
+    }
+
+
+# --- sampling -------------------------------------------------------------------------------
+
+
+def test_options_sampling_per_domain_and_per_sampler_and_per_record() -> None:
+    templates = TemplateStore()
+    fields = [(8, 4), (1, 4), (48, 1)]
+    per_record = [(8, 4), (1, 4), (305, 4), (306, 4)]
+    msg = message(
+        options_template_set(300, [(149, 4)], [(309, 4), (310, 4)]),
+        options_template_set(301, [(48, 1)], [(34, 4)]),
+        template_set((256, fields), (257, per_record)),
+        data_set(300, record([(149, 4), (309, 4), (310, 4)], {309: 1, 310: 256})),
+        data_set(301, record([(48, 1), (34, 4)], {48: 5, 34: 1000})),
+        data_set(256, record(fields, {8: 1, 1: 10, 48: 5}), record(fields, {8: 2, 1: 20, 48: 6})),
+        data_set(257, record(per_record, {8: 3, 1: 30, 305: 1, 306: 9})),
+    )
+    rows, stats = decode(dg(msg), templates=templates)
+    assert [(r["src_addr"], r["bytes"], r["sampling_rate"]) for r in rows] == [
+        ("0.0.0.1", 10, 1000),  # its sampler's rate
+        ("0.0.0.2", 20, 256),  # unknown sampler: the domain's rate
+        ("0.0.0.3", 30, 10),  # its own fields: 1 in (1 + 9)
+    ]
+    assert stats.options_records == 2
+
+
+@pytest.mark.parametrize(
+    ("files", "rates"),
+    [
+        (["samplingrate-template.pcap", "samplingrate-data.pcap"], {2048}),
+        (["multiplesamplingrates-options-template.pcap", "multiplesamplingrates-options-data.pcap",
+          "multiplesamplingrates-template.pcap", "multiplesamplingrates-data.pcap"], {4000, 2000}),
+    ],
+)
+def test_akvorado_sampling_captures(files: list[str], rates: set[int]) -> None:
+    table, stats = decode_captures([shared_testdata("netflow-pcaps", "akvorado", f) for f in files])
+    assert set(table["sampling_rate"].to_pylist()) == rates
+    assert stats.errors_by_reason() == {}
+
+
+def test_pmacct_104_options_sampling_population() -> None:
+    path = shared_testdata("netflow-pcaps", "pmacct", "104-IPFIXv10-IPv6-CISCO-sampling_option__traffic-00.pcap")
+    table, _ = decode_captures(path)
+    rates = table["sampling_rate"].to_pylist()
+    assert rates[-1] == 256  # announced as samplingPopulation 256 of samplingSize 1
+    assert all(r in (1, 256) for r in rates)
+
+
+# --- sequence numbers -----------------------------------------------------------------------
+
+
+def test_ipfix_sequence_gap_reorder_restart_and_wrap() -> None:
+    templates = TemplateStore()
+    fields = [(8, 4), (1, 4)]
+    rec = record(fields, {8: 1, 1: 1})
+
+    def msg(seq: int, n: int = 2) -> Datagram:
+        return dg(message(template_set((256, fields)), data_set(256, *[rec] * n), sequence=seq))
+
+    stats = DecodeStats()
+    decode(msg(0), msg(2), msg(6), msg(4), msg(8), templates=templates, stats=stats)
+    c = stats.by_exporter()["192.0.2.1"]
+    assert (c.sequence_gaps, c.lost_records, c.reordered, c.late_records, c.sequence_resets) == (1, 2, 1, 2, 0)
+    stats = DecodeStats()
+    # A jump far ahead (not loss), then a restart (far behind).
+    decode(msg(50_000_000), msg(0), templates=templates, stats=stats)
+    c = stats.by_exporter()["192.0.2.1"]
+    assert (c.sequence_gaps, c.lost_records, c.reordered, c.sequence_resets) == (0, 0, 0, 2)
+    stats = DecodeStats()  # the 32-bit wrap, in order
+    decode(msg(0xFFFFFFFF), msg(1), msg(3), templates=TemplateStore(), stats=stats)
+    c = stats.by_exporter()["192.0.2.1"]
+    assert (c.sequence_gaps, c.lost_records, c.reordered, c.sequence_resets) == (0, 0, 0, 0)
+
+
+def test_v9_sequence_counts_packets() -> None:
+    from tests.unit.test_netflow_v9 import v9_packet
+
+    stats = DecodeStats()
+    decode(*[dg(v9_packet(sequence=s)) for s in (10, 11, 14, 12, 15)], stats=stats)
+    c = stats.by_exporter()["192.0.2.1"]
+    assert (c.sequence_gaps, c.lost_packets, c.reordered, c.late_packets) == (1, 2, 1, 1)
+
+
+# --- real exporters against tshark ----------------------------------------------------------
+
+PM = "netflow-pcaps/pmacct/"
+AK = "netflow-pcaps/akvorado/"
+ORACLE_CASES = {
+    "softflowd-ipfix": (["softflowd-ipfix.pcap"], (72, 60832, 275)),
+    "pmacct-100": ([PM + "100-IPFIXv10-CISCO__traffic-00.pcap"], (12, 34172, 34)),
+    "pmacct-104": ([PM + "104-IPFIXv10-IPv6-CISCO-sampling_option__traffic-00.pcap"], (3, 10632, 121)),
+    "pmacct-106": ([PM + "106-IPFIXv10-HUAWEI-vrf_name__traffic-00.pcap"], (3, 284557, 1227)),
+    "pmacct-111-ipfix": ([PM + "111-IPFIXv10-NFv9-IPv6-IPv4-mix_sources__traffic-01.pcap"], (13, 9820, 16)),
+    "pmacct-400": ([PM + "400-IPFIXv10-BMP-CISCO-SRv6-multiple-sources__traffic-01.ipfix-only.pcap"],
+                   (109, 10947666, 58241)),
+    "pmacct-403": ([PM + "403-IPFIXv10-BMP-IPv6-CISCO-locrib-peerdown-vrf__traffic-00.ipfix-only.pcap"],
+                   (480, 37595573, 208972)),
+    "pmacct-500": ([PM + "500-IPFIXv10-BGP-CISCO-SRv6__traffic-00.ipfix-only.pcap"], (43, 53644, 558)),
+    "pmacct-501": ([PM + "501-IPFIXv10-BGP-IPv6-CISCO-MPLS__traffic-00.ipfix-only.pcap"], (74, 5141109, 27813)),
+    "pmacct-502": ([PM + "502-IPFIXv10-BGP-IPv6-CISCO-SRv6-lcomms__traffic-00.ipfix-only.pcap"],
+                   (75, 4989084, 26562)),
+    "akvorado-mpls": ([AK + "mpls.pcap"], (2, 979, 11)),
+    "akvorado-physicalinterfaces": ([AK + "physicalinterfaces.pcap"], (8, 31111, 29)),
+    "akvorado-ipfixprobe": ([AK + "ipfixprobe-templates.pcap", AK + "ipfixprobe-data.pcap"], None),
+    "akvorado-datalink": ([AK + "datalink-template.pcap", AK + "datalink-data.pcap"], None),
+    "akvorado-juniper-cpid": ([AK + "juniper-cpid-template.pcap", AK + "juniper-cpid-data.pcap"], None),
+    "akvorado-srv6": ([AK + "ipfix-srv6-template.pcap", AK + "ipfix-srv6-data.pcap"], None),
+    "akvorado-eompls": ([AK + "ethernet-over-mpls-with-control-word-template.pcap",
+                         AK + "ethernet-over-mpls-with-control-word-data.pcap"], None),
+}
+
+
+def _paths(names: list[str]) -> list[Path]:
+    return [shared_testdata(*n.split("/")) if n.startswith("netflow-pcaps/") else DATA / n for n in names]
+
+
+@pytest.mark.parametrize("case", sorted(ORACLE_CASES))
+def test_real_ipfix_captures_match_tshark(case: str) -> None:
+    names, expected = ORACLE_CASES[case]
+    paths = _paths(names)
+    oracle = tshark_decode(paths)
+    table, stats = decode_captures(paths)
+    assert_matches_oracle(table, oracle)
+    if expected is not None:
+        assert oracle.totals == expected
+    assert stats.options_records == oracle.options_records
+    assert set(stats.errors_by_reason()) <= {"missing_system_init_time"}
+
+
+TELEGRAF = ["ipfix_example", "ipfix_options", "ipfix_pen_35632", "issue_13305", "issue_14370"]
+
+
+@pytest.mark.parametrize("folder", TELEGRAF)
+def test_telegraf_ipfix_payloads_match_tshark(folder: str, tmp_path: Path) -> None:
+    files = sorted(shared_testdata("telegraf-netflow", folder).glob("*.bin"))
+    assert files
+    pcap = payloads_to_pcap([f.read_bytes() for f in files], tmp_path / f"{folder}.pcap")
+    oracle = tshark_decode(pcap)
+    table, _ = decode_captures(pcap)
+    assert_matches_oracle(table, oracle)
+
+
+def test_pmacct_112_port_change_is_one_exporter() -> None:
+    """The exporter changes its UDP source port after its only data template. tshark scopes
+    templates per transport session and decodes nothing after the change; we scope by address
+    and observation domain (as nfcapd, pmacct and goflow2 do) and decode the 9 records."""
+    path = shared_testdata(*(PM + "112-IPFIXv10-CISCO-options-map-reassignment__traffic-00.pcap").split("/"))
+    oracle = tshark_decode(path)
+    table, stats = decode_captures(path)
+    assert oracle.totals == (0, 0, 0) and oracle.missing_template_flowsets == 6
+    assert (table.num_rows, sum(table["bytes"].to_pylist()), sum(table["packets"].to_pylist())) == (9, 1197, 19)
+    assert stats.options_records == oracle.options_records == 76
