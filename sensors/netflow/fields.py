@@ -104,7 +104,8 @@ def rate_from_options(values: Mapping[int, int | float]) -> int | None:
     samplingInterval (34) and samplerRandomInterval (50) are N itself; samplingPacketInterval /
     Space (305/306, "take I, skip S") give (I + S) / I (an interval without a space says
     nothing: Cisco sends interval 1 beside its n-out-of-N parameters); samplingSize / Population
-    (309/310, "n out of N") give N / n and win over 305/306; samplingProbability (311) gives 1 / p. Results are rounded and at
+    (309/310, "n out of N") give N / n and win over 305/306; samplingProbability (311) gives
+    1 / p. Results are rounded and at
     least 1; zeros and absent values mean the record says nothing about sampling.
     """
     for key in (SAMPLER_RANDOM_INTERVAL, SAMPLING_INTERVAL):
