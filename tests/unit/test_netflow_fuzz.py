@@ -45,6 +45,11 @@ def _seeds() -> list[bytes]:
         + _payloads(shared_testdata(*netflow, "options-data.pcap"))
         + _payloads(shared_testdata("netflow-pcaps", "pmacct", "101-NFv9-CISCO-cust_primitives__traffic-00.pcap"))[:5]
         + [shared_testdata("telegraf-netflow", "netflow_v9_example", "netflow_v9.bin").read_bytes()]
+        # IPFIX: softflowd, Huawei (enterprise and variable-length fields), ipfixprobe (biflow).
+        + _payloads(DATA / "softflowd-ipfix.pcap")
+        + _payloads(shared_testdata("netflow-pcaps", "pmacct", "106-IPFIXv10-HUAWEI-vrf_name__traffic-00.pcap"))
+        + _payloads(shared_testdata(*netflow, "ipfixprobe-templates.pcap"))
+        + _payloads(shared_testdata(*netflow, "ipfixprobe-data.pcap"))
     )
     odd = [(8, 4), (1, 3), (2, 6), (7, 1), (27, 16), (22, 4), (21, 4)]
     seeds.append(v9_packet(
@@ -58,7 +63,7 @@ def _seeds() -> list[bytes]:
 
 SEEDS = _seeds()
 # Template-carrying packets, replayed unmodified first so that mutated data meets real templates.
-PRIMERS = [s for s in SEEDS if s[:2] == b"\x00\x09"]
+PRIMERS = [s for s in SEEDS if s[:2] in (b"\x00\x09", b"\x00\x0a")]
 VALID = _payloads(DATA / "softflowd-v9.pcap") + _payloads(DATA / "softflowd-v5.pcap")
 
 
