@@ -1,0 +1,64 @@
+"""Pure parts of the sensor's receiving side: completeness accounting and the exporter allowlist."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from sensors.completeness import (
+    COMPLETENESS_SCHEMA,
+    UNKNOWN_EXPORTER,
+    CompletenessAccumulator,
+    domain_of,
+    group_counts,
+)
+from sensors.netflow.collector import Allowlist, _sequence_lost
+from sensors.netflow.decoder import ExporterStats
+from sensors.schema import address16
+
+E = address16("10.0.0.1")
+
+
+def test_accumulator_takes_closed_minutes_only() -> None:
+    acc = CompletenessAccumulator("node-a")
+    acc.counts(60_000 + 5, E, 7).packets += 2
+    acc.counts(60_000 + 59_999, E, 7).records += 30
+    acc.counts(120_000, E, 7).packets += 1
+    acc.add_kernel_drops(60_500, 4)
+    first = acc.take(before_ms=120_000)
+    assert first.schema == COMPLETENESS_SCHEMA
+    rows = {(r["exporter"], r["observation_domain"]): r for r in first.to_pylist()}
+    assert rows[(E, 7)]["packets"] == 2 and rows[(E, 7)]["records"] == 30
+    assert rows[(UNKNOWN_EXPORTER, 0)]["kernel_drops"] == 4
+    assert all(r["observer"] == "node-a" for r in rows.values())
+    rest = acc.take()
+    assert rest.num_rows == 1 and rest.column("packets").to_pylist() == [1]
+    assert len(acc) == 0 and acc.take().num_rows == 0
+
+
+def test_domain_of_headers() -> None:
+    v9 = b"\x00\x09\x00\x01" + b"\x00" * 12 + (1234).to_bytes(4, "big")
+    ipfix = b"\x00\x0a\x00\x10" + b"\x00" * 8 + (99).to_bytes(4, "big")
+    v5 = b"\x00\x05\x00\x01" + b"\x00" * 16 + b"\x02\x03" + b"\x00" * 2
+    assert (domain_of(v9), domain_of(ipfix), domain_of(v5), domain_of(b"\x00")) == (1234, 99, 0x0203, 0)
+
+
+def test_group_counts() -> None:
+    minutes = np.array([0, 1, 60_000, 60_001, 60_002])
+    domains = np.array([1, 1, 1, 2, 2])
+    assert list(group_counts(minutes, domains)) == [(0, 1, 2), (60_000, 1, 1), (60_000, 2, 2)]
+
+
+def test_allowlist_matches_mapped_ipv4() -> None:
+    allow = Allowlist(["10.0.0.0/8", "2001:db8::/32"])
+    assert allow.allows("10.1.2.3") and allow.allows("::ffff:10.1.2.3") and allow.allows("2001:db8::5")
+    assert not allow.allows("11.0.0.1") and not allow.allows("::1")
+    assert Allowlist([]).allows("192.0.2.1")
+
+
+def test_sequence_lost_is_net_of_late_and_tolerates_old_stats() -> None:
+    stats = ExporterStats()
+    assert _sequence_lost(stats) == 0
+    if hasattr(stats, "lost_packets"):
+        stats.lost_packets = 5
+        stats.late_packets = 2
+        assert _sequence_lost(stats) == 3
