@@ -3,6 +3,9 @@
 -- TTLs come from the sink's settings (flows_ttl_days, rollup_1m_ttl_days, rollup_1h_ttl_days;
 -- defaults 15, 30 and 730 days), rendered into the placeholders below when this migration runs.
 -- Tables are partitioned so that expiry drops whole parts (ttl_only_drop_parts).
+-- flows expire by arrival time (inserted_at), not flow time: a replay of old captures or a late
+-- export is kept for the full TTL instead of vanishing at the next merge. Rollups expire by their
+-- (flow) time bucket, so rollup rows for flows older than the rollup TTL are dropped on merge.
 --
 -- Rollup keys: both sides' (namespace, workload, service, kind), protocol and a destination port
 -- bucket: dst_port below 32768 is kept as is (well-known and registered service ports), 32768 and
@@ -18,7 +21,7 @@
 --
 -- Cluster note: on a ClickHouse cluster use ReplicatedSummingMergeTree (ON CLUSTER, and
 -- replicated_deduplication_window) and Distributed tables for reads; see sql/migrate.py.
-ALTER TABLE flows MODIFY TTL toDateTime(flow_end) + toIntervalDay({flows_ttl_days});
+ALTER TABLE flows MODIFY TTL toDateTime(inserted_at) + toIntervalDay({flows_ttl_days});
 
 ALTER TABLE flows MODIFY SETTING ttl_only_drop_parts = 1;
 

@@ -154,7 +154,7 @@ def test_migrations_from_empty_database(clickhouse: Client) -> None:
         "SELECT name, engine_full FROM system.tables WHERE database = currentDatabase()").result_rows}
     assert {"flows", "flows_1m", "flows_1h", "flows_1m_mv", "flows_1h_mv", "schema_migrations"} <= set(tables)
     # TTLs present with the defaults
-    assert "TTL toDateTime(flow_end) + toIntervalDay(15)" in tables["flows"]
+    assert "TTL toDateTime(inserted_at) + toIntervalDay(15)" in tables["flows"]
     assert "TTL time + toIntervalDay(30)" in tables["flows_1m"]
     assert "TTL time + toIntervalDay(730)" in tables["flows_1h"]
     for name in ("flows", *ROLLUPS):
