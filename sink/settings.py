@@ -28,9 +28,10 @@ class SinkSettings(StageSettings):
     )
     # Retention, rendered into the migrations that set TTLs ({flows_ttl_days}, …). They take
     # effect when that migration is applied; later changes need an ALTER TABLE … MODIFY TTL.
-    flows_ttl_days: int = Field(15, ge=1, le=36_500, description="TTL of raw flows (days)")
-    rollup_1m_ttl_days: int = Field(30, ge=1, le=36_500, description="TTL of the per-minute rollup")
-    rollup_1h_ttl_days: int = Field(730, ge=1, le=36_500, description="TTL of the per-hour rollup")
+    # At most 10 years: a TTL reaching past 2106 overflows DateTime and expires every row.
+    flows_ttl_days: int = Field(15, ge=1, le=3650, description="TTL of raw flows (days)")
+    rollup_1m_ttl_days: int = Field(30, ge=1, le=3650, description="TTL of the per-minute rollup (days)")
+    rollup_1h_ttl_days: int = Field(730, ge=1, le=3650, description="TTL of the per-hour rollup (days)")
 
     def migration_variables(self) -> dict[str, int]:
         """The ``{name}`` placeholders the migrations may use, with this deployment's values."""
