@@ -70,7 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
     _common(query)
     query.add_argument("name", nargs="?", help="query name (omit to list them)")
     query.add_argument("--param", action="append", default=[], metavar="KEY=VALUE")
-    query.add_argument("--format", choices=["table", "json"], default="table")
+    query.add_argument("--format", choices=["table", "json", "csv"], default="table")
 
     decode = sub.add_parser("decode", help="decode NetFlow packets in pcap/pcapng files to JSON lines")
     decode.add_argument("files", nargs="+", help="pcap or pcapng captures")
