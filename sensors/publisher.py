@@ -149,17 +149,17 @@ class Publisher:
         for message, future in self._in_flight:
             if not (future.done() and not future.cancelled() and future.exception() is None):
                 self._drop(message, "shutdown")
-                lost += message.flows
+                lost += message.flows if message.topic is None else 0
         self._in_flight.clear()
         if self._current is not None:
             self._drop(self._current, "shutdown")
-            lost += self._current.flows
+            lost += self._current.flows if self._current.topic is None else 0
             self._current = None
         while not self._queue.empty():
             queued = self._queue.get_nowait()
             if queued is not None:
                 self._drop(queued, "shutdown")
-                lost += queued.flows
+                lost += queued.flows if queued.topic is None else 0
         if lost:
             log.error("stopping with Kafka unreachable: %d flows not delivered (counted as dropped)", lost)
         QUEUED.set(0)
@@ -172,7 +172,8 @@ class Publisher:
 
     @staticmethod
     def _drop(message: Message, reason: str) -> None:
-        DROPPED_FLOWS.labels(reason).inc(message.flows)
+        if message.topic is None:  # flows of the default (raw) topic; others are bookkeeping rows
+            DROPPED_FLOWS.labels(reason).inc(message.flows)
         DROPPED_BATCHES.labels(reason).inc()
 
     async def _connect(self) -> AIOKafkaProducer:
@@ -183,6 +184,10 @@ class Publisher:
                 if self._prepare is not None:
                     await self._prepare()
                 await producer.start()
+            except asyncio.CancelledError:
+                with contextlib.suppress(Exception):
+                    await asyncio.wait_for(producer.stop(), 1.0)
+                raise
             except Exception as exc:
                 PUBLISH_ERRORS.inc()
                 log.warning("cannot connect to Kafka (retrying in %.1fs): %s", delay, exc)
