@@ -40,7 +40,7 @@ from flowtally.metrics import MetricsServer
 from flowtally.settings import KafkaSettings, StageSettings, load_settings, parse_hostport
 from sensors.completeness import SCHEMA_NAME as COMPLETENESS_SCHEMA
 from sensors.completeness import CompletenessAccumulator, domain_of, group_counts
-from sensors.netflow.decoder import Datagram, DecodeStats, ExporterStats, decode_datagrams
+from sensors.netflow.decoder import DecodeStats, ExporterStats, decode_payloads, flush_pending
 from sensors.netflow.receiver import UdpReceiver, open_udp_socket
 from sensors.netflow.templates import TemplateStore
 from sensors.publisher import Publisher, encode_messages
@@ -97,6 +97,15 @@ class NetflowSettings(StageSettings):
         "lz4", description="Arrow buffer compression of published batches: lz4 costs half of zstd's "
         "CPU for about twice its bytes (28 vs 15 per flow); none is nearly free but 116 bytes per flow")
     completeness: bool = Field(True, description="Publish per-minute completeness records")
+    max_pending_sets: int = Field(256, ge=0, le=100_000, description="v9/IPFIX data sets held per exporter "
+                                  "and domain while their template has not arrived (0 = none: counted as "
+                                  "missing_template at once); beyond, the oldest is dropped and counted")
+    max_pending_bytes: int = Field(1 << 20, ge=0, le=1 << 30, description="Bytes of data sets held per "
+                                   "exporter and domain for a missing template; beyond, the oldest is "
+                                   "dropped and counted")
+    max_pending_age_ms: int = Field(30_000, ge=0, le=3_600_000, description="How long (by receive time) "
+                                    "a data set waits for its template before it is dropped and counted as "
+                                    "missing_template_expired")
 
     @field_validator("allow_exporters", mode="before")
     @classmethod
@@ -166,7 +175,8 @@ class NetflowReceiver:
                  completeness_topic: str | None = None) -> None:
         self._settings = settings
         self._publisher = publisher
-        self._templates = TemplateStore()
+        self._templates = TemplateStore(settings.max_pending_sets, settings.max_pending_bytes,
+                                        settings.max_pending_age_ms)
         self._pending: dict[bytes, _Pending] = {}
         self._exporters: dict[str, bytes | None] = {}  # source host -> 16-byte address, None = denied
         self._labels: dict[bytes, str] = {}
@@ -207,7 +217,24 @@ class NetflowReceiver:
             self._udp = None
         for exporter in list(self._pending):
             self._flush(exporter)
+        self._give_up_pending()
         self._publish_completeness(None)
+
+    def _give_up_pending(self) -> None:
+        """Count the data sets still waiting for their template (shutdown): nothing more will
+        come to complete them, so each is counted as ``missing_template_expired``."""
+        stats = DecodeStats()
+        if not flush_pending(self._templates, stats):
+            return
+        now_ms = time.time_ns() // 1_000_000
+        for label, counts in stats.by_exporter().items():
+            _export(label, counts, 0)
+            if self._completeness_topic:
+                exporter = address16(label)
+                row = self._completeness.counts(now_ms, exporter, 0)
+                row.decode_errors += sum(counts.errors.values())
+            log.warning("%s: %d data sets never got their template (counted as missing_template_expired)",
+                        label, sum(counts.errors.values()))
 
     # The hot path: one call per socket wakeup.
     def _on_datagrams(self, payloads: list[bytes], hosts: list[str], received_ms: int) -> None:
@@ -274,9 +301,8 @@ class NetflowReceiver:
         if pending is None or not pending.payloads:
             return
         payloads, received = pending.payloads, pending.received
-        datagrams = [Datagram(exporter, ms, p) for p, ms in zip(payloads, received, strict=True)]
         stats = DecodeStats()
-        table = decode_datagrams(datagrams, self._templates, stats)
+        table = decode_payloads(exporter, payloads, received, self._templates, stats)
         if self._settings.observer:
             table = with_observer(table, self._settings.observer)
         label = self._labels.get(exporter)
@@ -364,23 +390,36 @@ def _sequence_lost(counts: ExporterStats) -> int:
     return max(0, lost - late)
 
 
+#: ExporterStats counters that have a metric of their own above (the rest go to COUNTERS).
+_DEDICATED = {"packets", "records", "templates", "sequence_gaps", "lost_packets", "lost_records",
+              "late_packets", "late_records", "sequence_resets"}
+COUNTERS = Counter("flowtally_sensor_netflow_decoder_total", "Other decoder counters by name (see "
+                   "ExporterStats): options_records, pending_sets, reordered, enterprise_fields, "
+                   "reverse_records, ...", ["exporter", "counter"])
+
+
 def _export(label: str, counts: ExporterStats, payload_bytes: int) -> None:
-    """Move one decode call's counters into the Prometheus metrics."""
-    PACKETS.labels(label).inc(counts.packets)
+    """Move one decode call's counters into the Prometheus metrics: every ExporterStats counter
+    (:meth:`~sensors.netflow.decoder.ExporterStats.counters`) and every error reason."""
+    values = counts.counters()
+    PACKETS.labels(label).inc(values["packets"])
     PAYLOAD_BYTES.labels(label).inc(payload_bytes)
-    FLOWS.labels(label).inc(counts.records)
-    TEMPLATES.labels(label).inc(counts.templates)
+    FLOWS.labels(label).inc(values["records"])
+    TEMPLATES.labels(label).inc(values["templates"])
     for reason, n in counts.errors.items():
         ERRORS.labels(label, reason).inc(n)
-    if _count(counts, "sequence_gaps"):
-        SEQUENCE_GAPS.labels(label).inc(_count(counts, "sequence_gaps"))
+    if values["sequence_gaps"]:
+        SEQUENCE_GAPS.labels(label).inc(values["sequence_gaps"])
     for unit in ("packets", "records"):
-        if _count(counts, f"lost_{unit}"):
-            SEQUENCE_LOST.labels(label, unit).inc(_count(counts, f"lost_{unit}"))
-        if _count(counts, f"late_{unit}"):
-            SEQUENCE_LATE.labels(label, unit).inc(_count(counts, f"late_{unit}"))
-    if _count(counts, "sequence_resets"):
-        SEQUENCE_RESETS.labels(label).inc(_count(counts, "sequence_resets"))
+        if values[f"lost_{unit}"]:
+            SEQUENCE_LOST.labels(label, unit).inc(values[f"lost_{unit}"])
+        if values[f"late_{unit}"]:
+            SEQUENCE_LATE.labels(label, unit).inc(values[f"late_{unit}"])
+    if values["sequence_resets"]:
+        SEQUENCE_RESETS.labels(label).inc(values["sequence_resets"])
+    for name, n in values.items():
+        if n and name not in _DEDICATED:
+            COUNTERS.labels(label, name).inc(n)
 
 
 class WorkerProcesses:

@@ -199,56 +199,86 @@ def decode_datagrams(datagrams: Sequence[Datagram], templates: TemplateStore, st
     ``max_pending_age_ms`` relative to the newest receive time in this call are dropped at the
     end of the call and counted.
     """
-    v5 = V5Batch()
-    v9 = V9Batch()
-    ipfix = IpfixBatch()
-    latest_ms: int | None = None
-    exporter_index: dict[bytes, int] = {}
-    per_exporter: dict[bytes, ExporterStats] = {}
+    batch = _Batch(templates, stats)
     for datagram in datagrams:
-        exporter = datagram.exporter
+        batch.walk(datagram.exporter, (datagram.payload,), (datagram.received_ms,))
+    return batch.table()
+
+
+def decode_payloads(exporter: bytes, payloads: Sequence[bytes], received_ms: Sequence[int],
+                    templates: TemplateStore, stats: DecodeStats) -> pa.Table:
+    """:func:`decode_datagrams` for datagrams of one exporter given as parallel lists of payloads
+    and receive times (UTC ms): what a collector has at hand, without a Datagram per payload."""
+    batch = _Batch(templates, stats)
+    batch.walk(exporter, payloads, received_ms)
+    return batch.table()
+
+
+class _Batch:
+    """The datagrams of one decode call, walked as they come, converted to columns at the end."""
+
+    __slots__ = ("exporter_index", "ipfix", "latest_ms", "per_exporter", "stats", "templates", "v5", "v9")
+
+    def __init__(self, templates: TemplateStore, stats: DecodeStats) -> None:
+        self.templates = templates
+        self.stats = stats
+        self.v5 = V5Batch()
+        self.v9 = V9Batch()
+        self.ipfix = IpfixBatch()
+        self.latest_ms: int | None = None
+        self.exporter_index: dict[bytes, int] = {}
+        self.per_exporter: dict[bytes, ExporterStats] = {}
+
+    def walk(self, exporter: bytes, payloads: Sequence[bytes], received: Sequence[int]) -> None:
         if len(exporter) == 4:  # tolerate a bare IPv4 address
             exporter = _V4_MAPPED_PREFIX + exporter
-        counts = per_exporter.get(exporter)
+        counts = self.per_exporter.get(exporter)
         if counts is None:
             label = address_text(exporter) if len(exporter) == 16 else f"invalid:{exporter.hex()}"
-            counts = per_exporter[exporter] = stats.exporter(label)
-        counts.packets += 1
+            counts = self.per_exporter[exporter] = self.stats.exporter(label)
+        counts.packets += len(payloads)
         if len(exporter) != 16:
-            counts.error("bad_exporter_address")
-            continue
-        index = exporter_index.setdefault(exporter, len(exporter_index))
-        if latest_ms is None or datagram.received_ms > latest_ms:
-            latest_ms = datagram.received_ms
-        payload = datagram.payload
-        if len(payload) < 2:
-            counts.error("truncated_header")
-            continue
-        version = (payload[0] << 8) | payload[1]
-        try:
-            if version == 9:
-                v9.add(payload, exporter, index, datagram.received_ms, templates, counts)
-            elif version == 5:
-                v5.add(payload, index, datagram.received_ms, counts, templates, exporter)
-            elif version == 10:
-                ipfix.add(payload, exporter, index, datagram.received_ms, templates, counts)
-            else:
-                counts.error("unknown_version")
-        except (struct.error, ValueError, IndexError, OverflowError):
-            # The parsers check every length before reading; reaching this is a bug, but one bad
-            # datagram must not take the batch (and the other exporters' flows) down with it.
-            counts.error("malformed_packet")
+            counts.error("bad_exporter_address", len(payloads))
+            return
+        if not payloads:
+            return
+        index = self.exporter_index.setdefault(exporter, len(self.exporter_index))
+        newest = max(received)
+        if self.latest_ms is None or newest > self.latest_ms:
+            self.latest_ms = newest
+        templates = self.templates
+        v9, v5, ipfix = self.v9.add, self.v5.add, self.ipfix.add
+        for payload, ms in zip(payloads, received, strict=True):
+            if len(payload) < 2:
+                counts.error("truncated_header")
+                continue
+            version = (payload[0] << 8) | payload[1]
+            try:
+                if version == 9:
+                    v9(payload, exporter, index, ms, templates, counts)
+                elif version == 5:
+                    v5(payload, index, ms, counts, templates, exporter)
+                elif version == 10:
+                    ipfix(payload, exporter, index, ms, templates, counts)
+                else:
+                    counts.error("unknown_version")
+            except (struct.error, ValueError, IndexError, OverflowError):
+                # The parsers check every length before reading; reaching this is a bug, but one
+                # bad datagram must not take the batch (and the other exporters' flows) down.
+                counts.error("malformed_packet")
 
-    if latest_ms is not None and templates.has_pending():
-        _count_expired(templates.expire(latest_ms), stats)
-    exporters = np.frombuffer(b"".join(exporter_index), dtype=np.uint8).reshape(-1, 16)
-    parts = [c for c in (v5.columns(exporters), *v9.columns(exporters), *ipfix.columns(exporters))
-             if c is not None]
-    if not parts:
-        return empty_raw_table()
-    if len(parts) == 1:
-        return build_raw_table(parts[0])
-    return build_raw_table({name: np.concatenate([p[name] for p in parts]) for name in parts[0]})
+    def table(self) -> pa.Table:
+        templates = self.templates
+        if self.latest_ms is not None and templates.has_pending():
+            _count_expired(templates.expire(self.latest_ms), self.stats)
+        exporters = np.frombuffer(b"".join(self.exporter_index), dtype=np.uint8).reshape(-1, 16)
+        parts = [c for c in (self.v5.columns(exporters), *self.v9.columns(exporters),
+                             *self.ipfix.columns(exporters)) if c is not None]
+        if not parts:
+            return empty_raw_table()
+        if len(parts) == 1:
+            return build_raw_table(parts[0])
+        return build_raw_table({name: np.concatenate([p[name] for p in parts]) for name in parts[0]})
 
 
 def flush_pending(templates: TemplateStore, stats: DecodeStats) -> int:

@@ -11,6 +11,7 @@ IPFIX records with variable-length fields are repacked into that shape first (se
 from __future__ import annotations
 
 from collections.abc import Mapping
+from typing import Any
 
 import numpy as np
 
@@ -45,23 +46,30 @@ def field_bytes(buf: bytes, n: int, size: int, offset: int, length: int) -> np.n
     return np.ndarray((n, length), dtype=np.uint8, buffer=buf, offset=offset, strides=(size, 1))
 
 
-def uint(buf: bytes, n: int, size: int, offset: int, length: int) -> np.ndarray:
-    """One big-endian unsigned field of every record as uint64, whatever its length.
+_BIG_ENDIAN: dict[int, np.dtype[Any]] = {
+    1: np.dtype("u1"), 2: np.dtype(">u2"), 4: np.dtype(">u4"), 8: np.dtype(">u8")}
 
-    Lengths 1, 2, 4 and 8 are read through a strided view; other lengths (3, 5, 6, 7: MPLS
-    labels, IPFIX reduced-size encoding) are right-aligned into 8 zero bytes first. A field wider
-    than 8 bytes keeps its low 64 bits.
+
+def uint(buf: bytes, n: int, size: int, offset: int, length: int,
+         dtype: type[np.generic] | np.dtype[np.generic] = np.uint64) -> np.ndarray:
+    """One big-endian unsigned field of every record as ``dtype`` (uint64 by default, values
+    truncated to a narrower ``dtype`` as astype does), whatever its length.
+
+    Lengths 1, 2, 4 and 8 are read through a strided view and converted once; other lengths (3,
+    5, 6, 7: MPLS labels, IPFIX reduced-size encoding) are right-aligned into 8 zero bytes first.
+    A field wider than 8 bytes keeps its low 64 bits.
     """
     if length == 0:
-        return np.zeros(n, dtype=np.uint64)
+        return np.zeros(n, dtype=dtype)
     if length > 8:
         offset, length = offset + length - 8, 8
-    if length in (1, 2, 4, 8):
-        dtype = np.dtype(f">u{length}")
-        return np.ndarray((n,), dtype=dtype, buffer=buf, offset=offset, strides=(size,)).astype(np.uint64)
+    wire = _BIG_ENDIAN.get(length)
+    if wire is not None:
+        view = np.ndarray((n,), dtype=wire, buffer=buf, offset=offset, strides=(size,))
+        return view.astype(dtype)
     wide = np.zeros((n, 8), dtype=np.uint8)
     wide[:, 8 - length :] = field_bytes(buf, n, size, offset, length)
-    return wide.view(">u8").ravel().astype(np.uint64)
+    return wide.view(">u8").ravel().astype(dtype)
 
 
 def address16(buf: bytes, n: int, size: int, offset: int, length: int) -> np.ndarray:
@@ -79,13 +87,16 @@ def addresses(buf: bytes, n: int, size: int, where: Where) -> tuple[np.ndarray, 
     zeroes the unused pair). A record is IPv6 when the template has IPv6 fields and either no
     IPv4 fields or both IPv4 addresses are 0.0.0.0 while an IPv6 address is set.
     """
-    zeros = np.zeros(n, dtype=np.uint64)
     has4 = SRC_V4 in where or DST_V4 in where
     has6 = SRC_V6 in where or DST_V6 in where
-    src4 = uint(buf, n, size, *where[SRC_V4]) if SRC_V4 in where else zeros
-    dst4 = uint(buf, n, size, *where[DST_V4]) if DST_V4 in where else zeros
-    src = ipv4_to_mapped(src4.astype(np.uint32))
-    dst = ipv4_to_mapped(dst4.astype(np.uint32))
+    if not has6 and where.get(SRC_V4, (0, 0))[1] == 4 and where.get(DST_V4, (0, 0))[1] == 4:
+        # The usual IPv4 template: the 4 wire bytes are the mapped address's last 4 bytes.
+        return _mapped(buf, n, size, where[SRC_V4][0]), _mapped(buf, n, size, where[DST_V4][0])
+    zeros = np.zeros(n, dtype=np.uint32)
+    src4 = uint(buf, n, size, *where[SRC_V4], dtype=np.uint32) if SRC_V4 in where else zeros
+    dst4 = uint(buf, n, size, *where[DST_V4], dtype=np.uint32) if DST_V4 in where else zeros
+    src = ipv4_to_mapped(src4)
+    dst = ipv4_to_mapped(dst4)
     if not has6:
         return src, dst
     blank = np.zeros((n, 16), dtype=np.uint8)
@@ -96,6 +107,18 @@ def addresses(buf: bytes, n: int, size: int, where: Where) -> tuple[np.ndarray, 
     else:
         use6 = np.ones(n, dtype=bool)
     return np.where(use6[:, None], src6, src), np.where(use6[:, None], dst6, dst)
+
+
+_MAPPED_WORD = np.frombuffer(b"\x00\x00\xff\xff", dtype=np.uint32)[0]
+
+
+def _mapped(buf: bytes, n: int, size: int, offset: int) -> np.ndarray:
+    """A 4-byte IPv4 field of every record as (n, 16) uint8 IPv4-mapped addresses: one copy of
+    the wire bytes into the last word of zeroed 16-byte rows, no byte-order conversion."""
+    out = np.zeros((n, 4), dtype=np.uint32)
+    out[:, 2] = _MAPPED_WORD
+    out[:, 3] = np.ndarray((n,), dtype=np.uint32, buffer=buf, offset=offset, strides=(size,))
+    return out.view(np.uint8)
 
 
 def rate_from_options(values: Mapping[int, int | float]) -> int | None:
@@ -232,20 +255,26 @@ def common_columns(buf: bytes, n: int, size: int, where: Where, group: Group, co
     Counter fallbacks: octetDeltaCount/packetDeltaCount (1/2), else postOctet/PacketDeltaCount
     (23/24, egress-only exporters), else the totals 85/86; a record without any reports 0.
     """
+    single = len(counts) == 1 or (
+        len(set(group.received)) == 1 and len(set(group.domain)) == 1 and len(set(group.exporter)) == 1)
+
     def per_record(values: list[int], dtype: type[np.generic] = np.int64) -> np.ndarray:
+        if single:  # one value for the whole group (the usual case: one exporter, one batch)
+            return np.full(n, values[0], dtype=dtype)
         return np.repeat(np.asarray(values, dtype=dtype), counts)
 
     def uint_or_zero(dtype: type[np.generic], *field_types: int) -> np.ndarray:
         for field_type in field_types:
             if field_type in where:
-                return uint(buf, n, size, *where[field_type]).astype(dtype)
+                return uint(buf, n, size, *where[field_type], dtype=dtype)
         return np.zeros(n, dtype=dtype)
 
     src_addr, dst_addr = addresses(buf, n, size, where)
     sampler_field = SAMPLER_ID if SAMPLER_ID in where else (SELECTOR_ID if SELECTOR_ID in where else None)
     return {
         "time_received": per_record(group.received),
-        "exporter": exporters[per_record(group.exporter)],
+        "exporter": (np.broadcast_to(exporters[group.exporter[0]], (n, 16)) if single
+                     else exporters[per_record(group.exporter)]),
         "observation_domain": per_record(group.domain, np.uint32),
         "src_addr": src_addr,
         "dst_addr": dst_addr,

@@ -352,6 +352,17 @@ def _parse_templates(payload: bytes, pos: int, end: int, options: bool, exporter
                 return False
             scope_count = _OPTIONS_HEADER.unpack_from(payload, pos)[2]
         p = pos + (6 if options else 4)
+        # An unchanged refresh (same wire bytes as the template in force) needs no parsing.
+        if template_id >= FIRST_DATA_SET and (not options or 0 < scope_count <= field_count):
+            known = _known_length(payload, p, end, field_count)
+            if known:
+                wire = (b"o" if options else b"d") + payload[pos:known]
+                if templates.same_raw(VERSION, exporter, domain, template_id, wire):
+                    learnt.append(template_id)
+                    counts.templates += 1
+                    pos = known
+                    continue
+        start = pos
         fields: list[Field] = []
         for _ in range(field_count):
             if p + 4 > end:
@@ -376,11 +387,21 @@ def _parse_templates(payload: bytes, pos: int, end: int, options: bool, exporter
         if template.record_length == 0:
             counts.error("bad_template")
             return False
-        templates.put(VERSION, exporter, domain, template_id, template)
+        templates.put(VERSION, exporter, domain, template_id, template,
+                      (b"o" if options else b"d") + payload[start:p])
         learnt.append(template_id)
         counts.templates += 1
         pos = p
     return True
+
+
+def _known_length(payload: bytes, p: int, end: int, field_count: int) -> int:
+    """Where the field specifiers starting at ``p`` end, or 0 if they run past ``end``."""
+    for _ in range(field_count):
+        if p + 4 > end:
+            return 0
+        p += 8 if payload[p] & 0x80 else 4
+    return p if p <= end else 0
 
 
 def _ntp_ms(value: np.ndarray) -> np.ndarray:

@@ -32,7 +32,9 @@ SO_RXQ_OVFL = getattr(socket, "SO_RXQ_OVFL", 40)  # Linux; missing from Python's
 SO_RCVBUFFORCE = getattr(socket, "SO_RCVBUFFORCE", 33)
 MAX_DATAGRAM = 65535
 _ANC_SIZE = socket.CMSG_SPACE(4)
+_SOL_SOCKET = int(socket.SOL_SOCKET)
 _U32 = struct.Struct("=I")
+_MSG_TRUNC = int(socket.MSG_TRUNC)  # a plain int: `int & MsgFlag` builds an enum member per call
 
 #: Called once per wakeup with (payloads, source hosts, receive time in UTC ms).
 OnDatagrams = Callable[[list[bytes], list[str], int], None]
@@ -118,7 +120,7 @@ class UdpReceiver:
                 append_host(addr[0])
                 if anc:
                     self._ancillary(anc)
-                if flags & socket.MSG_TRUNC:
+                if flags & _MSG_TRUNC:
                     self.truncated += 1
         except (BlockingIOError, InterruptedError):
             pass
@@ -132,7 +134,7 @@ class UdpReceiver:
 
     def _ancillary(self, anc: list[tuple[int, int, bytes]]) -> None:
         for level, kind, data in anc:
-            if level == socket.SOL_SOCKET and kind == SO_RXQ_OVFL and len(data) >= 4:
+            if level == _SOL_SOCKET and kind == SO_RXQ_OVFL and len(data) >= 4:
                 drops = _U32.unpack_from(data)[0]
                 if drops > self.kernel_drops:
                     self.kernel_drops = drops

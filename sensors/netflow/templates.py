@@ -108,7 +108,7 @@ class TemplateStore:
     """
 
     __slots__ = (
-        "_pending", "_pending_bytes", "_templates", "max_pending_age_ms", "max_pending_bytes",
+        "_pending", "_pending_bytes", "_raw", "_templates", "max_pending_age_ms", "max_pending_bytes",
         "max_pending_sets", "samplers", "sampling", "sequences", "sys_init",
     )
 
@@ -119,6 +119,10 @@ class TemplateStore:
         oldest is dropped; a set older than ``max_pending_age_ms`` (by receive time) is dropped
         by :meth:`expire`. 0 sets disables holding."""
         self._templates: dict[TemplateKey, Template] = {}
+        #: The wire bytes each template was last built from: a refresh with the same bytes (the
+        #: usual case: exporters resend unchanged templates every few packets) is recognised with
+        #: one bytes comparison instead of being parsed into Field tuples again.
+        self._raw: dict[TemplateKey, bytes] = {}
         self.max_pending_sets = max_pending_sets
         self.max_pending_bytes = max_pending_bytes
         self.max_pending_age_ms = max_pending_age_ms
@@ -139,22 +143,36 @@ class TemplateStore:
         """The template in force for this exporter, domain and ID, or None if none was received."""
         return self._templates.get((version, exporter, domain, template_id))
 
-    def put(self, version: int, exporter: bytes, domain: int, template_id: int, template: Template) -> bool:
+    def put(self, version: int, exporter: bytes, domain: int, template_id: int, template: Template,
+            raw: bytes | None = None) -> bool:
         """Store a template; True if it is new or changed the layout of the one it replaces.
 
         A refresh with an unchanged layout keeps the stored object, so the decoder, which groups
-        records by template object, keeps one group per layout across refreshes.
+        records by template object, keeps one group per layout across refreshes. ``raw`` is the
+        template record's wire bytes, remembered for :meth:`same_raw`.
         """
         key = (version, exporter, domain, template_id)
+        if raw is not None:
+            self._raw[key] = raw
+        else:
+            self._raw.pop(key, None)
         old = self._templates.get(key)
         if old == template:
             return False
         self._templates[key] = template
         return True
 
+    def same_raw(self, version: int, exporter: bytes, domain: int, template_id: int, raw: bytes) -> bool:
+        """True when the template in force was built from exactly these wire bytes (a refresh
+        that needs no parsing)."""
+        key = (version, exporter, domain, template_id)
+        return self._raw.get(key) == raw and key in self._templates
+
     def remove(self, version: int, exporter: bytes, domain: int, template_id: int) -> bool:
         """Forget one template (IPFIX template withdrawal); True if it was known."""
-        return self._templates.pop((version, exporter, domain, template_id), None) is not None
+        key = (version, exporter, domain, template_id)
+        self._raw.pop(key, None)
+        return self._templates.pop(key, None) is not None
 
     def remove_domain(self, version: int, exporter: bytes, domain: int, options: bool | None = None) -> int:
         """Forget every template of one domain (IPFIX withdraw-all); ``options`` limits it to
@@ -163,12 +181,14 @@ class TemplateStore:
                 if k[:3] == (version, exporter, domain) and (options is None or t.is_options == options)]
         for key in keys:
             del self._templates[key]
+            self._raw.pop(key, None)
         return len(keys)
 
     def clear(self, exporter: bytes | None = None) -> None:
         """Forget all templates and other state, or only those of one exporter address."""
         if exporter is None:
             self._templates.clear()
+            self._raw.clear()
             self._pending.clear()
             self._pending_bytes.clear()
             self.sampling.clear()
@@ -178,6 +198,7 @@ class TemplateStore:
             return
         for key in [k for k in self._templates if k[1] == exporter]:
             del self._templates[key]
+            self._raw.pop(key, None)
         for state in (self._pending, self._pending_bytes, self.sampling, self.samplers, self.sequences):
             for dkey in [k for k in state if k[1] == exporter]:
                 del state[dkey]

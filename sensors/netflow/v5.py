@@ -62,9 +62,12 @@ def uptime_to_unix_ms(export_ms: np.ndarray, sys_uptime: np.ndarray, switched: n
     export still gives the right time. An age above 2**31 means the switch time lies *after* the
     header's uptime (exporters that stamp the header first), i.e. a small negative age.
     """
-    age = (sys_uptime.astype(np.int64) - switched.astype(np.int64)) & (_AGE_WRAP - 1)
-    age = np.where(age > _AGE_NEGATIVE, age - _AGE_WRAP, age)
-    return export_ms.astype(np.int64) - age
+    # ((age + 2**31 - 1) mod 2**32) - (2**31 - 1) maps ages above 2**31 to age - 2**32 in one pass.
+    age = sys_uptime.astype(np.int64) - switched.astype(np.int64)
+    age += _AGE_NEGATIVE - 1
+    age &= _AGE_WRAP - 1
+    age -= _AGE_NEGATIVE - 1
+    return export_ms.astype(np.int64, copy=False) - age
 
 
 class V5Batch:

@@ -193,12 +193,14 @@ def _parse_templates(
                 return True
             counts.error("bad_template")
             return False
-        raw = struct.unpack_from(f"!{2 * field_count}H", payload, pos + 4)
-        template = Template(fields=tuple(Field(t, n) for t, n in zip(raw[::2], raw[1::2], strict=True)))
-        if template.record_length == 0:
-            counts.error("bad_template")
-            return False
-        templates.put(VERSION, exporter, source_id, template_id, template)
+        wire = payload[pos + 4 : fields_end]
+        if not templates.same_raw(VERSION, exporter, source_id, template_id, wire):
+            raw = struct.unpack_from(f"!{2 * field_count}H", payload, pos + 4)
+            template = Template(fields=tuple(Field(t, n) for t, n in zip(raw[::2], raw[1::2], strict=True)))
+            if template.record_length == 0:
+                counts.error("bad_template")
+                return False
+            templates.put(VERSION, exporter, source_id, template_id, template, wire)
         learnt.append(template_id)
         counts.templates += 1
         pos = fields_end
