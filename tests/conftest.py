@@ -3,4 +3,5 @@
 pytest_plugins = [
     "tests.fixtures.kafka",
     "tests.fixtures.clickhouse",
+    "tests.fixtures.grafana",
 ]
