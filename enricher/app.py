@@ -6,6 +6,10 @@ for the broker's acknowledgement before taking the next event, so Faust only com
 offset whose output is durable. The enriched message carries the raw message's coordinates in
 ``flowtally-origin``; the sink deduplicates on them, so a batch the enricher re-processes after a
 crash cannot be counted twice.
+
+Identity: the static inventory (if any) seeds the index; an :class:`IdentityFeed` task replays
+the identity topic to its end before the agent handles its first batch, then keeps applying
+changes while the stream runs. MaxMind files (if configured) are re-checked between batches.
 """
 
 from __future__ import annotations
@@ -19,8 +23,10 @@ from typing import Any
 import faust
 from prometheus_client import Counter, Gauge, Histogram
 
-from enricher.enrich import enrich_batch
+from enricher.enrich import EnrichStats, enrich_batch
+from enricher.geo import GeoIP
 from enricher.identity import IdentityIndex
+from enricher.identity_feed import IdentityFeed
 from enricher.inventory import load_inventory
 from enricher.schema import SCHEMA_NAME as ENRICHED
 from enricher.settings import EnricherSettings
@@ -37,18 +43,44 @@ BATCHES = Counter("flowtally_enricher_batches_total", "Raw batches handled", ["o
 FLOWS = Counter("flowtally_enricher_flows_total", "Flows enriched and published")
 SECONDS = Histogram("flowtally_enricher_batch_seconds", "Decode + enrich + encode time per batch")
 OWNERS = Gauge("flowtally_enricher_identity_owners", "Addresses in the identity index")
+VERSIONS = Gauge("flowtally_enricher_identity_versions", "Owner versions in the identity index")
+IDENTITY_CHANGES = Counter("flowtally_enricher_identity_changes_total",
+                           "Addresses changed by identity records")
+LOOKUPS = Counter("flowtally_enricher_lookups_total",
+                  "Flow ends by identity outcome (owned, ignored, unknown_private, external, late)",
+                  ["side", "outcome"])
+GEO = Counter("flowtally_enricher_geo_total", "GeoIP work (addresses, distinct, cache_misses, found)",
+              ["what"])
+GEO_RELOADS = Counter("flowtally_enricher_geoip_reloads_total", "mmdb reloads", ["outcome"])
 
 
 class EnricherState:
     """What the agent needs besides its streams; also answers the health check."""
 
-    def __init__(self, index: IdentityIndex) -> None:
+    def __init__(self, index: IdentityIndex, geo: GeoIP | None = None,
+                 feed: IdentityFeed | None = None) -> None:
         self.index = index
+        self.geo = geo
+        self.feed = feed
         self.running = False
         self.last_batch: float | None = None
 
     def health(self) -> tuple[bool, str]:
+        if self.feed is not None and not self.feed.ready.is_set():
+            return False, "replaying the identity topic"
         return (True, "ok") if self.running else (False, "starting")
+
+
+def _count(stats: EnrichStats) -> None:
+    for side, lookup in stats.sides.items():
+        for outcome in ("owned", "ignored", "unknown_private", "external", "late"):
+            value = getattr(lookup, outcome)
+            if value:
+                LOOKUPS.labels(side, outcome).inc(value)
+    for what in ("addresses", "distinct", "cache_misses", "found"):
+        value = getattr(stats.geo, what)
+        if value:
+            GEO.labels(what).inc(value)
 
 
 def create_app(settings: EnricherSettings, state: EnricherState) -> faust.App:
@@ -78,8 +110,17 @@ def create_app(settings: EnricherSettings, state: EnricherState) -> faust.App:
     dlq_topic = app.topic(settings.kafka.topic("dlq"), value_type=bytes, key_type=bytes,
                           value_serializer="raw", key_serializer="raw")
 
+    if state.feed is not None:
+        feed = state.feed
+
+        @app.task
+        async def follow_identity() -> None:
+            await feed.run()  # cancelled by Faust at shutdown; run() closes its consumer
+
     @app.agent(raw_topic)
     async def enrich(stream: Any) -> None:
+        if state.feed is not None:
+            await state.feed.ready.wait()
         state.running = True
         async for event in stream.events():
             message = event.message
@@ -94,7 +135,10 @@ def create_app(settings: EnricherSettings, state: EnricherState) -> faust.App:
                            ("flowtally-stage", b"enricher")]
                 await (await dlq_topic.send(key=event.key, value=event.value, headers=headers))
                 continue
-            enriched = enrich_batch(raw, state.index)
+            stats = EnrichStats()
+            geo = state.geo.current() if state.geo is not None else None
+            enriched = enrich_batch(raw, state.index, geo, stats)
+            _count(stats)
             value, headers = encode_batch(enriched, ENRICHED)
             headers.append((ORIGIN_HEADER, origin.encode()))
             SECONDS.observe(time.perf_counter() - started)
@@ -121,9 +165,25 @@ def run(args: argparse.Namespace) -> int:
         EnricherSettings, args.config, inventory=args.inventory, metrics_listen=args.metrics_listen
     )
     owners = load_inventory(settings.inventory).owners if settings.inventory else ()
-    state = EnricherState(IdentityIndex(owners))
-    OWNERS.set(state.index.size)
-    log.info("identity: %d owners from %s", state.index.size, settings.inventory or "(none)")
+    index = IdentityIndex(owners, history_ms=int(settings.identity_history_s * 1000))
+    OWNERS.set(index.size)
+    VERSIONS.set(index.versions)
+    log.info("identity: %d owners from %s", index.size, settings.inventory or "(none)")
+    geo = None
+    if settings.geoip_asn_path or settings.geoip_city_path:
+        geo = GeoIP(settings.geoip_asn_path, settings.geoip_city_path,
+                    check_interval_s=settings.geoip_check_interval_s, cache_size=settings.geoip_cache_size,
+                    on_reload=lambda outcome: GEO_RELOADS.labels(outcome).inc())
+    feed = None
+    if settings.identity_topic:
+        def applied(changes: int, versions: int) -> None:
+            IDENTITY_CHANGES.inc(changes)
+            OWNERS.set(index.size)
+            VERSIONS.set(versions)
+
+        feed = IdentityFeed(settings.kafka, settings.kafka.topic("identity"), index,
+                            apply_interval_s=settings.identity_apply_interval_s, on_apply=applied)
+    state = EnricherState(index, geo, feed)
     asyncio.run(kafka.ensure_topics(settings.kafka, settings.topics))
     app = create_app(settings, state)
     metrics = MetricsServer(settings.metrics_listen, state.health)

@@ -1,10 +1,20 @@
 """The enriched flow schema (`enriched.v1`), owned by the enricher: every raw column, then the
-identity of each side of the flow.
+identity of each side of the flow, then what is known about public addresses, then the flow's
+direction.
 
 Identity columns are dictionary-encoded strings (ClickHouse reads them as LowCardinality); an
 empty string means "not known". ``*_kind`` says what holds the address: a cluster owner kind
-(pod, service, node, host-network) or, for addresses no cluster object holds, ``private`` or
-``external``.
+(pod, service, node, host-network), ``ignored`` (a pod or namespace annotated
+``flowtally.io/ignore: "true"``: marked and counted, not named) or, for addresses no cluster
+object holds, ``private`` or ``external``.
+
+Additive columns (no version bump; the sink maps columns by name, migration 0003 adds them with
+defaults so older rows read as empty):
+
+- ``*_pod_uid``: the pod's UID (distinguishes two pods that had the same name or IP).
+- ``*_asn``/``*_as_org``/``*_country``/``*_city``/``*_lat``/``*_lon``: MaxMind data for public
+  addresses (0 / "" / NaN when unknown or not looked up).
+- ``direction``: see :func:`enricher.enrich.direction_codes` for the rule.
 """
 
 from __future__ import annotations
@@ -17,13 +27,34 @@ SCHEMA_NAME = "enriched.v1"
 
 #: Per side of the flow (``src_…``, ``dst_…``), in this order.
 IDENTITY_FIELDS = ("kind", "namespace", "name", "workload", "workload_kind", "service", "node")
+#: Identity fields added after the walking skeleton (kept after the geo columns' predecessors).
+EXTRA_IDENTITY_FIELDS = ("pod_uid",)
+ALL_IDENTITY_FIELDS = IDENTITY_FIELDS + EXTRA_IDENTITY_FIELDS
 SIDES = ("src", "dst")
 
 _STRING = pa.dictionary(pa.int32(), pa.string())
 
 IDENTITY_COLUMNS = tuple(f"{side}_{field}" for side in SIDES for field in IDENTITY_FIELDS)
 
+#: Geo fields per side and their Arrow types.
+GEO_FIELDS: dict[str, pa.DataType] = {
+    "asn": pa.uint32(),
+    "as_org": _STRING,
+    "country": _STRING,
+    "city": _STRING,
+    "lat": pa.float32(),
+    "lon": pa.float32(),
+}
+
+DIRECTIONS = ("other", "pod-to-pod", "pod-to-service", "ingress", "egress")
+
+EXTRA_COLUMNS = (
+    *(pa.field(f"{side}_pod_uid", _STRING, nullable=False) for side in SIDES),
+    *(pa.field(f"{side}_{name}", typ, nullable=False) for side in SIDES for name, typ in GEO_FIELDS.items()),
+    pa.field("direction", _STRING, nullable=False),
+)
+
 ENRICHED_SCHEMA = pa.schema(
-    [*RAW_SCHEMA, *(pa.field(name, _STRING, nullable=False) for name in IDENTITY_COLUMNS)],
+    [*RAW_SCHEMA, *(pa.field(name, _STRING, nullable=False) for name in IDENTITY_COLUMNS), *EXTRA_COLUMNS],
     metadata={"flowtally-schema": SCHEMA_NAME},
 )

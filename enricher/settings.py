@@ -22,3 +22,13 @@ class EnricherSettings(StageSettings):
     session_timeout_s: float = Field(30.0, ge=6, le=300,
                                      description="How long a dead worker holds its partitions")
     commit_interval_s: float = Field(1.0, gt=0, le=60)
+    identity_topic: bool = Field(True, description="Replay and follow the identity topic")
+    identity_history_s: float = Field(3600.0, ge=60, le=7 * 86400,
+                                      description="How long ended identity versions are kept for late flows")
+    identity_apply_interval_s: float = Field(0.5, gt=0, le=60,
+                                             description="Identity changes are applied in batches this often")
+    geoip_asn_path: Path | None = Field(None, description="GeoLite2-ASN (or GeoIP2-ISP) mmdb file")
+    geoip_city_path: Path | None = Field(None, description="GeoLite2-City or -Country mmdb file")
+    geoip_check_interval_s: float = Field(30.0, ge=0, le=86400,
+                                          description="How often the mmdb files are checked for changes")
+    geoip_cache_size: int = Field(200_000, ge=0, le=10_000_000)

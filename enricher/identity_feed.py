@@ -1,0 +1,115 @@
+"""Keeps an :class:`IdentityIndex` in step with the identity topic (the shell around it).
+
+:meth:`IdentityFeed.run` first *replays* the topic: it notes the partitions' end offsets, reads
+from the beginning up to them, applies everything in one batch and sets :attr:`ready` (the
+enricher's agent waits for it before its first flow batch). It then *follows* the topic, collecting
+changes and applying them every ``apply_interval_s`` (one index rebuild per interval, not per
+record), and prunes versions older than the history window once a minute.
+
+A plain aiokafka consumer without a group (every enricher reads the whole topic; nothing to
+commit: it always replays from the beginning). Faust's GlobalTable would do the same with more
+machinery and its recovery caveats with several workers (READING.md section 5).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+
+from aiokafka import AIOKafkaConsumer, TopicPartition
+
+from enricher.identity import IdentityIndex, Version
+from enricher.identity_topic import IdentityRecordError, decode_record
+from flowtally.settings import KafkaSettings
+
+log = logging.getLogger(__name__)
+
+PRUNE_INTERVAL_S = 60.0
+
+
+class IdentityFeed:
+    """Replays, then follows, the identity topic into ``index``."""
+
+    def __init__(self, kafka: KafkaSettings, topic: str, index: IdentityIndex, *,
+                 apply_interval_s: float = 0.5, wall_ms: Callable[[], int] = lambda: int(time.time() * 1000),
+                 on_apply: Callable[[int, int], None] | None = None) -> None:
+        self.kafka = kafka
+        self.topic = topic
+        self.index = index
+        self.apply_interval_s = apply_interval_s
+        self.ready = asyncio.Event()
+        self.records = 0
+        self.bad_records = 0
+        self._wall_ms = wall_ms
+        self._on_apply = on_apply
+        self._consumer: AIOKafkaConsumer | None = None
+        self._stopping = False
+
+    def _collect(self, batch: dict[bytes, list[Version] | None], key: bytes | None,
+                 value: bytes | None) -> None:
+        self.records += 1
+        try:
+            address, versions = decode_record(key, value)
+        except IdentityRecordError as exc:
+            self.bad_records += 1
+            log.warning("identity topic: skipped a record: %s", exc)
+            return
+        batch[address] = versions  # a later record for the same address replaces an earlier one
+
+    def _apply(self, batch: dict[bytes, list[Version] | None]) -> None:
+        if batch:
+            self.index.apply(batch)
+            if self._on_apply is not None:
+                self._on_apply(len(batch), self.index.versions)
+            batch.clear()
+
+    async def run(self) -> None:
+        """Replay to the end, set :attr:`ready`, then follow until :meth:`stop`."""
+        consumer = AIOKafkaConsumer(**self.kafka.client_kwargs(), enable_auto_commit=False,
+                                    auto_offset_reset="earliest", isolation_level="read_committed")
+        self._consumer = consumer
+        await consumer.start()
+        try:
+            partitions = consumer.partitions_for_topic(self.topic)
+            while not partitions:
+                await consumer.force_metadata_update()
+                partitions = consumer.partitions_for_topic(self.topic)
+                if not partitions:
+                    await asyncio.sleep(0.5)
+            tps = [TopicPartition(self.topic, p) for p in sorted(partitions)]
+            consumer.assign(tps)
+            await consumer.seek_to_beginning(*tps)
+            ends = await consumer.end_offsets(tps)
+            t0 = time.monotonic()
+            batch: dict[bytes, list[Version] | None] = {}
+            while [tp for tp in tps if await consumer.position(tp) < ends[tp]]:
+                for messages in (await consumer.getmany(*tps, timeout_ms=500, max_records=10_000)).values():
+                    for m in messages:
+                        self._collect(batch, m.key, m.value)
+            self._apply(batch)
+            self.index.prune(self._wall_ms())
+            log.info("identity: replayed %d records in %.2f s: %d addresses, %d versions",
+                     self.records, time.monotonic() - t0, self.index.size, self.index.versions)
+            self.ready.set()
+            last_apply = last_prune = time.monotonic()
+            while not self._stopping:
+                got = await consumer.getmany(timeout_ms=int(self.apply_interval_s * 1000))
+                for messages in got.values():
+                    for m in messages:
+                        self._collect(batch, m.key, m.value)
+                now = time.monotonic()
+                if batch and now - last_apply >= self.apply_interval_s:
+                    self._apply(batch)
+                    last_apply = now
+                if now - last_prune >= PRUNE_INTERVAL_S:
+                    self.index.prune(self._wall_ms())
+                    last_prune = now
+        finally:
+            self._consumer = None
+            await consumer.stop()
+
+    def stop(self) -> None:
+        """Ask :meth:`run` to return after its current poll."""
+        self._stopping = True

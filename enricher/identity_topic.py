@@ -1,0 +1,82 @@
+"""The identity topic's record format (pure): one record per address, JSON (orjson).
+
+The topic ``<prefix>.k8s.identity`` is compacted and has one partition. Key: the address as text
+(``10.244.1.7``, ``fd00::5``; IPv4 never in mapped form). Value: the *whole* version list of that
+address, so compaction keeping the last record per key keeps everything an enricher needs::
+
+    {"v": 1, "versions": [
+        {"from": 1700000000000, "to": 1700000060000, "kind": "pod", "namespace": "shop",
+         "name": "cart-7d9c6-x2x1q", "pod_uid": "…", "workload": "cart",
+         "workload_kind": "Deployment", "service": "cart", "node": "node-1"},
+        {"from": 1700000120000, "to": null, …}]}
+
+``to: null`` means the version is open. Empty fields may be left out. A record with no value (a
+tombstone) forgets the address. JSON rather than Arrow: identity changes are few (pods starting
+and stopping), records are small, and they stay readable with ``kafka-console-consumer``.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import Sequence
+from typing import Any
+
+import orjson
+
+from enricher.identity import OPEN, OwnerInfo, Version
+from sensors.schema import address16, address_text
+
+FORMAT_VERSION = 1
+_FIELDS = ("kind", "namespace", "name", "pod_uid", "workload", "workload_kind", "service", "node")
+
+
+class IdentityRecordError(ValueError):
+    """A record of the identity topic that cannot be read."""
+
+
+def encode_key(address: bytes | str) -> bytes:
+    """The record key of an address (16 bytes or text)."""
+    if isinstance(address, bytes):
+        return address_text(address).encode()
+    return str(ipaddress.ip_address(address)).encode()
+
+
+def encode_versions(versions: Sequence[Version] | None) -> bytes | None:
+    """The record value for a version list (None: a tombstone)."""
+    if versions is None:
+        return None
+    out = []
+    for v in versions:
+        item: dict[str, Any] = {"from": v.valid_from_ms, "to": None if v.open else v.valid_to_ms}
+        for f in _FIELDS:
+            value = getattr(v.owner, f)
+            if value:
+                item[f] = value
+        out.append(item)
+    return orjson.dumps({"v": FORMAT_VERSION, "versions": out})
+
+
+def decode_record(key: bytes | None, value: bytes | None) -> tuple[bytes, list[Version] | None]:
+    """(16-byte address, versions or None for a tombstone) of one record."""
+    if not key:
+        raise IdentityRecordError("record without a key")
+    try:
+        address = address16(key.decode())
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise IdentityRecordError(f"key {key!r} is not an address") from exc
+    if value is None:
+        return address, None
+    try:
+        data = orjson.loads(value)
+        if data.get("v") != FORMAT_VERSION:
+            raise IdentityRecordError(f"unknown identity record version {data.get('v')!r}")
+        versions = [
+            Version(OwnerInfo(**{f: str(item.get(f, "") or "") for f in _FIELDS}),
+                    int(item["from"]), OPEN if item.get("to") is None else int(item["to"]))
+            for item in data["versions"]
+        ]
+    except IdentityRecordError:
+        raise
+    except (orjson.JSONDecodeError, KeyError, TypeError, ValueError, AttributeError) as exc:
+        raise IdentityRecordError(f"record for {key.decode(errors='replace')}: {exc}") from exc
+    return address, versions
