@@ -37,3 +37,26 @@ if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ] || [ deploy/local/constr
 fi
 
 .venv/bin/python -c 'from flowtally.localkafka import LocalKafka; LocalKafka("var/kafka").ensure_jars()'
+
+# Deploy validators (tests/unit/test_deploy_*.py), Go binaries cached in ~/.cache/flowtally/bin:
+#   flowtally-compose-validate: compose-go, the loader behind `docker compose config` (no Docker
+#     engine needed), built from deploy/compose/validate (~20 s the first time);
+#   helm: built from its Go module, pinned (~6 min the first time on 2 cores; then cached).
+BIN="$HOME/.cache/flowtally/bin"
+HELM_VERSION=v3.22.0
+mkdir -p "$BIN"
+if command -v go >/dev/null; then
+  validate_src=deploy/compose/validate
+  if [ ! -x "$BIN/flowtally-compose-validate" ] || [ "$validate_src/go.sum" -nt "$BIN/flowtally-compose-validate" ] \
+     || [ "$validate_src/main.go" -nt "$BIN/flowtally-compose-validate" ]; then
+    echo "setup: building the compose validator"
+    (cd "$validate_src" && go build -trimpath -o "$BIN/flowtally-compose-validate" .)
+  fi
+  if ! "$BIN/helm" version --short 2>/dev/null | grep -q "^${HELM_VERSION%.*}"; then
+    echo "setup: building helm $HELM_VERSION (a few minutes, once)"
+    GOBIN="$BIN" go install -trimpath "helm.sh/helm/v3/cmd/helm@$HELM_VERSION"
+  fi
+else
+  echo "setup: go is required to build the deploy validators (compose-go, helm)" >&2
+  exit 1
+fi
