@@ -92,8 +92,10 @@ def _model(command: list[str]) -> type[StageSettings] | None:
     from sink.settings import SinkSettings
 
     key = tuple(command[:2]) if command and command[0] == "sensor" else tuple(command[:1])
-    return {("sensor", "netflow"): NetflowSettings, ("enrich",): EnricherSettings, ("sink",): SinkSettings,
-            ("migrate",): SinkSettings}.get(key)
+    models: dict[tuple[str, ...], type[StageSettings]] = {
+        ("sensor", "netflow"): NetflowSettings, ("enrich",): EnricherSettings, ("sink",): SinkSettings,
+        ("migrate",): SinkSettings}
+    return models.get(key)
 
 
 def test_every_flowtally_variable_is_accepted_by_its_stage(monkeypatch: pytest.MonkeyPatch) -> None:
