@@ -72,13 +72,8 @@ class IdentityFeed:
         self._consumer = consumer
         await consumer.start()
         try:
-            partitions = consumer.partitions_for_topic(self.topic)
-            while not partitions:
-                await consumer.force_metadata_update()
-                partitions = consumer.partitions_for_topic(self.topic)
-                if not partitions:
-                    await asyncio.sleep(0.5)
-            tps = [TopicPartition(self.topic, p) for p in sorted(partitions)]
+            # The identity topic has exactly one partition (TopicSettings.identity_partitions).
+            tps = [TopicPartition(self.topic, 0)]
             consumer.assign(tps)
             await consumer.seek_to_beginning(*tps)
             ends = await consumer.end_offsets(tps)
