@@ -1,0 +1,152 @@
+"""The Helm chart: helm lint, helm template (default values and ci/values-all.yaml), the rendered
+manifests validated for Kubernetes 1.31 with kubernetes-validate (schemas shipped in the PyPI
+package, strict: unknown fields rejected), values.schema.json rejecting bad values, and the
+security properties the sensor must have.
+
+helm is built by deploy/local/setup.sh into ~/.cache/flowtally/bin; missing = failure, not skip.
+(kubeconform is not used: it downloads its schemas at run time, which these machines cannot.)
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import kubernetes_validate
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[2]
+CHART = ROOT / "deploy" / "helm" / "flowtally"
+BIN = Path.home() / ".cache" / "flowtally" / "bin"
+KUBE_VERSION = "1.31.0"
+DEFAULT_SET = ["--set", "clickhouse.url=http://flowtally:secret@clickhouse:8123"]
+CRDS = {("monitoring.coreos.com/v1", "ServiceMonitor")}
+
+
+def _helm(*args: str) -> subprocess.CompletedProcess[str]:
+    helm = shutil.which("helm", path=f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}")
+    if not helm:
+        pytest.fail("helm is missing: run bash deploy/local/setup.sh")
+    return subprocess.run([helm, *args], capture_output=True, text=True, timeout=120, check=False)
+
+
+def _render(*args: str) -> list[dict[str, Any]]:
+    proc = _helm("template", "ft", str(CHART), "--namespace", "flowtally", "--kube-version", KUBE_VERSION, *args)
+    assert proc.returncode == 0, proc.stderr
+    return [d for d in yaml.safe_load_all(proc.stdout) if d]
+
+
+def _by_kind(docs: list[dict[str, Any]]) -> dict[tuple[str, str], dict[str, Any]]:
+    return {(d["kind"], d["metadata"]["name"]): d for d in docs}
+
+
+VALUES = {"default": DEFAULT_SET, "all": ["-f", str(CHART / "ci" / "values-all.yaml")]}
+
+
+@pytest.mark.parametrize("values", list(VALUES))
+def test_lint(values: str) -> None:
+    proc = _helm("lint", str(CHART), "--strict", "--kube-version", KUBE_VERSION, *VALUES[values])
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+@pytest.mark.parametrize("values", list(VALUES))
+def test_rendered_manifests_are_valid_kubernetes(values: str) -> None:
+    docs = _render(*VALUES[values])
+    assert docs
+    for doc in docs:
+        if (doc["apiVersion"], doc["kind"]) in CRDS:
+            assert doc["spec"]["endpoints"] and doc["spec"]["selector"]["matchLabels"]
+            continue
+        kubernetes_validate.validate(doc, KUBE_VERSION, strict=True)
+
+
+def test_default_values() -> None:
+    docs = _by_kind(_render(*DEFAULT_SET))
+    kinds = {k for k, _ in docs}
+    assert kinds == {"ServiceAccount", "ClusterRole", "ClusterRoleBinding", "ConfigMap", "Secret", "DaemonSet",
+                     "Deployment", "PodDisruptionBudget", "Job"}
+    ds = docs["DaemonSet", "ft-flowtally-sensor"]["spec"]["template"]
+    spec = ds["spec"]
+    assert spec["hostNetwork"] is True and spec["dnsPolicy"] == "ClusterFirstWithHostNet"
+    assert {"operator": "Exists"} in spec["tolerations"]
+    (netflow,) = spec["containers"]  # conntrack off by default
+    sc = netflow["securityContext"]
+    assert sc["capabilities"] == {"drop": ["ALL"]} and sc["readOnlyRootFilesystem"] is True
+    assert sc["allowPrivilegeEscalation"] is False and not sc.get("privileged")
+    assert spec["securityContext"]["runAsNonRoot"] is True
+    assert {"checksum/config", "checksum/secret"} <= set(ds["metadata"]["annotations"])
+    job = docs["Job", "ft-flowtally-migrate"]
+    assert "pre-install" in job["metadata"]["annotations"]["helm.sh/hook"]
+    role = docs["ClusterRole", "ft-flowtally-watcher"]
+    granted = {(g, r) for rule in role["rules"] for g in rule["apiGroups"] for r in rule["resources"]}
+    assert granted == {("", "pods"), ("", "services"), ("", "nodes"), ("", "namespaces"),
+                       ("discovery.k8s.io", "endpointslices"), ("apps", "replicasets"), ("batch", "jobs")}
+    assert all(rule["verbs"] == ["get", "list", "watch"] for rule in role["rules"])
+    watcher = docs["Deployment", "ft-flowtally-watcher"]["spec"]
+    assert watcher["replicas"] == 1 and watcher["strategy"]["type"] == "Recreate"
+
+
+def test_everything_on() -> None:
+    docs = _by_kind(_render(*VALUES["all"]))
+    assert ("Secret", "ft-flowtally-credentials") not in docs  # existingSecret: none written
+    kinds = {k for k, _ in docs}
+    assert {"ServiceMonitor", "Service"} <= kinds
+    containers = {c["name"]: c for c in docs["DaemonSet", "ft-flowtally-sensor"]["spec"]["template"]["spec"]["containers"]}
+    assert containers["conntrack"]["securityContext"]["capabilities"] == {"drop": ["ALL"], "add": ["NET_ADMIN"]}
+    assert containers["netflow"]["securityContext"]["capabilities"] == {"drop": ["ALL"]}
+    env = {e["name"]: e for e in containers["netflow"]["env"]}
+    assert env["FLOWTALLY_KAFKA_SASL_PASSWORD"]["valueFrom"]["secretKeyRef"]["name"] == "flowtally-credentials"
+    assert env["FLOWTALLY_ALLOW_EXPORTERS"]["value"] == "10.0.0.0/8,2001:db8::/32"
+    cm = docs["ConfigMap", "ft-flowtally"]["data"]
+    assert cm["FLOWTALLY_KAFKA_SASL_MECHANISM"] == "SCRAM-SHA-512" and cm["FLOWTALLY_FLOWS_TTL_DAYS"] == "30"
+
+
+def test_configmap_change_rolls_the_pods() -> None:
+    a = _by_kind(_render(*DEFAULT_SET))["Deployment", "ft-flowtally-sink"]
+    b = _by_kind(_render(*DEFAULT_SET, "--set", "kafka.topicPrefix=other"))["Deployment", "ft-flowtally-sink"]
+    key = "checksum/config"
+    assert a["spec"]["template"]["metadata"]["annotations"][key] != b["spec"]["template"]["metadata"]["annotations"][key]
+
+
+def test_configmap_settings_are_accepted_by_the_stages(monkeypatch: pytest.MonkeyPatch) -> None:
+    from enricher.settings import EnricherSettings
+    from flowtally.settings import load_settings
+    from sensors.netflow.collector import NetflowSettings
+    from sink.settings import SinkSettings
+
+    data = _by_kind(_render(*VALUES["all"]))["ConfigMap", "ft-flowtally"]["data"]
+    for k in list(os.environ):
+        if k.startswith("FLOWTALLY_"):
+            monkeypatch.delenv(k)
+    for k, v in data.items():
+        monkeypatch.setenv(k, v)
+    monkeypatch.setenv("FLOWTALLY_KAFKA_SASL_PASSWORD", "x")
+    load_settings(SinkSettings)
+    monkeypatch.delenv("FLOWTALLY_FLOWS_TTL_DAYS")  # a sink/migrate setting
+    monkeypatch.delenv("FLOWTALLY_CLICKHOUSE_DATABASE")
+    load_settings(NetflowSettings)
+    load_settings(EnricherSettings)
+
+
+@pytest.mark.parametrize("bad", [
+    ["--set", "sink.replicas=0"],
+    ["--set", "kafka.securityProtocol=TLS"],
+    ["--set", "sensor.netflow.port=70000"],
+    ["--set", "image.pullPolicy=Sometimes"],
+    ["--set", "sensor.netflow.allowExporters={not-a-cidr}"],
+    ["--set", "extraEnv.NOT_OURS=1"],
+    ["--set", "unknownKey=1"],
+    ["--set", "clickhouse.url=ftp://x"],
+])
+def test_schema_rejects_bad_values(bad: list[str]) -> None:
+    proc = _helm("template", "ft", str(CHART), "--kube-version", KUBE_VERSION, *DEFAULT_SET, *bad)
+    assert proc.returncode != 0 and "schema" in proc.stderr, proc.stderr
+
+
+def test_clickhouse_url_or_existing_secret_is_required() -> None:
+    proc = _helm("template", "ft", str(CHART), "--kube-version", KUBE_VERSION)
+    assert proc.returncode != 0 and "clickhouse.url is required" in proc.stderr
