@@ -268,11 +268,12 @@ class TemplateStore:
         from sensors.netflow.fields import SAMPLER_ID, SELECTOR_ID, SYSTEM_INIT_MS, rate_from_options
 
         init = values.get(SYSTEM_INIT_MS)
-        if init:
+        if init and init < 1 << 62:  # beyond is noise, and would overflow the int64 time columns
             self.sys_init[(exporter, domain)] = int(init)
         rate = rate_from_options(values)
         if rate is None:
             return
+        rate = min(rate, 0xFFFFFFFF)  # the sampling_rate column is uint32 (fields 34/50 are 4 bytes)
         key = (version, exporter, domain)
         sampler = values.get(SAMPLER_ID, values.get(SELECTOR_ID))
         if sampler is None:

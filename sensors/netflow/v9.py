@@ -197,7 +197,8 @@ def _parse_templates(
         if not templates.same_raw(VERSION, exporter, source_id, template_id, wire):
             raw = struct.unpack_from(f"!{2 * field_count}H", payload, pos + 4)
             template = Template(fields=tuple(Field(t, n) for t, n in zip(raw[::2], raw[1::2], strict=True)))
-            if template.record_length == 0:
+            # v9 has no variable-length fields: 65535 (IPFIX's marker) cannot fit a datagram.
+            if template.record_length == 0 or template.varlen:
                 counts.error("bad_template")
                 return False
             templates.put(VERSION, exporter, source_id, template_id, template, wire)
@@ -240,7 +241,7 @@ def _parse_options_templates(
         fields = tuple(Field(t, n) for t, n in zip(raw[::2], raw[1::2], strict=True))
         split = scope_length // 4
         template = Template(fields=fields[split:], scope_fields=fields[:split], is_options=True)
-        if template.record_length == 0:
+        if template.record_length == 0 or template.varlen:
             counts.error("bad_template")
             return False
         templates.put(VERSION, exporter, source_id, template_id, template)

@@ -511,3 +511,12 @@ def test_softflowd_v9_matches_the_generated_traffic() -> None:
                 assert (r["start"], r["end"]) == (first, last), key
             else:
                 assert -1000 < r["start"] - first <= 0 and r["end"] - r["start"] == last - first, key
+
+
+def test_field_length_65535_is_a_bad_template() -> None:
+    """v9 has no variable-length fields: a 65535-byte field (IPFIX's marker) cannot fit a datagram.
+    Found by tests/benchmarks/fuzz_decoder.py: it used to be sized as 1 byte and crash the batch."""
+    fields = [(153, 8), (152, 0xFFFF), (1, 8)]
+    rows, stats = decode(dg(v9_packet(template_flowset((256, fields)), data_flowset(256, b"\x00" * 17))))
+    assert rows == []
+    assert stats.errors_by_reason()["bad_template"] == 1
