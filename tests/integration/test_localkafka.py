@@ -201,7 +201,7 @@ def test_failed_start_leaves_nothing_running(tmp_path: Path) -> None:
     kafka = LocalKafka(tmp_path / "kafka")
     # Far too short for a JVM: the start must fail and kill what it spawned. On a loaded machine
     # the storage format step (a JVM of its own) can be the one that runs out of time.
-    with pytest.raises(LocalKafkaError, match="did not become ready in time|formatting Kafka storage timed out") as err:
+    with pytest.raises(LocalKafkaError, match=r"did not become ready in time|formatting Kafka storage timed out") as err:
         kafka.start(timeout=0.5)
     if "did not become ready" in str(err.value):
         assert str(kafka.log_path) in str(err.value)
