@@ -18,7 +18,6 @@ import argparse
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -27,7 +26,7 @@ from pathlib import Path
 
 from flowtally.clickhouse import connect
 from flowtally.localkafka import LocalKafka
-from flowtally.localstack import Pipeline, free_port
+from flowtally.localstack import Pipeline
 from flowtally.settings import ClickHouseSettings
 from sensors.netflow.generator import inventory_yaml, synthetic_cluster
 
@@ -47,31 +46,6 @@ def generate(port: int, flows: int, rate: float, seed: int = 1) -> dict[str, flo
         check=True, capture_output=True, text=True,
     )
     return dict(json.loads(out.stdout.strip().splitlines()[-1]))
-
-
-def nfcapd_reference(flows: int, rate: float, workdir: Path) -> tuple[float, int]:
-    """CPU seconds nfcapd spends receiving the same stream, and the flows it stored."""
-    nfcapd = shutil.which("nfcapd")
-    if nfcapd is None:
-        raise SystemExit("nfcapd (Debian package nfdump) is needed for the reference")
-    port = free_port(2)  # SOCK_DGRAM
-    flowdir = workdir / "nfcapd"
-    flowdir.mkdir()
-    proc = subprocess.Popen([nfcapd, "-b", "127.0.0.1", "-p", str(port), "-w", str(flowdir), "-t", "3600",
-                             "-B", str(32 * 1024 * 1024)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    time.sleep(1.0)
-    before = cpu_seconds(proc.pid)
-    generate(port, flows, rate)
-    time.sleep(1.0)
-    used = cpu_seconds(proc.pid) - before
-    proc.send_signal(signal.SIGTERM)
-    proc.wait(30)
-    stored = 0
-    summary = subprocess.run(["nfdump", "-R", str(flowdir), "-q", "-o", "fmt:%fl"], capture_output=True, text=True)
-    for line in summary.stdout.splitlines():
-        if line.strip().isdigit():
-            stored += int(line.strip())
-    return used, stored
 
 
 def native_insert_reference(chdb: Path) -> tuple[float, int]:
@@ -125,7 +99,10 @@ def main() -> int:
     finally:
         client.close()
     native_cpu, native_rows = native_insert_reference(work / "chdb")
-    nfcapd_cpu, nfcapd_flows = nfcapd_reference(args.flows, args.rate, work)
+    from tests.benchmarks.bench_sensor import run_nfcapd  # imports this module: import late
+
+    nfcapd = run_nfcapd(args.flows, args.rate, work)
+    nfcapd_cpu, nfcapd_flows = nfcapd["cpu"], int(nfcapd["stored"])
 
     per_m = 1_000_000 / max(rows, 1)
     print(f"flows sent {int(sent['flows']):,} at {sent['rate']:,.0f}/s; sensor decoded {int(received):,}; "

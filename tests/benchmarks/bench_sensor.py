@@ -21,7 +21,6 @@ The machine is small and shared: compare the ratio measured in one run, not abso
 from __future__ import annotations
 
 import argparse
-import json
 import shutil
 import signal
 import socket
@@ -33,16 +32,7 @@ from pathlib import Path
 
 from flowtally.localkafka import LocalKafka
 from flowtally.localstack import Stage, free_port, scrape
-from tests.benchmarks.bench_pipeline import cpu_seconds
-
-
-def generate(port: int, flows: int, rate: float, seed: int = 1) -> dict[str, float]:
-    out = subprocess.run(
-        [sys.executable, "-m", "flowtally.cli", "generate", "netflow", "--to", f"127.0.0.1:{port}",
-         "--flows", str(flows), "--rate", str(rate), "--seed", str(seed), "--json"],
-        check=True, capture_output=True, text=True,
-    )
-    return dict(json.loads(out.stdout.strip().splitlines()[-1]))
+from tests.benchmarks.bench_pipeline import cpu_seconds, generate
 
 
 def run_nfcapd(flows: int, rate: float, workdir: Path) -> dict[str, float]:
