@@ -161,8 +161,12 @@ class Pipeline:
                           self.env() | env, self.state_dir / "logs" / f"{name}.log", port)
             stage.start()
             self.stages[name] = stage
-        for stage in self.stages.values():
-            stage.wait_healthy(timeout)
+        try:
+            for stage in self.stages.values():
+                stage.wait_healthy(timeout)
+        except BaseException:
+            self.stop()  # a stage that failed must not leave the others running
+            raise
 
     def rows_inserted(self) -> int:
         """Rows the sink has inserted so far."""

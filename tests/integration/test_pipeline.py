@@ -250,3 +250,16 @@ def test_bad_kafka_messages_go_to_the_dlq_and_lose_nothing_else(kafka_bootstrap:
     assert set(codes.values()) == {0}
     assert sorted(v for v, _ in dlq) == sorted([b"not arrow at all", value])
     assert all(h["flowtally-stage"] == b"enricher" and h["flowtally-error"] for _, h in dlq)
+
+
+def test_a_stage_that_cannot_start_leaves_nothing_running(kafka_bootstrap: str, tmp_path: Path) -> None:
+    """A bad sensor setting: the sensor exits 2 naming it, and the stages already started are stopped."""
+    from flowtally.localstack import StageFailed
+
+    pipe = _pipeline(kafka_bootstrap, tmp_path, None, FLOWTALLY_BATCH_MAX_FLOWS="0")
+    with pytest.raises(StageFailed, match="batch_max_flows"):
+        pipe.start()
+    assert pipe.stages["sensor"].process is not None and pipe.stages["sensor"].process.returncode == 2
+    for name in ("sink", "enricher"):
+        process = pipe.stages[name].process
+        assert process is not None and process.poll() is not None, name
