@@ -50,7 +50,14 @@ import numpy as np
 from sensors.netflow import fields as F
 from sensors.netflow.fields import Group
 from sensors.netflow.sequence import track
-from sensors.netflow.templates import VARIABLE_LENGTH, Field, PendingSet, Template, TemplateStore
+from sensors.netflow.templates import (
+    VARIABLE_LENGTH,
+    Field,
+    PendingSet,
+    Template,
+    TemplateStore,
+    hold_unknown,
+)
 
 if TYPE_CHECKING:
     from sensors.netflow.decoder import ExporterStats
@@ -164,13 +171,7 @@ class IpfixBatch:
                 if template is None:
                     records = None
                     held = PendingSet(set_id, bytes(view[body:body_end]), export_ms, 0, received_ms)
-                    dropped = templates.hold(VERSION, exporter, domain, held)
-                    if templates.max_pending_sets <= 0:
-                        counts.error("missing_template")
-                        continue
-                    counts.pending_sets += 1
-                    if dropped:
-                        counts.error("missing_template_expired", dropped)
+                    hold_unknown(templates, VERSION, exporter, domain, held, counts)
                     continue
                 n = self._data(template, view, body, body_end, exporter, exporter_index, domain, export_ms,
                                received_ms, templates, counts)

@@ -23,10 +23,13 @@ from __future__ import annotations
 from collections import OrderedDict
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 #: IPFIX (RFC 7011 section 7): a field length of 65535 means variable length, sent per record.
 VARIABLE_LENGTH = 0xFFFF
+
+if TYPE_CHECKING:
+    from sensors.netflow.decoder import ExporterStats
 
 
 class Field(NamedTuple):
@@ -308,3 +311,16 @@ class TemplateStore:
 
     def __iter__(self) -> Iterator[tuple[TemplateKey, Template]]:
         return iter(list(self._templates.items()))
+
+
+def hold_unknown(templates: TemplateStore, version: int, exporter: bytes, domain: int,
+                 pending: PendingSet, counts: ExporterStats) -> None:
+    """Hold a data set whose template is unknown and count the outcome: ``missing_template``
+    when holding is disabled, else one held set plus whatever the bounds pushed out."""
+    dropped = templates.hold(version, exporter, domain, pending)
+    if templates.max_pending_sets <= 0:
+        counts.error("missing_template")
+        return
+    counts.pending_sets += 1
+    if dropped:
+        counts.error("missing_template_expired", dropped)

@@ -31,7 +31,7 @@ import numpy as np
 from sensors.netflow import fields as F
 from sensors.netflow.fields import Group
 from sensors.netflow.sequence import track
-from sensors.netflow.templates import Field, PendingSet, Template, TemplateStore
+from sensors.netflow.templates import Field, PendingSet, Template, TemplateStore, hold_unknown
 from sensors.netflow.v5 import uptime_to_unix_ms
 
 if TYPE_CHECKING:
@@ -104,13 +104,7 @@ class V9Batch:
                 if template is None:
                     pending = PendingSet(flowset_id, bytes(view[body:body_end]), export_ms, uptime,
                                          received_ms)
-                    dropped = templates.hold(VERSION, exporter, source_id, pending)
-                    if templates.max_pending_sets <= 0:
-                        counts.error("missing_template")
-                        continue
-                    counts.pending_sets += 1
-                    if dropped:
-                        counts.error("missing_template_expired", dropped)
+                    hold_unknown(templates, VERSION, exporter, source_id, pending, counts)
                     continue
                 self._data(template, view, body, body_end, exporter, exporter_index, source_id,
                            export_ms, uptime, received_ms, templates, counts)
