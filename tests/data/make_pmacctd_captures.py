@@ -16,12 +16,13 @@ from __future__ import annotations
 
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
+
+# Run as a script from this folder's parent: the sibling script is importable by name.
+from make_softflowd_captures import loopback_capture
 
 HERE = Path(__file__).resolve().parent
 
@@ -42,29 +43,16 @@ aggregate: src_host, dst_host, src_port, dst_port, proto, tos
 
 
 def capture_export(traffic: Path, out: Path, version: int, port: int, tmp: Path) -> None:
-    dumpcap = shutil.which("dumpcap") or sys.exit("dumpcap not found (apt-get install tshark)")
     pmacctd = shutil.which("pmacctd") or shutil.which("pmacctd", path="/usr/sbin:/sbin") or sys.exit(
         "pmacctd not found (apt-get install pmacct)"
     )
-    raw = tmp / out.name
-    cap = subprocess.Popen(
-        [dumpcap, "-q", "-P", "-i", "lo", "-f", f"udp dst port {port}", "-w", str(raw)],
-        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-    )
-    deadline = time.monotonic() + 10
-    while not raw.exists() and time.monotonic() < deadline:  # dumpcap creates the file once capturing
-        time.sleep(0.05)
-    time.sleep(0.5)
     conf = tmp / f"{out.stem}.conf"
     conf.write_text(CONFIG.format(traffic=traffic, port=port, version=version))
-    done = subprocess.run([pmacctd, "-f", str(conf)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                          timeout=60, check=False)
-    if done.returncode != 0:
-        sys.exit(f"pmacctd exited with {done.returncode}: {done.stderr.decode(errors='replace')}")
-    time.sleep(1.0)
-    cap.send_signal(signal.SIGINT)
-    cap.wait(timeout=10)
-    shutil.copyfile(raw, out)
+    with loopback_capture(port, out, tmp):
+        done = subprocess.run([pmacctd, "-f", str(conf)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                              timeout=60, check=False)
+        if done.returncode != 0:
+            sys.exit(f"pmacctd exited with {done.returncode}: {done.stderr.decode(errors='replace')}")
 
 
 def main() -> int:

@@ -15,6 +15,7 @@ The captures carry the time they were made, so a rerun changes the files but not
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -25,6 +26,7 @@ import sys
 import tempfile
 import time
 from collections import Counter
+from collections.abc import Iterator
 from pathlib import Path
 
 import dpkt
@@ -148,10 +150,17 @@ def build_traffic() -> Traffic:
 
 
 def capture_export(traffic: Path, out: Path, version: str, extra: list[str], port: int, tmp: Path) -> None:
-    dumpcap = shutil.which("dumpcap") or sys.exit("dumpcap not found (apt-get install tshark)")
     softflowd = shutil.which("softflowd") or shutil.which("softflowd", path="/usr/sbin:/sbin") or sys.exit(
         "softflowd not found (apt-get install softflowd)"
     )
+    with loopback_capture(port, out, tmp):
+        _run_softflowd(softflowd, traffic, version, extra, port, tmp / f"{out.stem}.ctl", tmp)
+
+
+@contextlib.contextmanager
+def loopback_capture(port: int, out: Path, tmp: Path) -> Iterator[None]:
+    """Capture UDP to ``port`` on lo with dumpcap while the body runs; copy the capture to ``out``."""
+    dumpcap = shutil.which("dumpcap") or sys.exit("dumpcap not found (apt-get install tshark)")
     raw = tmp / out.name
     # -P: classic pcap (Linux captures lo as Ethernet), the format every tool reads.
     cap = subprocess.Popen(
@@ -162,7 +171,17 @@ def capture_export(traffic: Path, out: Path, version: str, extra: list[str], por
     while not raw.exists() and time.monotonic() < deadline:  # dumpcap creates the file once capturing
         time.sleep(0.05)
     time.sleep(0.5)
-    ctl = tmp / f"{out.stem}.ctl"
+    try:
+        yield
+        time.sleep(1.0)  # the exporter's last datagrams reach the capture
+    finally:
+        cap.send_signal(signal.SIGINT)
+        cap.wait(timeout=10)
+    shutil.copyfile(raw, out)
+
+
+def _run_softflowd(softflowd: str, traffic: Path, version: str, extra: list[str], port: int,
+                   ctl: Path, tmp: Path) -> None:
     flows = subprocess.Popen(
         [softflowd, "-d", "-r", str(traffic), "-n", f"127.0.0.1:{port}", "-v", version, *extra,
          "-p", str(tmp / "softflowd.pid"), "-c", str(ctl)],
@@ -183,10 +202,6 @@ def capture_export(traffic: Path, out: Path, version: str, extra: list[str], por
         time.sleep(0.2)
     if flows.returncode != 0:
         sys.exit(f"softflowd exited with {flows.returncode}")
-    time.sleep(1.0)
-    cap.send_signal(signal.SIGINT)
-    cap.wait(timeout=10)
-    shutil.copyfile(raw, out)
 
 
 def main() -> int:
