@@ -34,7 +34,7 @@ from flowtally import kafka
 from flowtally.metrics import MetricsServer
 from flowtally.settings import load_settings
 from flowtally.wire import ORIGIN_HEADER, WireError, decode_batch, encode_batch
-from sensors.schema import RAW_SCHEMA
+from sensors.schema import RAW_SCHEMA, with_additive_defaults
 from sensors.schema import SCHEMA_NAME as RAW
 
 log = logging.getLogger(__name__)
@@ -127,7 +127,7 @@ def create_app(settings: EnricherSettings, state: EnricherState) -> faust.App:
             origin = f"{message.topic}/{message.partition}/{message.offset}"
             started = time.perf_counter()
             try:
-                raw = decode_batch(event.value, event.headers, RAW_SCHEMA, RAW)
+                raw = decode_batch(event.value, event.headers, RAW_SCHEMA, RAW, with_additive_defaults)
             except WireError as exc:
                 log.error("raw message %s is not a %s batch (%s): sent to the DLQ", origin, RAW, exc)
                 BATCHES.labels(f"dlq_{exc.reason}").inc()

@@ -8,7 +8,7 @@ token so a replay anywhere upstream cannot double count.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import pyarrow as pa
 
@@ -52,9 +52,13 @@ def header(headers: Headers | dict[str, bytes] | None, name: str) -> bytes | Non
 
 
 def decode_batch(value: bytes | None, headers: Headers | dict[str, bytes] | None, schema: pa.Schema,
-                 schema_name: str) -> pa.Table:
+                 schema_name: str,
+                 fill_additive: Callable[[pa.Table], pa.Table] | None = None) -> pa.Table:
     """Parse a message produced by :func:`encode_batch`, checking it carries ``schema_name`` and
-    has every column of ``schema`` with the right type. Raises :class:`WireError` otherwise."""
+    has every column of ``schema`` with the right type. Raises :class:`WireError` otherwise.
+
+    ``fill_additive`` adds the defaults of columns added to the schema after older writers
+    (e.g. :func:`sensors.schema.with_additive_defaults`) before the check."""
     got = header(headers, SCHEMA_HEADER)
     if got is None:
         raise WireError("missing-schema-header", f"no {SCHEMA_HEADER} header")
@@ -67,6 +71,8 @@ def decode_batch(value: bytes | None, headers: Headers | dict[str, bytes] | None
             table = reader.read_all()
     except (pa.ArrowInvalid, pa.ArrowException, OSError) as exc:
         raise WireError("not-arrow", str(exc)) from exc
+    if fill_additive is not None:
+        table = fill_additive(table)
     missing = [f.name for f in schema if f.name not in table.column_names]
     if missing:
         raise WireError("missing-columns", ", ".join(missing))

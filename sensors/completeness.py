@@ -16,7 +16,18 @@ Columns (the minute is the UTC minute in which the datagrams were received):
 - ``dropped_backpressure``: decoded flows dropped because Kafka did not keep up;
 - ``kernel_drops``: datagrams the kernel dropped at the socket (buffer full) during the minute.
   The kernel does not say from whom, so these are on a row of their own with the exporter
-  ``::`` (16 zero bytes) and observation domain 0.
+  ``::`` (16 zero bytes) and observation domain 0. (The conntrack sensor counts netlink
+  overruns here.)
+
+Additive columns (older writers lack them; readers fill the defaults with
+:func:`with_additive_defaults`):
+
+- ``stage``: who wrote the row, one of :data:`STAGES` (default ``sensor-netflow``);
+- ``unknown_addresses``, ``ignored``, ``late``, ``duplicates_dropped``: the enricher's counts of
+  flows with an address no owner was known for, flows marked ignored (annotation), flows later
+  than the identity history window, and second observations of one connection it dropped
+  (0 on sensor rows). Enricher rows use the flow's exporter/domain/observer as keys, and the
+  minute in which it processed the batch.
 
 Per-exporter counts the decoder keeps per exporter only (errors, sequence losses) are put on the
 row of the exporter's first observation domain in the decoded batch.
@@ -38,6 +49,12 @@ MINUTE_MS = 60_000
 
 COUNTERS = ("packets", "records", "bytes", "sequence_lost", "decode_errors", "dropped_backpressure",
             "kernel_drops")
+#: Counters added after completeness.v1 was first published (the enricher's).
+ADDITIVE_COUNTERS = ("unknown_addresses", "ignored", "late", "duplicates_dropped")
+ALL_COUNTERS = COUNTERS + ADDITIVE_COUNTERS
+
+#: Values of the ``stage`` column.
+STAGES = ("sensor-netflow", "sensor-conntrack", "enricher")
 
 COMPLETENESS_SCHEMA = pa.schema(
     [
@@ -46,6 +63,8 @@ COMPLETENESS_SCHEMA = pa.schema(
         pa.field("observation_domain", pa.uint32(), nullable=False),
         pa.field("observer", pa.string(), nullable=False),
         *(pa.field(name, pa.uint64(), nullable=False) for name in COUNTERS),
+        pa.field("stage", pa.string(), nullable=False),
+        *(pa.field(name, pa.uint64(), nullable=False) for name in ADDITIVE_COUNTERS),
     ],
     metadata={"flowtally-schema": SCHEMA_NAME},
 )
@@ -64,6 +83,23 @@ class Counts:
     decode_errors: int = 0
     dropped_backpressure: int = 0
     kernel_drops: int = 0
+    unknown_addresses: int = 0
+    ignored: int = 0
+    late: int = 0
+    duplicates_dropped: int = 0
+
+
+def with_additive_defaults(table: pa.Table) -> pa.Table:
+    """``table`` with the columns older writers lack (``stage`` = ``sensor-netflow``, the
+    enricher's counters = 0) added."""
+    n = table.num_rows
+    if "stage" not in table.column_names:
+        stage = pa.array([STAGES[0]] * n, pa.string())
+        table = table.append_column(COMPLETENESS_SCHEMA.field("stage"), stage)
+    for name in ADDITIVE_COUNTERS:
+        if name not in table.column_names:
+            table = table.append_column(COMPLETENESS_SCHEMA.field(name), pa.array(np.zeros(n, np.uint64)))
+    return table
 
 
 def minute_of(ms: int) -> int:
@@ -96,8 +132,11 @@ def group_counts(minutes: np.ndarray, domains: np.ndarray) -> Iterable[tuple[int
 class CompletenessAccumulator:
     """Counts per (minute, exporter, domain) until :meth:`take` hands closed minutes over."""
 
-    def __init__(self, observer: str = "") -> None:
+    def __init__(self, observer: str = "", stage: str = STAGES[0]) -> None:
+        if stage not in STAGES:
+            raise ValueError(f"stage must be one of {STAGES}, got {stage!r}")
         self.observer = observer
+        self.stage = stage
         self._counts: dict[Key, Counts] = {}
 
     def counts(self, minute_ms: int, exporter: bytes, domain: int) -> Counts:
@@ -122,8 +161,9 @@ class CompletenessAccumulator:
             "exporter": [k[1] for k, _ in rows],
             "observation_domain": [k[2] for k, _ in rows],
             "observer": [self.observer] * len(rows),
+            "stage": [self.stage] * len(rows),
         }
-        for name in COUNTERS:
+        for name in ALL_COUNTERS:
             columns[name] = [getattr(c, name) for _, c in rows]
         return pa.Table.from_pydict(columns, schema=COMPLETENESS_SCHEMA)
 

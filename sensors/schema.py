@@ -45,6 +45,18 @@ RAW_SCHEMA = pa.schema(
         pa.field("tcp_flags", pa.uint8(), nullable=False),
         pa.field("in_if", pa.uint32(), nullable=False),
         pa.field("out_if", pa.uint32(), nullable=False),
+        # Additive since the conntrack sensor (issue 5); NetFlow sensors leave the defaults.
+        # src/dst are always the two ends that exchanged the packets (dst_addr: the peer that
+        # answered). When the initiator addressed something else that was translated (DNAT: a
+        # ClusterIP, a NodePort), nat_addr/nat_port keep what it addressed, on the records of
+        # both directions of the connection; :: and 0 mean "not translated / not known".
+        pa.field("nat_addr", ADDRESS, nullable=False),
+        pa.field("nat_port", pa.uint16(), nullable=False),
+        # Who opened the connection: 0 not known, 1 the src side, 2 the dst side (a reply
+        # direction record of a connection the dst opened).
+        pa.field("initiator", pa.uint8(), nullable=False),
+        # Connection state when reported; one of CONN_STATES ("" = not reported).
+        pa.field("conn_state", pa.dictionary(pa.int32(), pa.string()), nullable=False),
     ],
     metadata={"flowtally-schema": SCHEMA_NAME},
 )
@@ -65,10 +77,22 @@ NUMPY_DTYPES: dict[str, np.dtype[Any]] = {
     "tcp_flags": np.dtype("uint8"),
     "in_if": np.dtype("uint32"),
     "out_if": np.dtype("uint32"),
+    "nat_port": np.dtype("uint16"),
+    "initiator": np.dtype("uint8"),
 }
 
-ADDRESS_COLUMNS = ("exporter", "src_addr", "dst_addr")
-STRING_COLUMNS = ("observer",)
+ADDRESS_COLUMNS = ("exporter", "src_addr", "dst_addr", "nat_addr")
+STRING_COLUMNS = ("observer", "conn_state")
+
+#: Columns added to raw.v1 after it was first published. A reader given a batch from an older
+#: sensor fills them with their "not reported" default (:func:`with_additive_defaults`).
+ADDITIVE_COLUMNS = ("nat_addr", "nat_port", "initiator", "conn_state")
+
+#: Values of ``conn_state``: "" not reported (NetFlow); "established" a reply was seen (TCP:
+#: the handshake completed); "unreplied" nothing came back (UDP/ICMP without answer, TCP SYN
+#: without SYN-ACK); "refused" TCP answered by a reset before it was established;
+#: "closing" TCP in FIN/close states when reported.
+CONN_STATES = ("", "established", "unreplied", "refused", "closing")
 
 
 def ipv4_to_mapped(v4: np.ndarray) -> np.ndarray:
@@ -121,11 +145,7 @@ def build_raw_table(columns: Mapping[str, Any], observer: str | None = None) -> 
             arrays.append(address_array(value))
         elif name in STRING_COLUMNS:
             if value is None:
-                arrays.append(
-                    pa.DictionaryArray.from_arrays(
-                        pa.array(np.zeros(n, dtype=np.int32)), pa.array([observer or ""])
-                    )
-                )
+                arrays.append(_constant_string(n, observer or "" if name == "observer" else ""))
             else:
                 arrays.append(pa.array(value, pa.string()).dictionary_encode())
         else:
@@ -143,6 +163,28 @@ def build_raw_table(columns: Mapping[str, Any], observer: str | None = None) -> 
     return pa.Table.from_arrays(arrays, schema=RAW_SCHEMA)
 
 
+def _constant_string(n: int, value: str) -> pa.DictionaryArray:
+    return pa.DictionaryArray.from_arrays(pa.array(np.zeros(n, dtype=np.int32)), pa.array([value]))
+
+
+def with_additive_defaults(table: pa.Table) -> pa.Table:
+    """``table`` with any missing :data:`ADDITIVE_COLUMNS` added with their "not reported"
+    defaults, so batches from sensors older than a column still read as ``raw.v1``."""
+    n = table.num_rows
+    for name in ADDITIVE_COLUMNS:
+        if name in table.column_names:
+            continue
+        field = RAW_SCHEMA.field(name)
+        if name in ADDRESS_COLUMNS:
+            column: pa.Array = address_array(np.zeros((n, 16), dtype=np.uint8))
+        elif name in STRING_COLUMNS:
+            column = _constant_string(n, "")
+        else:
+            column = pa.array(np.zeros(n, dtype=NUMPY_DTYPES[name]), type=field.type)
+        table = table.append_column(field, column)
+    return table
+
+
 def _row_count(columns: Mapping[str, Any]) -> int:
     lengths = {len(v) for v in columns.values() if v is not None}
     if len(lengths) > 1:
@@ -158,9 +200,7 @@ def empty_raw_table() -> pa.Table:
 def with_observer(table: pa.Table, observer: str) -> pa.Table:
     """``table`` with every row's observer set to ``observer`` (e.g. the sensor's node name)."""
     index = table.schema.get_field_index("observer")
-    column = pa.DictionaryArray.from_arrays(
-        pa.array(np.zeros(table.num_rows, dtype=np.int32)), pa.array([observer], pa.string())
-    )
+    column = _constant_string(table.num_rows, observer)
     return table.set_column(index, table.schema.field(index), column)
 
 

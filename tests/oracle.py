@@ -43,7 +43,7 @@ import pytest
 from sensors.netflow.decoder import Datagram, DecodeStats, decode_datagrams, flush_pending
 from sensors.netflow.pcap import iter_udp
 from sensors.netflow.templates import TemplateStore
-from sensors.schema import address_bytes, address_text
+from sensors.schema import ADDRESS_COLUMNS, address_bytes, address_text
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -361,7 +361,7 @@ def table_rows(table: pa.Table) -> list[dict[str, Any]]:
     columns: dict[str, list[Any]] = {}
     for name in table.column_names:
         column = table[name]
-        if name in ("exporter", "src_addr", "dst_addr"):
+        if name in ADDRESS_COLUMNS:
             columns[name] = [address_text(bytes(a)) for a in address_bytes(column)]
         elif pa.types.is_timestamp(column.type):
             columns[name] = column.cast(pa.int64()).to_pylist()

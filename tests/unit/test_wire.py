@@ -8,7 +8,14 @@ import pytest
 
 from flowtally.wire import SCHEMA_HEADER, WireError, decode_batch, encode_batch
 from sensors.publisher import encode_messages
-from sensors.schema import RAW_SCHEMA, SCHEMA_NAME, build_raw_table, ipv4_to_mapped
+from sensors.schema import (
+    ADDITIVE_COLUMNS,
+    RAW_SCHEMA,
+    SCHEMA_NAME,
+    build_raw_table,
+    ipv4_to_mapped,
+    with_additive_defaults,
+)
 
 
 def _raw(n: int) -> pa.Table:
@@ -50,6 +57,18 @@ def test_missing_column_is_refused() -> None:
     value, headers = encode_batch(_raw(3).drop_columns(["bytes"]), SCHEMA_NAME)
     with pytest.raises(WireError, match="bytes"):
         decode_batch(value, headers, RAW_SCHEMA, SCHEMA_NAME)
+
+
+def test_batch_from_an_older_sensor_reads_with_the_additive_defaults() -> None:
+    table = _raw(4)
+    older = table.drop_columns(list(ADDITIVE_COLUMNS))
+    value, headers = encode_batch(older, SCHEMA_NAME)
+    with pytest.raises(WireError, match="nat_addr"):
+        decode_batch(value, headers, RAW_SCHEMA, SCHEMA_NAME)
+    back = decode_batch(value, headers, RAW_SCHEMA, SCHEMA_NAME, with_additive_defaults)
+    assert back.equals(table)  # build_raw_table's defaults are the same "not reported" values
+    assert back.column("nat_addr").to_pylist() == [b"\x00" * 16] * 4
+    assert back.column("conn_state").to_pylist() == [""] * 4
 
 
 def test_big_batches_are_split_to_fit_a_message() -> None:
