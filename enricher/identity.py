@@ -100,6 +100,10 @@ class OwnerInfo:
     service: str = ""
     node: str = ""
     pod_uid: str = ""
+    #: For a host-network pod (kind ``host-network``, sharing its node's address): the
+    #: (protocol, port) pairs it listens on, so a flow to one of them is attributed to the pod
+    #: and other flows on that address to the node.
+    host_ports: tuple[tuple[int, int], ...] = ()
 
     def values(self) -> tuple[str, ...]:
         """Field values in :data:`ALL_IDENTITY_FIELDS` order."""

@@ -10,6 +10,9 @@ address, so compaction keeping the last record per key keeps everything an enric
          "workload_kind": "Deployment", "service": "cart", "node": "node-1"},
         {"from": 1700000120000, "to": null, …}]}
 
+A host-network pod's version also lists the ports it serves: ``"host_ports": [[6, 10250], …]``
+(protocol number, port).
+
 ``to: null`` means the version is open. Empty fields may be left out. A record with no value (a
 tombstone) forgets the address. JSON rather than Arrow: identity changes are few (pods starting
 and stopping), records are small, and they stay readable with ``kafka-console-consumer``.
@@ -52,6 +55,8 @@ def encode_versions(versions: Sequence[Version] | None) -> bytes | None:
             value = getattr(v.owner, f)
             if value:
                 item[f] = value
+        if v.owner.host_ports:
+            item["host_ports"] = [list(p) for p in v.owner.host_ports]
         out.append(item)
     return orjson.dumps({"v": FORMAT_VERSION, "versions": out})
 
@@ -71,7 +76,8 @@ def decode_record(key: bytes | None, value: bytes | None) -> tuple[bytes, list[V
         if data.get("v") != FORMAT_VERSION:
             raise IdentityRecordError(f"unknown identity record version {data.get('v')!r}")
         versions = [
-            Version(OwnerInfo(**{f: str(item.get(f, "") or "") for f in _FIELDS}),
+            Version(OwnerInfo(**{f: str(item.get(f, "") or "") for f in _FIELDS},
+                              host_ports=tuple((int(p), int(n)) for p, n in item.get("host_ports", ()))),
                     int(item["from"]), OPEN if item.get("to") is None else int(item["to"]))
             for item in data["versions"]
         ]
