@@ -20,6 +20,7 @@ import asyncio
 import logging
 import time
 
+import pyarrow as pa
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord, TopicPartition
 from clickhouse_connect.driver.client import Client
 from prometheus_client import Counter, Gauge, Histogram
@@ -31,10 +32,11 @@ from flowtally.clickhouse import connect
 from flowtally.lifecycle import run_components
 from flowtally.metrics import MetricsServer
 from flowtally.settings import load_settings
-from flowtally.wire import ORIGIN_HEADER, WireError, decode_batch, header
+from flowtally.wire import ORIGIN_HEADER, decode_batch, header
+from sink.delivery import Delivery, FeedMetrics, Retry
 from sink.rows import flow_rows
 from sink.settings import SinkSettings
-from sink.writer import InsertFailure, Writer, classify
+from sink.writer import Writer
 from sql.migrate import migrate
 
 log = logging.getLogger(__name__)
@@ -66,14 +68,15 @@ class SinkWorker:
         self._writer: Writer | None = None
         self._task: asyncio.Task[None] | None = None
         self._stopping = asyncio.Event()
-        self._failing_since: float | None = None
+        self._delivery: Delivery | None = None
 
     def health(self) -> tuple[bool, str]:
         """Unhealthy while inserts have been failing for longer than allowed."""
         if self._task is None:
             return False, "starting"
-        if self._failing_since is not None:
-            failing = time.monotonic() - self._failing_since
+        failing_since = self._delivery.failing_since if self._delivery is not None else None
+        if failing_since is not None:
+            failing = time.monotonic() - failing_since
             if failing > self._settings.unhealthy_after_s:
                 return False, f"inserts failing for {failing:.0f}s"
         return True, "ok"
@@ -88,6 +91,12 @@ class SinkWorker:
         self._client = client
         self._dlq = kafka.producer(s.kafka)
         await self._dlq.start()
+        self._delivery = Delivery(
+            schema_name=ENRICHED, decode=self._decode, writer=self._writer, dlq=self._dlq,
+            dlq_topic=s.kafka.topic("dlq"), stopping=self._stopping,
+            metrics=FeedMetrics(MESSAGES, ROWS, INSERT_ERRORS, INSERT_SECONDS),
+            retry=Retry(s.retry_initial_s, s.retry_max_s),
+        )
         self._consumer = kafka.consumer(
             s.kafka, self._topic, group_id=s.group_id,
             session_timeout_ms=int(s.session_timeout_s * 1000),
@@ -130,59 +139,15 @@ class SinkWorker:
                 for tp, offset in commits.items():
                     COMMITTED.labels(str(tp.partition)).set(offset - 1)
 
+    def _decode(self, msg: ConsumerRecord) -> tuple[pa.Table, str]:
+        """The flow rows of one enriched message and their deduplication token."""
+        table = decode_batch(msg.value, msg.headers, ENRICHED_SCHEMA, ENRICHED)
+        return flow_rows(table), dedup_token(msg)
+
     async def _handle(self, msg: ConsumerRecord) -> bool:
         """Insert one message; False if the sink is stopping before it could land."""
-        try:
-            table = decode_batch(msg.value, msg.headers, ENRICHED_SCHEMA, ENRICHED)
-        except WireError as exc:
-            await self._to_dlq(msg, exc)
-            return True
-        rows = flow_rows(table)
-        token = dedup_token(msg)
-        delay = self._settings.retry_initial_s
-        assert self._writer is not None
-        while True:
-            try:
-                with INSERT_SECONDS.time():
-                    await asyncio.to_thread(self._writer.insert, rows, token)
-                break
-            except Exception as exc:
-                failure = classify(exc)
-                INSERT_ERRORS.labels(failure.reason).inc()
-                if failure.rejected:  # this batch can never land: park it, move on
-                    await self._to_dlq(msg, failure)
-                    self._failing_since = None
-                    return True
-                # unavailable: the batch stays uncommitted and is retried
-                if self._failing_since is None:
-                    self._failing_since = time.monotonic()
-                log.warning("insert of %s failed (retrying in %.1fs): %s", token, delay, exc)
-                try:
-                    await asyncio.wait_for(self._stopping.wait(), delay)
-                    return False
-                except TimeoutError:
-                    delay = min(delay * 2, self._settings.retry_max_s)
-        self._failing_since = None
-        MESSAGES.labels("inserted").inc()
-        ROWS.inc(rows.num_rows)
-        return True
-
-    async def _to_dlq(self, msg: ConsumerRecord, exc: WireError | InsertFailure) -> None:
-        if isinstance(exc, InsertFailure):
-            log.error("ClickHouse rejected message %s/%d/%d (%s): sent to the DLQ: %s",
-                      msg.topic, msg.partition, msg.offset, exc.reason, exc.detail)
-            error = f"clickhouse-rejected {exc.reason}: {exc.detail}"
-        else:
-            log.error("message %s/%d/%d is not an %s batch (%s): sent to the DLQ",
-                      msg.topic, msg.partition, msg.offset, ENRICHED, exc)
-            error = str(exc)
-        MESSAGES.labels(f"dlq_{exc.reason}").inc()
-        assert self._dlq is not None
-        headers = [*(msg.headers or ()), ("flowtally-error", error.encode()),
-                   ("flowtally-stage", b"sink")]
-        await self._dlq.send_and_wait(
-            self._settings.kafka.topic("dlq"), msg.value, key=msg.key, headers=headers
-        )
+        assert self._delivery is not None
+        return await self._delivery.deliver(msg)
 
 
 def run(args: argparse.Namespace) -> int:
