@@ -154,5 +154,9 @@ def run(args: argparse.Namespace) -> int:
     """`flowtally sink`."""
     settings = load_settings(SinkSettings, args.config, metrics_listen=args.metrics_listen)
     worker = SinkWorker(settings)
-    metrics = MetricsServer(settings.metrics_listen, worker.health)
-    return asyncio.run(run_components([metrics, worker]))
+    # The completeness consumer (sink/completeness.py) starts after the flows worker has migrated.
+    from sink.completeness import CompletenessWorker, all_healthy
+
+    completeness = CompletenessWorker(settings)
+    metrics = MetricsServer(settings.metrics_listen, all_healthy(worker.health, completeness.health))
+    return asyncio.run(run_components([metrics, worker, completeness]))

@@ -1,0 +1,154 @@
+"""The sink's second consumer: per-minute completeness records (``completeness.v1``) from the
+completeness topic into the ``completeness`` table (migration 0005).
+
+The sensors publish one batch per minute (stage ``sensor-netflow``/``sensor-conntrack``), the
+enricher its own (stage ``enricher``); rows are deltas that the table sums. The rule is the flows
+consumer's (see :mod:`sink.service` and :mod:`sink.delivery`): one message per insert, committed
+only after the insert; a message that is not a completeness batch, or that ClickHouse rejects,
+goes to the DLQ with the reason, counted; ClickHouse unavailable is retried with backoff and
+nothing after it is committed.
+
+The deduplication token is the message's own ``topic/partition/offset``: a completeness record
+is produced once by its writer, so the only replay to absorb is the sink's own (a crash between
+insert and commit). It runs in its own consumer group (``<group_id>-completeness``) so that a
+rebalance of one feed never pauses the other. It does not migrate: in ``flowtally sink`` it
+starts after the flows consumer, which applies the migrations.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+
+import pyarrow as pa
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord, TopicPartition
+from clickhouse_connect.driver.client import Client
+from prometheus_client import Counter, Gauge, Histogram
+
+from flowtally import kafka
+from flowtally.clickhouse import connect
+from flowtally.wire import decode_batch
+from sensors.completeness import COMPLETENESS_SCHEMA, SCHEMA_NAME, with_additive_defaults
+from sink.delivery import Delivery, FeedMetrics, Retry
+from sink.settings import SinkSettings
+from sink.writer import Writer
+
+log = logging.getLogger(__name__)
+
+TABLE = "completeness"
+
+METRICS = FeedMetrics(
+    Counter("flowtally_sink_completeness_messages_total", "Completeness messages consumed", ["outcome"]),
+    Counter("flowtally_sink_completeness_rows_inserted_total", "Completeness rows inserted into ClickHouse"),
+    Counter("flowtally_sink_completeness_insert_errors_total", "Failed completeness inserts", ["reason"]),
+    Histogram("flowtally_sink_completeness_insert_seconds", "Duration of one completeness insert"),
+)
+COMMITTED = Gauge("flowtally_sink_completeness_committed_offset", "Last committed offset", ["partition"])
+
+Health = Callable[[], tuple[bool, str]]
+
+
+def completeness_token(msg: ConsumerRecord) -> str:
+    """The deduplication token of a completeness message: where it is in Kafka."""
+    return f"{msg.topic}/{msg.partition}/{msg.offset}"
+
+
+def completeness_rows(msg: ConsumerRecord) -> tuple[pa.Table, str]:
+    """The rows of one completeness message (older writers' missing columns filled) and its
+    token; raises :class:`flowtally.wire.WireError` if it is not a completeness batch."""
+    table = decode_batch(msg.value, msg.headers, COMPLETENESS_SCHEMA, SCHEMA_NAME,
+                         fill_additive=with_additive_defaults)
+    return table, completeness_token(msg)
+
+
+def all_healthy(*checks: Health) -> Health:
+    """One health check that fails when any of ``checks`` fails (the first failure's reason)."""
+    def check() -> tuple[bool, str]:
+        for one in checks:
+            ok, why = one()
+            if not ok:
+                return ok, why
+        return True, "ok"
+    return check
+
+
+class CompletenessWorker:
+    """The consume -> insert -> commit loop of the completeness topic."""
+
+    name = "sink-completeness"
+
+    def __init__(self, settings: SinkSettings) -> None:
+        self._settings = settings
+        self._topic = settings.kafka.topic("completeness")
+        self._group_id = f"{settings.group_id}-completeness"
+        self._consumer: AIOKafkaConsumer | None = None
+        self._dlq: AIOKafkaProducer | None = None
+        self._client: Client | None = None
+        self._delivery: Delivery | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._stopping = asyncio.Event()
+
+    def health(self) -> tuple[bool, str]:
+        """Unhealthy while completeness inserts have been failing for longer than allowed."""
+        if self._task is None:
+            return False, "completeness consumer starting"
+        since = self._delivery.failing_since if self._delivery is not None else None
+        if since is not None and time.monotonic() - since > self._settings.unhealthy_after_s:
+            return False, f"completeness inserts failing for {time.monotonic() - since:.0f}s"
+        return True, "ok"
+
+    async def start(self) -> None:
+        s = self._settings
+        # The topics exist: the flows consumer (or the test) created them before this starts.
+        self._client = await asyncio.to_thread(connect, s.clickhouse)
+        self._dlq = kafka.producer(s.kafka)
+        await self._dlq.start()
+        self._delivery = Delivery(
+            schema_name=SCHEMA_NAME, decode=completeness_rows, writer=Writer(self._client, TABLE),
+            dlq=self._dlq, dlq_topic=s.kafka.topic("dlq"), metrics=METRICS,
+            retry=Retry(s.retry_initial_s, s.retry_max_s), stopping=self._stopping,
+        )
+        self._consumer = kafka.consumer(
+            s.kafka, self._topic, group_id=self._group_id,
+            session_timeout_ms=int(s.session_timeout_s * 1000),
+            heartbeat_interval_ms=int(min(3.0, s.session_timeout_s / 3) * 1000),
+        )
+        await self._consumer.start()
+        self._task = asyncio.create_task(self._run())
+
+    async def wait(self) -> None:
+        assert self._task is not None
+        await self._task
+
+    async def stop(self) -> None:
+        """Finish the poll in hand (insert + commit), then close everything."""
+        self._stopping.set()
+        if self._task is not None:
+            await asyncio.wait([self._task])
+        if self._consumer is not None:
+            await self._consumer.stop()
+        if self._dlq is not None:
+            await self._dlq.stop()
+        if self._client is not None:
+            await asyncio.to_thread(self._client.close)
+            self._client = None
+
+    async def _run(self) -> None:
+        assert self._consumer is not None and self._delivery is not None
+        while not self._stopping.is_set():
+            polled = await self._consumer.getmany(
+                timeout_ms=500, max_records=self._settings.max_messages_per_poll
+            )
+            commits: dict[TopicPartition, int] = {}
+            for tp, messages in polled.items():
+                for msg in messages:
+                    if not await self._delivery.deliver(msg):
+                        break  # stopping during retries: commit what landed, replay the rest
+                    commits[tp] = msg.offset + 1
+            if commits:
+                await self._consumer.commit(commits)
+                for tp, offset in commits.items():
+                    COMMITTED.labels(str(tp.partition)).set(offset - 1)
+
