@@ -13,7 +13,8 @@ grafana-clickhouse-datasource), no panel carries a pluginVersion, no variable a 
 Windows: panels read the rollups. Up to one day of dashboard time range they read the per-minute
 rollup ``flows_1m``; beyond, the per-hour ``flows_1h`` (hour-aligned). Rates divide by the bucket
 width, never finer than the rollup's resolution. Only what the rollups cannot answer reads raw
-``flows`` (addresses, TCP flags, insert times); its TTL is 15 days by default.
+``flows`` (addresses, ASN/GeoIP columns, TCP flags, conntrack states, insert times); its TTL is 15
+days by default. Pipeline health reads the ``completeness`` table (per-minute deltas, summed).
 """
 
 from __future__ import annotations
@@ -69,9 +70,10 @@ def service(side: str) -> str:
             f"if({side}_workload != '', concat({side}_namespace, '/', {side}_workload), {side}_kind))")
 
 
-#: Either side in the selected namespaces (no filter when All is selected).
-NS_EITHER = ("$__conditionalAll(src_namespace IN (${namespace:singlequote})"
-             " OR dst_namespace IN (${namespace:singlequote}), $namespace)")
+#: Either side in the selected namespaces (no filter when All is selected). Parenthesised: the
+#: plugin pastes the condition as is, and an OR next to an AND would escape the other filters.
+NS_EITHER = ("$__conditionalAll((src_namespace IN (${namespace:singlequote})"
+             " OR dst_namespace IN (${namespace:singlequote})), $namespace)")
 
 # --- Dashboard model ------------------------------------------------------------------------
 
@@ -303,6 +305,28 @@ FROM flows
 WHERE $__timeFilter(flow_end) AND proto = 6 AND (({is_dst}) OR ({is_src}))
 GROUP BY time
 ORDER BY time"""
+    # Conntrack records carry conn_state; a connection has a record per direction, and the one its
+    # initiator sent (initiator 1, or 0 when unknown) counts it once: src is the client.
+    opened = "conn_state != '' AND initiator != 2"
+    conn_peer = f"if({is_dst}, concat('from ', {workload('src')}), concat('to ', {workload('dst')}))"
+    conn_failures = f"""
+SELECT {conn_peer} AS peer, dst_port, proto,
+       countIf(conn_state = 'unreplied') AS unreplied, countIf(conn_state = 'refused') AS refused,
+       count() AS connections, round(100 * (unreplied + refused) / connections, 2) AS failed_pct,
+       maxIf(flow_end, conn_state IN ('unreplied', 'refused')) AS last_failure
+FROM flows
+WHERE $__timeFilter(flow_end) AND {opened} AND (({is_dst}) OR ({is_src}))
+GROUP BY peer, dst_port, proto
+HAVING unreplied + refused > 0
+ORDER BY unreplied + refused DESC, peer, dst_port, proto"""
+    conn_failures_ts = f"""
+SELECT $__timeInterval(flow_end) AS time, concat(conn_state, ' ', {conn_peer}) AS failure,
+       count() AS connections
+FROM flows
+WHERE $__timeFilter(flow_end) AND {opened} AND conn_state IN ('unreplied', 'refused')
+  AND (({is_dst}) OR ({is_src}))
+GROUP BY time, failure
+ORDER BY time, failure"""
     pods = f"""
 SELECT if({is_src}, src_name, dst_name) AS pod,
        sumIf(bytes * sampling_rate, {is_src}) AS bytes_out,
@@ -320,6 +344,13 @@ ORDER BY bytes_out + bytes_in DESC, pod"""
         timeseries(lo, "TCP connection failures (SYN without ACK, resets)", failures, unit="short",
                    description="From raw flows (TTL 15 days by default): flows whose cumulative TCP flags "
                                "hold SYN without ACK (unanswered attempts) or RST."),
+        table(lo, "Connection failures by peer (conntrack)", conn_failures,
+              description="From the conntrack sensor's raw flows: connections that got no answer "
+                          "(unreplied: TCP SYN without SYN-ACK, UDP without reply) or were refused (reset "
+                          "before established), per peer and destination port; 'to' = this workload's own "
+                          "attempts, 'from' = attempts to it. failed_pct over all its connections with that "
+                          "peer and port."),
+        timeseries(lo, "Failed connections (conntrack), by state and peer", conn_failures_ts, unit="short"),
         table(lo, "Pods of this workload", pods, unit="decbytes",
               description="From raw flows: each pod (deleted ones too, while their flows are retained)."),
     ]
@@ -327,64 +358,128 @@ ORDER BY bytes_out + bytes_in DESC, pod"""
                  " WHERE src_namespace = ${namespace:singlequote} UNION ALL SELECT dst_workload AS w"
                  " FROM flows_1h WHERE dst_namespace = ${namespace:singlequote}) WHERE w != '' ORDER BY w")
     return dashboard("flowtally-service-detail", "flowtally / Service detail",
-                     "One workload: its inbound and outbound peers, history and TCP connection failures.",
+                     "One workload: its inbound and outbound peers, history, connection failures (TCP flags "
+                     "from NetFlow; unreplied/refused connections from conntrack) and pods.",
                      panels,
                      [namespace_var(multi=False), query_var("workload", "Workload", workloads)])
 
 
 def leaving_the_cluster() -> dict[str, Any]:
     lo = Layout()
-    egress = f"""
-SELECT src_namespace AS namespace, if(src_workload != '', src_workload, src_kind) AS workload,
+    # The direction variable flips every panel: egress reads the destination as the outside end
+    # (dst_asn, dst_country, ...) and the source as the workload; ingress the other way round.
+    def outside(column: str) -> str:
+        return f"if('${{direction}}' = 'ingress', src_{column}, dst_{column})"
+    def inside(column: str) -> str:
+        return f"if('${{direction}}' = 'ingress', dst_{column}, src_{column})"
+    crossing = f"{outside('kind')} = 'external' AND {NS_EITHER}"
+    inside_workload = (f"if({inside('workload')} != '', "
+                       f"concat({inside('namespace')}, '/', {inside('workload')}), {inside('kind')})")
+    by_workload = f"""
+SELECT {inside('namespace')} AS namespace,
+       if({inside('workload')} != '', {inside('workload')}, {inside('kind')}) AS workload,
        sum(scaled_bytes) AS bytes, sum(scaled_packets) AS packets, sum(flows) AS flows,
        round(bytes / {RANGE_S}, 3) AS bytes_per_s
-FROM {rollup("dst_kind = 'external' AND " + NS_EITHER)}
+FROM {rollup(crossing)}
 GROUP BY namespace, workload
 ORDER BY bytes DESC, namespace, workload"""
-    egress_ts = f"""
-SELECT {bucket()} AS time, {workload('src')} AS workload, sum(scaled_bytes) / {STEP} AS bytes_per_s
-FROM {rollup("dst_kind = 'external' AND " + NS_EITHER)}
+    by_workload_ts = f"""
+SELECT {bucket()} AS time, {inside_workload} AS workload, sum(scaled_bytes) / {STEP} AS bytes_per_s
+FROM {rollup(crossing)}
 GROUP BY time, workload
 ORDER BY time, workload"""
-    destinations = """
-SELECT toString(dst_addr) AS destination, dst_port, proto,
+    raw_crossing = f"$__timeFilter(flow_end) AND {crossing}"
+    by_asn = f"""
+SELECT {outside('asn')} AS asn, if({outside('as_org')} != '', {outside('as_org')}, 'unknown') AS organisation,
        sum(bytes * sampling_rate) AS bytes, count() AS flows,
-       arrayStringConcat(arraySort(groupUniqArray(10)(
-           if(src_workload != '', concat(src_namespace, '/', src_workload), src_kind))), ', ')
-       AS from_workloads
+       uniqExact({outside('addr')}) AS addresses, round(bytes / {RANGE_S}, 3) AS bytes_per_s
 FROM flows
-WHERE $__timeFilter(flow_end) AND dst_kind = 'external' AND """ + NS_EITHER + """
-GROUP BY destination, dst_port, proto
-ORDER BY bytes DESC, destination, dst_port
+WHERE {raw_crossing}
+GROUP BY asn, organisation
+ORDER BY bytes DESC, asn, organisation"""
+    by_country = f"""
+SELECT if({outside('country')} != '', {outside('country')}, 'unknown') AS country,
+       sum(bytes * sampling_rate) AS bytes, count() AS flows, uniqExact({outside('addr')}) AS addresses
+FROM flows
+WHERE {raw_crossing}
+GROUP BY country
+ORDER BY bytes DESC, country"""
+    # Grafana's Geomap finds numeric fields named latitude/longitude (the layer below names them
+    # too). Rounding to 0.1 degree (about 10 km) keeps one marker per city instead of one per address.
+    geomap = f"""
+SELECT round({outside('lat')}, 1) AS latitude, round({outside('lon')}, 1) AS longitude,
+       any(if({outside('city')} != '', concat({outside('city')}, ', ', {outside('country')}),
+              {outside('country')})) AS place,
+       sum(bytes * sampling_rate) AS bytes, count() AS flows, uniqExact({outside('addr')}) AS addresses
+FROM flows
+WHERE {raw_crossing} AND NOT isNaN({outside('lat')}) AND NOT isNaN({outside('lon')})
+GROUP BY latitude, longitude
+ORDER BY bytes DESC, latitude, longitude"""
+    peers_of = f"arrayStringConcat(arraySort(groupUniqArray(10)({inside_workload})), ', ')"
+    destinations = f"""
+SELECT toString({outside('addr')}) AS address, {outside('as_org')} AS organisation,
+       {outside('country')} AS country, dst_port, proto,
+       sum(bytes * sampling_rate) AS bytes, count() AS flows,
+       {peers_of} AS workloads
+FROM flows
+WHERE {raw_crossing}
+GROUP BY address, organisation, country, dst_port, proto
+ORDER BY bytes DESC, address, dst_port
 LIMIT 100"""
-    new_destinations = """
-SELECT namespace, workload, destination, first_seen, bytes, flows
+    new_destinations = f"""
+SELECT namespace, workload, address, organisation, country, first_seen, bytes, flows
 FROM (
-    SELECT src_namespace AS namespace, if(src_workload != '', src_workload, src_kind) AS workload,
-           toString(dst_addr) AS destination, min(flow_end) AS first_seen,
+    SELECT {inside('namespace')} AS namespace,
+           if({inside('workload')} != '', {inside('workload')}, {inside('kind')}) AS workload,
+           toString({outside('addr')}) AS address, any({outside('as_org')}) AS organisation,
+           any({outside('country')}) AS country, min(flow_end) AS first_seen,
            sum(bytes * sampling_rate) AS bytes, count() AS flows
     FROM flows
-    WHERE dst_kind = 'external' AND flow_end <= $__toTime AND """ + NS_EITHER + """
-    GROUP BY namespace, workload, dst_addr
+    WHERE flow_end <= $__toTime AND {crossing}
+    GROUP BY namespace, workload, address
 )
 WHERE first_seen >= $__fromTime
-ORDER BY first_seen DESC, namespace, workload, destination
+ORDER BY first_seen DESC, namespace, workload, address
 LIMIT 100"""
+    geo_layer = {
+        "type": "markers", "name": "bytes", "tooltip": True,
+        "location": {"mode": "coords", "latitude": "latitude", "longitude": "longitude"},
+        "config": {"showLegend": True, "style": {
+            "size": {"field": "bytes", "fixed": 5, "min": 4, "max": 30},
+            "color": {"field": "bytes", "fixed": "dark-green"},
+            "opacity": 0.5, "symbol": {"fixed": "img/icons/marker/circle.svg", "mode": "fixed"},
+            "text": {"field": "place", "mode": "field"}, "textConfig": {"fontSize": 10, "offsetY": -12}}},
+    }
+    geomap_options = {"view": {"id": "fit", "lat": 0, "lon": 0, "zoom": 1, "allLayers": True},
+                      "controls": {"showZoom": True, "mouseWheelZoom": True, "showAttribution": True},
+                      "basemap": {"type": "default", "name": "basemap"}, "layers": [geo_layer],
+                      "tooltip": {"mode": "details"}}
+    raw_note = "From raw flows (TTL 15 days by default), GeoIP/ASN as the enricher resolved them (MaxMind)."
     panels = [
-        table(lo, "Egress by workload", egress, unit="decbytes"),
-        timeseries(lo, "Egress bytes/s by workload", egress_ts, unit="Bps"),
-        table(lo, "Top external destinations", destinations, unit="decbytes",
-              description="From raw flows (TTL 15 days by default)."),
-        table(lo, "New external destinations", new_destinations, unit="decbytes",
-              description="Pairs (workload, external address) first seen in the time range, within the "
+        table(lo, "Bytes by workload ($direction)", by_workload, unit="decbytes",
+              description="The in-cluster end of traffic to (egress) or from (ingress) external addresses."),
+        timeseries(lo, "Bytes/s by workload ($direction)", by_workload_ts, unit="Bps"),
+        table(lo, "By ASN / organisation ($direction)", by_asn, unit="decbytes",
+              description=raw_note + " ASN 0: the ASN database does not know the address (or none is "
+                                     "mounted)."),
+        panel(lo, "barchart", "By country ($direction)", [target(by_country)], unit="decbytes",
+              description=raw_note + " 'unknown': no country in the GeoIP database (or none mounted).",
+              options={"xField": "country", "orientation": "horizontal", "showValue": "auto",
+                       "legend": {"showLegend": False, "displayMode": "list", "placement": "bottom"}}),
+        panel(lo, "geomap", "Where it goes / comes from ($direction)", [target(geomap)], w=24, h=12,
+              description=raw_note + " One marker per location rounded to 0.1 degree, sized by bytes.",
+              options=geomap_options),
+        table(lo, "Top external addresses ($direction)", destinations, unit="decbytes", description=raw_note),
+        table(lo, "New external addresses ($direction)", new_destinations, unit="decbytes",
+              description="(Workload, external address) pairs first seen in the time range, within the "
                           "retained raw flows: 'new' means not seen earlier in the retained history."),
     ]
-    # TODO(geo): egress by ASN / organisation / country and a Geomap (lat/lon) need the geo/ASN
-    # columns of the enrichment; `flows` has none yet. Add those panels when the schema has them.
     return dashboard("flowtally-egress", "flowtally / Leaving the cluster",
-                     "Traffic to addresses no cluster object owns (kind external). Per ASN, organisation and "
-                     "country, and the Geomap, come with the geo/ASN enrichment columns (not in the flows "
-                     "table yet).", panels, [namespace_var()])
+                     "Traffic between workloads and addresses no cluster object owns (kind external): per "
+                     "workload from the rollups; per ASN, organisation, country and on a map from the raw "
+                     "flows' GeoIP columns. Direction: egress (workload -> outside) or ingress (outside -> "
+                     "workload).",
+                     panels, [namespace_var(), custom_var("direction", "Direction", ["egress", "ingress"])])
 
 
 def pipeline_health() -> dict[str, Any]:
@@ -415,21 +510,85 @@ FROM flows
 WHERE $__timeFilter(inserted_at)
 GROUP BY source, observation_domain
 ORDER BY source, observation_domain"""
+    # completeness rows are deltas (several workers, restarts): always sum() ... GROUP BY.
+    # The kernel's socket drops have no exporter (::), so they get a row of their own.
+    exporter = "if(exporter = toIPv6('::'), 'kernel (socket)', toString(exporter))"
+    per_exporter = f"""
+SELECT stage, observer AS node, {exporter} AS source, observation_domain,
+       sum(packets) AS packets, sum(records) AS records, sum(decode_errors) AS decode_errors,
+       sum(sequence_lost) AS sequence_lost, sum(dropped_backpressure) AS dropped_backpressure,
+       sum(kernel_drops) AS kernel_drops,
+       if(records = 0, NULL, round(100 * (records - dropped_backpressure) / records, 3)) AS delivered_pct,
+       max(minute) AS last_minute
+FROM completeness
+WHERE $__timeFilter(minute) AND stage != 'enricher'
+GROUP BY stage, node, source, observation_domain
+ORDER BY stage, node, source, observation_domain"""
+    per_stage = """
+SELECT stage, sum(packets) AS packets, sum(records) AS records, sum(bytes) AS bytes,
+       sum(decode_errors) AS decode_errors, sum(sequence_lost) AS sequence_lost,
+       sum(dropped_backpressure) AS dropped_backpressure, sum(kernel_drops) AS kernel_drops,
+       sum(unknown_addresses) AS unknown_addresses, sum(ignored) AS ignored, sum(late) AS late,
+       sum(duplicates_dropped) AS duplicates_dropped, uniqExact(observer) AS nodes
+FROM completeness
+WHERE $__timeFilter(minute)
+GROUP BY stage
+ORDER BY stage"""
+    per_minute = "* 60 / greatest($__interval_s, 60)"
+    drops = f"""
+SELECT $__timeInterval(minute) AS time,
+       sum(decode_errors) {per_minute} AS decode_errors, sum(sequence_lost) {per_minute} AS sequence_lost,
+       sum(dropped_backpressure) {per_minute} AS dropped_backpressure,
+       sum(kernel_drops) {per_minute} AS kernel_drops
+FROM completeness
+WHERE $__timeFilter(minute) AND stage != 'enricher'
+GROUP BY time
+ORDER BY time"""
+    received = f"""
+SELECT $__timeInterval(minute) AS time, concat(stage, ' ', observer) AS source,
+       sum(records) {per_minute} AS records_per_minute
+FROM completeness
+WHERE $__timeFilter(minute) AND stage != 'enricher'
+GROUP BY time, source
+ORDER BY time, source"""
+    enricher = f"""
+SELECT $__timeInterval(minute) AS time,
+       sum(unknown_addresses) {per_minute} AS unknown_addresses, sum(ignored) {per_minute} AS ignored,
+       sum(late) {per_minute} AS late, sum(duplicates_dropped) {per_minute} AS duplicates_dropped
+FROM completeness
+WHERE $__timeFilter(minute) AND stage = 'enricher'
+GROUP BY time
+ORDER BY time"""
     panels = [
         timeseries(lo, "Rows inserted per minute, by exporter / node", inserted, unit="short"),
         timeseries(lo, "Lag: inserted_at - flow_end", lag, unit="s",
                    description="How long a flow takes from its end at the exporter to being queryable: "
                                "exporter active/inactive timeouts plus the pipeline's own latency."),
-        table(lo, "Exporters and nodes", sources, w=24,
-              description="Per observation point: rows stored, last insert and median lag. Completeness "
-                          "(sequence losses, decode errors, drops by reason) comes from the sensors' "
-                          "completeness topic once it is stored in ClickHouse; until then see each stage's "
-                          "/metrics."),
+        table(lo, "Completeness per exporter / node", per_exporter, w=24,
+              description="From the sensors' completeness records (table completeness): datagrams and "
+                          "records received, decode errors, records the exporter's sequence numbers say "
+                          "were lost, flows dropped because Kafka did not keep up, and kernel socket drops "
+                          "(exporter unknown: own row). delivered_pct: records handed to Kafka / records "
+                          "decoded."),
+        timeseries(lo, "Sensor drops per minute, by reason", drops, unit="short",
+                   description="Sums over all sensors: decode errors, sequence losses, backpressure drops, "
+                               "kernel socket drops."),
+        timeseries(lo, "Records received per minute, by sensor", received, unit="short"),
+        table(lo, "Per stage", per_stage, w=24,
+              description="Every counter summed per stage (sensor-netflow, sensor-conntrack, enricher); "
+                          "the enricher counts flows with an unknown address, ignored flows, flows later "
+                          "than the identity history, and duplicate observations it dropped."),
+        timeseries(lo, "Enricher: unknown, ignored, late, duplicates per minute", enricher, unit="short",
+                   w=24),
+        table(lo, "Exporters and nodes (stored flows)", sources, w=24,
+              description="Per observation point in the flows table: rows stored, last insert and median "
+                          "lag."),
     ]
     return dashboard("flowtally-pipeline", "flowtally / Pipeline health",
-                     "Is data arriving, from whom, and how late. Completeness per exporter and drops by "
-                     "reason are on the stages' /metrics until they are stored in ClickHouse.", panels, [],
-                     time_from="now-3h")
+                     "Is data arriving, from whom, how late, and how complete: the stages' per-minute "
+                     "completeness records (received, decode errors, sequence losses, drops by reason, the "
+                     "enricher's unknown/ignored/late/duplicates) and the flows table's insert times.",
+                     panels, [], time_from="now-3h")
 
 
 DASHBOARDS = {
