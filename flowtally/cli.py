@@ -18,6 +18,7 @@ from flowtally.settings import SettingsError
 # subcommand path -> "module:function"
 _TARGETS = {
     ("sensor", "netflow"): "sensors.netflow.collector:run",
+    ("sensor", "conntrack"): "sensors.conntrack.service:run",
     ("enrich",): "enricher.app:run",
     ("sink",): "sink.service:run",
     ("migrate",): "sql.migrate:run",
@@ -52,6 +53,11 @@ def build_parser() -> argparse.ArgumentParser:
     _common(nf)
     nf.add_argument("--listen", help="UDP address to receive on, host:port (default 0.0.0.0:2055)")
     nf.add_argument("--metrics-listen", help="host:port of /metrics and /healthz")
+    ct = sensor.add_parser("conntrack", help="report the node's conntrack connections (netlink events "
+                           "and dumps) as raw batches")
+    _common(ct)
+    ct.add_argument("--stdout", action="store_true", help="print records as JSON lines, publish nothing")
+    ct.add_argument("--metrics-listen", help="host:port of /metrics and /healthz (default 0.0.0.0:9464)")
 
     enrich = sub.add_parser("enrich", help="run the Faust enrichment stream")
     _common(enrich)
