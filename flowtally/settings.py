@@ -56,13 +56,15 @@ class KafkaSettings(Group):
     bootstrap: str = Field(
         "127.0.0.1:9092", description="Comma-separated broker list host:port[,host:port…]"
     )
-    topic_prefix: str = Field("flowtally", pattern=r"^[A-Za-z0-9._-]+$")
-    client_id: str = "flowtally"
-    security_protocol: str = Field("PLAINTEXT", pattern=r"^(PLAINTEXT|SSL|SASL_PLAINTEXT|SASL_SSL)$")
-    sasl_mechanism: str | None = None
-    sasl_username: str | None = None
-    sasl_password: SecretStr | None = None
-    request_timeout_ms: int = Field(30_000, ge=1_000, le=600_000)
+    topic_prefix: str = Field("flowtally", pattern=r"^[A-Za-z0-9._-]+$",
+                              description="Topics are <prefix>.flows.raw, <prefix>.flows.enriched, …")
+    client_id: str = Field("flowtally", description="Kafka client id (broker logs and quotas)")
+    security_protocol: str = Field("PLAINTEXT", pattern=r"^(PLAINTEXT|SSL|SASL_PLAINTEXT|SASL_SSL)$",
+                                   description="How clients talk to the brokers")
+    sasl_mechanism: str | None = Field(None, description="SASL mechanism, e.g. PLAIN or SCRAM-SHA-512")
+    sasl_username: str | None = Field(None, description="SASL user")
+    sasl_password: SecretStr | None = Field(None, description="SASL password (never logged)")
+    request_timeout_ms: int = Field(30_000, ge=1_000, le=600_000, description="Timeout of one Kafka request")
 
     @field_validator("bootstrap")
     @classmethod
@@ -111,7 +113,8 @@ class ClickHouseSettings(Group):
         None, description="http(s)://user:password@host:8123 of a ClickHouse server; unset = chDB"
     )
     path: Path = Field(Path("var/chdb"), description="Data directory of the embedded chDB engine")
-    database: str = Field("flowtally", pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")
+    database: str = Field("flowtally", pattern=r"^[A-Za-z_][A-Za-z0-9_]*$",
+                          description="Database of the tables (created by the migrations)")
 
     @field_validator("url")
     @classmethod
