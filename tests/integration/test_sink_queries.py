@@ -147,4 +147,6 @@ def test_query_cli_csv(loaded: tuple[Client, int], clickhouse_settings: ClickHou
 def test_every_query_is_tested() -> None:
     tested = {"top_talkers", "top_services", "service_peers", "egress_by_workload", "new_external_destinations",
               "service_map_nodes", "service_map_edges", "pod_peers"}
-    assert set(queries.names()) == tested
+    from tests.integration.test_history_queries import TESTED as HISTORY  # the history queries' tests
+
+    assert set(queries.names()) == tested | HISTORY
