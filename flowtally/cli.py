@@ -20,6 +20,7 @@ _TARGETS = {
     ("sensor", "netflow"): "sensors.netflow.collector:run",
     ("sensor", "conntrack"): "sensors.conntrack.service:run",
     ("enrich",): "enricher.app:run",
+    ("watch-k8s",): "enricher.k8s.service:run",
     ("sink",): "sink.service:run",
     ("migrate",): "sql.migrate:run",
     ("query",): "sql.queries:run",
@@ -63,6 +64,12 @@ def build_parser() -> argparse.ArgumentParser:
     _common(enrich)
     enrich.add_argument("--inventory", help="static identity inventory (YAML)")
     enrich.add_argument("--metrics-listen", help="host:port of /metrics and /healthz")
+
+    watch = sub.add_parser("watch-k8s", help="watch the Kubernetes API, write the identity topic")
+    _common(watch)
+    watch.add_argument("--kubeconfig", help="kubeconfig file (default: in-cluster, else ~/.kube/config)")
+    watch.add_argument("--context", help="kubeconfig context (default: its current one)")
+    watch.add_argument("--metrics-listen", help="host:port of /metrics and /healthz")
 
     sink = sub.add_parser("sink", help="write enriched batches to ClickHouse")
     _common(sink)
