@@ -115,6 +115,11 @@ class ClickHouseSettings(Group):
     path: Path = Field(Path("var/chdb"), description="Data directory of the embedded chDB engine")
     database: str = Field("flowtally", pattern=r"^[A-Za-z_][A-Za-z0-9_]*$",
                           description="Database of the tables (created by the migrations)")
+    cluster: str | None = Field(
+        None, pattern=r"^[A-Za-z_][A-Za-z0-9_.-]*$",
+        description="ClickHouse cluster name: migrations render ON CLUSTER, Replicated engines and "
+                    "<table>_dist Distributed tables, queries read those (unset = single server)",
+    )
 
     @field_validator("url")
     @classmethod
