@@ -10,6 +10,11 @@ crash cannot be counted twice.
 Identity: the static inventory (if any) seeds the index; an :class:`IdentityFeed` task replays
 the identity topic to its end before the agent handles its first batch, then keeps applying
 changes while the stream runs. MaxMind files (if configured) are re-checked between batches.
+
+Second observations of a connection are dropped (``dedup_connections``, the rule in
+:mod:`enricher.enrich`), and the batch's counts go to metrics and to per-minute completeness rows
+(stage ``enricher``), published to ``<prefix>.sensor.completeness`` once their minute has passed
+and at shutdown.
 """
 
 from __future__ import annotations
@@ -23,7 +28,7 @@ from typing import Any
 import faust
 from prometheus_client import Counter, Gauge, Histogram
 
-from enricher.enrich import EnrichStats, enrich_batch
+from enricher.enrich import EnrichStats, ObservedNodes, enrich_batch
 from enricher.geo import GeoIP
 from enricher.identity import IdentityIndex
 from enricher.identity_feed import IdentityFeed
@@ -34,6 +39,8 @@ from flowtally import kafka
 from flowtally.metrics import MetricsServer
 from flowtally.settings import load_settings
 from flowtally.wire import ORIGIN_HEADER, WireError, decode_batch, encode_batch
+from sensors.completeness import SCHEMA_NAME as COMPLETENESS
+from sensors.completeness import CompletenessAccumulator, minute_of
 from sensors.schema import RAW_SCHEMA, with_additive_defaults
 from sensors.schema import SCHEMA_NAME as RAW
 
@@ -51,6 +58,12 @@ LOOKUPS = Counter("flowtally_enricher_lookups_total",
                   ["side", "outcome"])
 GEO = Counter("flowtally_enricher_geo_total", "GeoIP work (addresses, distinct, cache_misses, found)",
               ["what"])
+DUPLICATES = Counter("flowtally_enricher_duplicates_dropped_total",
+                     "Records dropped as a second observation of a connection (not at the initiator's node)")
+NAT_SERVICE = Counter("flowtally_enricher_nat_service_total",
+                      "Flows attributed to the service their initiator addressed (DNAT)")
+FLOW_COUNTS = Counter("flowtally_enricher_flow_counts_total",
+                      "Flows with an unknown private address, an ignored end or a late end", ["what"])
 GEO_RELOADS = Counter("flowtally_enricher_geoip_reloads_total", "mmdb reloads", ["outcome"])
 
 
@@ -58,10 +71,13 @@ class EnricherState:
     """What the agent needs besides its streams; also answers the health check."""
 
     def __init__(self, index: IdentityIndex, geo: GeoIP | None = None,
-                 feed: IdentityFeed | None = None) -> None:
+                 feed: IdentityFeed | None = None, observers: ObservedNodes | None = None,
+                 completeness: CompletenessAccumulator | None = None) -> None:
         self.index = index
         self.geo = geo
         self.feed = feed
+        self.observers = observers
+        self.completeness = completeness
         self.running = False
         self.last_batch: float | None = None
 
@@ -81,6 +97,14 @@ def _count(stats: EnrichStats) -> None:
         value = getattr(stats.geo, what)
         if value:
             GEO.labels(what).inc(value)
+    for what in ("unknown_addresses", "ignored", "late"):
+        value = getattr(stats, what)
+        if value:
+            FLOW_COUNTS.labels(what).inc(value)
+    if stats.duplicates_dropped:
+        DUPLICATES.inc(stats.duplicates_dropped)
+    if stats.nat_service:
+        NAT_SERVICE.inc(stats.nat_service)
 
 
 def create_app(settings: EnricherSettings, state: EnricherState) -> faust.App:
@@ -109,6 +133,27 @@ def create_app(settings: EnricherSettings, state: EnricherState) -> faust.App:
                                value_serializer="raw", key_serializer="raw")
     dlq_topic = app.topic(settings.kafka.topic("dlq"), value_type=bytes, key_type=bytes,
                           value_serializer="raw", key_serializer="raw")
+    completeness_topic = app.topic(settings.kafka.topic("completeness"), value_type=bytes, key_type=bytes,
+                                   value_serializer="raw", key_serializer="raw")
+
+    async def publish_completeness(before_ms: int | None) -> None:
+        """Send the completeness rows of minutes before ``before_ms`` (None: all)."""
+        acc = state.completeness
+        if acc is None or not len(acc):
+            return
+        table = acc.take(before_ms)
+        if table.num_rows:
+            value, headers = encode_batch(table, COMPLETENESS)
+            await completeness_topic.send(key=settings.app_id.encode(), value=value, headers=headers)
+
+    @app.timer(interval=10.0)
+    async def closed_minutes() -> None:
+        await publish_completeness(minute_of(int(time.time() * 1000)))
+
+    @app.on_before_shutdown.connect  # type: ignore[arg-type]
+    async def last_minutes(app: faust.App, **kwargs: Any) -> None:
+        # The consumer has stopped: nothing more is counted; the producer is still up.
+        await publish_completeness(None)
 
     if state.feed is not None:
         feed = state.feed
@@ -137,7 +182,8 @@ def create_app(settings: EnricherSettings, state: EnricherState) -> faust.App:
                 continue
             stats = EnrichStats()
             geo = state.geo.current() if state.geo is not None else None
-            enriched = enrich_batch(raw, state.index, geo, stats)
+            enriched = enrich_batch(raw, state.index, geo, stats, observers=state.observers,
+                                    completeness=state.completeness, now_ms=int(time.time() * 1000))
             _count(stats)
             value, headers = encode_batch(enriched, ENRICHED)
             headers.append((ORIGIN_HEADER, origin.encode()))
@@ -183,7 +229,9 @@ def run(args: argparse.Namespace) -> int:
 
         feed = IdentityFeed(settings.kafka, settings.kafka.topic("identity"), index,
                             apply_interval_s=settings.identity_apply_interval_s, on_apply=applied)
-    state = EnricherState(index, geo, feed)
+    observers = ObservedNodes(int(settings.observer_window_s * 1000)) if settings.dedup_connections else None
+    completeness = CompletenessAccumulator(observer="", stage="enricher") if settings.completeness else None
+    state = EnricherState(index, geo, feed, observers, completeness)
     asyncio.run(kafka.ensure_topics(settings.kafka, settings.topics))
     app = create_app(settings, state)
     metrics = MetricsServer(settings.metrics_listen, state.health)

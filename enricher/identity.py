@@ -8,36 +8,52 @@ pod gets at 10:02 keeps the flows of 09:59 even when they are processed at 10:05
 
 Layout (rebuilt in one go after a batch of changes, never per change or per flow):
 
-- rows sorted by (address, valid_from); per row the owner's fields as integer codes into
-  append-only per-field dictionaries, and ``valid_to``;
-- the distinct addresses (``S16``, sorted) and each row's address id;
-- one ``uint64`` key per row: ``address_id << T | valid_from`` where ``T = 64 - bits(ids)``
-  (at least 42 bits: milliseconds up to the year 2109).
+- *master rows* sorted by (address, valid_from): the address (``S16``), ``valid_from``,
+  ``valid_to`` and per identity field an integer code; two extra slots at the end of every code
+  column stand for "no owner, private" and "no owner, external";
+- a :class:`_Timeline` over the rows that own an address outright (every kind but
+  ``host-network``): the distinct addresses (sorted) and one ``uint64`` key per row,
+  ``address_id << T | valid_from`` (``T = 64 - bits(ids)``, at least 42 bits: milliseconds up to
+  the year 2109). A lookup is two ``np.searchsorted`` calls: addresses -> address ids, then
+  ``(id << T | flow_time)`` -> the last version starting at or before the flow, accepted when it
+  belongs to the same address and ends after the flow. No Python runs per flow;
+- a second timeline over hostNetwork pods' ports: one row per (address, protocol, port) a
+  ``host-network`` version serves (``host_ports``), keyed by the 19 bytes address + protocol +
+  port.
 
-A batch lookup is two ``np.searchsorted`` calls: addresses -> address ids, then
-``(id << T | flow_time)`` -> the last version starting at or before the flow, accepted when it
-belongs to the same address and ends after the flow. No Python runs per flow.
+String fields are stored as codes. Low-cardinality fields (kind, namespace, workload, service,
+node…) have one append-only dictionary each; the per-pod fields (``name``, ``pod_uid``: with 1 M
+historical versions there are 1 M of them) are kept as Arrow string chunks, one entry per row,
+compacted when more than half of them belong to forgotten rows, so the index holds no Python
+object per version. The Arrow dictionaries of an output column are built per batch from the
+codes that batch uses (:meth:`IdentityIndex.arrow_columns`), so a message never carries the
+whole table.
 
 Rules:
 
 - Overlapping versions of one address: a newer version ends the older one (the older version's
   ``valid_to`` is cut to the newer one's ``valid_from``); the watcher never produces overlaps, but
-  a replay of two sources (e.g. the static inventory and the topic) might.
+  a replay of two sources (e.g. the static inventory and the topic) might. ``host-network``
+  versions are the exception (below): they overlap the node's version by design.
 - History: versions that ended before ``now - history`` are dropped by :meth:`prune`; a flow with
   no owner at its time that is older than that horizon is counted as *late* (it may have had an
   owner we forgot) when its address is private or known to the index.
-- hostNetwork pods share their node's address: the node owns the address (kind ``node``); the
-  watcher does not create versions for hostNetwork pods' addresses. Ports could later refine this
-  (a listening port -> the hostNetwork pod), which is why the kind ``host-network`` exists.
-- Services: a ClusterIP version has kind ``service``; a pod version whose IP an EndpointSlice
-  lists as a backend carries the service name(s) in ``service`` (comma-separated), so a flow to
-  the backend pod gets ``dst_service`` too.
+- hostNetwork pods share their node's address: the address's version list holds the node's
+  version (kind ``node``) and, alongside it, a version of kind ``host-network`` per hostNetwork
+  pod with the (protocol, port) pairs it serves in ``host_ports``. A flow end whose port (the
+  flow's ``dst_port`` for the dst side, ``src_port`` for the src side) and protocol match a
+  ``host_ports`` pair of a ``host-network`` version valid at the flow's time goes to that pod;
+  every other flow end on the address goes to the node (or no one, if no node version).
+  Overlapping ``host-network`` versions for the same (address, protocol, port): newer wins.
+- Services: a ClusterIP version has kind ``service`` and its name in ``service``; a pod version
+  whose IP an EndpointSlice lists as a backend carries the service name(s) in ``service``
+  (comma-separated), so a flow to the backend pod gets ``dst_service`` too.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
@@ -48,6 +64,8 @@ from enricher.schema import ALL_IDENTITY_FIELDS
 PRIVATE = "private"
 EXTERNAL = "external"
 IGNORED = "ignored"
+SERVICE = "service"
+HOST_NETWORK = "host-network"
 
 #: ``valid_to_ms`` of a version that has not ended.
 OPEN = int(np.iinfo(np.int64).max)
@@ -55,6 +73,9 @@ OPEN = int(np.iinfo(np.int64).max)
 DEFAULT_HISTORY_MS = 3_600_000
 
 _MIN_TIME_BITS = 42
+#: Fields with about one distinct value per version: stored per row, not deduplicated.
+_PER_ROW_FIELDS = frozenset({"name", "pod_uid"})
+_NF = len(ALL_IDENTITY_FIELDS)
 
 _V4_MAPPED_PREFIX = np.array([0] * 10 + [0xFF, 0xFF], dtype=np.uint8)
 # (network, prefix length) of IPv4 space that is never on the public internet.
@@ -153,16 +174,150 @@ class LookupStats:
 
 
 @dataclass
+class SideLookup:
+    """The outcome of looking up one column of addresses: per flow the master row (or one of the
+    two "no owner" slots), and masks the counters and the late rule need."""
+
+    slot: np.ndarray  # int64 into the code columns
+    owned: np.ndarray  # bool
+    private: np.ndarray  # bool: no owner matters only for private/known addresses
+    known: np.ndarray  # bool: the address has (had) versions in the index
+
+    def take(self, rows: np.ndarray) -> SideLookup:
+        """The lookups of the selected flows (a boolean mask or indices)."""
+        return SideLookup(self.slot[rows], self.owned[rows], self.private[rows], self.known[rows])
+
+
 class _Dictionary:
-    values: list[str] = field(default_factory=list)
-    codes: dict[str, int] = field(default_factory=dict)
+    """Append-only low-cardinality strings: value -> code, with a cached Arrow array."""
+
+    def __init__(self) -> None:
+        self.values: list[str] = [""]
+        self.codes: dict[str, int] = {"": 0}
+        self._arrow: pa.Array | None = None
 
     def code(self, value: str) -> int:
         code = self.codes.get(value)
         if code is None:
             code = self.codes[value] = len(self.values)
             self.values.append(value)
+            self._arrow = None
         return code
+
+    def arrow(self) -> pa.Array:
+        if self._arrow is None:
+            self._arrow = pa.array(self.values, pa.string())
+        return self._arrow
+
+    def value(self, code: int) -> str:
+        return self.values[code]
+
+
+class _PerRowStrings:
+    """One string per row, in Arrow chunks (no Python object per row); code 0 is ""."""
+
+    def __init__(self) -> None:
+        self._chunks: list[pa.Array] = [pa.array([""], pa.string())]
+        self._size = 1
+        self._pending: list[str] = []
+        self._combined: pa.Array | None = None
+
+    def code(self, value: str) -> int:
+        if not value:
+            return 0
+        self._pending.append(value)
+        return self._size + len(self._pending) - 1
+
+    def flush(self) -> None:
+        if self._pending:
+            self._chunks.append(pa.array(self._pending, pa.string()))
+            self._size += len(self._pending)
+            self._pending = []
+            self._combined = None
+
+    def __len__(self) -> int:
+        return self._size + len(self._pending)
+
+    def arrow(self) -> pa.Array:
+        self.flush()
+        if self._combined is None:
+            self._combined = pa.concat_arrays(self._chunks)
+            self._chunks = [self._combined]
+        return self._combined
+
+    def value(self, code: int) -> str:
+        return str(self.arrow()[code].as_py())
+
+    def compact(self, live: np.ndarray) -> np.ndarray:
+        """Keep only the codes in ``live`` (sorted, unique, starting with 0); returns old code ->
+        new code (a lookup array, -1 for dropped)."""
+        table = self.arrow().take(pa.array(live))
+        remap = np.full(len(self), -1, dtype=np.int32)
+        remap[live] = np.arange(len(live), dtype=np.int32)
+        self._chunks, self._size, self._combined = [table], len(live), table
+        return remap
+
+
+class _Timeline:
+    """Rows of (key, valid_from, valid_to, master row), looked up by (key, time).
+
+    ``keys`` is an ``S<k>`` array sorted together with ``valid_from``; overlapping rows of one key
+    must already be cut."""
+
+    def __init__(self, keys: np.ndarray, valid_from: np.ndarray, valid_to: np.ndarray,
+                 rows: np.ndarray) -> None:
+        n = len(keys)
+        self.rows = rows
+        self.valid_from, self.valid_to = valid_from, valid_to
+        starts = np.ones(n, dtype=bool)
+        if n > 1:
+            starts[1:] = keys[1:] != keys[:-1]
+        ids = (np.cumsum(starts) - 1).astype(np.uint64)
+        self.unique = keys[starts]
+        id_bits = max(1, len(self.unique).bit_length())
+        self.time_bits = 64 - id_bits
+        if self.time_bits < _MIN_TIME_BITS:
+            raise ValueError(f"too many addresses for the index: {len(self.unique)}")
+        self.time_max = np.int64((1 << self.time_bits) - 1)
+        times = np.clip(valid_from, 0, self.time_max).astype(np.uint64)
+        self.keys = (ids << np.uint64(self.time_bits)) | times
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def find(self, queries: np.ndarray, times: np.ndarray, open_only: bool) -> tuple[np.ndarray, np.ndarray]:
+        """(master row or -1, key known) per query."""
+        n = len(queries)
+        if len(self.unique) == 0 or n == 0:
+            return np.full(n, -1, dtype=np.int64), np.zeros(n, dtype=bool)
+        pos = np.searchsorted(self.unique, queries)
+        np.minimum(pos, len(self.unique) - 1, out=pos)
+        known = self.unique[pos] == queries
+        ids = pos.astype(np.uint64)
+        shift = np.uint64(self.time_bits)
+        keys = (ids << shift) | np.clip(times, 0, self.time_max).astype(np.uint64)
+        row = np.searchsorted(self.keys, keys, side="right") - 1
+        np.maximum(row, 0, out=row)
+        hit = known & ((self.keys[row] >> shift) == ids)
+        hit &= (times < self.valid_to[row]) & (times >= self.valid_from[row])
+        if open_only:
+            hit &= self.valid_to[row] == OPEN
+        return np.where(hit, self.rows[row], -1), known
+
+
+def _cut_overlaps(keys: np.ndarray, valid_from: np.ndarray, valid_to: np.ndarray) -> np.ndarray:
+    """``valid_to`` with each row ended by the next row of the same key (rows sorted by key, from)."""
+    out = valid_to.copy()
+    if len(keys) > 1:
+        same = keys[1:] == keys[:-1]
+        out[:-1] = np.where(same, np.minimum(out[:-1], valid_from[1:]), out[:-1])
+    return out
+
+
+def _sort_order(addr: np.ndarray, valid_from: np.ndarray) -> np.ndarray:
+    """Order of rows by (address, valid_from): integer sort keys, much faster than sorting S16."""
+    words = addr.view(">u8").reshape(-1, 2).astype(np.uint64)
+    return np.lexsort((valid_from, words[:, 1], words[:, 0]))
 
 
 class IdentityIndex:
@@ -174,16 +329,24 @@ class IdentityIndex:
         self.history_ms = history_ms
         #: Flows older than this (ms) with no owner are late; moves with :meth:`prune`.
         self.horizon_ms = -(2**62)
-        self._dicts = {f: _Dictionary() for f in ALL_IDENTITY_FIELDS}
-        for d in self._dicts.values():
-            d.code("")
-        self._dicts["kind"].code(PRIVATE)
-        self._dicts["kind"].code(EXTERNAL)
-        self._ignored_code = self._dicts["kind"].code(IGNORED)
+        self._dicts: dict[str, _Dictionary | _PerRowStrings] = {
+            f: _PerRowStrings() if f in _PER_ROW_FIELDS else _Dictionary() for f in ALL_IDENTITY_FIELDS}
+        kinds = self._dicts["kind"]
+        assert isinstance(kinds, _Dictionary)
+        self._kinds = kinds
+        self._extra = {f: np.zeros(2, dtype=np.int32) for f in ALL_IDENTITY_FIELDS}
+        self._extra["kind"] = np.array([kinds.code(PRIVATE), kinds.code(EXTERNAL)], dtype=np.int32)
+        self.ignored_code = kinds.code(IGNORED)
+        self.service_code = kinds.code(SERVICE)
+        self.host_network_code = kinds.code(HOST_NETWORK)
+        self._port_sets: list[tuple[tuple[int, int], ...]] = [()]
+        self._port_codes: dict[tuple[tuple[int, int], ...], int] = {(): 0}
         self._addr = np.zeros(0, dtype="S16")
         self._from = np.zeros(0, dtype=np.int64)
         self._to = np.zeros(0, dtype=np.int64)
-        self._codes = np.zeros((0, len(ALL_IDENTITY_FIELDS)), dtype=np.int32)
+        self._ports = np.zeros(0, dtype=np.int32)
+        #: Per field: int32 codes of the master rows, then the two "no owner" slots.
+        self._codes = {f: self._extra[f].copy() for f in ALL_IDENTITY_FIELDS}
         self._rebuild()
         static = {o.address16(): [Version(OwnerInfo.from_owner(o))] for o in owners}
         if static:
@@ -200,7 +363,11 @@ class IdentityIndex:
             return
         changed = np.array(list(changes), dtype="S16")
         keep = ~np.isin(self._addr, changed)
-        rows: list[tuple[bytes, int, int, tuple[int, ...]]] = []
+        addrs: list[bytes] = []
+        starts: list[int] = []
+        ends: list[int] = []
+        ports: list[int] = []
+        codes: list[list[int]] = [[] for _ in ALL_IDENTITY_FIELDS]
         dicts = [self._dicts[f] for f in ALL_IDENTITY_FIELDS]
         for address, versions in changes.items():
             if len(address) != 16:
@@ -208,16 +375,29 @@ class IdentityIndex:
             for v in versions or ():
                 if v.valid_to_ms <= v.valid_from_ms:
                     continue
-                codes = tuple(d.code(x) for d, x in zip(dicts, v.owner.values(), strict=True))
-                rows.append((address, v.valid_from_ms, v.valid_to_ms, codes))
-        new_addr = np.array([r[0] for r in rows], dtype="S16")
-        new_from = np.array([r[1] for r in rows], dtype=np.int64)
-        new_to = np.array([r[2] for r in rows], dtype=np.int64)
-        new_codes = np.array([r[3] for r in rows], dtype=np.int32).reshape(-1, len(ALL_IDENTITY_FIELDS))
-        self._addr = np.concatenate([self._addr[keep], new_addr])
-        self._from = np.concatenate([self._from[keep], new_from])
-        self._to = np.concatenate([self._to[keep], new_to])
-        self._codes = np.concatenate([self._codes[keep], new_codes])
+                addrs.append(address)
+                starts.append(v.valid_from_ms)
+                ends.append(v.valid_to_ms)
+                owner = v.owner
+                for column, d, value in zip(codes, dicts, owner.values(), strict=True):
+                    column.append(d.code(value))
+                hp = owner.host_ports
+                if hp:
+                    code = self._port_codes.get(hp)
+                    if code is None:
+                        code = self._port_codes[hp] = len(self._port_sets)
+                        self._port_sets.append(hp)
+                    ports.append(code)
+                else:
+                    ports.append(0)
+        n_keep = len(self._addr)
+        self._addr = np.concatenate([self._addr[keep], np.array(addrs, dtype="S16")])
+        self._from = np.concatenate([self._from[keep], np.array(starts, dtype=np.int64)])
+        self._to = np.concatenate([self._to[keep], np.array(ends, dtype=np.int64)])
+        self._ports = np.concatenate([self._ports[keep], np.array(ports, dtype=np.int32)])
+        for f, column in zip(ALL_IDENTITY_FIELDS, codes, strict=True):
+            self._codes[f] = np.concatenate(
+                [self._codes[f][:n_keep][keep], np.array(column, dtype=np.int32), self._extra[f]])
         self._rebuild()
 
     def prune(self, now_ms: int) -> int:
@@ -226,51 +406,69 @@ class IdentityIndex:
         old = self._to < self.horizon_ms
         dropped = int(old.sum())
         if dropped:
-            keep = ~old
-            self._addr, self._from, self._to = self._addr[keep], self._from[keep], self._to[keep]
-            self._codes = self._codes[keep]
+            self._select(~old)
             self._rebuild()
         return dropped
 
-    def _rebuild(self) -> None:
-        order = np.lexsort((self._from, self._addr))
-        self._addr, self._from = self._addr[order], self._from[order]
-        self._to, self._codes = self._to[order], self._codes[order]
+    def _select(self, rows: np.ndarray) -> None:
+        """Keep the master rows ``rows`` (mask or indices, in the new order)."""
         n = len(self._addr)
-        if n > 1:
-            # A newer version of an address ends the older one.
-            same = self._addr[1:] == self._addr[:-1]
-            self._to[:-1] = np.where(same, np.minimum(self._to[:-1], self._from[1:]), self._to[:-1])
-            nonempty = self._to > self._from
-            if not nonempty.all():
-                self._addr, self._from = self._addr[nonempty], self._from[nonempty]
-                self._to, self._codes = self._to[nonempty], self._codes[nonempty]
-                n = len(self._addr)
-        starts = np.ones(n, dtype=bool)
-        if n > 1:
-            starts[1:] = self._addr[1:] != self._addr[:-1]
-        self._ids = (np.cumsum(starts) - 1).astype(np.uint64)
-        self._unique = self._addr[starts]
-        id_bits = max(1, len(self._unique).bit_length())
-        self._time_bits = 64 - id_bits
-        if self._time_bits < _MIN_TIME_BITS:
-            raise ValueError(f"too many addresses for the index: {len(self._unique)}")
-        self._time_max = np.int64((1 << self._time_bits) - 1)
-        self._keys = (self._ids << np.uint64(self._time_bits)) | np.clip(
-            self._from, 0, self._time_max).astype(np.uint64)
-        # Per field: contiguous codes with two extra slots, "no owner: private" and "external".
-        self._field_codes: dict[str, np.ndarray] = {}
-        for i, f in enumerate(ALL_IDENTITY_FIELDS):
-            extra = [self._dicts[f].codes[PRIVATE], self._dicts[f].codes[EXTERNAL]] if f == "kind" else [0, 0]
-            self._field_codes[f] = np.concatenate([self._codes[:, i], np.array(extra, dtype=np.int32)])
-        self._arrow_dicts = {f: pa.array(self._dicts[f].values, pa.string()) for f in ALL_IDENTITY_FIELDS}
+        self._addr, self._from, self._to = self._addr[rows], self._from[rows], self._to[rows]
+        self._ports = self._ports[rows]
+        for f in ALL_IDENTITY_FIELDS:
+            self._codes[f] = np.concatenate([self._codes[f][:n][rows], self._extra[f]])
+
+    def _rebuild(self) -> None:
+        self._select(_sort_order(self._addr, self._from))
+        host = self._codes["kind"][: len(self._addr)] == self.host_network_code
+        main = np.flatnonzero(~host)
+        # A newer version of an address ends the older one (host-network versions overlap the
+        # node's by design and are cut only among themselves, per port, below).
+        self._to[main] = _cut_overlaps(self._addr[main], self._from[main], self._to[main])
+        nonempty = self._to > self._from
+        if not nonempty.all():
+            self._select(nonempty)
+            host = host[nonempty]
+            main = np.flatnonzero(~host)
+        self._compact_strings()
+        self._main = _Timeline(self._addr[main], self._from[main], self._to[main], main)
+        self._hosts = self._host_timeline(np.flatnonzero(host & (self._ports > 0)))
+        self._known = np.union1d(self._main.unique, self._addr[np.flatnonzero(host)])
+
+    def _host_timeline(self, rows: np.ndarray) -> _Timeline:
+        """One row per (host-network version, served port), keyed by address + proto + port."""
+        sets = [self._port_sets[c] for c in self._ports[rows].tolist()]
+        repeat = np.array([len(s) for s in sets], dtype=np.int64)
+        expanded = np.repeat(rows, repeat)
+        pairs = np.array([p for s in sets for p in s], dtype=np.int64).reshape(-1, 2)
+        keys = np.zeros((len(expanded), 19), dtype=np.uint8)
+        keys[:, :16] = self._addr[expanded].view(np.uint8).reshape(-1, 16)
+        keys[:, 16] = pairs[:, 0]
+        keys[:, 17] = pairs[:, 1] >> 8
+        keys[:, 18] = pairs[:, 1] & 0xFF
+        skeys = keys.view("S19").ravel()
+        order = np.lexsort((self._from[expanded], skeys))
+        skeys, expanded = skeys[order], expanded[order]
+        valid_from = self._from[expanded]
+        valid_to = _cut_overlaps(skeys, valid_from, self._to[expanded])
+        return _Timeline(skeys, valid_from, valid_to, expanded)
+
+    def _compact_strings(self) -> None:
+        n = len(self._addr)
+        for f in _PER_ROW_FIELDS:
+            store = self._dicts[f]
+            assert isinstance(store, _PerRowStrings)
+            if len(store) > 2 * n + 1024:
+                live = np.union1d(self._codes[f][:n], [0]).astype(np.int64)
+                remap = store.compact(live)
+                self._codes[f] = remap[self._codes[f]]
 
     # -- inspection ----------------------------------------------------------------------------
 
     @property
     def size(self) -> int:
         """Distinct addresses in the index."""
-        return len(self._unique)
+        return len(self._known)
 
     @property
     def versions(self) -> int:
@@ -282,11 +480,25 @@ class IdentityIndex:
         rows = np.flatnonzero(self._addr == np.bytes_(address))
         out = []
         for r in rows:
-            codes = zip(ALL_IDENTITY_FIELDS, self._codes[r], strict=True)
-            values = [self._dicts[f].values[c] for f, c in codes]
-            out.append(Version(OwnerInfo(**dict(zip(ALL_IDENTITY_FIELDS, values, strict=True))),
-                               int(self._from[r]), int(self._to[r])))
+            values = {f: self._dicts[f].value(int(self._codes[f][r])) for f in ALL_IDENTITY_FIELDS}
+            owner = OwnerInfo(**values, host_ports=self._port_sets[int(self._ports[r])])
+            out.append(Version(owner, int(self._from[r]), int(self._to[r])))
         return out
+
+    def kind_values(self) -> list[str]:
+        """The kind dictionary (code -> kind), for callers classifying :meth:`codes` of "kind"."""
+        return list(self._kinds.values)
+
+    def code_of(self, field_name: str, value: str) -> int:
+        """The code of ``value`` in a low-cardinality field's dictionary, -1 if it never occurred."""
+        d = self._dicts[field_name]
+        if not isinstance(d, _Dictionary):
+            raise ValueError(f"{field_name} has no dictionary")
+        return d.codes.get(value, -1)
+
+    def codes(self, field_name: str, slot: np.ndarray) -> np.ndarray:
+        """The int32 codes of one field for lookup slots."""
+        return self._codes[field_name][slot]
 
     # -- lookup --------------------------------------------------------------------------------
 
@@ -296,51 +508,81 @@ class IdentityIndex:
         ``addresses`` is (n, 16) uint8; ``times_ms`` int64 flow times (None: "now", i.e. the
         open versions).
         """
-        return self._lookup(addresses, times_ms)[0]
+        return self._lookup(addresses, times_ms, None, None)[0]
 
-    def _lookup(self, addresses: np.ndarray, times_ms: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+    def _lookup(self, addresses: np.ndarray, times_ms: np.ndarray | None, ports: np.ndarray | None,
+                protos: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
         n = len(addresses)
-        if len(self._unique) == 0 or n == 0:
-            return np.full(n, -1, dtype=np.int64), np.zeros(n, dtype=bool)
         queries = np.ascontiguousarray(addresses, dtype=np.uint8).view("S16").ravel()
-        pos = np.searchsorted(self._unique, queries)
-        np.minimum(pos, len(self._unique) - 1, out=pos)
-        known = self._unique[pos] == queries
         if times_ms is None:
-            times = np.full(n, min(int(self._time_max), OPEN - 1), dtype=np.int64)
+            times = np.full(n, OPEN - 1, dtype=np.int64)
         else:
             times = np.asarray(times_ms, dtype=np.int64)
-        ids = pos.astype(np.uint64)
-        keys = (ids << np.uint64(self._time_bits)) | np.clip(times, 0, self._time_max).astype(np.uint64)
-        row = np.searchsorted(self._keys, keys, side="right") - 1
-        np.maximum(row, 0, out=row)
-        hit = known & (self._ids[row] == ids) & (times < self._to[row]) & (times >= self._from[row])
-        if times_ms is None:
-            hit &= self._to[row] == OPEN
-        return np.where(hit, row, -1), known
+        row, known = self._main.find(queries, times, times_ms is None)
+        if len(self._hosts) and ports is not None and protos is not None and n:
+            keys = np.empty((n, 19), dtype=np.uint8)
+            keys[:, :16] = addresses
+            keys[:, 16] = protos
+            port = np.asarray(ports, dtype=np.uint16)
+            keys[:, 17] = port >> 8
+            keys[:, 18] = port & 0xFF
+            host_row, _ = self._hosts.find(keys.view("S19").ravel(), times, times_ms is None)
+            row = np.where(host_row >= 0, host_row, row)
+            known |= np.isin(queries, self._known)
+        return row, known
 
-    def columns(self, addresses: np.ndarray, times_ms: np.ndarray | None = None,
-                stats: LookupStats | None = None) -> dict[str, pa.Array]:
-        """The identity columns (keyed by field name, :data:`ALL_IDENTITY_FIELDS`) for a column of
-        addresses at the flows' times; counts go to ``stats`` when given."""
-        row, known = self._lookup(addresses, times_ms)
+    def side(self, addresses: np.ndarray, times_ms: np.ndarray | None = None,
+             ports: np.ndarray | None = None, protos: np.ndarray | None = None) -> SideLookup:
+        """Look up one side of a batch: the owner of each address at each time, refined by the
+        flow's port and protocol on addresses hostNetwork pods share (``ports``/``protos``)."""
+        row, known = self._lookup(addresses, times_ms, ports, protos)
         private = is_private(addresses)
         owned = row >= 0
         slot = np.where(owned, row, np.where(private, self.versions, self.versions + 1))
+        return SideLookup(slot, owned, private, known)
+
+    def count(self, side: SideLookup, times_ms: np.ndarray | None, stats: LookupStats) -> np.ndarray:
+        """Add one side's outcomes to ``stats``; returns the per-flow "late" mask."""
+        n = len(side.slot)
+        ignored = int(np.count_nonzero(self._codes["kind"][side.slot] == self.ignored_code))
+        stats.flows += n
+        stats.owned += int(np.count_nonzero(side.owned)) - ignored
+        stats.ignored += ignored
+        stats.unknown_private += int(np.count_nonzero(~side.owned & side.private))
+        stats.external += int(np.count_nonzero(~side.owned & ~side.private))
+        if times_ms is not None and n:
+            late = ~side.owned & (side.private | side.known) & (np.asarray(times_ms) < self.horizon_ms)
+            stats.late += int(np.count_nonzero(late))
+            return late
+        return np.zeros(n, dtype=bool)
+
+    def arrow_columns(self, slot: np.ndarray, overrides: Mapping[str, np.ndarray] | None = None,
+                      fields: Sequence[str] = ALL_IDENTITY_FIELDS) -> dict[str, pa.DictionaryArray]:
+        """The identity columns (keyed by field name) for lookup slots, each with a dictionary
+        holding only the values the batch uses. ``overrides`` replaces some fields' codes."""
+        uniq, inverse = np.unique(slot, return_inverse=True)
+        out = {}
+        for f in fields:
+            if overrides is not None and f in overrides:
+                codes_u, inv = np.unique(overrides[f], return_inverse=True)
+            else:
+                codes_u, inv_u = np.unique(self._codes[f][uniq], return_inverse=True)
+                inv = inv_u[inverse]
+            store = self._dicts[f]
+            values = store.arrow().take(pa.array(codes_u))
+            if isinstance(store, _PerRowStrings):
+                # Two rows may carry the same name (a pod seen twice): one dictionary entry each.
+                encoded = values.dictionary_encode()
+                values = encoded.dictionary
+                inv = encoded.indices.to_numpy()[inv]
+            out[f] = pa.DictionaryArray.from_arrays(pa.array(inv.astype(np.int32, copy=False)), values)
+        return out
+
+    def columns(self, addresses: np.ndarray, times_ms: np.ndarray | None = None,
+                stats: LookupStats | None = None) -> dict[str, pa.DictionaryArray]:
+        """The identity columns (keyed by field name, :data:`ALL_IDENTITY_FIELDS`) for a column of
+        addresses at the flows' times; counts go to ``stats`` when given."""
+        side = self.side(addresses, times_ms)
         if stats is not None:
-            n = len(addresses)
-            kinds = self._field_codes["kind"][slot]
-            ignored = int(np.count_nonzero(kinds == self._ignored_code))
-            stats.flows += n
-            stats.owned += int(np.count_nonzero(owned)) - ignored
-            stats.ignored += ignored
-            stats.unknown_private += int(np.count_nonzero(~owned & private))
-            stats.external += int(np.count_nonzero(~owned & ~private))
-            if times_ms is not None and len(times_ms):
-                late = ~owned & (private | known) & (np.asarray(times_ms) < self.horizon_ms)
-                stats.late += int(np.count_nonzero(late))
-        return {
-            f: pa.DictionaryArray.from_arrays(pa.array(self._field_codes[f][slot], pa.int32()),
-                                              self._arrow_dicts[f])
-            for f in ALL_IDENTITY_FIELDS
-        }
+            self.count(side, times_ms, stats)
+        return self.arrow_columns(side.slot)

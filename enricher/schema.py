@@ -15,6 +15,10 @@ defaults so older rows read as empty):
 - ``*_asn``/``*_as_org``/``*_country``/``*_city``/``*_lat``/``*_lon``: MaxMind data for public
   addresses (0 / "" / NaN when unknown or not looked up).
 - ``direction``: see :func:`enricher.enrich.direction_codes` for the rule.
+- ``nat_namespace``/``nat_service``: the service a translated record's initiator addressed
+  (``nat_addr``'s owner when it is a ClusterIP service; "" when not translated or not a service),
+  migration 0008. See :mod:`enricher.enrich` for how it also sets the service side's
+  ``*_service``.
 """
 
 from __future__ import annotations
@@ -48,10 +52,14 @@ GEO_FIELDS: dict[str, pa.DataType] = {
 
 DIRECTIONS = ("other", "pod-to-pod", "pod-to-service", "ingress", "egress")
 
+#: The addressed service of a translated (DNAT) record: ``nat_namespace``, ``nat_service``.
+NAT_FIELDS = ("namespace", "service")
+
 EXTRA_COLUMNS = (
     *(pa.field(f"{side}_pod_uid", _STRING, nullable=False) for side in SIDES),
     *(pa.field(f"{side}_{name}", typ, nullable=False) for side in SIDES for name, typ in GEO_FIELDS.items()),
     pa.field("direction", _STRING, nullable=False),
+    *(pa.field(f"nat_{name}", _STRING, nullable=False) for name in NAT_FIELDS),
 )
 
 ENRICHED_SCHEMA = pa.schema(

@@ -32,3 +32,8 @@ class EnricherSettings(StageSettings):
     geoip_check_interval_s: float = Field(30.0, ge=0, le=86400,
                                           description="How often the mmdb files are checked for changes")
     geoip_cache_size: int = Field(200_000, ge=0, le=10_000_000)
+    dedup_connections: bool = Field(True, description="Keep one observation per connection: drop a "
+                                    "record not made at the initiator's node when that node is observed")
+    observer_window_s: float = Field(900.0, ge=10, le=86400,
+                                     description="A node counts as observed this long after its last record")
+    completeness: bool = Field(True, description="Publish per-minute completeness rows (stage enricher)")
