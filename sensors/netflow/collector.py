@@ -87,6 +87,9 @@ class NetflowSettings(StageSettings):
     drain_timeout_s: float = Field(10.0, ge=0.1, le=300, description="On stop, how long to wait for Kafka "
                                    "to take queued batches; what is left is counted as dropped")
     receive_buffer_bytes: int = Field(32 * 1024 * 1024, ge=65536, le=2**31 - 1)
+    receive_coalesce_ms: float = Field(10.0, ge=0, le=100, description="After draining the socket, wait "
+                                       "this long before reading again, so one wakeup takes many datagrams "
+                                       "(the receive buffer holds them meanwhile); 0 = read on every wakeup")
     workers: int = Field(1, ge=1, le=256, description="Processes receiving on the same port with "
                          "SO_REUSEPORT (one exporter always reaches the same worker)")
     reuse_port: bool = Field(False, description="Bind with SO_REUSEPORT (implied by workers > 1)")
@@ -178,7 +181,7 @@ class NetflowReceiver:
         self._templates = TemplateStore(settings.max_pending_sets, settings.max_pending_bytes,
                                         settings.max_pending_age_ms)
         self._pending: dict[bytes, _Pending] = {}
-        self._exporters: dict[str, bytes | None] = {}  # source host -> 16-byte address, None = denied
+        self._exporters: dict[bytes, bytes | None] = {}  # source address -> itself, None = denied
         self._labels: dict[bytes, str] = {}
         self._allow = Allowlist(settings.allow_exporters)
         self._udp: UdpReceiver | None = None
@@ -199,7 +202,7 @@ class NetflowReceiver:
         host, port = self._settings.listen_address()
         sock = open_udp_socket(host, port, receive_buffer=self._settings.receive_buffer_bytes,
                                reuse_port=self._reuse_port)
-        self._udp = UdpReceiver(sock, self._on_datagrams)
+        self._udp = UdpReceiver(sock, self._on_datagrams, coalesce_ms=self._settings.receive_coalesce_ms)
         self.bound = self._udp.address
         self._udp.start()
         self._ticker = asyncio.create_task(self._tick())
@@ -236,40 +239,34 @@ class NetflowReceiver:
             log.warning("%s: %d data sets never got their template (counted as missing_template_expired)",
                         label, sum(counts.errors.values()))
 
-    # The hot path: one call per socket wakeup.
-    def _on_datagrams(self, payloads: list[bytes], hosts: list[str], received_ms: int) -> None:
+    # The hot path: one call per socket wakeup, one step per run of datagrams from one source.
+    def _on_datagrams(self, runs: list[tuple[bytes, list[bytes]]], received_ms: int) -> None:
         exporters = self._exporters
         pending_of = self._pending
         max_flows = self._settings.batch_max_flows
-        for payload, host in zip(payloads, hosts, strict=True):
-            exporter = exporters.get(host, b"")
-            if exporter is None:
-                self.denied += 1
-                DENIED.inc()
-                continue
+        for source, payloads in runs:
+            exporter = exporters.get(source, b"")
             if not exporter:
-                exporter = self._learn(host)
+                exporter = self._learn(source) if exporter is not None else None
                 if exporter is None:
-                    self.denied += 1
-                    DENIED.inc()
+                    self.denied += len(payloads)
+                    DENIED.inc(len(payloads))
                     continue
             pending = pending_of.get(exporter)
             if pending is None:
                 pending = pending_of[exporter] = _Pending(time.monotonic())
-            pending.payloads.append(payload)
-            pending.received.append(received_ms)
-            if len(payload) >= 4 and payload[1] == 9:
-                pending.records += ((payload[2] << 8) | payload[3]) or 1
-            else:
-                pending.records += _estimate_records(payload)
+            pending.payloads.extend(payloads)
+            pending.received.extend([received_ms] * len(payloads))
+            pending.records += sum(map(_estimate_records, payloads))
             if pending.records >= max_flows:
                 self._flush(exporter)
 
-    def _learn(self, host: str) -> bytes | None:
+    def _learn(self, source: bytes) -> bytes | None:
         if len(self._exporters) >= _ADDRESS_CACHE_MAX:
             self._exporters.clear()
-        verdict = address16(host) if self._allow.allows(host) else None
-        self._exporters[host] = verdict
+        host = address_text(source)
+        verdict = source if self._allow.allows(host) else None
+        self._exporters[source] = verdict
         if verdict is None:
             log.warning("datagrams from %s are not from an allowed exporter: dropped and counted", host)
         return verdict

@@ -9,9 +9,11 @@ Three layers, each usable on its own:
 * :func:`synthetic_flows` draws flow records for that cluster as numpy columns named like the
   ``raw.v1`` schema, fully vectorised (a million flows in well under a second).
 * :func:`encode_v9` is a pure NetFlow v9 encoder (columns -> UDP payloads), and
-  :func:`run_netflow` is the thin shell that paces and sends them (``flowtally generate netflow``).
+  :func:`encode_ipfix_packets` a pure IPFIX one (fixed-length fields, reduced-size encoding and
+  one variable-length field); :func:`run_netflow` is the thin shell that paces and sends them
+  (``flowtally generate netflow``, or ``python -m sensors.netflow.generator netflow --format ipfix``).
 
-The encoder is deliberately written from RFC 3954 alone, not from the collector's decoder, so the
+The encoders are deliberately written from RFC 3954 / RFC 7011 alone, not from the collector's decoder, so the
 two can check each other; the unit tests check it against tshark.
 """
 
@@ -773,6 +775,171 @@ def encode_v9(
 
 
 # ---------------------------------------------------------------------------------------------
+# IPFIX encoding (RFC 7011/7012), pure
+# ---------------------------------------------------------------------------------------------
+
+IPFIX_VERSION = 10
+INTERFACE_NAME = 82  # interfaceName: a string, sent with variable length
+VARIABLE_LENGTH = 0xFFFF
+# (information element, length) in record order, fixed-length fields first, then interfaceName
+# (variable length). tcpControlBits (6) is 2 bytes in RFC 7125 and sent in 1 here: reduced-size
+# encoding (RFC 7011 section 6.2), which collectors must accept. Times are absolute
+# flowStart/EndMilliseconds (152/153), so IPFIX needs no uptime arithmetic.
+_IPFIX_FIELDS_V4: tuple[tuple[int, int], ...] = (
+    (8, 4), (12, 4), (7, 2), (11, 2), (4, 1), (6, 1), (10, 4), (14, 4), (1, 8), (2, 8), (152, 8), (153, 8),
+    (INTERFACE_NAME, VARIABLE_LENGTH),
+)
+_IPFIX_FIELDS_V6: tuple[tuple[int, int], ...] = ((27, 16), (28, 16), *_IPFIX_FIELDS_V4[2:])
+
+
+def _ipfix_dtype(addr_len: int) -> np.dtype[Any]:
+    # The fixed-length part of one data record, packed and big-endian like the wire.
+    return np.dtype(
+        [
+            ("src", np.uint8, (addr_len,)), ("dst", np.uint8, (addr_len,)),
+            ("src_port", ">u2"), ("dst_port", ">u2"), ("proto", "u1"), ("tcp_flags", "u1"),
+            ("in_if", ">u4"), ("out_if", ">u4"), ("bytes", ">u8"), ("packets", ">u8"),
+            ("start", ">u8"), ("end", ">u8"),
+        ]
+    )
+
+
+_IPFIX_DTYPE_V4 = _ipfix_dtype(4)
+_IPFIX_DTYPE_V6 = _ipfix_dtype(16)
+assert _IPFIX_DTYPE_V4.itemsize == sum(length for _, length in _IPFIX_FIELDS_V4[:-1])
+assert _IPFIX_DTYPE_V6.itemsize == sum(length for _, length in _IPFIX_FIELDS_V6[:-1])
+
+
+def _ipfix_template_set() -> bytes:
+    records = b""
+    for template_id, fields in ((TEMPLATE_V4, _IPFIX_FIELDS_V4), (TEMPLATE_V6, _IPFIX_FIELDS_V6)):
+        records += struct.pack("!HH", template_id, len(fields))
+        records += b"".join(struct.pack("!HH", t, length) for t, length in fields)
+    return struct.pack("!HH", 2, 4 + len(records)) + records
+
+
+_IPFIX_TEMPLATE_SET = _ipfix_template_set()
+_IPFIX_HEADER = struct.Struct("!HHIII")  # version, length, export time, sequence, observation domain
+_KNOWN_INTERFACES = {1: "lo", 2: "eth0", 3: "cni0"}
+
+
+def interface_name(index: int) -> str:
+    """The interfaceName the IPFIX encoder sends for an SNMP index (the synthetic node's
+    interfaces: lo, eth0, the CNI bridge, then one veth per pod; 0 = unknown, sent empty)."""
+    if index == 0:
+        return ""
+    return _KNOWN_INTERFACES.get(index, f"veth{index:x}")
+
+
+def _variable_field(value: bytes) -> bytes:
+    """RFC 7011 section 7: a 1-byte length, or 255 and a 2-byte length from 255 bytes on."""
+    if len(value) < 255:
+        return bytes([len(value)]) + value
+    return b"\xff" + struct.pack("!H", len(value)) + value
+
+
+def encode_ipfix_packets(
+    columns: Mapping[str, np.ndarray],
+    *,
+    domain: int,
+    sequence: int,
+    export_secs: int,
+    records_per_packet: int = 30,
+    template_every: int = 20,
+    template_first: bool = True,
+    message_index: int = 0,
+    names: Mapping[int, str] | None = None,
+) -> EncodedPackets:
+    """Encode flow columns (as from :func:`synthetic_flows`) as IPFIX messages.
+
+    Each message: the IPFIX header (version 10, length, ``export_secs``, the sequence number =
+    data records sent before it in this observation domain, ``domain``), then, in the first
+    message (``template_first``) and in every message whose index in the stream (``message_index``
+    for the first of this call) is a multiple of ``template_every``, a template set with
+    templates 256 (IPv4) and 257 (IPv6), then one data set (no padding). IPv4 records first,
+    then IPv6; at most ``records_per_packet`` records and 1400 bytes per message. Each record
+    ends with interfaceName (variable length) naming its ingress interface (``names`` maps an
+    index to its name, default :func:`interface_name`). ``next_sequence`` of the result is the
+    sequence number of the next message.
+    """
+    if template_every < 1:
+        raise ValueError("template_every must be >= 1")
+    for name, value in (("domain", domain), ("export_secs", export_secs), ("sequence", sequence)):
+        if not 0 <= value <= 0xFFFFFFFF:
+            raise ValueError(f"{name} {value} does not fit the header's 32 bits")
+    src = np.asarray(columns["src_addr"], dtype=np.uint8)
+    dst = np.asarray(columns["dst_addr"], dtype=np.uint8)
+    v4_src = (src[:, :12] == _V4_MAPPED_PREFIX).all(axis=1)
+    if not np.array_equal(v4_src, (dst[:, :12] == _V4_MAPPED_PREFIX).all(axis=1)):
+        raise ValueError("a record mixes an IPv4 and an IPv6 address")
+    start = np.asarray(columns["start"], dtype=np.int64)
+    end = np.asarray(columns["end"], dtype=np.int64)
+    if len(start) and min(int(start.min()), int(end.min())) < 0:
+        raise ValueError("flow times before 1970 cannot be sent as flowStart/EndMilliseconds")
+    in_if = np.asarray(columns["in_if"]).astype(np.int64)
+    # The variable-length tail of each record, built once per distinct interface.
+    distinct, which = np.unique(in_if, return_inverse=True)
+    label = names.get if names is not None else None
+    tails = [_variable_field(((label(int(i), "") if label else interface_name(int(i)))).encode())
+             for i in distinct.tolist()]
+    tail_len = np.array([len(t) for t in tails], dtype=np.int64)
+
+    packets: list[bytes] = []
+    counts: list[np.ndarray] = []
+    byte_sums: list[np.ndarray] = []
+    pkt_sums: list[np.ndarray] = []
+    seq = sequence
+    for template_id, mask, dtype, addr in (
+        (TEMPLATE_V4, v4_src, _IPFIX_DTYPE_V4, slice(12, 16)),
+        (TEMPLATE_V6, ~v4_src, _IPFIX_DTYPE_V6, slice(0, 16)),
+    ):
+        idx = np.flatnonzero(mask)
+        if not len(idx):
+            continue
+        rec = np.empty(len(idx), dtype=dtype)
+        rec["src"] = src[idx, addr]
+        rec["dst"] = dst[idx, addr]
+        for name in ("src_port", "dst_port", "proto", "tcp_flags", "in_if", "out_if", "bytes", "packets"):
+            rec[name] = np.asarray(columns[name])[idx]
+        rec["start"] = start[idx]
+        rec["end"] = end[idx]
+        size = dtype.itemsize
+        # Lay the records out with their variable-length tails: fixed part, then the tail.
+        kind = which[idx]
+        lengths = size + tail_len[kind]
+        offsets = np.concatenate(([0], np.cumsum(lengths)))
+        wire = np.empty(int(offsets[-1]), dtype=np.uint8)
+        wire[offsets[:-1, None] + np.arange(size)] = rec.view(np.uint8).reshape(-1, size)
+        for k, tail in enumerate(tails):
+            at = offsets[:-1][kind == k]
+            if len(at):
+                wire[at[:, None] + size + np.arange(len(tail))] = np.frombuffer(tail, dtype=np.uint8)
+        data = wire.tobytes()
+        room = MAX_DATAGRAM - _IPFIX_HEADER.size - len(_IPFIX_TEMPLATE_SET) - 4
+        per = max(1, min(records_per_packet, room // (size + int(tail_len.max()))))
+        starts = np.arange(0, len(idx), per)
+        counts.append(np.diff(np.append(starts, len(idx))))
+        byte_sums.append(np.add.reduceat(rec["bytes"].astype(np.uint64), starts))
+        pkt_sums.append(np.add.reduceat(rec["packets"].astype(np.uint64), starts))
+        bounds = offsets.tolist()
+        for a in starts.tolist():
+            k = min(per, len(idx) - a)
+            index = message_index + len(packets)
+            with_template = (template_first and not packets) or index % template_every == 0
+            body = data[bounds[a] : bounds[a + k]]
+            tset = _IPFIX_TEMPLATE_SET if with_template else b""
+            length = _IPFIX_HEADER.size + len(tset) + 4 + len(body)
+            header = _IPFIX_HEADER.pack(IPFIX_VERSION, length, export_secs, seq & 0xFFFFFFFF, domain)
+            packets.append(b"".join((header, tset, struct.pack("!HH", template_id, 4 + len(body)), body)))
+            seq += k
+
+    def cat(parts: list[np.ndarray]) -> np.ndarray:
+        return np.concatenate(parts) if parts else np.zeros(0, dtype=np.uint64)
+
+    return EncodedPackets(packets, cat(counts), cat(byte_sums), cat(pkt_sums), seq & 0xFFFFFFFF)
+
+
+# ---------------------------------------------------------------------------------------------
 # The sender (`flowtally generate netflow`) and `flowtally generate inventory`
 # ---------------------------------------------------------------------------------------------
 
@@ -826,8 +993,25 @@ def _send(sock: socket.socket, data: bytes, sockaddr: Any, totals: _Totals) -> N
             pause = min(pause * 2, 0.01)
 
 
+FORMATS = ("v9", "ipfix")
+
+
+def add_netflow_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options of ``generate netflow`` (:func:`run_netflow`)."""
+    parser.add_argument("--to", required=True, help="host:port of the collector")
+    parser.add_argument("--flows", type=int, default=100_000, help="number of flow records to send")
+    parser.add_argument("--rate", type=float, default=50_000,
+                        help="flows per second (0 = as fast as possible)")
+    parser.add_argument("--seed", type=int, default=1, help="seed of the synthetic cluster and traffic")
+    parser.add_argument("--source-id", type=int, default=1, help="v9 source ID / IPFIX observation domain")
+    parser.add_argument("--format", choices=FORMATS, default="v9", help="NetFlow v9 or IPFIX")
+    parser.add_argument("--json", action="store_true", help="print the totals as JSON")
+    parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+
+
 def run_netflow(args: argparse.Namespace) -> int:
-    """Send ``args.flows`` synthetic flows as NetFlow v9 to ``args.to`` at ``args.rate`` flows/s.
+    """Send ``args.flows`` synthetic flows as NetFlow v9 (or IPFIX with ``args.format`` "ipfix")
+    to ``args.to`` at ``args.rate`` flows/s.
 
     Flows end about when they are sent (so latency to "queryable" can be measured from a flow's
     end time). Prints the totals of what was actually sent (flows, bytes and packets summed over
@@ -840,6 +1024,7 @@ def run_netflow(args: argparse.Namespace) -> int:
         raise SettingsError("--flows, --rate and --seed must be >= 0")
     if not 0 <= args.source_id <= 0xFFFFFFFF:
         raise SettingsError(f"--source-id {args.source_id} is not a 32-bit unsigned number")
+    ipfix = getattr(args, "format", "v9") == "ipfix"  # `flowtally generate netflow` may not offer it
     cluster = synthetic_cluster(args.seed)
     sock = socket.socket(family, socket.SOCK_DGRAM)
     # A big send buffer absorbs bursts; an unconnected socket ignores ICMP errors from a collector
@@ -874,10 +1059,15 @@ def run_netflow(args: argparse.Namespace) -> int:
             )
             prev_end_ms = now_ms
             chunk_no += 1
-            enc = encode_packets(
-                flows, source_id=args.source_id, sequence=sequence, unix_secs=unix_secs,
-                uptime_ms=unix_secs * 1000 - boot_ms, template_first=sequence == 0,
-            )
+            if ipfix:
+                enc = encode_ipfix_packets(flows, domain=args.source_id, sequence=sequence,
+                                           export_secs=unix_secs, template_first=totals.datagrams == 0,
+                                           message_index=totals.datagrams)
+            else:
+                enc = encode_packets(
+                    flows, source_id=args.source_id, sequence=sequence, unix_secs=unix_secs,
+                    uptime_ms=unix_secs * 1000 - boot_ms, template_first=sequence == 0,
+                )
             sent = 0
             try:
                 for data in enc.packets:
@@ -889,7 +1079,8 @@ def run_netflow(args: argparse.Namespace) -> int:
                 totals.flows += int(enc.records[:sent].sum())
                 totals.bytes += int(enc.bytes[:sent].sum())
                 totals.packets += int(enc.pkts[:sent].sum())
-                sequence = (sequence + sent) & 0xFFFFFFFF
+                # v9 numbers export packets, IPFIX the data records before the message.
+                sequence = (sequence + (int(enc.records[:sent].sum()) if ipfix else sent)) & 0xFFFFFFFF
     except OSError as exc:
         log.error("sending to %s failed after %d datagrams: %s", args.to, totals.datagrams, exc)
         status = 1
@@ -902,6 +1093,7 @@ def run_netflow(args: argparse.Namespace) -> int:
     report = {
         "to": args.to,
         "source_id": args.source_id,
+        "format": "ipfix" if ipfix else "v9",
         "flows": totals.flows,
         "bytes": totals.bytes,
         "packets": totals.packets,
@@ -931,3 +1123,22 @@ def run_inventory(args: argparse.Namespace) -> int:
         raise SettingsError("--seed must be >= 0")
     sys.stdout.write(inventory_yaml(synthetic_cluster(args.seed)))
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m sensors.netflow.generator netflow ...``: the sender with every option
+    (including ``--format``), for benchmarks and tools that do not go through the CLI."""
+    parser = argparse.ArgumentParser(prog="python -m sensors.netflow.generator")
+    sub = parser.add_subparsers(dest="what", required=True)
+    add_netflow_arguments(sub.add_parser("netflow", help="send a synthetic NetFlow v9 or IPFIX stream"))
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        return run_netflow(args)
+    except SettingsError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

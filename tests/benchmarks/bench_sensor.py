@@ -8,8 +8,9 @@ Kafka broker, and prints for both the CPU seconds per million flows (from /proc/
 (flows sent vs decoded and published by the sensor vs stored by nfcapd; must be 0). Goal: sensor
 <= 1.0x nfcapd's CPU per flow; not acceptable above 2.0x.
 
-``--profile DIR`` also records the sensor with py-spy (``pip install py-spy``) into DIR as a
-flame graph (svg) and as raw folded stacks; ``--encode-study`` times Arrow IPC encoding of one
+``--profile DIR`` runs the sensor under cProfile (through a ``sitecustomize`` hook, so the
+sensor's code is unchanged), writes DIR/sensor.prof and prints the top functions (cProfile adds
+overhead per Python call: read it for shares, not for the ratio); ``--encode-study`` times Arrow IPC encoding of one
 decoded batch with each compression codec (CPU vs bytes on the wire).
 
 IPFIX: the generator only makes NetFlow v9 so far; ``--ipfix`` says so and exits 2. Add the
@@ -21,6 +22,8 @@ The machine is small and shared: compare the ratio measured in one run, not abso
 from __future__ import annotations
 
 import argparse
+import os
+import pstats
 import shutil
 import signal
 import socket
@@ -32,7 +35,7 @@ from pathlib import Path
 
 from flowtally.localkafka import LocalKafka
 from flowtally.localstack import Stage, free_port, scrape
-from tests.benchmarks.bench_pipeline import cpu_seconds, generate
+from tests.benchmarks.bench_pipeline import TICKS, cpu_seconds, generate
 
 
 def run_nfcapd(flows: int, rate: float, workdir: Path) -> dict[str, float]:
@@ -64,30 +67,40 @@ def run_nfcapd(flows: int, rate: float, workdir: Path) -> dict[str, float]:
     return {"cpu": used, "stored": stored, "sent": sent["flows"], "elapsed": elapsed}
 
 
+def thread_cpu(pid: int) -> dict[str, float]:
+    """CPU seconds per thread name of a process (threads of one name summed), from /proc."""
+    out: dict[str, float] = {}
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            name = (task / "comm").read_text().strip()
+            fields = (task / "stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:  # the thread ended meanwhile
+            continue
+        out[name] = out.get(name, 0.0) + (int(fields[11]) + int(fields[12])) / TICKS
+    return out
+
+
 def run_sensor(flows: int, rate: float, workdir: Path, bootstrap: str, env: dict[str, str],
                profile: Path | None) -> dict[str, float]:
     """The sensor receiving the stream and publishing to Kafka: CPU seconds from healthy to the
     moment every decoded flow is acknowledged by Kafka."""
     udp = free_port(socket.SOCK_DGRAM)
     mport = free_port()
+    if profile is not None:
+        profile.mkdir(parents=True, exist_ok=True)
+        env = env | _profile_env(profile, workdir)
     stage = Stage("sensor", ["sensor", "netflow", "--listen", f"127.0.0.1:{udp}", "--metrics-listen",
                              f"127.0.0.1:{mport}"],
                   {"FLOWTALLY_KAFKA_BOOTSTRAP": bootstrap, "FLOWTALLY_KAFKA_TOPIC_PREFIX": f"b{int(time.time())}",
                    "FLOWTALLY_COMPLETENESS": "true"} | env,
                   workdir / "sensor.log", mport)
-    spy: subprocess.Popen[bytes] | None = None
     stage.start()
     try:
         stage.wait_healthy(60)
         assert stage.process is not None
         pid = stage.process.pid
-        if profile is not None:
-            profile.mkdir(parents=True, exist_ok=True)
-            spy = subprocess.Popen(["py-spy", "record", "--pid", str(pid), "--rate", "200", "--format", "raw",
-                                    "-o", str(profile / "sensor.folded")],
-                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-            time.sleep(1.0)
         before = cpu_seconds(pid)
+        threads_before = thread_cpu(pid)
         t0 = time.monotonic()
         sent = generate(udp, flows, rate)
         deadline = time.monotonic() + max(60.0, flows / 5000)
@@ -102,21 +115,45 @@ def run_sensor(flows: int, rate: float, workdir: Path, bootstrap: str, env: dict
             time.sleep(0.5)  # scrapes cost the sensor CPU: not too often
         used = cpu_seconds(pid) - before
         elapsed = time.monotonic() - t0
+        threads = {name: cpu - threads_before.get(name, 0.0) for name, cpu in thread_cpu(pid).items()}
         text = stage.metrics()
         wire_bytes = scrape(text, "flowtally_sensor_message_bytes_published_total")
         dropped = scrape(text, "flowtally_sensor_flows_dropped_total")
         kernel = scrape(text, "flowtally_sensor_netflow_kernel_drops")
-        if spy is not None:
-            spy.send_signal(signal.SIGINT)
-            spy.wait(60)
         code = stage.stop(30)
     finally:
-        if spy is not None and spy.poll() is None:
-            spy.kill()
         stage.stop()
+    if profile is not None:
+        _print_profile(profile / "sensor.prof")
     return {"cpu": used, "decoded": decoded, "published": published, "sent": sent["flows"],
             "elapsed": elapsed, "wire_bytes": wire_bytes, "dropped": dropped, "kernel_drops": kernel,
-            "exit": code, "payload_bytes": sent["payload_bytes"]}
+            "exit": code, "payload_bytes": sent["payload_bytes"], "threads": threads}
+
+
+_SITECUSTOMIZE = """
+import atexit, cProfile, os
+_profiler = cProfile.Profile()
+_profiler.enable()
+atexit.register(lambda: (_profiler.disable(), _profiler.dump_stats(os.environ["FLOWTALLY_BENCH_PROFILE"])))
+"""
+
+
+def _profile_env(profile: Path, workdir: Path) -> dict[str, str]:
+    """Environment that makes the sensor process profile itself with cProfile (a sitecustomize
+    module on PYTHONPATH) and write the stats to ``profile/sensor.prof`` when it exits."""
+    hook = workdir / "profile-hook"
+    hook.mkdir(exist_ok=True)
+    (hook / "sitecustomize.py").write_text(_SITECUSTOMIZE)
+    path = os.pathsep.join(p for p in (str(hook), os.environ.get("PYTHONPATH", "")) if p)
+    return {"PYTHONPATH": path, "FLOWTALLY_BENCH_PROFILE": str(profile / "sensor.prof")}
+
+
+def _print_profile(path: Path, top: int = 30) -> None:
+    if not path.exists():
+        print(f"no profile written at {path}")
+        return
+    print(f"profile of the sensor (cProfile, whole process incl. start-up): {path}")
+    pstats.Stats(str(path)).sort_stats("tottime").print_stats(top)
 
 
 def encode_study(flows: int) -> None:
@@ -153,7 +190,7 @@ def main() -> int:
     parser.add_argument("--flows", type=int, default=1_000_000)
     parser.add_argument("--rate", type=float, default=100_000, help="flows/s the generator sends")
     parser.add_argument("--ipfix", action="store_true", help="the IPFIX variant (not available yet)")
-    parser.add_argument("--profile", type=Path, help="record the sensor with py-spy into this directory")
+    parser.add_argument("--profile", type=Path, help="profile the sensor with cProfile into this directory")
     parser.add_argument("--encode-study", action="store_true", help="also time Arrow encoding per codec")
     parser.add_argument("--skip-nfcapd", action="store_true", help="only the sensor (for profiling)")
     parser.add_argument("--env", action="append", default=[], metavar="FLOWTALLY_X=V",
@@ -184,6 +221,9 @@ def main() -> int:
     print(f"  {s_per_m:.3f} CPU-s per million flows; {sent / max(sensor['cpu'], 1e-9):,.0f} flows/s per core; "
           f"Kafka {sensor['wire_bytes'] / max(sent, 1):.1f} bytes/flow "
           f"(NetFlow {sensor['payload_bytes'] / max(sent, 1):.1f} bytes/flow)")
+    per_thread = sorted(sensor["threads"].items(), key=lambda kv: -kv[1])  # type: ignore[attr-defined]
+    print("  CPU by thread: " + ", ".join(f"{name} {cpu * 1_000_000 / max(sent, 1):.3f}"
+                                          for name, cpu in per_thread if cpu > 0))
     ok = sent == int(sensor["published"]) and sensor["exit"] == 0
     if nf is not None:
         n_sent = int(nf["sent"])
