@@ -2,6 +2,7 @@
 against a native ClickHouse insert of the same rows in the same run.
 
     .venv/bin/python -m tests.benchmarks.bench_sink [--rows 1000000] [--rows-per-message 8000]
+    .venv/bin/python -m tests.benchmarks.bench_sink --views [--rows 400000]
 
 1. Builds N enriched rows (synthetic cluster identities) in batches of --rows-per-message and
    produces them to the enriched topic of a fresh local Kafka (not timed).
@@ -12,6 +13,10 @@ against a native ClickHouse insert of the same rows in the same run.
    file('rows.parquet')``, and one ``insert_arrow`` of the whole table.
 4. Reports the ratio sink / native (goal >= 0.8, first bar 0.5) and bytes per flow on disk (from
    system.parts, before and after OPTIMIZE FINAL).
+
+``--views`` instead compares rollup view formulations on the same batches, inserted the way the
+sink inserts them (one message per insert, a token each), interleaved batch by batch across
+databases that differ only in their views, so machine noise hits each formulation alike.
 
 The sink inserts one Kafka message per insert: the deduplication token is the raw message's
 coordinates, exact under any replay. Merging several messages into one insert would need a
@@ -149,6 +154,70 @@ def native(chdb: Path, table: pa.Table, workdir: Path) -> tuple[float, float]:
     return results[0], results[1]
 
 
+#: The per-hour view of migration 0006 fed from ``flows`` instead of ``flows_1m`` (not chained).
+_HOURLY_FROM_FLOWS = """
+CREATE MATERIALIZED VIEW flows_1h_mv TO flows_1h AS
+SELECT toStartOfHour(f.flow_end) AS time,
+       src_namespace, src_workload, src_service, src_kind, dst_namespace, dst_workload, dst_service, dst_kind,
+       proto, if(f.dst_port < 32768, f.dst_port, 0) AS dst_port,
+       direction, src_asn, src_country, dst_asn, dst_country,
+       sum(f.bytes) AS bytes, sum(f.packets) AS packets, count() AS flows,
+       sum(f.bytes * f.sampling_rate) AS scaled_bytes, sum(f.packets * f.sampling_rate) AS scaled_packets
+FROM flows AS f
+GROUP BY ALL
+"""
+
+#: Formulation -> (whether migration 0006 is applied, statements run after all migrations).
+#: Other views on ``flows`` (later migrations) are there in every formulation alike.
+VIEW_FORMULATIONS: dict[str, tuple[bool, list[str]]] = {
+    "no rollup views (floor)": (True, ["DROP VIEW flows_1h_mv", "DROP VIEW flows_1m_mv"]),
+    "0005: 1m and 1h over flows, old keys": (False, []),
+    "1m and 1h over flows, 0006 keys": (True, ["DROP VIEW flows_1h_mv", _HOURLY_FROM_FLOWS]),
+    "0006: 1h chained on 1m": (True, []),
+    "1m view only, 0006 keys": (True, ["DROP VIEW flows_1h_mv"]),
+}
+
+
+def compare_views(chdb: Path, batches: list[pa.Table]) -> None:
+    """Median wall and CPU time per insert of each view formulation (see the module doc)."""
+    from sink.writer import Writer
+    from sql.migrate import available
+
+    rows = [flow_rows(b) for b in batches]
+    client = connect(ClickHouseSettings(path=chdb, database="views_setup"))
+    try:
+        writers = {}
+        for i, (name, (with_0006, extra)) in enumerate(VIEW_FORMULATIONS.items()):
+            client.command(f"CREATE DATABASE IF NOT EXISTS views_{i}")
+            client.database = f"views_{i}"
+            for m in available():
+                if m.version != 6 or with_0006:
+                    for statement in m.statements():
+                        client.command(statement)
+            for statement in extra:
+                client.command(statement)
+            writers[name] = (f"views_{i}", Writer(client, "flows"))
+        wall: dict[str, list[float]] = {name: [] for name in writers}
+        cpu: dict[str, list[float]] = {name: [] for name in writers}
+        for j, batch in enumerate(rows):
+            for name, (db, writer) in writers.items():
+                client.database = db
+                t, c = time.perf_counter(), time.process_time()  # chDB runs in this process
+                writer.insert(batch, f"views/{j}")
+                wall[name].append(time.perf_counter() - t)
+                cpu[name].append(time.process_time() - c)
+        per = rows[0].num_rows
+        print(f"view formulations: {len(rows)} inserts of {per:,} rows each, interleaved; median per insert")
+        for name, (db, _) in writers.items():
+            client.database = db
+            rollup = client.query("SELECT count() FROM flows_1m").result_rows[0][0]
+            w, c = float(np.median(wall[name])), float(np.median(cpu[name]))
+            print(f"  {name:40s} {w * 1000:7.1f} ms wall {c * 1000:7.1f} ms CPU  {per / w:10,.0f} rows/s"
+                  f"  (flows_1m rows {rollup:,})")
+    finally:
+        client.close()
+
+
 def bytes_per_flow(chdb: Path) -> tuple[float, float, int]:
     client = connect(ClickHouseSettings(path=chdb))
     try:
@@ -167,9 +236,16 @@ def main() -> int:
     parser.add_argument("--rows", type=int, default=1_000_000)
     parser.add_argument("--rows-per-message", type=int, default=8000)
     parser.add_argument("--keep", action="store_true")
+    parser.add_argument("--views", action="store_true", help="compare rollup view formulations instead")
     args = parser.parse_args()
 
     work = Path(tempfile.mkdtemp(prefix="flowtally-bench-sink-"))
+    if args.views:
+        try:
+            compare_views(work / "chdb", build_batches(args.rows, args.rows_per_message, work))
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+        return 0
     broker = LocalKafka(work / "kafka")
     bootstrap = broker.start()
     prefix = f"bs{uuid.uuid4().hex[:8]}"

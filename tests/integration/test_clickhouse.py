@@ -102,18 +102,38 @@ def _totals(client: Client, table: str) -> tuple[int, ...]:
     return tuple(int(v) for v in client.query(sql).result_rows[0])
 
 
+#: The rollup key besides the time bucket (migrations 0002 and 0006), as the views group it.
+ROLLUP_KEYS = ("src_namespace, src_workload, src_service, src_kind, dst_namespace, dst_workload, dst_service, "
+               "dst_kind, proto, {port}, direction, src_asn, src_country, dst_asn, dst_country")
+
+
 def _grouped(client: Client, table: str) -> dict[tuple[object, ...], tuple[int, ...]]:
     """Totals per rollup key (the raw table grouped the way the views group it)."""
     bucket = "toStartOfMinute" if table != "flows_1h" else "toStartOfHour"
-    keys = ("src_namespace, src_workload, src_service, src_kind, dst_namespace, dst_workload, dst_service, "
-            "dst_kind, proto")
     if table == "flows":
-        sql = (f"SELECT toStartOfMinute(flow_end) AS t, {keys}, if(dst_port < 32768, dst_port, 0) AS p, "
+        keys = ROLLUP_KEYS.format(port="if(dst_port < 32768, dst_port, 0) AS p")
+        sql = (f"SELECT toStartOfMinute(flow_end) AS t, {keys}, "
                "count(), sum(bytes), sum(packets), sum(bytes * sampling_rate) FROM flows GROUP BY ALL")
     else:
-        sql = (f"SELECT {bucket}(time) AS t, {keys}, dst_port AS p, sum(flows), sum(bytes), sum(packets), "
+        keys = ROLLUP_KEYS.format(port="dst_port AS p")
+        sql = (f"SELECT {bucket}(time) AS t, {keys}, sum(flows), sum(bytes), sum(packets), "
                f"sum(scaled_bytes) FROM {table} GROUP BY ALL")
     return {tuple(r[:-4]): tuple(int(v) for v in r[-4:]) for r in client.query(sql).result_rows}
+
+
+def _with_geo(batch: pa.Table, rng: np.random.Generator) -> pa.Table:
+    """External ends get an ASN and a country (what MaxMind would give them), so the rollup keys
+    that carry them (migration 0006) are exercised; cluster ends keep 0 and ''."""
+    for side in ("src", "dst"):
+        external = np.array(batch[f"{side}_kind"].to_pylist()) == "external"
+        asn = np.where(external, rng.choice([3320, 15169, 16509], batch.num_rows), 0).astype(np.uint32)
+        country = np.where(external, rng.choice(["DE", "US", "IE"], batch.num_rows), "")
+        for name, values in ((f"{side}_asn", pa.array(asn)),
+                             (f"{side}_country", pa.array(country).dictionary_encode())):
+            if name in batch.column_names:
+                i = batch.column_names.index(name)
+                batch = batch.set_column(i, batch.schema.field(i), values.cast(batch.schema.field(i).type))
+    return batch
 
 
 def _load_dump(client: Client, name: str) -> None:
@@ -143,7 +163,7 @@ def _known_traffic(client: Client, batches: int = 6, seed: int = 7) -> tuple[int
         batch = _rows(src, dst, list(nbytes), 0, packets=packets, end=ends, start=ends - 1000,
                       dst_port=rng.choice([53, 80, 443, 5432, 40000, 61000], n),
                       sampling_rate=rng.choice([1, 1, 10], n), proto=rng.choice([6, 17], n))
-        batch = batch.select([c for c in batch.column_names if c in existing])
+        batch = _with_geo(batch, rng).select([c for c in batch.column_names if c in existing])
         writer.insert(batch, f"known/{seed}/{b}")
         total[0] += n
         total[1] += int(nbytes.sum())
@@ -164,6 +184,23 @@ def test_migrations_from_empty_database(clickhouse: Client) -> None:
     assert "TTL time + toIntervalDay(730)" in tables["flows_1h"]
     for name in ("flows", *ROLLUPS):
         assert "non_replicated_deduplication_window = 10000" in tables[name]
+    # Both rollups have the same columns in the same order (queries read them with SELECT * …
+    # UNION ALL) and the keys of migration 0006 at the end of the sort key.
+    layout = {t: clickhouse.query(f"SELECT name, type FROM system.columns WHERE database = currentDatabase() "
+                                  f"AND table = '{t}' ORDER BY position").result_rows for t in ROLLUPS}
+    assert layout["flows_1m"] == layout["flows_1h"]
+    for name in ROLLUPS:
+        assert "dst_port, direction, src_asn, src_country, dst_asn, dst_country)" in tables[name]
+    assert "FROM flowtally_test.flows_1m" in clickhouse.query(
+        "SELECT create_table_query FROM system.tables WHERE database = currentDatabase() AND name = 'flows_1h_mv'"
+    ).result_rows[0][0]
+    # 0006 re-run (a crash before its ledger row) changes nothing
+    rollup_keys = next(m for m in migrate.available() if m.version == 6)
+    for statement in rollup_keys.statements():
+        clickhouse.command(statement)
+    again = {r[0]: r[1] for r in clickhouse.query(
+        "SELECT name, engine_full FROM system.tables WHERE database = currentDatabase()").result_rows}
+    assert again == tables
 
 
 def test_ttls_come_from_settings(clickhouse: Client) -> None:
@@ -171,7 +208,8 @@ def test_ttls_come_from_settings(clickhouse: Client) -> None:
 
     settings = SinkSettings(flows_ttl_days=3, rollup_1m_ttl_days=7, rollup_1h_ttl_days=400)
     migrate.migrate(clickhouse, settings.migration_variables())
-    engines = dict(clickhouse.query("SELECT name, engine_full FROM system.tables WHERE database = currentDatabase()").result_rows)
+    engines = {r[0]: r[1] for r in clickhouse.query(
+        "SELECT name, engine_full FROM system.tables WHERE database = currentDatabase()").result_rows}
     assert "toIntervalDay(3)" in engines["flows"]
     assert "toIntervalDay(7)" in engines["flows_1m"]
     assert "toIntervalDay(400)" in engines["flows_1h"]
@@ -198,6 +236,39 @@ def test_migrations_from_each_previous_version(clickhouse: Client, dump: str) ->
         assert _totals(clickhouse, table)[:3] == tuple(a + b for a, b in zip(expected, more, strict=True))
 
 
+def _migrate_to(client: Client, version: int) -> None:
+    """The database as the sink of ``version`` left it: the shipped migrations up to it, recorded."""
+    migrate.applied(client)  # creates the ledger
+    for m in migrate.available():
+        if m.version <= version:
+            for statement in m.statements():
+                client.command(statement)
+            client.insert("schema_migrations", [[m.version, m.name, m.checksum]],
+                          column_names=["version", "name", "checksum"])
+
+
+@pytest.mark.parametrize("version", [m.version for m in migrate.available()][:-1])
+def test_migrations_from_each_older_version(clickhouse: Client, version: int) -> None:
+    """From every older version, with flows (and rollups) in it: the newest schema keeps every
+    row, rollups equal raw totals, and the views (0006: chained, more keys) take over exactly."""
+    _migrate_to(clickhouse, version)
+    expected = _known_traffic(clickhouse, batches=3)
+    applied = migrate.migrate(clickhouse)
+    assert [m.version for m in applied] == [m.version for m in migrate.available() if m.version > version]
+    raw = _totals(clickhouse, "flows")
+    assert raw[:3] == expected
+    for table in ROLLUPS:
+        assert _totals(clickhouse, table) == raw, table
+    more = _known_traffic(clickhouse, batches=2, seed=8)
+    raw = _totals(clickhouse, "flows")
+    assert raw[:3] == tuple(a + b for a, b in zip(expected, more, strict=True))
+    for table in ROLLUPS:
+        assert _totals(clickhouse, table) == raw, table
+        # Rows rolled up before 0006 are kept with direction '' (unknown); rows after have it.
+        unknown = clickhouse.query(f"SELECT sum(flows) FROM {table} WHERE direction = ''").result_rows[0][0]
+        assert unknown == (expected[0] if version < 6 else 0), table
+
+
 def test_rollups_equal_raw_totals_with_and_without_merges(clickhouse: Client) -> None:
     migrate.migrate(clickhouse)
     expected = _known_traffic(clickhouse)
@@ -222,6 +293,14 @@ def test_rollups_equal_raw_totals_with_and_without_merges(clickhouse: Client) ->
     # ephemeral destination ports are bucketed as 0, well-known ones kept
     ports = {r[0] for r in clickhouse.query("SELECT DISTINCT dst_port FROM flows_1m").result_rows}
     assert ports == {0, 53, 80, 443, 5432}
+    # the keys of 0006 are really there (not all defaults): directions, external ASNs and countries
+    for table in ROLLUPS:
+        asns, countries, directions = clickhouse.query(
+            f"SELECT groupUniqArray(dst_asn), groupUniqArray(src_country), groupUniqArray(direction) FROM {table}"
+        ).result_rows[0]
+        assert set(asns) == {0, 3320, 15169, 16509}, table
+        assert set(countries) == {"", "DE", "US", "IE"}, table
+        assert {"pod-to-pod", "egress", "ingress"} <= set(directions), table
 
 
 def test_replays_never_double_the_rollups(clickhouse: Client) -> None:
@@ -235,10 +314,18 @@ def test_replays_never_double_the_rollups(clickhouse: Client) -> None:
     writer.insert(batch, "raw/0/1")
     for table in ("flows", *ROLLUPS):
         assert _totals(clickhouse, table)[:3] == (2, 350, 2), table
-    clickhouse.command("TRUNCATE TABLE flows_1m")  # the rollup insert "never happened"
-    writer.insert(batch, "raw/0/1")
+    # flows_1h is fed from flows_1m (a chained view, migration 0006). Each table checks the token
+    # on its own: whichever of the three parts a crash left unwritten, the replay writes exactly
+    # that one — also when the block it descends from is skipped as a duplicate.
+    for lost in (["flows_1m"], ["flows_1h"], ["flows_1m", "flows_1h"]):
+        for table in lost:
+            clickhouse.command(f"TRUNCATE TABLE {table}")  # that rollup insert "never happened"
+        writer.insert(batch, "raw/0/1")
+        for table in ("flows", *ROLLUPS):
+            assert _totals(clickhouse, table)[:3] == (2, 350, 2), (lost, table)
+    writer.insert(batch, "raw/0/2")  # a new token still counts, through the chain
     for table in ("flows", *ROLLUPS):
-        assert _totals(clickhouse, table)[:3] == (2, 350, 2), table
+        assert _totals(clickhouse, table)[:3] == (4, 700, 4), table
 
 
 def test_rejections_and_outages_are_told_apart(clickhouse: Client) -> None:
