@@ -185,6 +185,8 @@ def _add_completeness(acc: CompletenessAccumulator, raw: pa.Table, now_ms: int,
     uniq, first, inverse = np.unique(keys.view("V20").ravel(), return_index=True, return_inverse=True)
     sums = {name: np.bincount(inverse, weights=mask, minlength=len(uniq)) for name, mask in counters.items()}
     for g, r in enumerate(first.tolist()):
+        if not any(per_group[g] for per_group in sums.values()):
+            continue  # a group with nothing to count gets no row
         row = acc.counts(now_ms, exporters[r].tobytes(), int(domains[r]))
         for name, per_group in sums.items():
             setattr(row, name, getattr(row, name) + int(per_group[g]))

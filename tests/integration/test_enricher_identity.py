@@ -1,21 +1,33 @@
 """The identity feed against the real Kafka: records produced to the identity topic are replayed
-into the index before flows are enriched, and later records keep applying (IP reused by a pod)."""
+into the index before flows are enriched, and later records keep applying (IP reused by a pod);
+the `flowtally enrich` stage applying the DNAT and one-observation rules end to end."""
 
 from __future__ import annotations
 
 import asyncio
 import time
 import uuid
+from collections.abc import Callable
+from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 
 from enricher.enrich import enrich_batch
 from enricher.identity import IdentityIndex, OwnerInfo, Version
 from enricher.identity_feed import IdentityFeed
 from enricher.identity_topic import encode_key, encode_versions
+from enricher.schema import ENRICHED_SCHEMA
+from enricher.schema import SCHEMA_NAME as ENRICHED
 from flowtally import kafka
 from flowtally.kafka import TopicSettings
+from flowtally.localstack import Stage, free_port
 from flowtally.settings import KafkaSettings
+from flowtally.wire import decode_batch, encode_batch
+from sensors.completeness import COMPLETENESS_SCHEMA
+from sensors.completeness import SCHEMA_NAME as COMPLETENESS
+from sensors.completeness import with_additive_defaults as completeness_defaults
+from sensors.schema import SCHEMA_NAME as RAW
 from sensors.schema import address16, build_raw_table
 
 
@@ -54,3 +66,94 @@ def test_feed_replays_then_follows(kafka_bootstrap: str) -> None:
     first, second = asyncio.run(scenario())
     assert first == ["cart-old", "cart-old"]
     assert second == ["cart-old", "db-new"]
+
+
+def test_enrich_stage_dnat_and_one_observation_per_connection(kafka_bootstrap: str, tmp_path: Path) -> None:
+    """Through the real `flowtally enrich` process: identities from the topic, a raw batch of
+    conntrack records reported by two nodes with DNAT, the enriched batch and the enricher's
+    completeness rows read back from Kafka."""
+    prefix = f"t{uuid.uuid4().hex[:10]}"
+    settings = KafkaSettings(bootstrap=kafka_bootstrap, topic_prefix=prefix)
+    now = int(time.time() * 1000)
+    ips = {"client": "10.244.1.5", "backend": "10.244.2.7", "api": "10.96.0.10", "node-a": "10.0.0.1",
+           "node-b": "10.0.0.2", "unknown": "10.244.9.9"}
+    identities = {
+        "client": OwnerInfo(namespace="shop", name="web-1", workload="web", node="node-a"),
+        "backend": OwnerInfo(namespace="shop", name="api-1", workload="api", service="api,api-v2", node="node-b"),
+        "api": OwnerInfo(kind="service", namespace="shop", name="api", service="api"),
+        "node-a": OwnerInfo(kind="node", name="node-a", node="node-a"),
+        "node-b": OwnerInfo(kind="node", name="node-b", node="node-b"),
+    }
+    # (src, dst, initiator, observer): node-a's two records of the connection, node-b's two, and a
+    # record from node-b of a flow from an unknown address
+    records = [("client", "backend", 1, "node-a"), ("backend", "client", 2, "node-a"),
+               ("client", "backend", 1, "node-b"), ("backend", "client", 2, "node-b"),
+               ("unknown", "backend", 1, "node-b")]
+
+    def a(names: list[str]) -> np.ndarray:
+        return np.frombuffer(b"".join(address16(ips[n]) for n in names), np.uint8).reshape(-1, 16)
+
+    raw = build_raw_table({
+        "src_addr": a([r[0] for r in records]), "dst_addr": a([r[1] for r in records]),
+        "nat_addr": a(["api"] * 4 + ["unknown"]) * np.array([[1]] * 4 + [[0]], np.uint8),
+        "exporter": a([r[3] for r in records]), "initiator": np.array([r[2] for r in records]),
+        "observer": [r[3] for r in records], "end": np.full(len(records), now - 1000),
+        "proto": np.full(len(records), 6), "bytes": np.arange(1, len(records) + 1) * 100,
+    })
+
+    async def produce() -> None:
+        await kafka.ensure_topics(settings, TopicSettings())
+        producer = kafka.producer(settings)
+        await producer.start()
+        try:
+            for name, owner in identities.items():
+                await producer.send_and_wait(settings.topic("identity"), encode_versions(
+                    [Version(owner, now - 600_000)]), key=encode_key(ips[name]))
+            value, headers = encode_batch(raw, RAW)
+            await producer.send_and_wait(settings.topic("raw"), value, key=b"k",
+                                         headers=[(k, v) for k, v in headers])
+        finally:
+            await producer.stop()
+
+    async def consume(topic: str, schema: pa.Schema, name: str, rows: int,
+                      fill: Callable[[pa.Table], pa.Table] | None = None) -> pa.Table:
+        consumer = kafka.consumer(settings, topic, group_id=f"{prefix}-{topic}")
+        await consumer.start()
+        tables: list[pa.Table] = []
+        try:
+            deadline = time.monotonic() + 60
+            while sum(t.num_rows for t in tables) < rows and time.monotonic() < deadline:
+                for messages in (await consumer.getmany(timeout_ms=500)).values():
+                    tables += [decode_batch(m.value, m.headers, schema, name, fill) for m in messages]
+        finally:
+            await consumer.stop()
+        return pa.concat_tables(tables) if tables else schema.empty_table()
+
+    asyncio.run(produce())
+    port = free_port()
+    stage = Stage("enricher", ["enrich", "--metrics-listen", f"127.0.0.1:{port}"],
+                  {"FLOWTALLY_KAFKA_BOOTSTRAP": kafka_bootstrap, "FLOWTALLY_KAFKA_TOPIC_PREFIX": prefix,
+                   "FLOWTALLY_APP_ID": f"{prefix}-enricher", "FLOWTALLY_SESSION_TIMEOUT_S": "10"},
+                  tmp_path / "enricher.log", port)
+    stage.start()
+    try:
+        stage.wait_healthy(90)
+        enriched = asyncio.run(consume(settings.topic("enriched"), ENRICHED_SCHEMA, ENRICHED, 3))
+        dropped = stage.metric("flowtally_enricher_duplicates_dropped_total")
+        assert stage.stop() == 0, stage.log_tail()
+    finally:
+        stage.stop()
+    out = enriched.to_pydict()
+    # node-b's records of the connection node-a opened are dropped; the rest is attributed
+    assert out["observer"] == ["node-a", "node-a", "node-b"]
+    assert out["bytes"] == [100, 200, 500]
+    assert out["dst_name"] == ["api-1", "web-1", "api-1"]
+    assert out["dst_service"] == ["api", "", "api,api-v2"]
+    assert out["src_service"] == ["", "api", ""]
+    assert out["nat_service"] == ["api", "api", ""]
+    assert out["src_kind"] == ["pod", "pod", "private"]
+    assert dropped == 2
+    rows = asyncio.run(consume(settings.topic("completeness"), COMPLETENESS_SCHEMA, COMPLETENESS, 1,
+                               completeness_defaults)).to_pylist()
+    assert [(r["stage"], r["exporter"], r["duplicates_dropped"], r["unknown_addresses"]) for r in rows] == [
+        ("enricher", address16(ips["node-b"]), 2, 1)]
