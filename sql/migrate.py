@@ -12,12 +12,28 @@ setting later does not make an applied migration look edited — and does not ch
 either: use ``ALTER TABLE … MODIFY TTL`` (or a new migration) for that. ClickHouse's own
 ``{name:Type}`` query parameters are never used in migrations, so the two cannot clash.
 
-Cluster note: the files target a single ClickHouse server (and chDB). On a cluster every
-``MergeTree`` family engine becomes its ``Replicated…`` variant (``ReplicatedMergeTree``,
-``ReplicatedSummingMergeTree``, with ``ON CLUSTER`` on each DDL), deduplication then uses
-``replicated_deduplication_window`` instead of ``non_replicated_deduplication_window``, and reads
-go through ``Distributed`` tables over the local ones (the sink inserting into the local table of
-one shard per partition keeps the tokens effective). That rendering is not implemented yet.
+Cluster rendering: the files target a single ClickHouse server (and chDB). With a cluster name
+(``clickhouse.cluster``, ``FLOWTALLY_CLICKHOUSE_CLUSTER``) the same files are rendered for a
+ClickHouse cluster by :func:`render_for_cluster`, after the placeholders and without touching the
+checksums (those are of the files):
+
+* every ``CREATE``/``ALTER``/``DROP``/``RENAME`` gets ``ON CLUSTER '<name>'``;
+* every ``MergeTree`` family engine becomes its ``Replicated…`` variant, with the replication path
+  :data:`REPLICA_PATH` (the servers' ``{shard}`` and ``{replica}`` macros must be defined);
+  ``non_replicated_deduplication_window`` becomes ``replicated_deduplication_window``, so the
+  sink's insert tokens keep deduplicating (per shard, in Keeper);
+* every data table ``t`` gets a ``t_dist`` ``Distributed`` table over the cluster for reads,
+  re-created after each migration that creates or alters ``t`` (it holds no data, and re-creating
+  it picks up new columns); ``flowtally query`` reads those when a cluster is set;
+* the ledger ``schema_migrations`` is replicated over the whole cluster (a path without
+  ``{shard}``), so one ``flowtally migrate`` records for every node.
+
+Writes go to the local tables: the sink inserts into ``flows`` on the node it is connected to, the
+views fire there, and the tokens stay effective. Backfill ``INSERT … SELECT`` statements run on
+the node ``flowtally migrate`` is connected to, so they fill that shard only: on a multi-shard
+cluster that already holds flows, run those statements on one replica of each other shard.
+``flowtally migrate --render`` prints the DDL (rendered for the configured cluster, if any)
+without connecting.
 """
 
 from __future__ import annotations
@@ -26,7 +42,7 @@ import argparse
 import hashlib
 import logging
 import re
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -47,15 +63,37 @@ DEFAULT_VARIABLES: dict[str, int | str] = {
 }
 
 _LEDGER = """
-CREATE TABLE IF NOT EXISTS schema_migrations
+CREATE TABLE IF NOT EXISTS schema_migrations{on_cluster}
 (
     version    UInt32,
     name       String,
     checksum   String,
     applied_at DateTime64(3, 'UTC') DEFAULT now64(3)
 )
-ENGINE = MergeTree ORDER BY version
+ENGINE = {engine} ORDER BY version
 """
+
+#: Replication path of a cluster's data tables (``{shard}``/``{replica}``: the servers' macros;
+#: ``{database}``/``{table}``: expanded by ClickHouse).
+REPLICA_PATH = "/clickhouse/tables/{shard}/{database}/{table}"
+#: The ledger is one replicated table across every shard.
+LEDGER_PATH = "/clickhouse/flowtally/{database}/schema_migrations"
+DIST_SUFFIX = "_dist"
+
+_MERGE_TREES = "Summing|Aggregating|Replacing|Collapsing|VersionedCollapsing|Graphite"
+_ENGINE = re.compile(rf"\bENGINE\s*=\s*({_MERGE_TREES})?MergeTree\b(\s*\()?")
+# Statement heads, matched at the start of a statement with its comment lines removed.
+_CREATE_TABLE = re.compile(r"(CREATE\s+TABLE\s+(?:IF\s+NOT\s+EXISTS\s+)?)(\w+)", re.I)
+_CREATE_VIEW = re.compile(r"(CREATE\s+(?:MATERIALIZED\s+)?VIEW\s+(?:IF\s+NOT\s+EXISTS\s+)?)(\w+)", re.I)
+_ALTER_DROP = re.compile(r"(ALTER\s+TABLE\s+|DROP\s+(?:TABLE|VIEW|DICTIONARY)\s+(?:IF\s+EXISTS\s+)?)(\w+)",
+                         re.I)
+_RENAME = re.compile(r"(?:RENAME|EXCHANGE)\s+TABLES?\b", re.I)
+
+def _ledger(cluster: str | None) -> str:
+    if cluster is None:
+        return _LEDGER.format(on_cluster="", engine="MergeTree")
+    return _LEDGER.format(on_cluster=f" ON CLUSTER '{cluster}'",
+                          engine=f"ReplicatedMergeTree('{LEDGER_PATH}', '{{replica}}')")
 
 
 @dataclass(frozen=True)
@@ -84,6 +122,25 @@ class Migration:
         parts = re.split(r";[ \t]*(?:\n|$)", self.sql)
         return [_VARIABLE.sub(render, p.strip()) for p in parts if _has_code(p)]
 
+    def rendered(self, variables: Mapping[str, int | str] | None = None, cluster: str | None = None,
+                 data_tables: Collection[str] = ()) -> list[str]:
+        """The statements to run: :meth:`statements` as they are for a single server, or rendered
+        for ``cluster`` (:func:`render_for_cluster`; ``data_tables``: every MergeTree table of
+        the migrations, see :func:`data_tables`), followed by the re-creation of the
+        ``Distributed`` tables of the data tables this migration creates or alters."""
+        statements = self.statements(variables)
+        if cluster is None:
+            return statements
+        out = [render_for_cluster(s, cluster) for s in statements]
+        touched: list[str] = []
+        for statement in statements:
+            name = _data_table_of(statement, data_tables)
+            if name and name not in touched:
+                touched.append(name)
+        for name in touched:
+            out += distributed_table(name, cluster)
+        return out
+
 
 class MigrationError(RuntimeError):
     """The database's recorded migrations disagree with the files."""
@@ -91,6 +148,69 @@ class MigrationError(RuntimeError):
 
 def _has_code(part: str) -> bool:
     return any(line.strip() and not line.strip().startswith("--") for line in part.splitlines())
+
+
+def _without_comments(statement: str) -> str:
+    return "\n".join(line for line in statement.splitlines() if not line.strip().startswith("--")).strip()
+
+
+def render_for_cluster(statement: str, cluster: str) -> str:
+    """One (placeholder-rendered) statement for a ClickHouse cluster: ``ON CLUSTER`` on DDL,
+    ``Replicated…`` engines with :data:`REPLICA_PATH`, the replicated deduplication window.
+    Comment lines are dropped (they may name engines). Other statements (``INSERT``) unchanged."""
+    on = f" ON CLUSTER '{cluster}'"
+    sql = _without_comments(statement)
+    for pattern in (_CREATE_TABLE, _CREATE_VIEW, _ALTER_DROP):
+        match = pattern.match(sql)
+        if match:
+            sql = sql[: match.end()] + on + sql[match.end():]
+            break
+    else:
+        if _RENAME.match(sql):
+            sql += on
+
+    def replicated(match: re.Match[str]) -> str:
+        args = f"'{REPLICA_PATH}', '{{replica}}'"
+        if match[2] is None:  # no engine arguments
+            return f"ENGINE = Replicated{match[1] or ''}MergeTree({args})"
+        rest = sql[match.end():].lstrip()
+        return f"ENGINE = Replicated{match[1] or ''}MergeTree({args}" + ("" if rest.startswith(")") else ", ")
+
+    sql = _ENGINE.sub(replicated, sql)
+    return sql.replace("non_replicated_deduplication_window", "replicated_deduplication_window")
+
+
+def distributed_table(table: str, cluster: str) -> list[str]:
+    """Statements (re-)creating ``<table>_dist``, a ``Distributed`` table over ``table`` on every
+    shard of ``cluster``, for reads. It holds no data, so dropping it loses nothing."""
+    dist = table + DIST_SUFFIX
+    return [
+        f"DROP TABLE IF EXISTS {dist} ON CLUSTER '{cluster}' SYNC",
+        f"CREATE TABLE {dist} ON CLUSTER '{cluster}' AS {table}\n"
+        f"ENGINE = Distributed('{cluster}', currentDatabase(), '{table}')",
+    ]
+
+
+def _data_table_of(statement: str, data_tables: Collection[str]) -> str | None:
+    """The data table a statement creates or alters (None for views, inserts, …)."""
+    sql = _without_comments(statement)
+    match = _CREATE_TABLE.match(sql) or _ALTER_DROP.match(sql)
+    if match and match[2] in data_tables and not match[1].upper().startswith("DROP"):
+        return match[2]
+    return None
+
+
+def data_tables(migrations: list[Migration] | None = None) -> list[str]:
+    """The tables with a MergeTree family engine the migrations create (not views, not the
+    ledger): those that get Replicated engines and ``_dist`` tables on a cluster."""
+    found: list[str] = []
+    for migration in available() if migrations is None else migrations:
+        for statement in migration.statements():
+            sql = _without_comments(statement)
+            match = _CREATE_TABLE.match(sql)
+            if match and _ENGINE.search(sql) and match[2] not in found:
+                found.append(match[2])
+    return found
 
 
 def available() -> list[Migration]:
@@ -109,16 +229,17 @@ def available() -> list[Migration]:
     return found
 
 
-def applied(client: Client) -> dict[int, str]:
-    """Version -> checksum of the migrations recorded in the database."""
-    client.command(_LEDGER)
+def applied(client: Client, cluster: str | None = None) -> dict[int, str]:
+    """Version -> checksum of the migrations recorded in the database (the ledger is created on
+    first use, replicated over ``cluster`` when given)."""
+    client.command(_ledger(cluster))
     rows = client.query("SELECT version, checksum FROM schema_migrations ORDER BY version").result_rows
     return {int(v): str(c) for v, c in rows}
 
 
-def pending(client: Client) -> list[Migration]:
+def pending(client: Client, cluster: str | None = None) -> list[Migration]:
     """Migrations not applied yet; raises if an applied one was edited afterwards."""
-    done = applied(client)
+    done = applied(client, cluster)
     todo = []
     for migration in available():
         if migration.version in done:
@@ -132,12 +253,15 @@ def pending(client: Client) -> list[Migration]:
     return todo
 
 
-def migrate(client: Client, variables: Mapping[str, int | str] | None = None) -> list[Migration]:
+def migrate(client: Client, variables: Mapping[str, int | str] | None = None,
+            cluster: str | None = None) -> list[Migration]:
     """Apply every pending migration in order (placeholders rendered from ``variables`` over
-    :data:`DEFAULT_VARIABLES`); returns what was applied."""
-    todo = pending(client)
+    :data:`DEFAULT_VARIABLES`; for ``cluster`` when given, see the module doc); returns what was
+    applied. The ledger records the files' checksums, whatever the rendering."""
+    todo = pending(client, cluster)
+    tables = data_tables() if cluster else []
     for migration in todo:
-        for statement in migration.statements(variables):
+        for statement in migration.rendered(variables, cluster, tables):
             client.command(statement)
         client.insert(
             "schema_migrations",
@@ -148,22 +272,37 @@ def migrate(client: Client, variables: Mapping[str, int | str] | None = None) ->
     return todo
 
 
+def render_all(variables: Mapping[str, int | str] | None = None, cluster: str | None = None) -> str:
+    """Every statement ``flowtally migrate`` would run on an empty database (the ledger, then
+    each migration), ``;``-terminated, as ``flowtally migrate --render`` prints them."""
+    tables = data_tables() if cluster else []
+    out = [f"-- ledger\n{_ledger(cluster).strip()};\n"]
+    for migration in available():
+        out.append(f"-- {migration.version:04d}_{migration.name}\n")
+        out += [f"{statement};\n" for statement in migration.rendered(variables, cluster, tables)]
+    return "\n".join(out)
+
+
 def run(args: argparse.Namespace) -> int:
-    """`flowtally migrate`: apply (or with --status, list) migrations."""
+    """`flowtally migrate`: apply (with --status, list; with --render, print) migrations."""
     from flowtally.clickhouse import connect
     from flowtally.settings import load_settings
     from sink.settings import SinkSettings
 
     settings = load_settings(SinkSettings, args.config)
+    cluster = settings.clickhouse.cluster
+    if getattr(args, "render", False):
+        print(render_all(settings.migration_variables(), cluster), end="")
+        return 0
     client = connect(settings.clickhouse)
     try:
         if args.status:
-            done = applied(client)
+            done = applied(client, cluster)
             for m in available():
                 state = "applied" if m.version in done else "pending"
                 print(f"{m.version:04d}_{m.name}\t{state}")
             return 0
-        applied_now = migrate(client, settings.migration_variables())
+        applied_now = migrate(client, settings.migration_variables(), cluster)
         print(f"{len(applied_now)} migration(s) applied" + "".join(
             f"\n  {m.version:04d}_{m.name}" for m in applied_now))
         return 0

@@ -60,15 +60,26 @@ def names() -> list[str]:
     return sorted(p.stem for p in QUERIES_DIR.glob("*.sql"))
 
 
+def on_cluster(sql: str) -> str:
+    """``sql`` reading the ``Distributed`` tables of a cluster (``flows_dist`` … see
+    :mod:`sql.migrate`) instead of the local tables: every ``FROM``/``JOIN`` of a data table."""
+    from sql.migrate import DIST_SUFFIX, data_tables
+
+    names = "|".join(sorted(data_tables(), key=len, reverse=True))
+    return re.sub(rf"\b(FROM|JOIN)(\s+)({names})\b(?!\.)", rf"\1\2\3{DIST_SUFFIX}", sql, flags=re.I)
+
+
 def execute(
-    client: Client, name: str, params: dict[str, str] | None = None
+    client: Client, name: str, params: dict[str, str] | None = None, *, distributed: bool = False
 ) -> tuple[list[str], list[tuple[Any, ...]]]:
-    """Run query ``name`` with ``params`` over its defaults; returns column names and rows."""
+    """Run query ``name`` with ``params`` over its defaults (on a cluster's ``Distributed``
+    tables with ``distributed``); returns column names and rows."""
     query = load(name)
     unknown = set(params or {}) - set(query.defaults)
     if unknown:
         raise QueryError(f"query {name} has no parameter {', '.join(sorted(unknown))}")
-    result = client.query(query.sql, parameters=query.defaults | (params or {}))
+    sql = on_cluster(query.sql) if distributed else query.sql
+    result = client.query(sql, parameters=query.defaults | (params or {}))
     return list(result.column_names), [tuple(r) for r in result.result_rows]
 
 
@@ -119,7 +130,8 @@ def run(args: argparse.Namespace) -> int:
     settings = load_settings(SinkSettings, args.config)
     client = connect(settings.clickhouse)
     try:
-        columns, rows = execute(client, args.name, params)
+        columns, rows = execute(client, args.name, params,
+                                distributed=settings.clickhouse.cluster is not None)
     except QueryError as exc:
         print(f"flowtally query: {exc}", file=sys.stderr)
         return 2
