@@ -78,6 +78,8 @@ def build_parser() -> argparse.ArgumentParser:
     migrate = sub.add_parser("migrate", help="apply the SQL migrations in sql/migrations")
     _common(migrate)
     migrate.add_argument("--status", action="store_true", help="list migrations, apply nothing")
+    migrate.add_argument("--render", action="store_true",
+                         help="print the DDL (for clickhouse.cluster when set) without connecting")
 
     query = sub.add_parser("query", help="run a named query from sql/queries")
     _common(query)
