@@ -112,6 +112,8 @@ class ResourceWatcher:
         self._stop = threading.Event()
         self._resp: Any = None
         self._lists = 0
+        #: The version to watch from (the last list's, event's or bookmark's); None: list first.
+        self._version: str | None = None
         self._thread = threading.Thread(target=self._run, name=f"watch-{resource}", daemon=True)
 
     def start(self) -> None:
@@ -130,22 +132,22 @@ class ResourceWatcher:
 
     def _run(self) -> None:
         s = self._settings
-        version: str | None = None
         delay = s.backoff_initial_s
         while not self._stop.is_set():
             try:
-                if version is None:
-                    version = self._list()
+                if self._version is None:
+                    self._version = self._list()
                     delay = s.backoff_initial_s
-                version = self._watch(version)
+                self._watch()
                 delay = s.backoff_initial_s
             except Gone as exc:
                 log.info("%s: %s: relisting", self.resource, exc)
-                version = None
+                self._version = None
             except Exception as exc:
                 if self._stop.is_set():
                     break
                 RECONNECTS.labels(self.resource).inc()
+                # The version of the last event or bookmark stays: the next watch resumes there.
                 log.warning("%s: %s; retrying in %.1f s", self.resource, _describe(exc), delay)
                 self._stop.wait(delay)
                 delay = min(delay * 2, s.backoff_max_s)
@@ -179,9 +181,10 @@ class ResourceWatcher:
         log.info("%s: listed %d at version %s", self.resource, len(items), version)
         return version
 
-    def _watch(self, version: str) -> str:
-        """Watch from ``version`` until the stream ends; the version to continue from."""
+    def _watch(self) -> None:
+        """Watch from :attr:`_version` until the stream ends, moving it on with every event."""
         s = self._settings
+        version = self._version
         WATCHES.labels(self.resource).inc()
         try:
             resp = self._func(watch=True, resource_version=version, allow_watch_bookmarks=True,
@@ -209,12 +212,11 @@ class ResourceWatcher:
                 if etype != "BOOKMARK":
                     self._emit(Changed(self.resource, str(etype), obj))
                 if new_version:
-                    version = str(new_version)
+                    self._version = str(new_version)
         finally:
             self._resp = None
             resp.close()  # a partly read stream must not go back to the pool
             resp.release_conn()
-        return version
 
 
 def _describe(exc: BaseException) -> str:
