@@ -86,7 +86,7 @@ class SinkWorker:
         await kafka.ensure_topics(s.kafka, s.topics)
         client = await asyncio.to_thread(connect, s.clickhouse)
         if s.migrate_on_start:
-            await asyncio.to_thread(migrate, client, s.migration_variables())
+            await asyncio.to_thread(migrate, client, s.migration_variables(), s.clickhouse.cluster)
         self._writer = Writer(client, s.table)
         self._client = client
         self._dlq = kafka.producer(s.kafka)
