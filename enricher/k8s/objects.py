@@ -22,8 +22,10 @@ two flushes does not matter):
   version (both open at once), with ``host_ports`` = its containers' ports; the enricher gives a
   flow to one of those ports to the pod and the rest to the node.
 - ``flowtally.io/ignore: "true"`` on a pod or on its namespace: kind ``ignored`` with no names
-  (the enricher marks and counts such flows and does not name them); a hostNetwork pod keeps its
-  ``host_ports`` so only flows to its ports are ignored.
+  (the enricher marks and counts such flows and does not name them). An ignored *hostNetwork*
+  pod gets no version at all: the enricher treats only ``host-network`` versions as overlays of
+  the node's (an ``ignored`` one would end the node's version), so flows to its ports stay the
+  node's, unnamed as the pod.
 - Several owners at once (a race between a pod's termination and its IP's reuse, a ClusterIP
   inside the pod range): a pod wins over a service, a service over a node; among pods the newest
   (creationTimestamp).
@@ -264,7 +266,7 @@ class _Want:
 
 
 def _is_overlay(owner: OwnerInfo) -> bool:
-    return owner.kind == "host-network" or bool(owner.host_ports)
+    return owner.kind == "host-network"
 
 
 class ClusterState:
@@ -344,9 +346,12 @@ class ClusterState:
             assert isinstance(p, Pod)
             if not p.active or not p.ips:
                 continue
+            ignored = p.ignored or p.namespace in ns_ignored
+            if ignored and p.host_network:
+                continue
             for ip in p.ips:
-                if p.ignored or p.namespace in ns_ignored:
-                    owner = OwnerInfo(kind=IGNORED, host_ports=p.ports)
+                if ignored:
+                    owner = OwnerInfo(kind=IGNORED)
                 else:
                     workload, workload_kind = self._workload(p)
                     owner = OwnerInfo(
