@@ -15,13 +15,20 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
 from enricher.identity import OPEN, OwnerInfo, Version
 from enricher.identity_topic import decode_record
+from enricher.schema import ENRICHED_SCHEMA
+from enricher.schema import SCHEMA_NAME as ENRICHED
+from flowtally import kafka
 from flowtally.localstack import Stage, free_port
-from sensors.schema import address_text
+from flowtally.settings import KafkaSettings
+from flowtally.wire import decode_batch, encode_batch
+from sensors.schema import SCHEMA_NAME as RAW
+from sensors.schema import address16, address_text, build_raw_table
 from tests.fake_apiserver import RESOURCES, FakeApiServer
 
 Topic = dict[str, list[Version] | None]
@@ -131,8 +138,11 @@ class Watcher:
         return read_topic(self.bootstrap, self.topic)
 
 
-def test_watch_k8s_against_the_fake_api_server(kafka_bootstrap: str, fake: FakeApiServer, tmp_path: Path) -> None:
-    t0 = int(time.time() * 1000) - 600_000  # the cluster's objects started 10 minutes ago
+RS = ("ReplicaSet", "cart-7d9c6")
+
+
+def seed(fake: FakeApiServer, t0: int) -> Topic:
+    """A small cluster whose objects started at ``t0``; the identity records it should give."""
     fake.put("namespaces", {"metadata": {"name": "shop"}})
     fake.put("namespaces", {"metadata": {"name": "vault", "annotations": {"flowtally.io/ignore": "true"}}})
     fake.put("nodes", {"metadata": {"name": "node-1", "creationTimestamp": iso(t0 - 3_600_000)},
@@ -145,9 +155,8 @@ def test_watch_k8s_against_the_fake_api_server(kafka_bootstrap: str, fake: FakeA
     fake.put("endpointslices", {"metadata": {"name": "cart-x1", "namespace": "shop",
                                              "labels": {"kubernetes.io/service-name": "cart"}},
                                 "endpoints": [{"addresses": ["10.244.1.5"]}, {"addresses": ["10.244.1.6"]}]})
-    rs = ("ReplicaSet", "cart-7d9c6")
-    fake.put("pods", pod("cart-7d9c6-a", "10.244.1.5", t0, owner=rs))
-    fake.put("pods", pod("cart-7d9c6-b", "10.244.1.6", t0, owner=rs))
+    fake.put("pods", pod("cart-7d9c6-a", "10.244.1.5", t0, owner=RS))
+    fake.put("pods", pod("cart-7d9c6-b", "10.244.1.6", t0, owner=RS))
     fake.put("pods", pod("secrets-0", "10.244.1.9", t0, ns="vault", owner=("StatefulSet", "secrets")))
     fake.put("pods", pod("node-exporter-q", "192.168.1.10", t0 + 1000, ns="monitoring",
                          owner=("DaemonSet", "node-exporter"), host_network=True,
@@ -163,7 +172,13 @@ def test_watch_k8s_against_the_fake_api_server(kafka_bootstrap: str, fake: FakeA
         "10.96.0.20": [Version(OwnerInfo(kind="service", namespace="shop", name="cart", service="cart"), secs(t0))],
         "192.168.1.10": [Version(node_owner, secs(t0 - 3_600_000)), exporter],
     }
+    return expected
 
+
+def test_watch_k8s_against_the_fake_api_server(kafka_bootstrap: str, fake: FakeApiServer, tmp_path: Path) -> None:
+    t0 = int(time.time() * 1000) - 600_000  # the cluster's objects started 10 minutes ago
+    expected = seed(fake, t0)
+    rs = RS
     w = Watcher(kafka_bootstrap, fake, tmp_path)
     stage = w.start()
     try:
@@ -275,3 +290,89 @@ def test_watch_k8s_against_the_fake_api_server(kafka_bootstrap: str, fake: FakeA
         assert stage.stop() == 0
     finally:
         stage.stop()
+
+
+def test_enricher_names_flows_from_the_watchers_topic(kafka_bootstrap: str, fake: FakeApiServer,
+                                                      tmp_path: Path) -> None:
+    """The watcher writes the topic (an IP reused by a second pod included), then the real
+    `flowtally enrich` replays it and names a raw batch: each flow by the owner at its time."""
+    t0 = int(time.time() * 1000) - 600_000
+    seed(fake, t0)
+    w = Watcher(kafka_bootstrap, fake, tmp_path)
+    watcher = w.start()
+    try:
+        watcher.wait_healthy(60)
+        fake.wait_watching()
+        fake.delete("pods", "cart-7d9c6-a", "shop")
+        wait_for("the deleted pod's version", lambda: not (w.topic_now()["10.244.1.5"] or [])[-1].open, watcher)
+        time.sleep(1.1)  # the next pod's start (whole seconds) after the release
+        fake.put("pods", pod("db-0", "10.244.1.5", int(time.time() * 1000), owner=("StatefulSet", "db")))
+        wait_for("the reused IP", lambda: len(w.topic_now()["10.244.1.5"] or ()) == 2, watcher)
+        assert watcher.stop() == 0
+    finally:
+        watcher.stop()
+    old, new = w.topic_now()["10.244.1.5"] or []
+    now = int(time.time() * 1000)
+    # (src, dst, dst_port, flow end)
+    flows = [("10.244.1.5", "10.96.0.20", 8080, old.valid_to_ms - 1),  # the old pod, to the service
+             ("10.244.1.5", "10.96.0.20", 8080, now),  # the new pod
+             ("10.244.1.6", "192.168.1.10", 9100, now),  # to the hostNetwork exporter's port
+             ("10.244.1.6", "192.168.1.10", 22, now),  # the node itself
+             ("10.244.1.9", "10.244.1.6", 8080, now)]  # from an ignored namespace
+
+    def a(values: list[str]) -> np.ndarray:
+        return np.frombuffer(b"".join(address16(v) for v in values), np.uint8).reshape(-1, 16)
+
+    raw = build_raw_table({
+        "src_addr": a([f[0] for f in flows]), "dst_addr": a([f[1] for f in flows]),
+        "src_port": np.arange(40000, 40000 + len(flows)), "dst_port": np.array([f[2] for f in flows]),
+        "proto": np.full(len(flows), 6), "end": np.array([f[3] for f in flows]),
+        "bytes": np.arange(1, len(flows) + 1) * 100, "packets": np.ones(len(flows), np.int64),
+    })
+    settings = KafkaSettings(bootstrap=kafka_bootstrap, topic_prefix=w.prefix)
+
+    async def produce() -> None:
+        producer = kafka.producer(settings)
+        await producer.start()
+        try:
+            value, headers = encode_batch(raw, RAW)
+            await producer.send_and_wait(settings.topic("raw"), value, key=b"k", headers=list(headers))
+        finally:
+            await producer.stop()
+
+    async def consume() -> dict[str, list[Any]]:
+        consumer = kafka.consumer(settings, settings.topic("enriched"), group_id=f"{w.prefix}-check")
+        await consumer.start()
+        rows: list[dict[str, Any]] = []
+        try:
+            deadline = time.monotonic() + 60
+            while len(rows) < len(flows) and time.monotonic() < deadline:
+                for messages in (await consumer.getmany(timeout_ms=500)).values():
+                    for m in messages:
+                        rows += decode_batch(m.value, m.headers, ENRICHED_SCHEMA, ENRICHED).to_pylist()
+        finally:
+            await consumer.stop()
+        return {k: [r[k] for r in rows] for k in ("src_name", "src_kind", "dst_name", "dst_kind",
+                                                   "src_workload", "dst_service", "bytes")}
+
+    port = free_port()
+    enricher = Stage("enricher", ["enrich", "--metrics-listen", f"127.0.0.1:{port}"],
+                     {"FLOWTALLY_KAFKA_BOOTSTRAP": kafka_bootstrap, "FLOWTALLY_KAFKA_TOPIC_PREFIX": w.prefix,
+                      "FLOWTALLY_APP_ID": f"{w.prefix}-enricher", "FLOWTALLY_SESSION_TIMEOUT_S": "10"},
+                     tmp_path / "enricher.log", port)
+    enricher.start()
+    try:
+        enricher.wait_healthy(90)
+        asyncio.run(produce())
+        out = asyncio.run(consume())
+        assert enricher.stop() == 0, enricher.log_tail()
+    finally:
+        enricher.stop()
+    assert new.owner.name == "db-0"
+    assert out["bytes"] == [100, 200, 300, 400, 500]
+    assert out["src_name"] == ["cart-7d9c6-a", "db-0", "cart-7d9c6-b", "cart-7d9c6-b", ""]
+    assert out["src_workload"] == ["cart", "db", "cart", "cart", ""]
+    assert out["src_kind"] == ["pod", "pod", "pod", "pod", "ignored"]
+    assert out["dst_name"] == ["cart", "cart", "node-exporter-q", "node-1", "cart-7d9c6-b"]
+    assert out["dst_kind"] == ["service", "service", "host-network", "node", "pod"]
+    assert out["dst_service"] == ["cart", "cart", "", "", "cart"]
