@@ -9,22 +9,26 @@ import time
 import uuid
 from pathlib import Path
 
+import numpy as np
 import pyarrow as pa
 from aiokafka.admin import AIOKafkaAdminClient
 from clickhouse_connect.driver.client import Client
 
+from enricher.enrich import enrich_batch
+from enricher.identity import IdentityIndex
+from enricher.schema import SCHEMA_NAME as ENRICHED
 from flowtally import kafka
 from flowtally.clickhouse import connect
 from flowtally.localstack import Stage, free_port
 from flowtally.settings import ClickHouseSettings, KafkaSettings
-from flowtally.wire import encode_batch
+from flowtally.wire import ORIGIN_HEADER, encode_batch
 from sensors.completeness import (
     ADDITIVE_COUNTERS,
     ALL_COUNTERS,
     SCHEMA_NAME,
     CompletenessAccumulator,
 )
-from sensors.schema import address16
+from sensors.schema import address16, build_raw_table
 from sink.completeness import METRICS, CompletenessWorker
 from sink.settings import SinkSettings
 from sql.migrate import migrate
@@ -194,11 +198,38 @@ def test_completeness_sums_exact_dlq_counted_and_replay_counted_once(kafka_boots
         client.close()
 
 
+def _enriched(n: int, nbytes: int) -> pa.Table:
+    end = int(time.time() * 1000) - 1000
+    raw = build_raw_table({"src_addr": np.tile(np.frombuffer(address16("10.1.2.3"), np.uint8), (n, 1)),
+                           "dst_addr": np.tile(np.frombuffer(address16("8.8.8.8"), np.uint8), (n, 1)),
+                           "bytes": np.full(n, nbytes), "packets": np.ones(n), "end": np.full(n, end)})
+    return enrich_batch(raw, IdentityIndex(()))
+
+
 def test_flowtally_sink_runs_the_completeness_consumer(kafka_bootstrap: str, tmp_path: Path) -> None:
-    """The `flowtally sink` process consumes the completeness topic next to the flows topic."""
+    """The `flowtally sink` process consumes the completeness topic next to the flows topic: both
+    feeds insert concurrently into the one embedded engine, each total exact."""
     prefix = f"cs{uuid.uuid4().hex[:10]}"
     settings = KafkaSettings(bootstrap=kafka_bootstrap, topic_prefix=prefix)
-    sensor, want = _sensor_batch()
+    sensor, one = _sensor_batch()
+    rounds = 15
+    want = {key: {name: value * rounds for name, value in row.items()} for key, row in one.items()}
+    flows = [_enriched(2000, 10 + i) for i in range(rounds)]
+
+    async def publish_both() -> None:
+        producer = kafka.producer(settings)
+        await producer.start()
+        try:
+            for i, table in enumerate(flows):
+                value, headers = encode_batch(table, ENRICHED)
+                headers.append((ORIGIN_HEADER, f"raw/0/{i}".encode()))
+                await producer.send(settings.topic("enriched"), value, key=b"k", headers=headers)
+                value, headers = encode_batch(sensor, SCHEMA_NAME)
+                await producer.send(settings.topic("completeness"), value, key=b"node", headers=headers)
+            await producer.flush()
+        finally:
+            await producer.stop()
+
     port = free_port()
     sink = Stage("sink", ["sink", "--metrics-listen", f"127.0.0.1:{port}"],
                  {"FLOWTALLY_KAFKA_BOOTSTRAP": kafka_bootstrap, "FLOWTALLY_KAFKA_TOPIC_PREFIX": prefix,
@@ -207,17 +238,21 @@ def test_flowtally_sink_runs_the_completeness_consumer(kafka_bootstrap: str, tmp
     sink.start()
     try:
         sink.wait_healthy(60)
-        asyncio.run(_publish(settings, [encode_batch(sensor, SCHEMA_NAME)]))
-        deadline = time.monotonic() + 30
-        while sink.metric("flowtally_sink_completeness_rows_inserted_total") < sensor.num_rows:
+        asyncio.run(publish_both())
+        deadline = time.monotonic() + 60
+        while (sink.metric("flowtally_sink_completeness_rows_inserted_total") < rounds * sensor.num_rows
+               or sink.metric("flowtally_sink_rows_inserted_total") < rounds * 2000):
             assert time.monotonic() < deadline, sink.log_tail()
             time.sleep(0.3)
-        assert sink.metric("flowtally_sink_completeness_rows_inserted_total") == sensor.num_rows
+        assert sink.metric("flowtally_sink_completeness_rows_inserted_total") == rounds * sensor.num_rows
+        assert sink.metric("flowtally_sink_rows_inserted_total") == rounds * 2000
     finally:
         assert sink.stop() == 0
-    assert asyncio.run(_committed(settings, f"{prefix}-sink-completeness")) == 1
+    assert asyncio.run(_committed(settings, f"{prefix}-sink-completeness")) == rounds
     client = connect(ClickHouseSettings(path=tmp_path / "chdb", database="flowtally"))
     try:
         assert _stored(client) == want
+        assert client.query("SELECT count(), sum(bytes) FROM flows").result_rows == [
+            (rounds * 2000, sum(2000 * (10 + i) for i in range(rounds)))]
     finally:
         client.close()
