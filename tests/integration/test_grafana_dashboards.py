@@ -360,3 +360,36 @@ def test_expander_follows_the_plugin() -> None:
         expand("$__nope(x)", tr, v)
     with pytest.raises(ValueError):
         expand("n IN ($ns)", tr, v)  # multi-value without a format
+
+
+def test_service_map_picture_from_demo_data(tmp_path: Path) -> None:
+    """The README's service map: the demo cluster's synthetic traffic through the enricher and the
+    sink's writer, read back by the named Node Graph queries; the edges carry every scaled byte
+    stored, every edge ends at a node, and graphviz draws it."""
+    images = importlib.util.spec_from_file_location("flowtally_render_images_it", GRAFANA / "render_images.py")
+    assert images and images.loader
+    module = importlib.util.module_from_spec(images)
+    images.loader.exec_module(module)
+    from flowtally.clickhouse import connect
+    from flowtally.settings import ClickHouseSettings
+    from sql import migrate
+
+    client = connect(ClickHouseSettings(path=tmp_path / "chdb", database="flowtally_images"))
+    try:
+        migrate.migrate(client)
+        now = int(client.query("SELECT toUnixTimestamp64Milli(now64(3))").result_rows[0][0])
+        assert module.load_demo(client, now, flows=5000) == 5000
+        nodes, edges = module.service_map_rows(client)
+        stored = client.query("SELECT sum(bytes * sampling_rate) FROM flows").result_rows[0][0]
+    finally:
+        client.close()
+    ids = {n["id"] for n in nodes}
+    assert {"shop/frontend", "shop/cart", "external"} <= ids
+    assert all(e["source"] in ids and e["target"] in ids for e in edges)
+    assert sum(e["mainstat"] for e in edges) == stored
+    assert sum(n["mainstat"] for n in nodes) == 2 * stored  # each byte counted at both ends
+    dot = module.service_map_dot(nodes, edges, module.WINDOW_MIN * 60, max_pairs=10)
+    assert dot.count(" -> ") == 10
+    out = tmp_path / "map.png"
+    module.render_png(dot, out)
+    assert out.read_bytes()[:4] == b"\x89PNG"
