@@ -7,8 +7,9 @@ an object missing from a relist is gone), then calls :meth:`ClusterState.flush` 
 time; ``flush`` returns the addresses whose version lists changed, each with its whole new list
 (the identity topic's record, :mod:`enricher.identity_topic`), or None for an address to forget.
 
-Who owns an address (recomputed from all objects at each flush, so the order of events between
-two flushes does not matter):
+Who owns an address (recomputed at each flush for every address the changes since the last one
+touched, through indexes by address, so the order of events between two flushes does not matter
+and a flush costs what changed, not the cluster's size):
 
 - A pod that is not on the host network owns each IP of ``status.podIPs`` while it is not
   terminated (phase Succeeded/Failed) and not deleted. Kind ``pod``; workload from the
@@ -270,7 +271,13 @@ def _is_overlay(owner: OwnerInfo) -> bool:
 
 
 class ClusterState:
-    """Cluster objects and every address's version history."""
+    """Cluster objects and every address's version history.
+
+    Incremental: each stored object change marks the addresses it can affect (a pod's IPs, a
+    service's ClusterIPs, a slice's endpoints, a node's addresses, the pods of a changed
+    namespace or ReplicaSet/Job), and :meth:`flush` recomputes the owners of those addresses only,
+    through indexes by address, so a flush costs what changed, not the size of the cluster.
+    """
 
     def __init__(self, *, history_ms: int, history: Mapping[str, Sequence[Version]] | None = None) -> None:
         """``history``: version lists to continue (read back from the identity topic)."""
@@ -280,21 +287,25 @@ class ClusterState:
         self._objects: dict[str, dict[str, Record]] = {r: {} for r in RESOURCES}
         self._history: dict[str, list[Version]] = {
             a: sorted(v, key=lambda x: x.valid_from_ms) for a, v in (history or {}).items() if v}
-        self._dirty = True
+        # Every continued address is checked at the first flush (its owner may be gone).
+        self._dirty: set[str] = set(self._history)
+        self._pods_at: dict[str, set[str]] = {}  # address -> pod keys
+        self._services_at: dict[str, set[str]] = {}  # address -> service keys
+        self._nodes_at: dict[str, set[str]] = {}  # address -> node names
+        self._backends: dict[tuple[str, str], dict[str, str]] = {}  # (ns, address) -> slice key -> service
+        self._pods_of: dict[tuple[str, str, str], set[str]] = {}  # (ns, kind, name) of controller -> pods
+        self._pods_in: dict[str, set[str]] = {}  # namespace -> pod keys
+        self._ignored_ns: set[str] = set()
+        self._live_uids: set[str] = set()
 
     # -- objects -------------------------------------------------------------------------------
 
     def apply(self, resource: str, event_type: str, obj: Mapping[str, Any]) -> None:
         """One watch event: ``ADDED``/``MODIFIED`` store the object, ``DELETED`` removes it."""
-        store = self._objects[resource]
-        key = object_key(obj)
         if event_type == "DELETED":
-            self._dirty |= store.pop(key, None) is not None
+            self._store(resource, object_key(obj), None)
         elif event_type in ("ADDED", "MODIFIED"):
-            record = PARSERS[resource](obj)
-            if store.get(key) != record:
-                store[key] = record
-                self._dirty = True
+            self._store(resource, object_key(obj), PARSERS[resource](obj))
         else:
             raise ValueError(f"not an object event: {event_type}")
 
@@ -302,13 +313,83 @@ class ClusterState:
         """A full list of ``resource``: objects missing from it are gone (reconcile after a relist)."""
         parse = PARSERS[resource]
         fresh = {object_key(o): parse(o) for o in objects}
-        if fresh != self._objects[resource]:
-            self._objects[resource] = fresh
-            self._dirty = True
+        for key in [k for k in self._objects[resource] if k not in fresh]:
+            self._store(resource, key, None)
+        for key, record in fresh.items():
+            self._store(resource, key, record)
 
     def count(self, resource: str) -> int:
         """Objects of ``resource`` held."""
         return len(self._objects[resource])
+
+    def _store(self, resource: str, key: str, record: Record | None) -> None:
+        """The one place objects change: indexes follow, affected addresses become dirty."""
+        store = self._objects[resource]
+        old = store.get(key)
+        if old == record:
+            return
+        if old is not None:
+            self._index(resource, key, old, add=False)
+        if record is None:
+            del store[key]
+        else:
+            store[key] = record
+            self._index(resource, key, record, add=True)
+
+    def _index(self, resource: str, key: str, r: Record, *, add: bool) -> None:
+        def link(index: dict[Any, set[str]], at: Any) -> None:
+            if add:
+                index.setdefault(at, set()).add(key)
+            else:
+                members = index.get(at)
+                if members is not None:
+                    members.discard(key)
+                    if not members:
+                        del index[at]
+
+        dirty = self._dirty
+        if isinstance(r, Pod):
+            for ip in r.ips:
+                link(self._pods_at, ip)
+            link(self._pods_in, r.namespace)
+            if r.controller:
+                link(self._pods_of, (r.namespace, *r.controller))
+            if r.active:
+                (self._live_uids.add if add else self._live_uids.discard)(r.uid)
+            dirty.update(r.ips)
+        elif isinstance(r, Service):
+            for ip in r.cluster_ips:
+                link(self._services_at, ip)
+            dirty.update(r.cluster_ips)
+        elif isinstance(r, Node):
+            for ip in r.addresses:
+                link(self._nodes_at, ip)
+            dirty.update(r.addresses)
+        elif isinstance(r, EndpointSlice):
+            for ip in r.addresses:
+                backends = self._backends.setdefault((r.namespace, ip), {})
+                if add:
+                    backends[key] = r.service
+                else:
+                    backends.pop(key, None)
+                    if not backends:
+                        del self._backends[(r.namespace, ip)]
+            dirty.update(r.addresses)
+        elif isinstance(r, Namespace):
+            if r.ignored:
+                (self._ignored_ns.add if add else self._ignored_ns.discard)(r.name)
+            self._dirty_pods(self._pods_in.get(r.name, ()))
+        elif isinstance(r, Controlled):
+            ns, _, name = key.partition("/")
+            kind = "ReplicaSet" if resource == "replicasets" else "Job"
+            self._dirty_pods(self._pods_of.get((ns, kind, name), ()))
+
+    def _dirty_pods(self, keys: Iterable[str]) -> None:
+        pods = self._objects["pods"]
+        for k in keys:
+            p = pods.get(k)
+            if isinstance(p, Pod):
+                self._dirty.update(p.ips)
 
     # -- history -------------------------------------------------------------------------------
 
@@ -331,52 +412,41 @@ class ClusterState:
         """Every address's version list (a copy)."""
         return {a: list(v) for a, v in self._history.items()}
 
-    def owners(self) -> dict[str, list[_Want]]:
-        """Who should own each address now (exclusive owner first, then overlays)."""
+    def owners_of(self, ip: str) -> list[_Want]:
+        """Who should own ``ip`` now: the exclusive owner first (if any), then the overlays."""
         objs = self._objects
-        ns_ignored = {n.name for n in objs["namespaces"].values() if isinstance(n, Namespace) and n.ignored}
-        services_at: dict[tuple[str, str], set[str]] = {}
-        for s in objs["endpointslices"].values():
-            assert isinstance(s, EndpointSlice)
-            if s.service:
-                for ip in s.addresses:
-                    services_at.setdefault((s.namespace, ip), set()).add(s.service)
-        want: dict[str, list[_Want]] = {}
-        for p in objs["pods"].values():
+        wants: list[_Want] = []
+        for key in self._pods_at.get(ip, ()):
+            p = objs["pods"][key]
             assert isinstance(p, Pod)
-            if not p.active or not p.ips:
+            if not p.active:
                 continue
-            ignored = p.ignored or p.namespace in ns_ignored
+            ignored = p.ignored or p.namespace in self._ignored_ns
             if ignored and p.host_network:
                 continue
-            for ip in p.ips:
-                if ignored:
-                    owner = OwnerInfo(kind=IGNORED)
-                else:
-                    workload, workload_kind = self._workload(p)
-                    owner = OwnerInfo(
-                        kind="host-network" if p.host_network else "pod", namespace=p.namespace,
-                        name=p.name, workload=workload, workload_kind=workload_kind,
-                        service=",".join(sorted(services_at.get((p.namespace, ip), ()))),
-                        node=p.node, pod_uid=p.uid, host_ports=p.ports)
-                want.setdefault(ip, []).append(
-                    _Want(owner, p.since_ms, p.host_network, (3, p.created_ms, p.name)))
-        for s in objs["services"].values():
+            if ignored:
+                owner = OwnerInfo(kind=IGNORED)
+            else:
+                workload, workload_kind = self._workload(p)
+                services = sorted(set(self._backends.get((p.namespace, ip), {}).values()) - {""})
+                owner = OwnerInfo(
+                    kind="host-network" if p.host_network else "pod", namespace=p.namespace,
+                    name=p.name, workload=workload, workload_kind=workload_kind,
+                    service=",".join(services), node=p.node, pod_uid=p.uid, host_ports=p.ports)
+            wants.append(_Want(owner, p.since_ms, p.host_network, (3, p.created_ms, p.name)))
+        for key in self._services_at.get(ip, ()):
+            s = objs["services"][key]
             assert isinstance(s, Service)
             owner = OwnerInfo(kind="service", namespace=s.namespace, name=s.name, service=s.name)
-            for ip in s.cluster_ips:
-                want.setdefault(ip, []).append(_Want(owner, s.created_ms, False, (2, 0, s.name)))
-        for n in objs["nodes"].values():
+            wants.append(_Want(owner, s.created_ms, False, (2, 0, s.name)))
+        for key in self._nodes_at.get(ip, ()):
+            n = objs["nodes"][key]
             assert isinstance(n, Node)
-            owner = OwnerInfo(kind="node", name=n.name, node=n.name)
-            for ip in n.addresses:
-                want.setdefault(ip, []).append(_Want(owner, n.created_ms, False, (1, 0, n.name)))
-        out: dict[str, list[_Want]] = {}
-        for ip, wants in want.items():
-            exclusive = [w for w in wants if not w.overlay]
-            overlays = [w for w in wants if w.overlay]
-            out[ip] = ([max(exclusive, key=lambda w: w.rank)] if exclusive else []) + overlays
-        return out
+            wants.append(_Want(OwnerInfo(kind="node", name=n.name, node=n.name), n.created_ms, False,
+                               (1, 0, n.name)))
+        exclusive = [w for w in wants if not w.overlay]
+        overlays = sorted((w for w in wants if w.overlay), key=lambda w: w.rank)
+        return ([max(exclusive, key=lambda w: w.rank)] if exclusive else []) + overlays
 
     def _workload(self, pod: Pod) -> tuple[str, str]:
         if pod.controller is None:
@@ -391,16 +461,12 @@ class ClusterState:
         return name, kind
 
     def flush(self, now_ms: int) -> IdentityChanges:
-        """Bring every address's versions in line with the objects; the changed addresses."""
-        if not self._dirty:
-            return {}
-        self._dirty = False
-        owners = self.owners()
-        live_pods = {p.uid for p in self._objects["pods"].values() if isinstance(p, Pod) and p.active}
+        """Bring the versions of every address touched since the last flush in line with the
+        objects; the addresses whose lists changed."""
+        dirty, self._dirty = self._dirty, set()
         changes: IdentityChanges = {}
-        open_addresses = [a for a, vs in self._history.items() if any(v.open for v in vs)]
-        for address in {*owners, *open_addresses}:
-            if self._update(address, owners.get(address, []), live_pods, now_ms):
+        for address in dirty:
+            if self._update(address, self.owners_of(address), self._live_uids, now_ms):
                 changes[address] = list(self._history[address])
         return changes
 

@@ -9,6 +9,8 @@ import pytest
 
 from enricher.identity import OPEN, OwnerInfo, Version
 from enricher.k8s.objects import ClusterState, parse_time
+from enricher.k8s.settings import WatcherSettings
+from flowtally.settings import SettingsError, load_settings
 
 H = 3_600_000
 
@@ -266,3 +268,31 @@ def test_prune_bounds_history() -> None:
     assert state.versions("10.0.0.1") == []
     assert [v.owner.name for v in state.versions("10.0.0.2")] == ["b", "c"]
     assert state.versions("10.0.0.2")[-1].valid_to_ms == OPEN
+
+
+def test_owner_learned_after_its_pods_renames_them_from_then_on() -> None:
+    state = ClusterState(history_ms=H)
+    state.replace("pods", [pod("api-5f-x", "10.0.0.1", owner=("ReplicaSet", "api-5f")),
+                           pod("other", "10.0.0.2", owner=("ReplicaSet", "other-rs"))])
+    assert state.flush(ms("09:30"))["10.0.0.1"][0].owner.workload_kind == "ReplicaSet"  # type: ignore[index]
+    state.apply("replicasets", "ADDED", owned("ReplicaSet", "api-5f", ("Deployment", "api")))
+    changes = state.flush(ms("09:31"))
+    assert list(changes) == ["10.0.0.1"]  # only the ReplicaSet's pods were looked at again
+    assert [(v.owner.workload, v.owner.workload_kind, v.valid_from_ms, v.valid_to_ms)
+            for v in changes["10.0.0.1"] or ()] == [
+        ("api-5f", "ReplicaSet", ms("09:00"), ms("09:31")), ("api", "Deployment", ms("09:31"), OPEN)]
+
+
+def test_settings(tmp_path: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("FLOWTALLY_KUBECONFIG", "/etc/kube/config")
+    monkeypatch.setenv("FLOWTALLY_IDENTITY_HISTORY_S", "7200")
+    monkeypatch.setenv("FLOWTALLY_KAFKA_BOOTSTRAP", "kafka-0:9092")
+    monkeypatch.setenv("FLOWTALLY_CLICKHOUSE_DATABASE", "flowtally")  # the Helm ConfigMap's, for other stages
+    s = load_settings(WatcherSettings, kube_context="prod")
+    assert (str(s.kubeconfig), s.kube_context, s.identity_history_s, s.kafka.topic("identity")) == (
+        "/etc/kube/config", "prod", 7200.0, "flowtally.k8s.identity")
+    bad = tmp_path / "w.yaml"
+    bad.write_text("flush_interval_s: 0\nkubeconfg: /x\n")
+    with pytest.raises(SettingsError) as err:
+        load_settings(WatcherSettings, bad)
+    assert "FLOWTALLY_FLUSH_INTERVAL_S" in str(err.value) and "kubeconfg" in str(err.value)
