@@ -84,6 +84,8 @@ def api_client(settings: WatcherSettings) -> client.ApiClient:
         config.load_incluster_config(client_configuration=configuration)
     else:
         config.load_kube_config(context=settings.kube_context, client_configuration=configuration)
+    # No retries inside urllib3: the watch loop retries with its own backoff and counts them.
+    configuration.retries = 0
     return client.ApiClient(configuration)
 
 
