@@ -20,7 +20,7 @@ from typing import Any
 import pytest
 import yaml
 
-from flowtally.settings import KafkaSettings, StageSettings, load_settings
+from flowtally.settings import StageSettings, load_settings
 
 ROOT = Path(__file__).resolve().parents[2]
 COMPOSE = ROOT / "deploy" / "compose" / "compose.yaml"
@@ -60,6 +60,10 @@ def test_compose_config_default_and_profiles() -> None:
     assert {"published": "2055", "target": 2055, "protocol": "udp"}.items() <= s["sensor"]["ports"][0].items()
     ct = s["conntrack-sensor"]
     assert ct["network_mode"] == "host" and ct["cap_add"] == ["NET_ADMIN"] and ct["cap_drop"] == ["ALL"]
+    assert ct["user"] == "0:0"  # added capabilities are effective for uid 0 only
+    assert ct["environment"]["FLOWTALLY_KAFKA_BOOTSTRAP"] == "127.0.0.1:9094"  # Kafka's HOST listener
+    assert {"mode": "ingress", "host_ip": "127.0.0.1", "target": 9094, "published": "9094", "protocol": "tcp"}.items() \
+        <= s["kafka"]["ports"][0].items()
     assert not ct.get("privileged")
     assert set(full["volumes"]) >= {"kafka-data", "clickhouse-data", "grafana-data", "geoip"}
     for name, svc in s.items():  # every pulled image pinned to a version (ours is built here)
@@ -87,14 +91,17 @@ def test_compose_rejects_a_broken_file(tmp_path: Path) -> None:
 
 def _model(command: list[str]) -> type[StageSettings] | None:
     """The settings model of the flowtally subcommand a service runs."""
+    from enricher.k8s.settings import WatcherSettings
     from enricher.settings import EnricherSettings
+    from sensors.conntrack.settings import ConntrackSettings
     from sensors.netflow.collector import NetflowSettings
     from sink.settings import SinkSettings
 
     key = tuple(command[:2]) if command and command[0] == "sensor" else tuple(command[:1])
     models: dict[tuple[str, ...], type[StageSettings]] = {
-        ("sensor", "netflow"): NetflowSettings, ("enrich",): EnricherSettings, ("sink",): SinkSettings,
-        ("migrate",): SinkSettings}
+        ("sensor", "netflow"): NetflowSettings, ("sensor", "conntrack"): ConntrackSettings,
+        ("enrich",): EnricherSettings, ("sink",): SinkSettings, ("migrate",): SinkSettings,
+        ("watch-k8s",): WatcherSettings}
     return models.get(key)
 
 
@@ -116,19 +123,18 @@ def test_every_flowtally_variable_is_accepted_by_its_stage(monkeypatch: pytest.M
         for k, v in env.items():
             monkeypatch.setenv(k, v)
         model = _model(svc["command"])
-        if model is None:
-            # conntrack sensor: no settings model yet; it may only set the shared Kafka group.
-            assert svc["command"] == ["sensor", "conntrack"], name
-            kafka = {k.removeprefix("FLOWTALLY_KAFKA_").lower(): v for k, v in env.items()}
-            assert all(k.startswith("FLOWTALLY_KAFKA_") for k in env)
-            KafkaSettings(**kafka)
-        else:
-            settings = load_settings(model)
-            fields = type(settings).model_fields
-            for k in env:  # each variable names a field (pydantic would reject the rest: extra=forbid)
-                name_ = k.removeprefix("FLOWTALLY_").lower()
-                group, _, field = name_.partition("_")
-                assert name_ in fields or field in type(getattr(settings, group)).model_fields, k
+        assert model is not None, (name, svc["command"])
+        settings = load_settings(model)
+        fields = type(settings).model_fields
+        for k, v in env.items():  # each variable names a field and sets it (unknown ones are ignored)
+            name_ = k.removeprefix("FLOWTALLY_").lower()
+            group, _, field = name_.partition("_")
+            if name_ in fields:
+                value = getattr(settings, name_)
+            else:
+                assert group in fields and field in type(getattr(settings, group)).model_fields, k
+                value = getattr(getattr(settings, group), field)
+            assert str(value).lower() == v.lower(), (name, k, value, v)
         checked.add(name)
     assert checked == {"migrate", "sink", "enricher", "sensor", "conntrack-sensor"}
 

@@ -83,11 +83,22 @@ def test_default_values() -> None:
     assert "pre-install" in job["metadata"]["annotations"]["helm.sh/hook"]
     role = docs["ClusterRole", "ft-flowtally-watcher"]
     granted = {(g, r) for rule in role["rules"] for g in rule["apiGroups"] for r in rule["resources"]}
-    assert granted == {("", "pods"), ("", "services"), ("", "nodes"), ("", "namespaces"),
-                       ("discovery.k8s.io", "endpointslices"), ("apps", "replicasets"), ("batch", "jobs")}
+    assert granted == _watched()
     assert all(rule["verbs"] == ["get", "list", "watch"] for rule in role["rules"])
     watcher = docs["Deployment", "ft-flowtally-watcher"]["spec"]
     assert watcher["replicas"] == 1 and watcher["strategy"]["type"] == "Recreate"
+
+
+def _watched() -> set[tuple[str, str]]:
+    """(API group, resource) of every list/watch function flowtally watch-k8s calls."""
+    from kubernetes import client
+
+    from enricher.k8s.watcher import list_functions
+
+    groups = {"CoreV1Api": "", "AppsV1Api": "apps", "BatchV1Api": "batch", "DiscoveryV1Api": "discovery.k8s.io"}
+    funcs = list_functions(client.ApiClient(client.Configuration()))
+    bound: dict[str, Any] = dict(funcs)  # bound methods of the client's API classes
+    return {(groups[type(f.__self__).__name__], resource) for resource, f in bound.items()}
 
 
 def test_everything_on() -> None:
@@ -98,6 +109,14 @@ def test_everything_on() -> None:
     containers = {c["name"]: c for c in docs["DaemonSet", "ft-flowtally-sensor"]["spec"]["template"]["spec"]["containers"]}
     assert containers["conntrack"]["securityContext"]["capabilities"] == {"drop": ["ALL"], "add": ["NET_ADMIN"]}
     assert containers["netflow"]["securityContext"]["capabilities"] == {"drop": ["ALL"]}
+    ct = containers["conntrack"]
+    assert ct["securityContext"]["runAsUser"] == 0  # an added capability is only effective for uid 0
+    ct_env = {e["name"]: e for e in ct["env"]}
+    assert ct_env["FLOWTALLY_EXPORTER"]["valueFrom"]["fieldRef"]["fieldPath"] == "status.hostIP"
+    assert ct_env["FLOWTALLY_ENABLE_SYSCTLS"]["value"] == "false"
+    watcher = docs["Deployment", "ft-flowtally-watcher"]["spec"]["template"]["spec"]["containers"][0]
+    assert watcher["readinessProbe"]["httpGet"] == {"path": "/healthz", "port": "metrics"}
+    assert ("ServiceMonitor", "ft-flowtally-watcher") in docs
     env = {e["name"]: e for e in containers["netflow"]["env"]}
     assert env["FLOWTALLY_KAFKA_SASL_PASSWORD"]["valueFrom"]["secretKeyRef"]["name"] == "flowtally-credentials"
     assert env["FLOWTALLY_ALLOW_EXPORTERS"]["value"] == "10.0.0.0/8,2001:db8::/32"
@@ -113,12 +132,15 @@ def test_configmap_change_rolls_the_pods() -> None:
 
 
 def test_configmap_settings_are_accepted_by_the_stages(monkeypatch: pytest.MonkeyPatch) -> None:
+    from enricher.k8s.settings import WatcherSettings
     from enricher.settings import EnricherSettings
-    from flowtally.settings import load_settings
+    from flowtally.settings import StageSettings, load_settings
+    from sensors.conntrack.settings import ConntrackSettings
     from sensors.netflow.collector import NetflowSettings
     from sink.settings import SinkSettings
 
-    data = _by_kind(_render(*VALUES["all"]))["ConfigMap", "ft-flowtally"]["data"]
+    docs = _by_kind(_render(*VALUES["all"]))
+    data = docs["ConfigMap", "ft-flowtally"]["data"]
     for k in list(os.environ):
         if k.startswith("FLOWTALLY_"):
             monkeypatch.delenv(k)
@@ -129,7 +151,27 @@ def test_configmap_settings_are_accepted_by_the_stages(monkeypatch: pytest.Monke
     monkeypatch.delenv("FLOWTALLY_FLOWS_TTL_DAYS")  # a sink/migrate setting
     monkeypatch.delenv("FLOWTALLY_CLICKHOUSE_DATABASE")
     load_settings(NetflowSettings)
-    load_settings(EnricherSettings)
+    assert load_settings(EnricherSettings).identity_history_s == load_settings(WatcherSettings).identity_history_s
+    # Each container's own variables (literal values; fieldRefs stand for an IP or a node name).
+    pods: dict[str, tuple[dict[str, Any], type[StageSettings]]] = {
+            "netflow": (docs["DaemonSet", "ft-flowtally-sensor"], NetflowSettings),
+            "conntrack": (docs["DaemonSet", "ft-flowtally-sensor"], ConntrackSettings),
+            "watcher": (docs["Deployment", "ft-flowtally-watcher"], WatcherSettings)}
+    stand_ins = {"status.hostIP": "10.0.0.11", "spec.nodeName": "node-1"}
+    for container, (doc, model) in pods.items():
+        (spec,) = [c for c in doc["spec"]["template"]["spec"]["containers"] if c["name"] == container]
+        own: dict[str, str] = {
+            e["name"]: e.get("value") or stand_ins[e["valueFrom"]["fieldRef"]["fieldPath"]]
+            for e in spec["env"] if e["name"].startswith("FLOWTALLY_") and "secretKeyRef" not in e.get("valueFrom", {})}
+        for k, v in own.items():
+            monkeypatch.setenv(k, v)
+        settings: StageSettings = load_settings(model)
+        for k, v in own.items():
+            value = getattr(settings, k.removeprefix("FLOWTALLY_").lower())
+            shown = ",".join(value) if isinstance(value, list) else str(value)
+            assert shown.lower() == v.lower(), (container, k, value)
+        for k in own:
+            monkeypatch.delenv(k)
 
 
 @pytest.mark.parametrize("bad", [
