@@ -48,14 +48,16 @@ def conn_state(s: Snapshot) -> str:
     state = s.tcp_state
     if state == _TCP_ESTABLISHED:
         return "established"
-    if not replied:
-        return "unreplied"
     if state in _TCP_CLOSING:
         return "closing"
     if state == _TCP_CLOSE:
-        # A reset answered the SYN (nothing was ever established), or a reset ended a
-        # connection that had been established (ASSURED).
-        return "closing" if s.status & IPS_ASSURED else "refused"
+        # A reset ended a connection that had been established (ASSURED), or answered the SYN:
+        # the kernel then kills the entry at once, before it marks it SEEN_REPLY.
+        if s.status & IPS_ASSURED:
+            return "closing"
+        return "refused" if replied or s.reply_packets else "unreplied"
+    if not replied:
+        return "unreplied"
     # SYN_RECV / SYN_SENT2: the peer answered the SYN but the handshake never completed.
     return "established" if s.status & IPS_ASSURED else "unreplied"
 
@@ -77,7 +79,7 @@ def build_columns(deltas: list[Delta], now_ms: int, *, exporter: bytes = _NO_ADD
     nat_port: list[int] = []
     initiator: list[int] = []
     state: list[str] = []
-    states: dict[tuple[int, int, int], str] = {}
+    states: dict[tuple[int, int, int, bool], str] = {}
     for d in deltas:
         s = d.snapshot
         o, r = s.orig, s.reply
@@ -88,7 +90,7 @@ def build_columns(deltas: list[Delta], now_ms: int, *, exporter: bytes = _NO_ADD
         na, np_ = (o.dst, o.dport) if translated else (_NO_ADDR, 0)
         if s.proto in _ICMP_PROTOS:
             na, np_ = (o.dst, 0) if o.dst != r.src else (_NO_ADDR, 0)
-        skey = (s.proto, s.tcp_state, s.status & (IPS_SEEN_REPLY | IPS_ASSURED))
+        skey = (s.proto, s.tcp_state, s.status & (IPS_SEEN_REPLY | IPS_ASSURED), s.reply_packets > 0)
         st = states.get(skey)
         if st is None:
             st = states[skey] = conn_state(s)

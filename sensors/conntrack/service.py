@@ -76,7 +76,7 @@ class ConntrackSensor:
         self._settings = settings
         self._publisher = publisher
         self._out = out
-        self._tracker = Tracker()
+        self._tracker = Tracker(tombstone_s=settings.tombstone_s, lost_after_s=settings.lost_after_s)
         own_kafka = settings.ignore_kafka and not settings.stdout
         endpoints = resolve_endpoints(settings.kafka.bootstrap) if own_kafka else []
         self._skip: Filter = make_filter(loopback=settings.ignore_loopback, endpoints=endpoints,
@@ -170,7 +170,7 @@ class ConntrackSensor:
                 kept.append(s)
             else:
                 FILTERED.labels(reason).inc()
-        deltas = self._tracker.update(kept)
+        deltas = self._tracker.update(kept, time.monotonic())
         if deltas:
             if not self._pending:
                 self._pending_since = time.monotonic()
@@ -200,7 +200,7 @@ class ConntrackSensor:
                 elif batch.done:
                     done.set_result(not batch.interrupted)
 
-        self._tracker.begin_dump(baseline=baseline)
+        self._tracker.begin_dump(time.monotonic(), baseline=baseline)
         complete = False
         loop.add_reader(sock.fileno(), on_readable)
         try:
@@ -209,7 +209,7 @@ class ConntrackSensor:
             loop.remove_reader(sock.fileno())
             sock.close()
             lost = self._tracker.lost
-            self._tracker.end_dump(complete)
+            self._tracker.end_dump(time.monotonic(), complete)
             if self._tracker.lost > lost:
                 LOST.inc(self._tracker.lost - lost)
                 log.warning("%d connections left the table without a DESTROY event",

@@ -37,6 +37,11 @@ class ConntrackSettings(StageSettings):
     baseline_first_dump: bool = Field(True, description="The first dump only records where each "
                                       "live connection's counters stand (what it did before the sensor "
                                       "started is not reported, so a restart cannot double count)")
+    tombstone_s: float = Field(60.0, ge=0, le=86_400, description="How long an ended connection is "
+                               "remembered, so a late dump row or a DESTROY delivered again (the kernel "
+                               "rebroadcasts DESTROYs a reliable listener missed) cannot count it twice")
+    lost_after_s: float = Field(60.0, ge=0, le=86_400, description="A connection absent from the dumps "
+                                "for this long whose DESTROY never came is given up (counted as lost)")
     batch_max_flows: int = Field(8192, ge=1, le=1_000_000)
     batch_max_age_ms: int = Field(1000, ge=10, le=60_000)
     max_queued_batches: int = Field(256, ge=1, le=100_000)

@@ -9,18 +9,23 @@ Rules (counters are cumulative and only grow, so "what is new" is ``seen - repor
 - A dump row reports ``counters - last reported`` and remembers the counters.
 - A DESTROY reports the remainder and forgets the connection. The kernel redelivers a DESTROY
   it could not deliver (the sensor sets NETLINK_BROADCAST_ERROR), so an overrun loses NEW
-  events, never DESTROYs.
-- A dump row read *after* the connection's DESTROY was handled (the dump and the events come on
-  two sockets) must not bring it back: while a dump is running, each DESTROY leaves a tombstone
-  with the final counters; tombstones go when a dump that started after them ends.
-- A connection absent from ``absent_dumps`` complete dumps in a row whose DESTROY never came is
-  forgotten (counted in ``lost``: what it did since its last report is unknown); it keeps a
-  tombstone for ``lost_grace_dumps`` dumps in case its DESTROY is merely late, so a late DESTROY
-  reports only the remainder.
+  events, never the final counters -- but a redelivered DESTROY can come many seconds late
+  while the socket keeps overrunning, and it is broadcast again to *every* listener, so one
+  that had it already gets it twice.
+- So a DESTROY leaves a tombstone with the final counters: neither a dump row read after it
+  (dumps and events come on two sockets) nor the same DESTROY again counts the connection
+  twice. A tombstone goes once a dump that started after it has ended *and* ``tombstone_s``
+  have passed; beyond ``max_tombstones`` the oldest go first.
+- A connection absent from the complete dumps of ``lost_after_s`` (and at least
+  ``absent_dumps`` of them) whose DESTROY has not come is forgotten and counted in ``lost``
+  (what it did since its last report is unknown); it too leaves a tombstone, so a DESTROY that
+  was merely late reports only the remainder.
 - NEW events report nothing (a connection's first report is its first dump row or its DESTROY).
 - With ``baseline`` (the first dump after start), dump rows only set the reference counters:
   what connections did before the sensor started was reported by the previous sensor, or is
   not attributable to a time.
+
+Times (``now``) are the caller's monotonic seconds.
 """
 
 from __future__ import annotations
@@ -31,6 +36,7 @@ from typing import NamedTuple
 from sensors.conntrack.messages import DESTROY, DUMP, Snapshot
 
 Key = tuple[int, int, int, bytes]  # conntrack id, zone, start ns, orig tuple attribute
+Counters = tuple[int, int, int, int]  # orig packets, orig bytes, reply packets, reply bytes
 
 
 class Delta(NamedTuple):
@@ -50,110 +56,116 @@ def key_of(s: Snapshot) -> Key:
 
 @dataclass(slots=True)
 class _Tombstone:
-    counters: list[int]  # orig packets, orig bytes, reply packets, reply bytes
+    counters: Counters
     born: int  # tracker clock when it was made
-    expires_after: int  # number of dump ends it survives once a dump started after ``born``
+    until: float  # not removed before this time
 
 
 @dataclass
 class Tracker:
     """Last reported counters of each live connection, and the rules above."""
 
+    tombstone_s: float = 60.0
+    lost_after_s: float = 60.0
     absent_dumps: int = 2
-    lost_grace_dumps: int = 3
-    #: live connections: key -> [orig packets, orig bytes, reply packets, reply bytes, last dump seen]
-    live: dict[Key, list[int]] = field(default_factory=dict)
+    max_tombstones: int = 2_000_000
+    #: live connections: key -> (orig packets, orig bytes, reply packets, reply bytes, last dump seen)
+    live: dict[Key, tuple[int, int, int, int, int]] = field(default_factory=dict)
     tombstones: dict[Key, _Tombstone] = field(default_factory=dict)
     lost: int = 0  # connections forgotten without a DESTROY
     _clock: int = 0
     _dump: int = 0  # number of the current/last dump
     _dump_started: int = -1  # clock at the start of the running dump, -1 = none running
+    _dump_times: dict[int, float] = field(default_factory=dict)  # dump number -> start time
     _baseline: bool = False
 
     @property
     def dumping(self) -> bool:
         return self._dump_started >= 0
 
-    def begin_dump(self, baseline: bool = False) -> None:
+    def begin_dump(self, now: float, baseline: bool = False) -> None:
         """A full dump starts (its rows follow through :meth:`update`)."""
         self._clock += 1
         self._dump += 1
         self._dump_started = self._clock
+        self._dump_times[self._dump] = now
         self._baseline = baseline
 
-    def end_dump(self, complete: bool = True) -> None:
+    def end_dump(self, now: float, complete: bool = True) -> None:
         """The dump ended. ``complete`` False (interrupted, failed): no conclusion is drawn from
         which connections it did not list."""
         started, self._dump_started = self._dump_started, -1
         self._baseline = False
         if started < 0:
             return
-        for key in [k for k, t in self.tombstones.items() if t.born < started]:
-            tomb = self.tombstones[key]
-            if tomb.expires_after <= 1:
-                del self.tombstones[key]
-            else:
-                tomb.expires_after -= 1
+        for key in [k for k, t in self.tombstones.items() if t.born < started and t.until <= now]:
+            del self.tombstones[key]
         if not complete:
             return
         dump = self._dump
-        gone = [k for k, v in self.live.items() if dump - v[4] >= self.absent_dumps]
+        times = self._dump_times
+        gone = [k for k, v in self.live.items()
+                if dump - v[4] >= self.absent_dumps and now - times.get(v[4] + 1, 0.0) >= self.lost_after_s]
         for key in gone:
-            counters = self.live.pop(key)
-            self.tombstones[key] = _Tombstone(counters[:4], self._clock, self.lost_grace_dumps)
+            v = self.live.pop(key)
+            self._bury(key, (v[0], v[1], v[2], v[3]), now + self.lost_after_s)
         self.lost += len(gone)
+        oldest = min((v[4] for v in self.live.values()), default=dump)
+        for number in [d for d in times if d <= oldest and d < dump]:
+            del times[number]
 
-    def update(self, snapshots: list[Snapshot]) -> list[Delta]:
+    def _bury(self, key: Key, counters: Counters, until: float) -> None:
+        self.tombstones.pop(key, None)
+        self.tombstones[key] = _Tombstone(counters, self._clock, until)
+        if len(self.tombstones) > self.max_tombstones:
+            del self.tombstones[next(iter(self.tombstones))]
+
+    def update(self, snapshots: list[Snapshot], now: float) -> list[Delta]:
         """Take a batch of snapshots (dump rows or events, in the order read); the deltas to report."""
         out: list[Delta] = []
         live = self.live
         tombstones = self.tombstones
         self._clock += 1
         dump = self._dump
+        baseline = self._baseline
         for s in snapshots:
             kind = s.kind
             if kind != DUMP and kind != DESTROY:
                 continue  # NEW: nothing to report yet
             key = (s.ct_id, s.zone, s.start_ns, s.orig_raw)
-            now = (s.orig_packets, s.orig_bytes, s.reply_packets, s.reply_bytes)
+            op, ob, rp, rb = s.orig_packets, s.orig_bytes, s.reply_packets, s.reply_bytes
+            last: tuple[int, ...] | None
             if kind == DESTROY:
                 last = live.pop(key, None)
                 if last is None:
                     tomb = tombstones.get(key)
                     last = tomb.counters if tomb is not None else None
-                if last is None:
-                    delta = now
-                    final = list(now)
+                if last is not None:  # the larger of the two (an older copy reports nothing)
+                    op, ob, rp, rb = max(op, last[0]), max(ob, last[1]), max(rp, last[2]), max(rb, last[3])
+                    delta = (op - last[0], ob - last[1], rp - last[2], rb - last[3])
                 else:
-                    delta, final = _delta(now, last)
-                if self._dump_started >= 0 or key in tombstones:
-                    tombstones[key] = _Tombstone(final, self._clock, 1)
+                    delta = (op, ob, rp, rb)
+                self._bury(key, (op, ob, rp, rb), now + self.tombstone_s)
             else:
                 last = live.get(key)
                 if last is None:
                     tomb = tombstones.get(key)
-                    if tomb is not None:  # a dump row older than its DESTROY (or lost): stale
-                        delta, tomb.counters = _delta(now, tomb.counters)
-                        if any(delta):
+                    if tomb is not None:  # a row older than its DESTROY, or of a connection given up
+                        t = tomb.counters
+                        op, ob, rp, rb = max(op, t[0]), max(ob, t[1]), max(rp, t[2]), max(rb, t[3])
+                        delta = (op - t[0], ob - t[1], rp - t[2], rb - t[3])
+                        tomb.counters = (op, ob, rp, rb)
+                        if op != t[0] or ob != t[1] or rp != t[2] or rb != t[3]:
                             out.append(Delta(s, *delta))
                         continue
-                    live[key] = [*now, dump]
-                    if self._baseline:
+                    live[key] = (op, ob, rp, rb, dump)
+                    if baseline:
                         continue
-                    delta = now
+                    delta = (op, ob, rp, rb)
                 else:
-                    delta, final = _delta(now, last)
-                    final.append(dump)
-                    live[key] = final
-            if any(delta):
+                    op, ob, rp, rb = max(op, last[0]), max(ob, last[1]), max(rp, last[2]), max(rb, last[3])
+                    delta = (op - last[0], ob - last[1], rp - last[2], rb - last[3])
+                    live[key] = (op, ob, rp, rb, dump)
+            if delta[0] or delta[1] or delta[2] or delta[3]:
                 out.append(Delta(s, *delta))
         return out
-
-
-def _delta(now: tuple[int, int, int, int], last: list[int]) -> tuple[tuple[int, int, int, int], list[int]]:
-    """Counters since ``last`` (never negative: an older snapshot read late reports nothing) and
-    the new reference (the larger of the two)."""
-    op, ob, rp, rb = now
-    lop, lob, lrp, lrb = last[0], last[1], last[2], last[3]
-    delta = (max(op - lop, 0), max(ob - lob, 0), max(rp - lrp, 0), max(rb - lrb, 0))
-    return delta, [max(op, lop), max(ob, lob), max(rp, lrp), max(rb, lrb)]
