@@ -6,6 +6,14 @@ only after the inserts succeeded, commit the partition's next offset. A crash an
 from the last commit and the tokens turn the replayed inserts into no-ops (in ``flows`` and in
 every rollup). The enricher re-emitting a batch after its own crash gives the same token again.
 
+Throughput (measured with ``python -m tests.benchmarks.bench_sink``): each insert pays a roughly
+fixed cost in ClickHouse (planning, one part per table and view, the token bookkeeping), so the
+loop keeps ClickHouse busy instead of waiting on Python: the next message of a partition is
+decoded in a thread while the current one is being inserted, and with ``insert_concurrency`` > 1
+several partitions of a poll are inserted at once, each over its own connection (each partition
+still in offset order, each message still one insert with its own token, each partition
+committed only after its inserts — so the exactly-once rule is unchanged).
+
 Failures (see :mod:`sink.writer` for the rule): a message that is not a valid batch, or a batch
 ClickHouse *rejects* (constraint, unconvertible value…), goes to the DLQ with the reason and is
 committed — retrying cannot help. ClickHouse *unavailable* (any other error) is retried with
@@ -21,7 +29,7 @@ import logging
 import time
 
 import pyarrow as pa
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord, TopicPartition
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord
 from clickhouse_connect.driver.client import Client
 from prometheus_client import Counter, Gauge, Histogram
 
@@ -32,7 +40,7 @@ from flowtally.clickhouse import connect
 from flowtally.lifecycle import run_components
 from flowtally.metrics import MetricsServer
 from flowtally.settings import load_settings
-from flowtally.wire import ORIGIN_HEADER, decode_batch, header
+from flowtally.wire import ORIGIN_HEADER, WireError, decode_batch, header
 from sink.delivery import Delivery, FeedMetrics, Retry
 from sink.rows import flow_rows
 from sink.settings import SinkSettings
@@ -64,18 +72,21 @@ class SinkWorker:
         self._topic = settings.kafka.topic("enriched")
         self._consumer: AIOKafkaConsumer | None = None
         self._dlq: AIOKafkaProducer | None = None
-        self._client: Client | None = None
-        self._writer: Writer | None = None
+        self._clients: list[Client] = []
         self._task: asyncio.Task[None] | None = None
         self._stopping = asyncio.Event()
-        self._delivery: Delivery | None = None
+        #: one per concurrent partition insert, each over its own connection
+        self._deliveries: list[Delivery] = []
+        #: messages decoded ahead of their insert: (partition, offset) -> rows and token, or the error
+        self._decoded: dict[tuple[int, int], tuple[pa.Table, str] | WireError] = {}
 
     def health(self) -> tuple[bool, str]:
         """Unhealthy while inserts have been failing for longer than allowed."""
         if self._task is None:
             return False, "starting"
-        failing_since = self._delivery.failing_since if self._delivery is not None else None
-        if failing_since is not None:
+        since = [d.failing_since for d in self._deliveries if d.failing_since is not None]
+        if since:
+            failing_since = min(since)
             failing = time.monotonic() - failing_since
             if failing > self._settings.unhealthy_after_s:
                 return False, f"inserts failing for {failing:.0f}s"
@@ -85,18 +96,22 @@ class SinkWorker:
         s = self._settings
         await kafka.ensure_topics(s.kafka, s.topics)
         client = await asyncio.to_thread(connect, s.clickhouse)
+        self._clients.append(client)
         if s.migrate_on_start:
             await asyncio.to_thread(migrate, client, s.migration_variables(), s.clickhouse.cluster)
-        self._writer = Writer(client, s.table)
-        self._client = client
+        for _ in range(s.insert_concurrency - 1):
+            self._clients.append(await asyncio.to_thread(connect, s.clickhouse))
         self._dlq = kafka.producer(s.kafka)
         await self._dlq.start()
-        self._delivery = Delivery(
-            schema_name=ENRICHED, decode=self._decode, writer=self._writer, dlq=self._dlq,
-            dlq_topic=s.kafka.topic("dlq"), stopping=self._stopping,
-            metrics=FeedMetrics(MESSAGES, ROWS, INSERT_ERRORS, INSERT_SECONDS),
-            retry=Retry(s.retry_initial_s, s.retry_max_s),
-        )
+        self._deliveries = [
+            Delivery(
+                schema_name=ENRICHED, decode=self._take_decoded, writer=Writer(c, s.table), dlq=self._dlq,
+                dlq_topic=s.kafka.topic("dlq"), stopping=self._stopping,
+                metrics=FeedMetrics(MESSAGES, ROWS, INSERT_ERRORS, INSERT_SECONDS),
+                retry=Retry(s.retry_initial_s, s.retry_max_s),
+            )
+            for c in self._clients
+        ]
         self._consumer = kafka.consumer(
             s.kafka, self._topic, group_id=s.group_id,
             session_timeout_ms=int(s.session_timeout_s * 1000),
@@ -118,37 +133,74 @@ class SinkWorker:
             await self._consumer.stop()
         if self._dlq is not None:
             await self._dlq.stop()
-        if self._client is not None:
-            await asyncio.to_thread(self._client.close)
-            self._client = self._writer = None
+        for client in self._clients:
+            await asyncio.to_thread(client.close)
+        self._clients, self._deliveries = [], []
 
     async def _run(self) -> None:
         assert self._consumer is not None
+        # Partitions are independent: up to insert_concurrency of them at once, each on a free
+        # delivery (connection); a partition is committed up to what landed in it.
+        free: asyncio.Queue[Delivery] = asyncio.Queue()
+        for delivery in self._deliveries:
+            free.put_nowait(delivery)
         while not self._stopping.is_set():
             polled = await self._consumer.getmany(
                 timeout_ms=500, max_records=self._settings.max_messages_per_poll
             )
-            commits: dict[TopicPartition, int] = {}
-            for tp, messages in polled.items():
-                for msg in messages:
-                    if not await self._handle(msg):
-                        break  # stopping during retries: commit what landed, replay the rest
-                    commits[tp] = msg.offset + 1
+            tps = list(polled)
+            landed = await asyncio.gather(*(self._on_free(free, polled[tp]) for tp in tps))
+            commits = {tp: offset for tp, offset in zip(tps, landed, strict=True) if offset is not None}
             if commits:
                 await self._consumer.commit(commits)
                 for tp, offset in commits.items():
                     COMMITTED.labels(str(tp.partition)).set(offset - 1)
+
+    async def _on_free(self, free: asyncio.Queue[Delivery], messages: list[ConsumerRecord]) -> int | None:
+        """:meth:`_drain` on the next free delivery."""
+        delivery = await free.get()
+        try:
+            return await self._drain(delivery, messages)
+        finally:
+            free.put_nowait(delivery)
+
+    async def _drain(self, delivery: Delivery, messages: list[ConsumerRecord]) -> int | None:
+        """Insert one partition's messages in offset order, decoding each next message in a thread
+        while the current one is inserted; the offset to commit (None if nothing landed)."""
+        landed = None
+        ahead = asyncio.create_task(asyncio.to_thread(self._decode_ahead, messages[0]))
+        try:
+            for i, msg in enumerate(messages):
+                await ahead
+                if i + 1 < len(messages):
+                    ahead = asyncio.create_task(asyncio.to_thread(self._decode_ahead, messages[i + 1]))
+                if not await delivery.deliver(msg):
+                    break  # stopping during retries: commit what landed, replay the rest
+                landed = msg.offset + 1
+        finally:
+            await asyncio.wait([ahead])
+            for msg in messages:
+                self._decoded.pop((msg.partition, msg.offset), None)
+        return landed
 
     def _decode(self, msg: ConsumerRecord) -> tuple[pa.Table, str]:
         """The flow rows of one enriched message and their deduplication token."""
         table = decode_batch(msg.value, msg.headers, ENRICHED_SCHEMA, ENRICHED)
         return flow_rows(table), dedup_token(msg)
 
-    async def _handle(self, msg: ConsumerRecord) -> bool:
-        """Insert one message; False if the sink is stopping before it could land."""
-        assert self._delivery is not None
-        return await self._delivery.deliver(msg)
+    def _decode_ahead(self, msg: ConsumerRecord) -> None:
+        """Decode ``msg`` before its turn (in a worker thread); the delivery picks it up."""
+        try:
+            self._decoded[(msg.partition, msg.offset)] = self._decode(msg)
+        except WireError as exc:
+            self._decoded[(msg.partition, msg.offset)] = exc
 
+    def _take_decoded(self, msg: ConsumerRecord) -> tuple[pa.Table, str]:
+        """The delivery's decoder: the result decoded ahead (or its WireError), else decode now."""
+        done = self._decoded.pop((msg.partition, msg.offset), None)
+        if isinstance(done, WireError):
+            raise done
+        return done if done is not None else self._decode(msg)
 
 def run(args: argparse.Namespace) -> int:
     """`flowtally sink`."""

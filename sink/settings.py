@@ -19,6 +19,10 @@ class SinkSettings(StageSettings):
     table: str = Field("flows", pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")
     migrate_on_start: bool = Field(True, description="Apply pending migrations before consuming")
     max_messages_per_poll: int = Field(64, ge=1, le=10_000)
+    insert_concurrency: int = Field(
+        1, ge=1, le=16,
+        description="Partitions of a poll inserted at once, each over its own ClickHouse connection",
+    )
     retry_initial_s: float = Field(0.5, gt=0)
     retry_max_s: float = Field(30.0, gt=0)
     unhealthy_after_s: float = Field(60.0, gt=0, description="Failing inserts this long = unhealthy")

@@ -42,12 +42,16 @@ def _enriched(n: int, nbytes: int, seed: int) -> pa.Table:
     return enrich_batch(raw, IdentityIndex(()))
 
 
-async def _produce(settings: KafkaSettings, tables: list[pa.Table]) -> None:
+async def _produce(settings: KafkaSettings, tables: list[pa.Table | bytes]) -> None:
+    """One message per table (bytes: a message that is not a batch, with the enriched header)."""
     producer = kafka.producer(settings)
     await producer.start()
     try:
         for i, table in enumerate(tables):
-            value, headers = encode_batch(table, ENRICHED)
+            if isinstance(table, bytes):
+                value, headers = table, [("flowtally-schema", ENRICHED.encode())]
+            else:
+                value, headers = encode_batch(table, ENRICHED)
             headers.append((ORIGIN_HEADER, f"raw/0/{i}".encode()))
             await producer.send_and_wait(settings.topic("enriched"), value, key=b"k", headers=headers)
     finally:
@@ -127,13 +131,15 @@ def test_a_batch_clickhouse_rejects_goes_to_the_dlq_and_the_sink_moves_on(kafka_
     sink.start()
 
     async def produce_and_read_dlq() -> list[tuple[bytes, dict[str, bytes]]]:
-        await _produce(settings, [good[0], bad, good[1]])
+        # the sink decodes each next message while inserting the current one: a message that
+        # is not a batch, right after a rejected one, must still reach the DLQ in its turn
+        await _produce(settings, [good[0], bad, b"not an arrow stream", good[1]])
         consumer = kafka.consumer(settings, settings.topic("dlq"), group_id=f"{prefix}-dlq-reader")
         await consumer.start()
         got: list[tuple[bytes, dict[str, bytes]]] = []
         try:
             deadline = time.monotonic() + 40
-            while not got and time.monotonic() < deadline:
+            while len(got) < 2 and time.monotonic() < deadline:
                 for messages in (await consumer.getmany(timeout_ms=1000)).values():
                     got += [(m.value, dict(m.headers)) for m in messages]
         finally:
@@ -149,10 +155,12 @@ def test_a_batch_clickhouse_rejects_goes_to_the_dlq_and_the_sink_moves_on(kafka_
         assert sink.metric("flowtally_sink_rows_inserted_total") == 600
         assert sink.metric("flowtally_sink_messages_total", {"outcome": "dlq_VIOLATED_CONSTRAINT"}) == 1
         assert sink.metric("flowtally_sink_insert_errors_total", {"reason": "VIOLATED_CONSTRAINT"}) == 1
-        assert asyncio.run(_committed(settings, f"{prefix}-sink")) == 3
+        assert sink.metric("flowtally_sink_messages_total", {"outcome": "dlq_not-arrow"}) == 1
+        assert asyncio.run(_committed(settings, f"{prefix}-sink")) == 4
     finally:
         assert sink.stop() == 0
-    assert len(dlq) == 1
+    assert len(dlq) == 2
+    assert dlq[1][0] == b"not an arrow stream" and dlq[1][1][ORIGIN_HEADER] == b"raw/0/2"
     value, headers = dlq[0]
     assert value == encode_batch(bad, ENRICHED)[0]
     assert headers["flowtally-stage"] == b"sink"
