@@ -99,12 +99,14 @@ async def produce(settings: KafkaSettings, batches: list[pa.Table]) -> int:
     return largest
 
 
-def run_sink(bootstrap: str, prefix: str, chdb: Path, rows: int, logs: Path) -> tuple[float, int, float]:
+def run_sink(bootstrap: str, prefix: str, chdb: Path, rows: int, logs: Path,
+             env: dict[str, str] | None = None) -> tuple[float, int, float]:
     """Rows/s of the real sink between its first and last reported insert, and its CPU seconds."""
     port = free_port()
     sink = Stage("sink", ["sink", "--metrics-listen", f"127.0.0.1:{port}"],
                  {"FLOWTALLY_KAFKA_BOOTSTRAP": bootstrap, "FLOWTALLY_KAFKA_TOPIC_PREFIX": prefix,
-                  "FLOWTALLY_CLICKHOUSE_PATH": str(chdb), "FLOWTALLY_GROUP_ID": f"{prefix}-sink"},
+                  "FLOWTALLY_CLICKHOUSE_PATH": str(chdb), "FLOWTALLY_GROUP_ID": f"{prefix}-sink",
+                  **(env or {})},
                  logs / "sink.log", port)
     sink.start()
     try:
@@ -235,6 +237,8 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rows", type=int, default=1_000_000)
     parser.add_argument("--rows-per-message", type=int, default=8000)
+    parser.add_argument("--insert-concurrency", type=int, default=None,
+                        help="the sink's insert_concurrency (partitions inserted at once; default: its own)")
     parser.add_argument("--keep", action="store_true")
     parser.add_argument("--views", action="store_true", help="compare rollup view formulations instead")
     args = parser.parse_args()
@@ -252,7 +256,8 @@ def main() -> int:
     try:
         batches = build_batches(args.rows, args.rows_per_message, work)
         largest = asyncio.run(produce(KafkaSettings(bootstrap=bootstrap, topic_prefix=prefix), batches))
-        sink_rate, stored, sink_cpu = run_sink(bootstrap, prefix, work / "chdb", args.rows, work)
+        env = {} if args.insert_concurrency is None else {"FLOWTALLY_INSERT_CONCURRENCY": str(args.insert_concurrency)}
+        sink_rate, stored, sink_cpu = run_sink(bootstrap, prefix, work / "chdb", args.rows, work, env)
     finally:
         broker.stop()
     before, after, parts = bytes_per_flow(work / "chdb")
