@@ -27,6 +27,8 @@ from flowtally.settings import KafkaSettings
 log = logging.getLogger(__name__)
 
 PRUNE_INTERVAL_S = 60.0
+#: Addresses collected during the replay before they are moved into the index's arrays.
+REPLAY_CHUNK = 20_000
 
 
 class IdentityFeed:
@@ -79,11 +81,23 @@ class IdentityFeed:
             ends = await consumer.end_offsets(tps)
             t0 = time.monotonic()
             batch: dict[bytes, list[Version] | None] = {}
+            changed = 0
             while [tp for tp in tps if await consumer.position(tp) < ends[tp]]:
                 for messages in (await consumer.getmany(*tps, timeout_ms=500, max_records=10_000)).values():
                     for m in messages:
                         self._collect(batch, m.key, m.value)
-            self._apply(batch)
+                if len(batch) >= REPLAY_CHUNK:
+                    # Into the index's arrays now (one sort at the end): holding a whole topic of
+                    # Version objects would cost more memory than the index itself.
+                    changed += len(batch)
+                    self.index.apply(batch, rebuild=False)
+                    batch.clear()
+            changed += len(batch)
+            self.index.apply(batch, rebuild=False)
+            self.index.rebuild()
+            if self._on_apply is not None and changed:
+                self._on_apply(changed, self.index.versions)
+            batch.clear()
             self.index.prune(self._wall_ms())
             log.info("identity: replayed %d records in %.2f s: %d addresses, %d versions",
                      self.records, time.monotonic() - t0, self.index.size, self.index.versions)
