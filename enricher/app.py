@@ -26,6 +26,7 @@ import time
 from typing import Any
 
 import faust
+import pyarrow as pa
 from prometheus_client import Counter, Gauge, Histogram
 
 from enricher.enrich import EnrichStats, ObservedNodes, enrich_batch
@@ -38,7 +39,7 @@ from enricher.settings import EnricherSettings
 from flowtally import kafka
 from flowtally.metrics import MetricsServer
 from flowtally.settings import load_settings
-from flowtally.wire import ORIGIN_HEADER, WireError, decode_batch, encode_batch
+from flowtally.wire import ORIGIN_HEADER, SCHEMA_HEADER, WireError, decode_batch, encode_batch
 from sensors.completeness import SCHEMA_NAME as COMPLETENESS
 from sensors.completeness import CompletenessAccumulator, minute_of
 from sensors.schema import RAW_SCHEMA, with_additive_defaults
@@ -65,6 +66,14 @@ NAT_SERVICE = Counter("flowtally_enricher_nat_service_total",
 FLOW_COUNTS = Counter("flowtally_enricher_flow_counts_total",
                       "Flows with an unknown private address, an ignored end or a late end", ["what"])
 GEO_RELOADS = Counter("flowtally_enricher_geoip_reloads_total", "mmdb reloads", ["outcome"])
+
+
+def encode_enriched(table: pa.Table, compression: str) -> tuple[bytes, list[tuple[str, bytes]]]:
+    """One enriched batch as one message (the wire format with the chosen buffer compression)."""
+    sink = pa.BufferOutputStream()
+    with pa.ipc.new_stream(sink, table.schema, options=pa.ipc.IpcWriteOptions(compression=compression)) as w:
+        w.write_table(table)
+    return sink.getvalue().to_pybytes(), [(SCHEMA_HEADER, ENRICHED.encode())]
 
 
 class EnricherState:
@@ -185,7 +194,7 @@ def create_app(settings: EnricherSettings, state: EnricherState) -> faust.App:
             enriched = enrich_batch(raw, state.index, geo, stats, observers=state.observers,
                                     completeness=state.completeness, now_ms=int(time.time() * 1000))
             _count(stats)
-            value, headers = encode_batch(enriched, ENRICHED)
+            value, headers = encode_enriched(enriched, settings.compression)
             headers.append((ORIGIN_HEADER, origin.encode()))
             SECONDS.observe(time.perf_counter() - started)
             # Wait for the broker's ack: the offset of this event is committed only after.

@@ -227,19 +227,27 @@ class _Dictionary:
 
 
 class _PerRowStrings:
-    """One string per row, in Arrow chunks (no Python object per row); code 0 is ""."""
+    """Strings with about one distinct value per row, in Arrow chunks (no Python object per row);
+    code 0 is "". New strings get new codes; :meth:`canonicalise` (at each rebuild) merges equal
+    strings and forgets unused ones, so between rebuilds live codes and strings are one to one."""
+
+    _FLUSH = 65_536  # pending Python strings turned into an Arrow chunk at this count
 
     def __init__(self) -> None:
         self._chunks: list[pa.Array] = [pa.array([""], pa.string())]
         self._size = 1
         self._pending: list[str] = []
         self._combined: pa.Array | None = None
+        self._canonical_size = 1
 
     def code(self, value: str) -> int:
         if not value:
             return 0
         self._pending.append(value)
-        return self._size + len(self._pending) - 1
+        code = self._size + len(self._pending) - 1
+        if len(self._pending) >= self._FLUSH:
+            self.flush()
+        return code
 
     def flush(self) -> None:
         if self._pending:
@@ -261,13 +269,19 @@ class _PerRowStrings:
     def value(self, code: int) -> str:
         return str(self.arrow()[code].as_py())
 
-    def compact(self, live: np.ndarray) -> np.ndarray:
-        """Keep only the codes in ``live`` (sorted, unique, starting with 0); returns old code ->
-        new code (a lookup array, -1 for dropped)."""
-        table = self.arrow().take(pa.array(live))
-        remap = np.full(len(self), -1, dtype=np.int32)
-        remap[live] = np.arange(len(live), dtype=np.int32)
-        self._chunks, self._size, self._combined = [table], len(live), table
+    def canonicalise(self, codes: np.ndarray) -> np.ndarray | None:
+        """Merge equal strings and drop those no code in ``codes`` uses; returns old code -> new
+        code (a lookup array) or None when nothing changed since the last call and little is
+        garbage."""
+        live = np.unique(np.append(codes, 0))  # code 0 ("") first: it stays 0
+        if len(self) == self._canonical_size and len(self) <= 2 * len(live) + 1024:
+            return None
+        encoded = self.arrow().take(pa.array(live)).dictionary_encode()
+        remap = np.zeros(len(self), dtype=np.int32)
+        remap[live] = encoded.indices.to_numpy()
+        self._chunks = [encoded.dictionary]
+        self._combined = encoded.dictionary
+        self._size = self._canonical_size = len(encoded.dictionary)
         return remap
 
 
@@ -408,6 +422,7 @@ class IdentityIndex:
         self._ports = np.zeros(0, dtype=np.int32)
         #: Per field: int32 codes of the master rows, then the two "no owner" slots.
         self._codes = {f: self._extra[f].copy() for f in ALL_IDENTITY_FIELDS}
+        self._sorted = True
         self._rebuild()
         static = {o.address16(): [Version(OwnerInfo.from_owner(o))] for o in owners}
         if static:
@@ -425,7 +440,16 @@ class IdentityIndex:
         if not changes:
             return
         changed = np.array(list(changes), dtype="S16")
-        keep = ~np.isin(self._addr, changed)
+        n_rows = len(self._addr)
+        if self._sorted:
+            # Rows are sorted by address: each changed address is one range of them.
+            left = np.searchsorted(self._addr, changed, side="left")
+            right = np.searchsorted(self._addr, changed, side="right")
+            bounds = np.bincount(left, minlength=n_rows + 1) - np.bincount(right, minlength=n_rows + 1)
+            depth = np.cumsum(bounds)
+            keep = depth[:n_rows] == 0
+        else:
+            keep = ~np.isin(self._addr, changed)
         addrs: list[bytes] = []
         starts: list[int] = []
         ends: list[int] = []
@@ -461,6 +485,7 @@ class IdentityIndex:
         for f, column in zip(ALL_IDENTITY_FIELDS, codes, strict=True):
             self._codes[f] = np.concatenate(
                 [self._codes[f][:n_keep][keep], np.array(column, dtype=np.int32), self._extra[f]])
+        self._sorted = False
         if rebuild:
             self._rebuild()
 
@@ -503,6 +528,7 @@ class IdentityIndex:
             store.arrow()  # per-row strings: one Arrow array now rather than in the first batch
         self._main = _Timeline(self._addr[main], self._from[main], self._to[main], main)
         self._hosts = self._host_timeline(np.flatnonzero(host & (self._ports > 0)))
+        self._sorted = True
         host_addresses = np.unique(self._addr[np.flatnonzero(host)])
         self._host_addresses = _AddressSearch(host_addresses)
         self._known = np.union1d(self._main.unique, host_addresses)
@@ -530,9 +556,8 @@ class IdentityIndex:
         for f in _PER_ROW_FIELDS:
             store = self._dicts[f]
             assert isinstance(store, _PerRowStrings)
-            if len(store) > 2 * n + 1024:
-                live = np.union1d(self._codes[f][:n], [0]).astype(np.int64)
-                remap = store.compact(live)
+            remap = store.canonicalise(self._codes[f][:n])
+            if remap is not None:
                 self._codes[f] = remap[self._codes[f]]
 
     # -- inspection ----------------------------------------------------------------------------
@@ -650,12 +675,10 @@ class IdentityIndex:
             codes = self._codes[f][uniq] if override is None else override
             store = self._dicts[f]
             if isinstance(store, _PerRowStrings):
+                # Canonical codes (equal strings share one), so distinct codes are distinct
+                # strings: ClickHouse refuses a dictionary with duplicates.
                 distinct, index = np.unique(codes, return_inverse=True)
-                # Two rows may carry the same string (a StatefulSet pod's name at two times):
-                # ClickHouse refuses a dictionary with duplicates, so merge them.
-                strings = store.arrow().take(pa.array(distinct)).dictionary_encode()
-                values = strings.dictionary
-                index = strings.indices.to_numpy()[index]
+                values = store.arrow().take(pa.array(distinct))
             else:
                 # Few distinct values: Arrow's hash is cheaper than a sort here.
                 encoded = pa.array(codes).dictionary_encode()

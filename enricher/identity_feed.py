@@ -28,7 +28,7 @@ log = logging.getLogger(__name__)
 
 PRUNE_INTERVAL_S = 60.0
 #: Addresses collected during the replay before they are moved into the index's arrays.
-REPLAY_CHUNK = 20_000
+REPLAY_CHUNK = 5_000
 
 
 class IdentityFeed:

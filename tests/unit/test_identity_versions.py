@@ -125,3 +125,18 @@ def test_vectorised_lookup_matches_a_naive_scan(spans: list[tuple[int, int, int]
         hits = [v.owner.name for v in naive.get(a, []) if v.valid_from_ms <= t < v.valid_to_ms]
         expected.append(hits[-1] if hits else "")
     assert names == expected
+
+
+def test_equal_names_share_one_dictionary_entry() -> None:
+    # a StatefulSet pod recreated under the same name on another address, and re-applied records:
+    # the output dictionary never holds a value twice (ClickHouse refuses such a dictionary)
+    index = IdentityIndex()
+    db = OwnerInfo(kind="pod", namespace="shop", name="db-0", pod_uid="u1")
+    index.apply({address16("10.244.1.7"): [Version(db, 0, T10)]})
+    index.apply({address16("10.244.2.8"): [Version(OwnerInfo(kind="pod", namespace="shop", name="db-0",
+                                                             pod_uid="u2"), T10)]})
+    index.apply({address16("10.244.1.7"): [Version(db, 0, T10)]})
+    cols = index.columns(_a("10.244.1.7", "10.244.2.8", "10.244.1.7"), np.array([T10 - 1, T10 + 1, T10 - 2]))
+    assert cols["name"].to_pylist() == ["db-0", "db-0", "db-0"]
+    assert cols["name"].dictionary.to_pylist() == ["db-0"]
+    assert cols["pod_uid"].to_pylist() == ["u1", "u2", "u1"]
