@@ -44,7 +44,7 @@ import pyarrow as pa
 from sensors.netflow.ipfix import IpfixBatch
 from sensors.netflow.templates import TemplateStore
 from sensors.netflow.v5 import V5Batch
-from sensors.netflow.v9 import V9Batch
+from sensors.netflow.v9 import MIN_VECTORISED, V9Batch
 from sensors.schema import address_text, build_raw_table, empty_raw_table
 
 _V4_MAPPED_PREFIX = b"\x00" * 10 + b"\xff\xff"
@@ -248,10 +248,12 @@ class _Batch:
             self.latest_ms = newest
         templates = self.templates
         v9, v5, ipfix = self.v9.add, self.v5.add, self.ipfix.add
-        for payload, ms in zip(payloads, received, strict=True):
+
+        def one(i: int) -> None:
+            payload, ms = payloads[i], received[i]
             if len(payload) < 2:
                 counts.error("truncated_header")
-                continue
+                return
             version = (payload[0] << 8) | payload[1]
             try:
                 if version == 9:
@@ -266,6 +268,13 @@ class _Batch:
                 # The parsers check every length before reading; reaching this is a bug, but one
                 # bad datagram must not take the batch (and the other exporters' flows) down.
                 counts.error("malformed_packet")
+
+        if len(payloads) >= MIN_VECTORISED and payloads[0][:2] == b"\x00\x09":
+            # A v9 exporter's batch: the usual datagrams in bulk, the others one by one, in order.
+            self.v9.add_many(payloads, received, exporter, index, templates, counts, one)
+            return
+        for i in range(len(payloads)):
+            one(i)
 
     def table(self) -> pa.Table:
         templates = self.templates

@@ -131,8 +131,10 @@ class _MultiReader:
             hdr.iov = ctypes.pointer(self.iovecs[i])
             hdr.iovlen = 1
             hdr.control = control + i * _ANC_SIZE
-        self.fields = np.frombuffer(memoryview(self.headers).cast("B"), dtype=_MMSG)  # the fields the kernel writes back
-        self.name_bytes = np.frombuffer(memoryview(self.names).cast("B"), dtype=np.uint8).reshape(VLEN, _NAME_SIZE)
+        # The fields the kernel writes back, and the source addresses, as numpy views.
+        self.fields = np.frombuffer(memoryview(self.headers).cast("B"), dtype=_MMSG)
+        names_view = np.frombuffer(memoryview(self.names).cast("B"), dtype=np.uint8)
+        self.name_bytes = names_view.reshape(VLEN, _NAME_SIZE)
         self.ptr = ctypes.addressof(self.headers)
 
 

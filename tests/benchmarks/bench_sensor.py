@@ -1,6 +1,7 @@
-"""Sensor benchmark: the same generated NetFlow v9 stream to nfcapd and to `flowtally sensor netflow`.
+"""Sensor benchmark: the same generated NetFlow v9 (or IPFIX) stream to nfcapd and to `flowtally sensor netflow`.
 
-    .venv/bin/python -m tests.benchmarks.bench_sensor [--flows 1000000] [--rate 100000] [--profile DIR]
+    .venv/bin/python -m tests.benchmarks.bench_sensor [--flows 1000000] [--rate 100000] [--format v9|ipfix]
+        [--profile DIR]
 
 Sends the stream once to nfcapd (Debian nfdump) and once to the sensor publishing to a real local
 Kafka broker, and prints for both the CPU seconds per million flows (from /proc/PID/stat between
@@ -13,8 +14,8 @@ sensor's code is unchanged), writes DIR/sensor.prof and prints the top functions
 overhead per Python call: read it for shares, not for the ratio); ``--encode-study`` times Arrow IPC encoding of one
 decoded batch with each compression codec (CPU vs bytes on the wire).
 
-IPFIX: the generator only makes NetFlow v9 so far; ``--ipfix`` says so and exits 2. Add the
-IPFIX variant here once ``flowtally generate netflow`` can send IPFIX.
+``--format ipfix`` sends IPFIX instead (templates with fixed-length fields, a reduced-size one
+and the variable-length interfaceName; absolute millisecond times): nfcapd decodes it too.
 
 The machine is small and shared: compare the ratio measured in one run, not absolute numbers.
 """
@@ -22,6 +23,7 @@ The machine is small and shared: compare the ratio measured in one run, not abso
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import pstats
 import shutil
@@ -32,13 +34,25 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 from flowtally.localkafka import LocalKafka
 from flowtally.localstack import Stage, free_port, scrape
-from tests.benchmarks.bench_pipeline import TICKS, cpu_seconds, generate
+from tests.benchmarks.bench_pipeline import TICKS, cpu_seconds
 
 
-def run_nfcapd(flows: int, rate: float, workdir: Path) -> dict[str, float]:
+def generate(port: int, flows: int, rate: float, fmt: str = "v9", seed: int = 1) -> dict[str, Any]:
+    """Send the synthetic stream (``python -m sensors.netflow.generator``, which has --format);
+    returns the sender's JSON report."""
+    out = subprocess.run(
+        [sys.executable, "-m", "sensors.netflow.generator", "netflow", "--to", f"127.0.0.1:{port}",
+         "--flows", str(flows), "--rate", str(rate), "--seed", str(seed), "--format", fmt, "--json"],
+        check=True, capture_output=True, text=True,
+    )
+    return dict(json.loads(out.stdout.strip().splitlines()[-1]))
+
+
+def run_nfcapd(flows: int, rate: float, workdir: Path, fmt: str = "v9") -> dict[str, float]:
     """nfcapd receiving the stream: CPU seconds from ready to the end of the stream, flows stored."""
     nfcapd = shutil.which("nfcapd")
     if nfcapd is None:
@@ -52,7 +66,7 @@ def run_nfcapd(flows: int, rate: float, workdir: Path) -> dict[str, float]:
         time.sleep(1.0)
         before = cpu_seconds(proc.pid)
         t0 = time.monotonic()
-        sent = generate(port, flows, rate)
+        sent = generate(port, flows, rate, fmt)
         time.sleep(1.0)  # nfcapd has taken the last datagrams from its socket by now
         used = cpu_seconds(proc.pid) - before
         elapsed = time.monotonic() - t0
@@ -81,7 +95,7 @@ def thread_cpu(pid: int) -> dict[str, float]:
 
 
 def run_sensor(flows: int, rate: float, workdir: Path, bootstrap: str, env: dict[str, str],
-               profile: Path | None) -> dict[str, float]:
+               profile: Path | None, fmt: str) -> dict[str, Any]:
     """The sensor receiving the stream and publishing to Kafka: CPU seconds from healthy to the
     moment every decoded flow is acknowledged by Kafka."""
     udp = free_port(socket.SOCK_DGRAM)
@@ -102,7 +116,7 @@ def run_sensor(flows: int, rate: float, workdir: Path, bootstrap: str, env: dict
         before = cpu_seconds(pid)
         threads_before = thread_cpu(pid)
         t0 = time.monotonic()
-        sent = generate(udp, flows, rate)
+        sent = generate(udp, flows, rate, fmt)
         deadline = time.monotonic() + max(60.0, flows / 5000)
         published = decoded = 0.0
         while time.monotonic() < deadline:
@@ -189,7 +203,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--flows", type=int, default=1_000_000)
     parser.add_argument("--rate", type=float, default=100_000, help="flows/s the generator sends")
-    parser.add_argument("--ipfix", action="store_true", help="the IPFIX variant (not available yet)")
+    parser.add_argument("--format", choices=["v9", "ipfix"], default="v9", help="what the generator sends")
     parser.add_argument("--profile", type=Path, help="profile the sensor with cProfile into this directory")
     parser.add_argument("--encode-study", action="store_true", help="also time Arrow encoding per codec")
     parser.add_argument("--skip-nfcapd", action="store_true", help="only the sensor (for profiling)")
@@ -197,17 +211,14 @@ def main() -> int:
                         help="extra sensor settings (repeatable)")
     parser.add_argument("--keep", action="store_true", help="keep the working directory")
     args = parser.parse_args()
-    if args.ipfix:
-        print("the IPFIX variant needs `flowtally generate netflow` to send IPFIX, which it does not yet")
-        return 2
     env = dict(item.split("=", 1) for item in args.env)
 
     work = Path(tempfile.mkdtemp(prefix="flowtally-bench-sensor-"))
     broker = LocalKafka(work / "kafka")
     bootstrap = broker.start()
     try:
-        sensor = run_sensor(args.flows, args.rate, work, bootstrap, env, args.profile)
-        nf = None if args.skip_nfcapd else run_nfcapd(args.flows, args.rate, work)
+        sensor = run_sensor(args.flows, args.rate, work, bootstrap, env, args.profile, args.format)
+        nf = None if args.skip_nfcapd else run_nfcapd(args.flows, args.rate, work, args.format)
     finally:
         broker.stop()
     if args.encode_study:
@@ -215,13 +226,14 @@ def main() -> int:
 
     sent = int(sensor["sent"])
     s_per_m = sensor["cpu"] * 1_000_000 / max(sent, 1)
+    print(f"format {args.format}, {args.flows:,} flows at {args.rate:,.0f} flows/s")
     print(f"sensor: {sent:,} flows sent, {int(sensor['decoded']):,} decoded, {int(sensor['published']):,} "
           f"published (loss {sent - int(sensor['published'])}; dropped {int(sensor['dropped'])}, kernel drops "
           f"{int(sensor['kernel_drops'])}), exit code {int(sensor['exit'])}")
     print(f"  {s_per_m:.3f} CPU-s per million flows; {sent / max(sensor['cpu'], 1e-9):,.0f} flows/s per core; "
           f"Kafka {sensor['wire_bytes'] / max(sent, 1):.1f} bytes/flow "
           f"(NetFlow {sensor['payload_bytes'] / max(sent, 1):.1f} bytes/flow)")
-    per_thread = sorted(sensor["threads"].items(), key=lambda kv: -kv[1])  # type: ignore[attr-defined]
+    per_thread = sorted(sensor["threads"].items(), key=lambda kv: -kv[1])
     print("  CPU by thread: " + ", ".join(f"{name} {cpu * 1_000_000 / max(sent, 1):.3f}"
                                           for name, cpu in per_thread if cpu > 0))
     ok = sent == int(sensor["published"]) and sensor["exit"] == 0

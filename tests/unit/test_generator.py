@@ -539,3 +539,179 @@ def test_full_send_buffer_is_retried_and_counted(caplog: pytest.LogCaptureFixtur
     gen._send(sock, b"x", ("127.0.0.1", 9), totals)  # type: ignore[arg-type]
     assert sock.sent == [b"x"] and totals.send_retries == 3
     assert "send buffer full" in caplog.text
+
+
+# --- the IPFIX encoder against tshark ---------------------------------------------------------
+
+_IPFIX_TSHARK_FIELDS = (
+    "cflow.version", "cflow.len", "cflow.exporttime", "cflow.sequence", "cflow.od_id", "cflow.template_id",
+    "cflow.srcaddr", "cflow.dstaddr", "cflow.srcaddrv6", "cflow.dstaddrv6",
+    "cflow.srcport", "cflow.dstport", "cflow.protocol", "cflow.octets", "cflow.packets",
+    "cflow.tcpflags", "cflow.inputint", "cflow.outputint", "cflow.abstimestart", "cflow.abstimeend",
+    "cflow.if_name",
+)
+
+
+def _abs_ms(text: str) -> int:
+    """tshark's absolute time ("Oct  9, 2025 08:53:18.896000000 UTC") as Unix ms."""
+    from datetime import UTC, datetime
+
+    stamp, frac = text.removesuffix(" UTC").rsplit(".", 1)
+    secs = datetime.strptime(stamp, "%b %d, %Y %H:%M:%S").replace(tzinfo=UTC).timestamp()
+    return int(secs) * 1000 + int(frac[:3])
+
+
+def _tshark_ipfix(payloads: list[bytes], tmp_path: Path) -> list[dict[str, Any]]:
+    """Decode IPFIX payloads with tshark: one dict per message (header, templates, records with
+    the interfaceName last)."""
+    tshark = shutil.which("tshark")
+    if tshark is None:
+        pytest.fail("tshark is required (Debian package tshark): it is the independent IPFIX decoder")
+    pcap = tmp_path / "ipfix.pcap"
+    _write_pcap(pcap, payloads)
+    # Lists are joined with "|": absolute times contain commas.
+    cmd = [tshark, "-r", str(pcap), "-d", f"udp.port=={NF_PORT},cflow", "-T", "fields", "-E", "aggregator=|"]
+    for f in _IPFIX_TSHARK_FIELDS:
+        cmd += ["-e", f]
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
+    messages = []
+    for line in out.splitlines():
+        values = dict(zip(_IPFIX_TSHARK_FIELDS, line.split("\t"), strict=True))
+        multi = {k: v.split("|") for k, v in values.items()}
+        src = multi["cflow.srcaddr"] if values["cflow.srcaddr"] else multi["cflow.srcaddrv6"]
+        dst = multi["cflow.dstaddr"] if values["cflow.dstaddr"] else multi["cflow.dstaddrv6"]
+        records = [
+            (s, d, int(sp), int(dp), int(pr), int(o), int(p), int(fl, 16), int(i), int(o2), _abs_ms(ts),
+             _abs_ms(te), name)
+            for s, d, sp, dp, pr, o, p, fl, i, o2, ts, te, name in zip(
+                src, dst, *(multi[f"cflow.{k}"] for k in (
+                    "srcport", "dstport", "protocol", "octets", "packets", "tcpflags", "inputint",
+                    "outputint", "abstimestart", "abstimeend", "if_name",
+                )),
+                strict=True,
+            )
+        ]
+        messages.append({
+            "version": int(values["cflow.version"]),
+            "length": int(values["cflow.len"]),
+            "export_secs": int(values["cflow.exporttime"]),
+            "sequence": int(values["cflow.sequence"]),
+            "domain": int(values["cflow.od_id"]),
+            "templates": [int(t) for t in multi["cflow.template_id"] if t],
+            "records": records,
+        })
+    assert len(messages) == len(payloads), "tshark did not decode every message"
+    return messages
+
+
+def _with_names(expected: Counter[tuple[Any, ...]], names: dict[int, str] | None = None) -> Counter[tuple[Any, ...]]:
+    """Expected records with the interfaceName the encoder sends for their ingress interface."""
+    def name(index: int) -> str:
+        return names.get(index, "") if names is not None else gen.interface_name(index)
+
+    return Counter({(*r, name(r[8])): n for r, n in expected.items()})
+
+
+def test_encode_ipfix_matches_tshark(cluster: gen.SyntheticCluster, tmp_path: Path) -> None:
+    """Every record, header field and template of the IPFIX encoder as tshark decodes it, and the
+    sensor's decoder agrees (same records, no error, no sequence gap)."""
+    from sensors.netflow.decoder import DecodeStats, decode_payloads
+    from sensors.netflow.templates import TemplateStore
+    from sensors.schema import address16
+
+    cols = gen.synthetic_flows(cluster, 4000, seed=3, start_ms=EPOCH_MS, span_ms=2000)
+    v6 = ~(cols["src_addr"][:, :12] == V4_MAPPED_PREFIX).all(axis=1)
+    assert 0 < v6.sum() < len(v6), "the sample must hold both IPv4 and IPv6 flows"
+    export_secs = EPOCH_MS // 1000 + 3
+    enc = gen.encode_ipfix_packets(cols, domain=4242, sequence=0xFFFF_FF00, export_secs=export_secs,
+                                   template_every=7, message_index=3)
+    assert enc.next_sequence == (0xFFFF_FF00 + 4000) % 2**32  # IPFIX counts data records; wraps
+    assert all(len(p) <= gen.MAX_DATAGRAM for p in enc.packets)
+
+    decoded = _tshark_ipfix(enc.packets, tmp_path)
+    sequence = 0xFFFF_FF00
+    for i, (m, payload) in enumerate(zip(decoded, enc.packets, strict=True)):
+        assert (m["version"], m["length"], m["domain"], m["export_secs"]) == (10, len(payload), 4242, export_secs)
+        assert m["sequence"] == sequence % 2**32
+        sequence += len(m["records"])
+        assert m["templates"] == ([256, 257] if i == 0 or (3 + i) % 7 == 0 else [])
+        assert 0 < len(m["records"]) <= 30
+    got = Counter(r for m in decoded for r in m["records"])
+    assert got == _with_names(_expected_records(cols))
+    assert {r[12] for r in got} >= {"eth0", "veth4"}  # the variable-length field varies
+
+    stats = DecodeStats()
+    exporter = address16("192.0.2.1")
+    table = decode_payloads(exporter, enc.packets, [EPOCH_MS] * len(enc.packets), TemplateStore(), stats)
+    counts = stats.by_exporter()["192.0.2.1"]
+    assert table.num_rows == 4000 and not counts.errors
+    assert counts.sequence_gaps == counts.sequence_resets == counts.reordered == 0
+    rows = table.to_pydict()
+    mine = Counter(zip(
+        (_ip(a) for a in rows["src_addr"]), (_ip(a) for a in rows["dst_addr"]),
+        *(rows[k] for k in ("src_port", "dst_port", "proto", "bytes", "packets", "tcp_flags", "in_if", "out_if")),
+        (int(t.timestamp() * 1000) for t in table.column("start").to_pylist()),
+        (int(t.timestamp() * 1000) for t in table.column("end").to_pylist()),
+        strict=True,
+    ))
+    assert mine == _expected_records(cols)
+
+
+def test_encode_ipfix_variable_lengths_and_extremes_with_tshark(tmp_path: Path) -> None:
+    """Empty and >= 255-byte interfaceNames (the 3-byte length form), counters and times at the
+    edges of their fields, IPv4 and IPv6."""
+    addrs = [("0.0.0.0", "255.255.255.255"), ("::", "ffff:ffff:ffff:ffff:ffff:ffff:ffff:ffff"),
+             ("10.0.0.1", "1.2.3.4")]
+
+    def a16(ip: str) -> bytes:
+        a = ipaddress.ip_address(ip)
+        return (b"\0" * 10 + b"\xff\xff" + a.packed) if a.version == 4 else a.packed
+
+    cols: dict[str, np.ndarray] = {
+        "src_addr": np.frombuffer(b"".join(a16(s) for s, _ in addrs), np.uint8).reshape(-1, 16),
+        "dst_addr": np.frombuffer(b"".join(a16(d) for _, d in addrs), np.uint8).reshape(-1, 16),
+        "src_port": np.array([0, 65535, 1], np.uint16),
+        "dst_port": np.array([65535, 0, 2], np.uint16),
+        "proto": np.array([255, 0, 6], np.uint8),
+        "bytes": np.array([2**64 - 1, 0, 1], np.uint64),
+        "packets": np.array([2**64 - 1, 0, 1], np.uint64),
+        "tcp_flags": np.array([0xFF, 0, 0x02], np.uint8),
+        "in_if": np.array([2**32 - 1, 0, 7], np.uint32),
+        "out_if": np.array([0, 2**32 - 1, 2], np.uint32),
+        "start": np.array([0, EPOCH_MS, EPOCH_MS + 1], np.int64),
+        "end": np.array([EPOCH_MS, EPOCH_MS, EPOCH_MS + 999], np.int64),
+    }
+    names = {2**32 - 1: "x" * 300, 0: "", 7: "ens7"}
+    enc = gen.encode_ipfix_packets(cols, domain=0xFFFF_FFFF, sequence=5, export_secs=EPOCH_MS // 1000 + 1,
+                                   names=names)
+    assert enc.next_sequence == 8 and len(enc.packets) == 2  # one IPv4 and one IPv6 message
+    decoded = _tshark_ipfix(enc.packets, tmp_path)
+    assert [m["sequence"] for m in decoded] == [5, 7]
+    assert Counter(r for m in decoded for r in m["records"]) == _with_names(_expected_records(cols), names)
+    with pytest.raises(ValueError, match="domain"):
+        gen.encode_ipfix_packets(cols, domain=-1, sequence=0, export_secs=1)
+    assert gen.encode_ipfix_packets({k: v[:0] for k, v in cols.items()}, domain=1, sequence=9,
+                                    export_secs=1).packets == []
+
+
+def test_generate_ipfix_module_cli(tmp_path: Path) -> None:
+    """`python -m sensors.netflow.generator netflow --format ipfix` sends what it reports, and
+    tshark decodes every record of it."""
+    rx = _Receiver()
+    proc = subprocess.run(
+        [sys.executable, "-m", "sensors.netflow.generator", "netflow", "--format", "ipfix", "--to", rx.target,
+         "--flows", "3000", "--rate", "0", "--source-id", "6", "--json"],
+        capture_output=True, text=True, check=True,
+    )
+    report = json.loads(proc.stdout)
+    datagrams = rx.close(report["datagrams"])
+    assert report["format"] == "ipfix" and report["flows"] == 3000 and len(datagrams) == report["datagrams"]
+    decoded = _tshark_ipfix(datagrams, tmp_path)
+    records = [r for m in decoded for r in m["records"]]
+    assert len(records) == 3000
+    assert sum(r[5] for r in records) == report["bytes"] and sum(r[6] for r in records) == report["packets"]
+    assert {m["domain"] for m in decoded} == {6} and decoded[0]["templates"] == [256, 257]
+    sequence = 0
+    for m in decoded:  # the record-counting sequence runs on across the sender's chunks
+        assert m["sequence"] == sequence
+        sequence += len(m["records"])

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from sensors.netflow.decoder import Datagram, DecodeStats, decode_datagrams, flush_pending
+from sensors.netflow.decoder import Datagram, DecodeStats, decode_datagrams, decode_payloads, flush_pending
 from sensors.netflow.templates import Field, Template, TemplateStore
 from sensors.schema import RAW_SCHEMA
 from tests.oracle import (
@@ -522,3 +522,95 @@ def test_field_length_65535_is_a_bad_template() -> None:
     rows, stats = decode(dg(v9_packet(template_flowset((256, fields)), data_flowset(256, b"\x00" * 17))))
     assert rows == []
     assert stats.errors_by_reason()["bad_template"] == 1
+
+
+# --- the bulk path (decode_payloads of many datagrams) equals the per-datagram walk ------------
+
+
+def _state(store: TemplateStore) -> tuple[object, ...]:
+    return (sorted((k, t) for k, t in store), dict(store.sequences), store.pending_sets(), dict(store.sampling))
+
+
+def _both_ways(payloads: list[bytes], chunk: int) -> None:
+    """decode_payloads in calls of ``chunk`` datagrams (bulk where it can) against decode_datagrams
+    one datagram at a time in one call (never bulk): same rows, counters and template state."""
+    received = [SECS * 1000 + i for i in range(len(payloads))]
+    bulk_store, bulk_stats, bulk_rows = TemplateStore(), DecodeStats(), []
+    for i in range(0, len(payloads), chunk):
+        table = decode_payloads(EXPORTER_A, payloads[i : i + chunk], received[i : i + chunk], bulk_store, bulk_stats)
+        bulk_rows += table_rows(table)
+    ref_store, ref_stats = TemplateStore(), DecodeStats()
+    ref_rows: list[dict] = []
+    for i in range(0, len(payloads), chunk):
+        table = decode_datagrams([Datagram(EXPORTER_A, ms, p) for p, ms in zip(payloads[i : i + chunk],
+                                  received[i : i + chunk], strict=True)], ref_store, ref_stats)
+        ref_rows += table_rows(table)
+
+    def key(r: dict) -> tuple[object, ...]:
+        return tuple(sorted((k, str(v)) for k, v in r.items()))
+
+    assert sorted(bulk_rows, key=key) == sorted(ref_rows, key=key)
+    bulk, ref = bulk_stats.by_exporter()["192.0.2.1"], ref_stats.by_exporter()["192.0.2.1"]
+    assert (bulk.counters(), dict(bulk.errors)) == (ref.counters(), dict(ref.errors))
+    assert _state(bulk_store) == _state(ref_store)
+
+
+def _awkward_stream() -> list[bytes]:
+    """Everything the bulk path must hand back to the per-datagram walk, between plain datagrams."""
+    fields2 = [*V4_FIELDS[:-1], (34, 4)]  # redefinition of 256 with a sampling interval field
+    tpl = template_flowset((256, V4_FIELDS))
+    out = [v9_packet(tpl, data_flowset(256, record(V4_FIELDS, flow("10.0.0.1", "10.0.0.2", 1, 2, 6, 10, 1))),
+                     sequence=1)]
+    seq = 2
+
+    def plain(n: int, source_id: int = 0, tid: int = 256, fields: list[tuple[int, int]] = V4_FIELDS) -> bytes:
+        nonlocal seq
+        recs = [record(fields, flow("10.0.0.3", "10.0.0.4", seq, k, 17, 100 * seq + k, k + 1)) for k in range(n)]
+        packet = v9_packet(data_flowset(tid, *recs), source_id=source_id, sequence=seq)
+        seq += 1
+        return packet
+
+    out += [plain(k % 5) for k in range(12)]  # 0-record flowsets (padding only) included
+    out.append(v9_packet(tpl, data_flowset(256, record(V4_FIELDS, flow("10.0.0.5", "10.0.0.6", 3, 4, 6, 7, 1))),
+                         sequence=seq))  # an unchanged refresh: taken into the bulk
+    seq += 1
+    out += [plain(3) for _ in range(5)]
+    seq += 3  # a gap of 3 packets
+    out += [plain(2) for _ in range(4)]
+    late = seq - 6
+    out.append(v9_packet(data_flowset(256, record(V4_FIELDS, flow("10.0.0.7", "10.0.0.8", 5, 6, 6, 9, 1))),
+                         sequence=late))  # reordered
+    out += [plain(2, source_id=7) for _ in range(3)]  # another domain, template unknown: held
+    out.append(v9_packet(template_flowset((256, V4_FIELDS)), source_id=7, sequence=seq))  # ... released
+    seq += 1
+    out += [plain(4, source_id=7) for _ in range(9)]
+    out.append(v9_packet(options_template_flowset(300, scope=[(1, 4)], options=[(34, 4)]),
+                         data_flowset(300, struct.pack("!II", 0, 64)), sequence=seq))  # sampling 1:64
+    seq += 1
+    out += [plain(2) for _ in range(9)]
+    out.append(v9_packet(template_flowset((256, fields2)), sequence=seq))  # a changed layout
+    seq += 1
+    out += [plain(3, fields=fields2) for _ in range(9)]
+    out.append(plain(2) + b"\x01\x02\x03")  # trailing bytes: not the usual shape
+    two = v9_packet(data_flowset(256, record(fields2, flow("10.0.0.9", "10.0.0.9", 7, 7, 6, 1, 1))),
+                    data_flowset(256, record(fields2, flow("10.0.0.9", "10.0.0.9", 8, 8, 6, 2, 1))), sequence=seq)
+    seq += 1
+    out += [two, b"\x00\x05" + b"\x00" * 30, plain(1, tid=999)]  # two flowsets; a v5 stub; unknown template
+    out += [plain(2, fields=fields2) for _ in range(9)]
+    return out
+
+
+@pytest.mark.parametrize("chunk", [1000, 17, 8, 5])
+def test_bulk_path_equals_per_datagram_walk(chunk: int) -> None:
+    _both_ways(_awkward_stream(), chunk)
+
+
+def test_bulk_path_on_the_generator_stream() -> None:
+    from sensors.netflow.generator import encode_packets, synthetic_cluster, synthetic_flows
+
+    cols = synthetic_flows(synthetic_cluster(2), 6000, (2, 0), SECS * 1000 - 2000, span_ms=1000)
+    enc = encode_packets(cols, source_id=3, sequence=0xFFFF_FFF0, unix_secs=SECS, uptime_ms=UPTIME,
+                         template_every=9)
+    packets = enc.packets[:40] + enc.packets[41:]  # one datagram lost on the way
+    _both_ways(packets, 64)
+    _both_ways([*packets[:3], b"\x00\x09", *packets[3:]], 64)  # a runt datagram in the call
