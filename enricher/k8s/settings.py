@@ -15,7 +15,7 @@ class WatcherSettings(StageSettings):
 
     kafka: KafkaSettings = KafkaSettings()
     topics: TopicSettings = TopicSettings()
-    metrics_listen: str = "0.0.0.0:9464"
+    metrics_listen: str = "0.0.0.0:9465"
     kubeconfig: Path | None = Field(
         None, description="kubeconfig file; unset: the pod's service account when running in a "
                           "cluster (KUBERNETES_SERVICE_HOST), else $KUBECONFIG or ~/.kube/config")
