@@ -227,9 +227,11 @@ class _Dictionary:
 
 
 class _PerRowStrings:
-    """Strings with about one distinct value per row, in Arrow chunks (no Python object per row);
-    code 0 is "". New strings get new codes; :meth:`canonicalise` (at each rebuild) merges equal
-    strings and forgets unused ones, so between rebuilds live codes and strings are one to one."""
+    """Strings with about one distinct value per row (pod names, UIDs), in Arrow chunks: no
+    Python object per row. Code 0 is "". Equal strings always share one code (ClickHouse refuses
+    an Arrow dictionary holding a value twice), found without a pass over the whole store: a
+    sorted array of the strings' hashes is searched for each apply's new strings
+    (:meth:`resolve`); codes no row uses any more are dropped by :meth:`compact`."""
 
     _FLUSH = 65_536  # pending Python strings turned into an Arrow chunk at this count
 
@@ -238,13 +240,21 @@ class _PerRowStrings:
         self._size = 1
         self._pending: list[str] = []
         self._combined: pa.Array | None = None
-        self._canonical_size = 1
+        self._hashes = np.array([hash("")], dtype=np.int64)  # sorted
+        self._hash_codes = np.array([0], dtype=np.int64)  # the code of each hash
+        self._new: dict[str, int] = {}  # strings added since the last resolve
+        self._new_hashes: list[int] = []
+        self._first_new = 1
 
     def code(self, value: str) -> int:
         if not value:
             return 0
+        code = self._new.get(value)
+        if code is not None:
+            return code
         self._pending.append(value)
-        code = self._size + len(self._pending) - 1
+        code = self._new[value] = self._size + len(self._pending) - 1
+        self._new_hashes.append(hash(value))
         if len(self._pending) >= self._FLUSH:
             self.flush()
         return code
@@ -269,19 +279,50 @@ class _PerRowStrings:
     def value(self, code: int) -> str:
         return str(self.arrow()[code].as_py())
 
-    def canonicalise(self, codes: np.ndarray) -> np.ndarray | None:
-        """Merge equal strings and drop those no code in ``codes`` uses; returns old code -> new
-        code (a lookup array) or None when nothing changed since the last call and little is
-        garbage."""
-        live = np.unique(np.append(codes, 0))  # code 0 ("") first: it stays 0
-        if len(self) == self._canonical_size and len(self) <= 2 * len(live) + 1024:
+    def resolve(self) -> np.ndarray | None:
+        """Give the strings added since the last call that were already stored their old code;
+        returns a code -> code lookup for the rows just added (None: nothing to change)."""
+        if not self._new_hashes:
             return None
-        encoded = self.arrow().take(pa.array(live)).dictionary_encode()
-        remap = np.zeros(len(self), dtype=np.int32)
-        remap[live] = encoded.indices.to_numpy()
-        self._chunks = [encoded.dictionary]
-        self._combined = encoded.dictionary
-        self._size = self._canonical_size = len(encoded.dictionary)
+        new_hashes = np.array(self._new_hashes, dtype=np.int64)
+        new_codes = np.arange(self._first_new, self._first_new + len(new_hashes), dtype=np.int64)
+        self._new.clear()
+        self._new_hashes = []
+        self._first_new = len(self)
+        pos = np.searchsorted(self._hashes, new_hashes)
+        np.minimum(pos, len(self._hashes) - 1, out=pos)
+        same_hash = np.flatnonzero(self._hashes[pos] == new_hashes)
+        remap = None
+        fresh = np.ones(len(new_hashes), dtype=bool)
+        if len(same_hash):  # rare: a name seen before (a StatefulSet pod, a dual-stack pod)
+            strings = self.arrow()
+            remap = np.arange(len(self), dtype=np.int32)
+            for i in same_hash.tolist():
+                old, new = int(self._hash_codes[pos[i]]), int(new_codes[i])
+                if strings[old].as_py() == strings[new].as_py():
+                    remap[new] = old
+                    fresh[i] = False
+        order = np.argsort(new_hashes[fresh], kind="stable")
+        add_hashes, add_codes = new_hashes[fresh][order], new_codes[fresh][order]
+        at = np.searchsorted(self._hashes, add_hashes)
+        self._hashes = np.insert(self._hashes, at, add_hashes)
+        self._hash_codes = np.insert(self._hash_codes, at, add_codes)
+        return remap
+
+    def compact(self, codes: np.ndarray) -> np.ndarray | None:
+        """When more than half of the stored strings are no row's (``codes``: every row's), drop
+        them; returns old code -> new code, or None when nothing was dropped."""
+        live = np.unique(np.append(codes, 0))  # code 0 ("") first: it stays 0
+        if len(self) <= 2 * len(live) + 1024:
+            return None
+        kept = self.arrow().take(pa.array(live))
+        remap = np.full(len(self), -1, dtype=np.int32)
+        remap[live] = np.arange(len(live), dtype=np.int32)
+        self._chunks, self._combined, self._size = [kept], kept, len(live)
+        self._first_new = len(live)
+        alive = remap[self._hash_codes] >= 0
+        self._hashes = self._hashes[alive]
+        self._hash_codes = remap[self._hash_codes[alive]].astype(np.int64)
         return remap
 
 
@@ -477,17 +518,35 @@ class IdentityIndex:
                     ports.append(code)
                 else:
                     ports.append(0)
-        n_keep = len(self._addr)
-        self._addr = np.concatenate([self._addr[keep], np.array(addrs, dtype="S16")])
-        self._from = np.concatenate([self._from[keep], np.array(starts, dtype=np.int64)])
-        self._to = np.concatenate([self._to[keep], np.array(ends, dtype=np.int64)])
-        self._ports = np.concatenate([self._ports[keep], np.array(ports, dtype=np.int32)])
+        new = {"addr": np.array(addrs, dtype="S16"), "from": np.array(starts, dtype=np.int64),
+               "to": np.array(ends, dtype=np.int64), "ports": np.array(ports, dtype=np.int32)}
         for f, column in zip(ALL_IDENTITY_FIELDS, codes, strict=True):
-            self._codes[f] = np.concatenate(
-                [self._codes[f][:n_keep][keep], np.array(column, dtype=np.int32), self._extra[f]])
-        self._sorted = False
+            new[f] = np.array(column, dtype=np.int32)
+            store = self._dicts[f]
+            if isinstance(store, _PerRowStrings):
+                remap = store.resolve()
+                if remap is not None:
+                    new[f] = remap[new[f]]
+        old = {"addr": self._addr[keep], "from": self._from[keep], "to": self._to[keep],
+               "ports": self._ports[keep]}
+        for f in ALL_IDENTITY_FIELDS:
+            old[f] = self._codes[f][:n_rows][keep]
+        if self._sorted and rebuild:
+            # Merge instead of sorting everything: the kept rows are sorted and the changed
+            # addresses have no rows left among them, so each address's new rows go in as a block.
+            order = _sort_order(new["addr"], new["from"])
+            at = np.searchsorted(old["addr"], new["addr"][order])
+            merged = {k: np.insert(old[k], at, new[k][order]) for k in old}
+        else:
+            merged = {k: np.concatenate([old[k], new[k]]) for k in old}
+        self._addr, self._from, self._to = merged["addr"], merged["from"], merged["to"]
+        self._ports = merged["ports"]
+        for f in ALL_IDENTITY_FIELDS:
+            self._codes[f] = np.concatenate([merged[f], self._extra[f]])
         if rebuild:
-            self._rebuild()
+            self._rebuild(sort=not self._sorted)
+        else:
+            self._sorted = False
 
     def rebuild(self) -> None:
         """Make changes applied with ``rebuild=False`` visible to lookups."""
@@ -511,8 +570,9 @@ class IdentityIndex:
         for f in ALL_IDENTITY_FIELDS:
             self._codes[f] = np.concatenate([self._codes[f][:n][rows], self._extra[f]])
 
-    def _rebuild(self) -> None:
-        self._select(_sort_order(self._addr, self._from))
+    def _rebuild(self, sort: bool = True) -> None:
+        if sort:
+            self._select(_sort_order(self._addr, self._from))
         host = self._codes["kind"][: len(self._addr)] == self.host_network_code
         main = np.flatnonzero(~host)
         # A newer version of an address ends the older one (host-network versions overlap the
@@ -531,7 +591,9 @@ class IdentityIndex:
         self._sorted = True
         host_addresses = np.unique(self._addr[np.flatnonzero(host)])
         self._host_addresses = _AddressSearch(host_addresses)
-        self._known = np.union1d(self._main.unique, host_addresses)
+        assert self._main.search is not None
+        self._host_only = int(np.count_nonzero(~self._main.search.find(*_words(
+            host_addresses.view(np.uint8).reshape(-1, 16)))[1])) if len(host_addresses) else 0
 
     def _host_timeline(self, rows: np.ndarray) -> _Timeline:
         """One row per (host-network version, served port), keyed by address + proto + port."""
@@ -556,7 +618,7 @@ class IdentityIndex:
         for f in _PER_ROW_FIELDS:
             store = self._dicts[f]
             assert isinstance(store, _PerRowStrings)
-            remap = store.canonicalise(self._codes[f][:n])
+            remap = store.compact(self._codes[f][:n])
             if remap is not None:
                 self._codes[f] = remap[self._codes[f]]
 
@@ -565,7 +627,7 @@ class IdentityIndex:
     @property
     def size(self) -> int:
         """Distinct addresses in the index."""
-        return len(self._known)
+        return len(self._main.unique) + self._host_only
 
     @property
     def versions(self) -> int:
@@ -675,8 +737,8 @@ class IdentityIndex:
             codes = self._codes[f][uniq] if override is None else override
             store = self._dicts[f]
             if isinstance(store, _PerRowStrings):
-                # Canonical codes (equal strings share one), so distinct codes are distinct
-                # strings: ClickHouse refuses a dictionary with duplicates.
+                # Equal strings share one code, so distinct codes are distinct strings:
+                # ClickHouse refuses a dictionary with duplicates.
                 distinct, index = np.unique(codes, return_inverse=True)
                 values = store.arrow().take(pa.array(distinct))
             else:

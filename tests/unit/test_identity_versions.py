@@ -140,3 +140,34 @@ def test_equal_names_share_one_dictionary_entry() -> None:
     assert cols["name"].to_pylist() == ["db-0", "db-0", "db-0"]
     assert cols["name"].dictionary.to_pylist() == ["db-0"]
     assert cols["pod_uid"].to_pylist() == ["u1", "u2", "u1"]
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.lists(st.lists(st.tuples(st.integers(0, 6), st.integers(0, 3), st.integers(0, 500),
+                                   st.booleans()), max_size=6), min_size=1, max_size=6))
+def test_changes_applied_one_by_one_equal_the_final_state_applied_at_once(
+        steps: list[list[tuple[int, int, int, bool]]]) -> None:
+    # each step replaces some addresses' version lists (or forgets them); names repeat across
+    # addresses and steps, so the per-row string store must keep one code per name
+    index = IdentityIndex()
+    final: dict[bytes, list[Version] | None] = {}
+    for step in steps:
+        changes: dict[bytes, list[Version] | None] = {}
+        for a, name, start, forget in step:
+            key = address16(f"10.0.0.{a}")
+            versions = changes.get(key) or []
+            changes[key] = None if forget else [*versions, Version(OwnerInfo(name=f"p{name}", pod_uid=f"u{name}"),
+                                                                   start, start + 100)]
+        index.apply(changes)
+        final.update(changes)
+    fresh = IdentityIndex()
+    fresh.apply(final)
+    probes = [(a, t) for a in range(7) for t in range(0, 700, 25)]
+    addresses = _a(*(f"10.0.0.{a}" for a, _ in probes))
+    times = np.array([t for _, t in probes])
+    got, want = index.columns(addresses, times), fresh.columns(addresses, times)
+    for field in ("name", "pod_uid", "kind"):
+        assert got[field].to_pylist() == want[field].to_pylist()
+        values = got[field].dictionary.to_pylist()
+        assert len(values) == len(set(values))
+    assert index.size == fresh.size and index.versions == fresh.versions
