@@ -149,7 +149,7 @@ def _duplicates(raw: pa.Table, index: IdentityIndex, src: SideLookup, dst: SideL
                 observers: ObservedNodes, now_ms: int) -> np.ndarray:
     """Mask of the records to drop as second observations (the rule in the module docstring)."""
     names, observer = _dictionary(raw, "observer")
-    used = np.unique(observer)
+    used = np.flatnonzero(np.bincount(observer, minlength=len(names)))
     observers.note((names[i] for i in used.tolist()), now_ms)
     initiator = _numpy(raw, "initiator")
     if not names or not (initiator > 0).any():

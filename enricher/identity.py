@@ -312,7 +312,10 @@ class _PerRowStrings:
     def compact(self, codes: np.ndarray) -> np.ndarray | None:
         """When more than half of the stored strings are no row's (``codes``: every row's), drop
         them; returns old code -> new code, or None when nothing was dropped."""
-        live = np.unique(np.append(codes, 0))  # code 0 ("") first: it stays 0
+        used = np.zeros(len(self), dtype=bool)
+        used[codes] = True
+        used[0] = True  # code 0 ("") stays 0
+        live = np.flatnonzero(used)
         if len(self) <= 2 * len(live) + 1024:
             return None
         kept = self.arrow().take(pa.array(live))

@@ -232,6 +232,7 @@ def bench_stage(args: argparse.Namespace, table: dict[bytes, list[Version]], bat
         pid = stage.process.pid
         stage.wait_healthy(900)
         replay_s, replay_cpu = time.perf_counter() - t0, cpu_seconds(pid)
+        replay_rss = peak_rss_mb(pid)
         done0, cpu0, t1 = stage.metric("flowtally_enricher_flows_total"), cpu_seconds(pid), time.perf_counter()
         done = done0
         deadline = time.monotonic() + max(600.0, flows / 2000)
@@ -250,7 +251,8 @@ def bench_stage(args: argparse.Namespace, table: dict[bytes, list[Version]], bat
         broker.stop()
     measured = done - done0
     per_m = cpu * 1e6 / max(measured, 1)
-    print(f"    identity replay: {replay_s:.1f} s, {replay_cpu:.1f} CPU-s (start-up included)")
+    print(f"    identity replay: {replay_s:.1f} s, {replay_cpu:.1f} CPU-s (start-up included), "
+          f"peak RSS by then {replay_rss:.0f} MB")
     print(f"    enriched {int(done):,} of {flows:,} flows ({int(dropped):,} duplicates dropped), exit {code}; "
           f"measured {int(measured):,} flows in {elapsed:.1f} s")
     print(f"    {measured / max(cpu, 1e-9):>12,.0f} flows/s/core ({per_m:.2f} CPU-s per M); peak RSS {rss:.0f} MB")
