@@ -278,6 +278,7 @@ class _Batch:
 
     def table(self) -> pa.Table:
         templates = self.templates
+        self.ipfix.finish(templates)
         if self.latest_ms is not None and templates.has_pending():
             _count_expired(templates.expire(self.latest_ms), self.stats)
         exporters = np.frombuffer(b"".join(self.exporter_index), dtype=np.uint8).reshape(-1, 16)

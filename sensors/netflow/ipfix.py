@@ -128,11 +128,16 @@ class _Plan:
 class IpfixBatch:
     """The IPFIX messages of one decode call: templates applied as they come, data grouped."""
 
-    __slots__ = ("_groups", "_plans")
+    __slots__ = ("_groups", "_plans", "_tracks")
 
     def __init__(self) -> None:
         self._groups: dict[int, tuple[_Plan, Group, list[int], list[int]]] = {}
         self._plans: dict[int, tuple[Template, _Plan]] = {}
+        #: Sequence checks, in message order, run once the records of every message are known:
+        #: (stream, sequence, records of fixed-length sets or None, counts, deferred sets as
+        #: (group, index in it)). Nothing else reads the sequence state within a call.
+        self._tracks: list[tuple[tuple[int, bytes, int], int, int | None, ExporterStats,
+                                 list[tuple[Group, int]]]] = []
 
     def _plan(self, template: Template) -> _Plan:
         entry = self._plans.get(id(template))
@@ -158,6 +163,7 @@ class IpfixBatch:
         view = memoryview(payload)
         offset = HEADER_LENGTH
         records: int | None = 0
+        deferred: list[tuple[Group, int]] = []
         while offset + 4 <= end:
             set_id, set_length = _SET.unpack_from(payload, offset)
             if set_length < 4 or offset + set_length > end:
@@ -174,7 +180,7 @@ class IpfixBatch:
                     hold_unknown(templates, VERSION, exporter, domain, held, counts)
                     continue
                 n = self._data(template, view, body, body_end, exporter, exporter_index, domain, export_ms,
-                               received_ms, templates, counts)
+                               received_ms, templates, counts, deferred)
                 if records is not None:
                     records += n
             elif set_id in (TEMPLATE_SET, OPTIONS_TEMPLATE_SET):
@@ -190,7 +196,7 @@ class IpfixBatch:
                     break
             else:
                 counts.error("reserved_set_id")
-        track(templates, (VERSION, exporter, domain), sequence, records, False, counts)
+        self._tracks.append(((VERSION, exporter, domain), sequence, records, counts, deferred))
 
     def _replay(self, template_id: int, exporter: bytes, exporter_index: int, domain: int,
                 templates: TemplateStore, counts: ExporterStats) -> None:
@@ -203,9 +209,25 @@ class IpfixBatch:
 
     def _data(self, template: Template, view: memoryview, body: int, body_end: int, exporter: bytes,
               exporter_index: int, domain: int, export_ms: int, received_ms: int, templates: TemplateStore,
-              counts: ExporterStats) -> int:
-        """One data set with a known template; returns its record count."""
+              counts: ExporterStats, deferred: list[tuple[Group, int]] | None = None) -> int:
+        """One data set with a known template; returns its record count. The records of a flow
+        set with variable-length fields are found later, for all such sets of the call at once
+        (:func:`_walk_sets`): the set is added with a count of 0 for now and listed in
+        ``deferred``, and 0 is returned."""
         plan = self._plan(template)
+        if template.varlen and not template.is_options:
+            entry = self._groups.get(id(plan))
+            if entry is None:
+                entry = self._groups[id(plan)] = (plan, Group(), [], [])
+            group = entry[1]
+            key = (VERSION, exporter, domain)
+            init = templates.sys_init.get((exporter, domain), -1)
+            group.add(view[body:body_end], 0, export_ms, init, domain, exporter_index, received_ms,
+                      templates.domain_rate(key), templates.samplers.get(key))
+            group.stats.append(counts)
+            if deferred is not None:
+                deferred.append((group, len(group.counts) - 1))
+            return 0
         if template.varlen:
             starts, consumed, stop = _walk(view, body, body_end, plan.segments, plan.tail)
             n = len(starts)
@@ -246,11 +268,29 @@ class IpfixBatch:
     def __len__(self) -> int:
         return sum(sum(g.counts) for _, g, _, _ in self._groups.values())
 
+    def finish(self, templates: TemplateStore) -> None:
+        """End of the call: find the records of the deferred variable-length sets, count them,
+        and run the sequence checks in message order with every message's record count."""
+        walked: dict[int, tuple[list[int], list[int]]] = {}
+        for key, (plan, group, _, _) in self._groups.items():
+            if plan.gather is not None:
+                walked[key] = _walk_sets(plan, group)
+        for stream, sequence, records, counts, deferred in self._tracks:
+            if records is not None:
+                records += sum(group.counts[i] for group, i in deferred)
+            track(templates, stream, sequence, records, False, counts)
+        self._tracks.clear()
+        for key, (starts, consumed) in walked.items():
+            plan, group, _, _ = self._groups[key]
+            self._groups[key] = (plan, group, starts, consumed)
+
     def columns(self, exporters: np.ndarray) -> list[dict[str, np.ndarray]]:
-        """Column dicts for every layout seen in this call (two for biflow layouts)."""
+        """Column dicts for every layout seen in this call (two for biflow layouts); call
+        :meth:`finish` first."""
         out: list[dict[str, np.ndarray]] = []
         for plan, group, starts, consumed in self._groups.values():
-            out.extend(_group_columns(plan, group, starts, consumed, exporters))
+            if group.counts and sum(group.counts):
+                out.extend(_group_columns(plan, group, starts, consumed, exporters))
         return out
 
 
@@ -292,16 +332,102 @@ def _walk(view: memoryview, pos: int, end: int, segments: list[int],
     return starts, consumed, pos
 
 
+def _walk_sets(plan: _Plan, group: Group) -> tuple[list[int], list[int]]:
+    """Find the records of every set of a group whose template has variable-length fields, all
+    sets in lockstep (one numpy step per record position instead of Python per record), with
+    the rules of :func:`_walk`. Fills ``group.counts``, counts records, enterprise fields and
+    ``bad_data_record`` in each set's ExporterStats, and returns the record starts (offsets in
+    the group's joined buffer) and the bytes each variable-length field took, record by record
+    in set order, as :func:`_repack` wants them."""
+    sizes = np.fromiter(map(len, group.chunks), dtype=np.int64, count=len(group.chunks))
+    ends = np.cumsum(sizes)
+    buf = np.frombuffer(b"".join(group.chunks), dtype=np.uint8)
+    padded = np.concatenate((buf, np.zeros(3, dtype=np.uint8)))  # reads past the end stay in bounds
+    k = len(plan.segments)
+    pos = ends - sizes
+    sets = np.arange(len(sizes))
+    found_sets: list[np.ndarray] = []
+    found_starts: list[np.ndarray] = []
+    found_lengths: list[np.ndarray] = []
+    stops = ends.copy()
+    while len(sets):
+        end = ends[sets]
+        p = pos.copy()
+        ok = p < end
+        lengths = np.empty((len(sets), k), dtype=np.int64)
+        for j, gap in enumerate(plan.segments):
+            p = p + gap
+            ok &= p < end
+            q = np.minimum(p, len(buf))
+            first = padded[q].astype(np.int64)
+            wide = first == 255
+            ok &= ~wide | (p + 3 <= end)
+            long_len = (padded[q + 1].astype(np.int64) << 8 | padded[q + 2]) + 3
+            lengths[:, j] = np.where(wide, long_len, first + 1)
+            p = p + lengths[:, j]
+        p = p + plan.tail
+        ok &= p <= end
+        if ok.any():
+            found_sets.append(sets[ok])
+            found_starts.append(pos[ok])
+            found_lengths.append(lengths[ok])
+        # A set ends where a record does not fit (padding or a truncated record), or at its end.
+        done = ~ok | (p >= end)
+        stops[sets[~ok]] = pos[~ok]
+        keep = ~done
+        sets, pos = sets[keep], p[keep]
+    set_of = np.zeros(0, dtype=np.int64)
+    if found_sets:
+        order = np.argsort(np.concatenate(found_sets), kind="stable")
+        set_of = np.concatenate(found_sets)[order]
+        starts = np.concatenate(found_starts)[order]
+        consumed = np.concatenate(found_lengths)[order].ravel()
+        per_set = np.bincount(set_of, minlength=len(sizes))
+    else:
+        starts = consumed = np.zeros(0, dtype=np.int64)
+        per_set = np.zeros(len(sizes), dtype=np.int64)
+    group.counts[:] = per_set.tolist()
+    for i, (n, stop, end) in enumerate(zip(group.counts, stops.tolist(), ends.tolist(), strict=True)):
+        stats = group.stats[i]
+        stats.records += n  # type: ignore[attr-defined]
+        if plan.enterprise:
+            stats.enterprise_fields += n * plan.enterprise  # type: ignore[attr-defined]
+        if stop < end and buf[stop:end].any():
+            stats.error("bad_data_record")  # type: ignore[attr-defined]
+    empty = per_set == 0
+    if empty.any():
+        # Sets without records leave the group (a biflow's per-set sums need every set to have
+        # one); the records after them move back by their bytes.
+        shift = np.cumsum(np.where(empty, sizes, 0))
+        starts = starts - shift[set_of]
+        kept = np.flatnonzero(~empty).tolist()
+        for name in Group.__slots__:
+            values = getattr(group, name)
+            setattr(group, name, [values[i] for i in kept])
+    return starts.tolist(), consumed.tolist()
+
+
 def _repack(buf: bytes, plan: _Plan, starts: list[int], consumed: list[int]) -> bytes:
-    """Fixed-size records (only the fixed-length fields) gathered out of variable-length ones."""
-    assert plan.gather is not None
-    static, nvar = plan.gather
+    """Fixed-size records (only the fixed-length fields) gathered out of variable-length ones:
+    each run of fixed-length fields between the variable ones is copied row by row out of a
+    sliding-window view of the buffer (no index per byte)."""
     n = len(starts)
-    shift = np.zeros((n, len(plan.segments) + 1), dtype=np.int64)
-    if plan.segments:
-        np.cumsum(np.asarray(consumed, dtype=np.int64).reshape(n, -1), axis=1, out=shift[:, 1:])
-    index = np.asarray(starts, dtype=np.int64)[:, None] + static[None, :] + shift[:, nvar]
-    return np.frombuffer(buf, dtype=np.uint8)[index].tobytes()
+    k = len(plan.segments)
+    shift = np.zeros((n, k + 1), dtype=np.int64)
+    if k:
+        np.cumsum(np.asarray(consumed, dtype=np.int64).reshape(n, k), axis=1, out=shift[:, 1:])
+    first = np.asarray(starts, dtype=np.int64)
+    raw = np.frombuffer(buf, dtype=np.uint8)
+    parts: list[np.ndarray] = []
+    offset = 0
+    for r, length in enumerate((*plan.segments, plan.tail)):
+        if length:
+            windows = np.lib.stride_tricks.sliding_window_view(raw, length)
+            parts.append(windows[first + offset + shift[:, r]])
+        offset += length
+    if not parts:
+        return b""
+    return (parts[0] if len(parts) == 1 else np.concatenate(parts, axis=1)).tobytes()
 
 
 def _learn(view: memoryview, body: int, n: int, template: Template, starts: list[int] | None,

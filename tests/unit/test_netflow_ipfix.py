@@ -5,6 +5,7 @@ sequence-number accounting for v9 and IPFIX."""
 from __future__ import annotations
 
 import ipaddress
+import random
 import struct
 from pathlib import Path
 
@@ -414,3 +415,62 @@ def test_pmacct_112_port_change_is_one_exporter() -> None:
     assert oracle.totals == (0, 0, 0) and oracle.missing_template_flowsets == 6
     assert (table.num_rows, sum(table["bytes"].to_pylist()), sum(table["packets"].to_pylist())) == (9, 1197, 19)
     assert stats.options_records == oracle.options_records == 76
+
+
+# --- the lockstep walk of variable-length sets equals the record-by-record one ----------------
+
+
+def _random_set(rng: random.Random, segments: list[int], tail: int) -> bytes:
+    """Records of the layout (fixed runs, variable fields with 1- or 3-byte lengths), then maybe
+    zero padding, or a truncated record, or junk."""
+    out = b""
+    for _ in range(rng.randrange(0, 6)):
+        for gap in segments:
+            out += bytes(rng.randrange(256) for _ in range(gap))
+            value = bytes(rng.randrange(256) for _ in range(rng.choice([0, 1, 5, 254, 255, 300])))
+            out += (bytes([len(value)]) if len(value) < 255 else b"\xff" + struct.pack("!H", len(value))) + value
+        out += bytes(rng.randrange(256) for _ in range(tail))
+    ending = rng.randrange(4)
+    if ending == 1:
+        out += b"\x00" * rng.randrange(1, 4)  # padding
+    elif ending == 2:
+        out += bytes(rng.randrange(256) for _ in range(rng.randrange(1, 40)))  # junk or a partial record
+    elif ending == 3:
+        out += b"\xff\x01"  # a 3-byte length cut short
+    return out
+
+
+@pytest.mark.parametrize("layout", [[(7, 2), (82, 0xFFFF)], [(82, 0xFFFF), (7, 2), (96, 0xFFFF), (4, 1)],
+                                    [(8, 4), (82, 0xFFFF), (96, 0xFFFF)]])
+def test_lockstep_walk_equals_record_walk(layout: list[tuple[int, int]]) -> None:
+    from sensors.netflow import ipfix
+    from sensors.netflow.decoder import ExporterStats
+    from sensors.netflow.fields import Group
+    from sensors.netflow.templates import Field, Template
+
+    plan = ipfix._Plan(Template(fields=tuple(Field(t, n) for t, n in layout)))
+    rng = random.Random(len(layout))
+    for _ in range(30):
+        sets = [_random_set(rng, plan.segments, plan.tail) for _ in range(rng.randrange(1, 12))]
+        group = Group()
+        stats = [ExporterStats() for _ in sets]
+        for body, counts in zip(sets, stats, strict=True):
+            group.add(body, 0, 0, -1, 0, 0, 0, 1, None)
+            group.stats.append(counts)
+        starts, consumed = ipfix._walk_sets(plan, group)
+        want_starts: list[int] = []
+        want_consumed: list[int] = []
+        offset = 0
+        for body, counts in zip(sets, stats, strict=True):
+            s, c, stop = ipfix._walk(memoryview(body), 0, len(body), plan.segments, plan.tail)
+            assert counts.records == len(s)
+            bad = stop < len(body) and not ipfix._is_zero(body, stop, len(body))
+            assert counts.errors == ({"bad_data_record": 1} if bad else {})
+            if s:  # sets without a record leave the group
+                want_starts += [offset + x for x in s]
+                want_consumed += c
+                offset += len(body)
+        assert (starts, consumed) == (want_starts, want_consumed)
+        assert group.counts == [n for n in (st.records for st in stats) if n]
+        assert b"".join(bytes(c) for c in group.chunks) == b"".join(b for b, st in zip(sets, stats, strict=True)
+                                                                   if st.records)
