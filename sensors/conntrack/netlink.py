@@ -31,7 +31,43 @@ SO_RCVBUFFORCE = 33
 NFNLGRP_CONNTRACK_NEW = 1
 NFNLGRP_CONNTRACK_DESTROY = 3
 EVENT_GROUPS = (1 << (NFNLGRP_CONNTRACK_NEW - 1)) | (1 << (NFNLGRP_CONNTRACK_DESTROY - 1))
-RECV_SIZE = 1 << 17
+RECV_SIZE = 1 << 17  # the most one datagram may need (a dump chunk is at most 32 KiB)
+#: Datagrams are received one after the other into one buffer of this size (plus RECV_SIZE of
+#: room), so a wakeup's messages are decoded in one pass without a bytes object per datagram.
+READ_BYTES = 1 << 20
+
+
+class Reader:
+    """Receives datagrams back to back into one reused buffer."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self._sock = sock
+        self._buf = bytearray(READ_BYTES + RECV_SIZE)
+        self._view = memoryview(self._buf)
+
+    def read(self, max_datagrams: int) -> tuple[bytes, list[int], bool]:
+        """Up to ``max_datagrams`` datagrams waiting (fewer when the buffer fills): their bytes,
+        where each ends, and whether the kernel reported an overrun (ENOBUFS)."""
+        recv_into = self._sock.recv_into
+        view = self._view
+        ends: list[int] = []
+        pos = 0
+        overrun = False
+        for _ in range(max_datagrams):
+            try:
+                n = recv_into(view[pos:pos + RECV_SIZE])
+            except BlockingIOError:
+                break
+            except OSError as exc:
+                if exc.errno != errno.ENOBUFS:
+                    raise
+                overrun = True
+                continue
+            pos += n
+            ends.append(pos)
+            if pos >= READ_BYTES:
+                break
+        return bytes(view[:pos]), ends, overrun
 
 
 def _set_rcvbuf(sock: socket.socket, size: int) -> int:
@@ -57,26 +93,15 @@ class EventSocket:
         except BaseException:
             self.sock.close()
             raise
+        self._reader = Reader(self.sock)
 
     def fileno(self) -> int:
         return self.sock.fileno()
 
-    def read(self, max_buffers: int) -> tuple[list[bytes], bool]:
-        """Up to ``max_buffers`` buffers waiting on the socket, and whether the kernel reported
-        an overrun (ENOBUFS: events were dropped since the last read)."""
-        out: list[bytes] = []
-        recv = self.sock.recv
-        overrun = False
-        for _ in range(max_buffers):
-            try:
-                out.append(recv(RECV_SIZE))
-            except BlockingIOError:
-                break
-            except OSError as exc:
-                if exc.errno != errno.ENOBUFS:
-                    raise
-                overrun = True
-        return out, overrun
+    def read(self, max_datagrams: int) -> tuple[bytes, list[int], bool]:
+        """The events waiting (up to ``max_datagrams`` datagrams): bytes, where each datagram
+        ends, and whether the kernel reported an overrun (ENOBUFS: events were dropped)."""
+        return self._reader.read(max_datagrams)
 
     def close(self) -> None:
         self.sock.close()
@@ -95,19 +120,15 @@ class DumpSocket:
         except BaseException:
             self.sock.close()
             raise
+        self._reader = Reader(self.sock)
 
     def fileno(self) -> int:
         return self.sock.fileno()
 
-    def read(self, max_buffers: int) -> list[bytes]:
-        """Up to ``max_buffers`` chunks that have arrived."""
-        out: list[bytes] = []
-        for _ in range(max_buffers):
-            try:
-                out.append(self.sock.recv(RECV_SIZE))
-            except BlockingIOError:
-                break
-        return out
+    def read(self, max_datagrams: int) -> tuple[bytes, list[int]]:
+        """The chunks that have arrived (up to ``max_datagrams``): bytes, where each ends."""
+        data, ends, _ = self._reader.read(max_datagrams)
+        return data, ends
 
     def close(self) -> None:
         self.sock.close()

@@ -22,16 +22,10 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from sensors.conntrack.messages import (
-    DESTROY,
-    IPS_ASSURED,
-    IPS_SEEN_REPLY,
-    Snapshot,
-)
-from sensors.conntrack.tracker import Delta
+from sensors.conntrack.messages import DESTROY, IPS_ASSURED, IPS_SEEN_REPLY, Rows
+from sensors.conntrack.tracker import Deltas
 from sensors.schema import build_raw_table
 
-_ICMP_PROTOS = (socket.IPPROTO_ICMP, socket.IPPROTO_ICMPV6)
 _NO_ADDR = b"\x00" * 16
 
 # TCP_CONNTRACK_* (linux/netfilter/nf_conntrack_tcp.h)
@@ -40,12 +34,12 @@ _TCP_CLOSING = (4, 5, 6, 7)  # FIN_WAIT, CLOSE_WAIT, LAST_ACK, TIME_WAIT
 _TCP_CLOSE = 8
 
 
-def conn_state(s: Snapshot) -> str:
-    """One of sensors.schema.CONN_STATES for the connection as ``s`` saw it."""
-    replied = bool(s.status & IPS_SEEN_REPLY)
-    if s.proto != socket.IPPROTO_TCP:
+def conn_state(proto: int, tcp_state: int, status: int, reply_packets: int) -> str:
+    """One of sensors.schema.CONN_STATES for a connection as one snapshot saw it."""
+    replied = bool(status & IPS_SEEN_REPLY)
+    if proto != socket.IPPROTO_TCP:
         return "established" if replied else "unreplied"
-    state = s.tcp_state
+    state = tcp_state
     if state == _TCP_ESTABLISHED:
         return "established"
     if state in _TCP_CLOSING:
@@ -53,102 +47,82 @@ def conn_state(s: Snapshot) -> str:
     if state == _TCP_CLOSE:
         # A reset ended a connection that had been established (ASSURED), or answered the SYN:
         # the kernel then kills the entry at once, before it marks it SEEN_REPLY.
-        if s.status & IPS_ASSURED:
+        if status & IPS_ASSURED:
             return "closing"
-        return "refused" if replied or s.reply_packets else "unreplied"
+        return "refused" if replied or reply_packets else "unreplied"
     if not replied:
         return "unreplied"
     # SYN_RECV / SYN_SENT2: the peer answered the SYN but the handshake never completed.
-    return "established" if s.status & IPS_ASSURED else "unreplied"
+    return "established" if status & IPS_ASSURED else "unreplied"
 
 
-def build_columns(deltas: list[Delta], now_ms: int, *, exporter: bytes = _NO_ADDR) -> dict[str, Any]:
-    """The raw.v1 columns of the records of ``deltas`` (see the module docstring)."""
-    time_received: list[int] = []
-    domain: list[int] = []
-    start: list[int] = []
-    end: list[int] = []
-    src: list[bytes] = []
-    dst: list[bytes] = []
-    sport: list[int] = []
-    dport: list[int] = []
-    proto: list[int] = []
-    nbytes: list[int] = []
-    packets: list[int] = []
-    nat_addr: list[bytes] = []
-    nat_port: list[int] = []
-    initiator: list[int] = []
-    state: list[str] = []
-    states: dict[tuple[int, int, int, bool], str] = {}
-    for d in deltas:
-        s = d.snapshot
-        o, r = s.orig, s.reply
-        stop_ms = s.stop_ns // 1_000_000 if s.kind == DESTROY and s.stop_ns else now_ms
-        start_ms = s.start_ns // 1_000_000 if s.start_ns else stop_ms
-        start_ms = min(start_ms, stop_ms)
-        translated = o.dst != r.src or (o.dport != r.sport and s.proto not in _ICMP_PROTOS)
-        na, np_ = (o.dst, o.dport) if translated else (_NO_ADDR, 0)
-        if s.proto in _ICMP_PROTOS:
-            na, np_ = (o.dst, 0) if o.dst != r.src else (_NO_ADDR, 0)
-        skey = (s.proto, s.tcp_state, s.status & (IPS_SEEN_REPLY | IPS_ASSURED), s.reply_packets > 0)
-        st = states.get(skey)
-        if st is None:
-            st = states[skey] = conn_state(s)
-        icmp = s.proto in _ICMP_PROTOS
-        if d.orig_packets or d.orig_bytes:
-            src.append(o.src)
-            dst.append(r.src)
-            sport.append(0 if icmp else o.sport)
-            dport.append(o.dport if icmp else r.sport)
-            nbytes.append(d.orig_bytes)
-            packets.append(d.orig_packets)
-            initiator.append(1)
-            time_received.append(now_ms)
-            domain.append(s.zone)
-            start.append(start_ms)
-            end.append(stop_ms)
-            proto.append(s.proto)
-            nat_addr.append(na)
-            nat_port.append(np_)
-            state.append(st)
-        if d.reply_packets or d.reply_bytes:
-            src.append(r.src)
-            dst.append(o.src)
-            sport.append(0 if icmp else r.sport)
-            dport.append(r.dport if icmp else o.sport)
-            nbytes.append(d.reply_bytes)
-            packets.append(d.reply_packets)
-            initiator.append(2)
-            time_received.append(now_ms)
-            domain.append(s.zone)
-            start.append(start_ms)
-            end.append(stop_ms)
-            proto.append(s.proto)
-            nat_addr.append(na)
-            nat_port.append(np_)
-            state.append(st)
-    n = len(src)
+def _states(rows: Rows) -> np.ndarray:
+    """conn_state of each row, as an object array (computed once per distinct input)."""
+    code = (rows.proto.astype(np.uint32) << 16 | rows.tcp_state.astype(np.uint32) << 8
+            | (rows.status & (IPS_SEEN_REPLY | IPS_ASSURED)).astype(np.uint32) << 1
+            | (rows.counters[:, 2] > 0).astype(np.uint32))
+    distinct, inverse = np.unique(code, return_inverse=True)
+    names = np.array([conn_state(int(c) >> 16, int(c) >> 8 & 0xFF, int(c) >> 1 & 0x7F, int(c) & 1)
+                      for c in distinct.tolist()], dtype=object)
+    return names[inverse.reshape(-1)]
+
+
+def build_columns(rows: Rows, deltas: Deltas, now_ms: int, *, exporter: bytes = _NO_ADDR) -> dict[str, Any]:
+    """The raw.v1 columns of the records of ``deltas`` over ``rows`` (see the module docstring),
+    orig-direction record before reply-direction record of each connection."""
+    r = rows.take(np.asarray(deltas.positions, dtype=np.int64))
+    m = len(r)
+    d = np.asarray(deltas.counters, dtype=np.uint64).reshape(m, 4)
+    icmp = (r.proto == socket.IPPROTO_ICMP) | (r.proto == socket.IPPROTO_ICMPV6)
+    now = np.int64(now_ms)
+    stop_ms = np.where((r.kind == DESTROY) & (r.stop_ns != 0), (r.stop_ns // 1_000_000).astype(np.int64), now)
+    start_ms = np.where(r.start_ns != 0, (r.start_ns // 1_000_000).astype(np.int64), stop_ms)
+    start_ms = np.minimum(start_ms, stop_ms)
+    # DNAT: the client addressed something else than what answered (ICMP: the address only).
+    translated = (r.orig_dst != r.reply_src).any(axis=1) | ((r.orig_dport != r.reply_sport) & ~icmp)
+    nat_addr = np.where(translated[:, None], r.orig_dst, np.uint8(0))
+    nat_port = np.where(translated & ~icmp, r.orig_dport, 0).astype(np.uint16)
+    zero16 = np.zeros(m, np.uint16)
+    # Both directions side by side, then only those that moved: (m, 2) -> 2m rows.
+    moved = np.stack([(d[:, 0] | d[:, 1]) != 0, (d[:, 2] | d[:, 3]) != 0], axis=1).reshape(-1)
+
+    def pair(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+        return np.stack([a, b], axis=1).reshape((2 * m, *a.shape[1:]))[moved]
+
+    def both(a: np.ndarray) -> np.ndarray:
+        return np.repeat(a, 2, axis=0)[moved]
+
+    n = int(moved.sum())
     return {
-        "time_received": np.array(time_received, dtype=np.int64),
+        "time_received": np.full(n, now_ms, dtype=np.int64),
         "exporter": np.frombuffer(exporter * n, dtype=np.uint8).reshape(n, 16),
-        "observation_domain": np.array(domain, dtype=np.uint32),
+        "observation_domain": both(r.zone).astype(np.uint32),
         "version": np.zeros(n, dtype=np.uint16),
-        "start": np.array(start, dtype=np.int64),
-        "end": np.array(end, dtype=np.int64),
-        "src_addr": np.frombuffer(b"".join(src), dtype=np.uint8).reshape(n, 16),
-        "dst_addr": np.frombuffer(b"".join(dst), dtype=np.uint8).reshape(n, 16),
-        "src_port": np.array(sport, dtype=np.uint16),
-        "dst_port": np.array(dport, dtype=np.uint16),
-        "proto": np.array(proto, dtype=np.uint8),
-        "bytes": np.array(nbytes, dtype=np.uint64),
-        "packets": np.array(packets, dtype=np.uint64),
-        "nat_addr": np.frombuffer(b"".join(nat_addr), dtype=np.uint8).reshape(n, 16),
-        "nat_port": np.array(nat_port, dtype=np.uint16),
-        "initiator": np.array(initiator, dtype=np.uint8),
-        "conn_state": state,
+        "start": both(start_ms),
+        "end": both(stop_ms),
+        "src_addr": pair(r.orig_src, r.reply_src),
+        "dst_addr": pair(r.reply_src, r.orig_src),
+        "src_port": pair(np.where(icmp, zero16, r.orig_sport), np.where(icmp, zero16, r.reply_sport)),
+        "dst_port": pair(np.where(icmp, r.orig_dport, r.reply_sport),
+                         np.where(icmp, r.reply_dport, r.orig_sport)),
+        "proto": both(r.proto),
+        "bytes": pair(d[:, 1], d[:, 3]),
+        "packets": pair(d[:, 0], d[:, 2]),
+        "nat_addr": both(nat_addr),
+        "nat_port": both(nat_port),
+        "initiator": pair(np.ones(m, np.uint8), np.full(m, 2, np.uint8)),
+        "conn_state": both(_states(r)) if m else np.zeros(0, dtype=object),
     }
 
 
-def build_table(deltas: list[Delta], now_ms: int, observer: str, *, exporter: bytes = _NO_ADDR) -> pa.Table:
-    """A raw.v1 table of the records of ``deltas`` (observer = the node name)."""
-    return build_raw_table(build_columns(deltas, now_ms, exporter=exporter), observer=observer)
+def concat_columns(parts: list[dict[str, Any]]) -> dict[str, Any]:
+    """Columns of several :func:`build_columns` calls, one after the other."""
+    if len(parts) == 1:
+        return parts[0]
+    return {name: np.concatenate([p[name] for p in parts]) for name in parts[0]}
+
+
+def build_table(rows: Rows, deltas: Deltas, now_ms: int, observer: str, *,
+                exporter: bytes = _NO_ADDR) -> pa.Table:
+    """A raw.v1 table of the records of ``deltas`` over ``rows`` (observer = the node name)."""
+    return build_raw_table(build_columns(rows, deltas, now_ms, exporter=exporter), observer=observer)

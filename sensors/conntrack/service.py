@@ -33,11 +33,11 @@ from sensors.completeness import SCHEMA_NAME as COMPLETENESS_SCHEMA
 from sensors.completeness import CompletenessAccumulator
 from sensors.conntrack import kernel
 from sensors.conntrack.filters import Filter, make_filter, resolve_endpoints
-from sensors.conntrack.messages import DESTROY, DUMP, NEW, Snapshot, decode
+from sensors.conntrack.messages import Rows, decode
 from sensors.conntrack.netlink import DumpSocket, EventSocket
-from sensors.conntrack.records import build_columns
+from sensors.conntrack.records import build_columns, concat_columns
 from sensors.conntrack.settings import ConntrackSettings
-from sensors.conntrack.tracker import Delta, Tracker
+from sensors.conntrack.tracker import Deltas, Tracker
 from sensors.publisher import Publisher, encode_messages
 from sensors.schema import address16, address_text, build_raw_table
 
@@ -45,6 +45,8 @@ log = logging.getLogger(__name__)
 
 _P = "flowtally_sensor_conntrack_"
 EVENTS = Counter(_P + "events_total", "ctnetlink events received", ["type"])
+EVENTS_NEW = EVENTS.labels("new")
+EVENTS_DESTROY = EVENTS.labels("destroy")
 DUMPS = Counter(_P + "dumps_total", "Full table dumps", ["result"])
 DUMP_ENTRIES = Counter(_P + "dump_entries_total", "Connections listed by dumps")
 DUMP_SECONDS = Gauge(_P + "dump_duration_seconds", "Duration of the last full dump")
@@ -61,9 +63,12 @@ TABLE_ENTRIES = Gauge(_P + "table_entries", "Entries in the conntrack table (nf_
 TABLE_MAX = Gauge(_P + "table_max", "Size limit of the conntrack table (nf_conntrack_max)")
 TABLE_FILL = Gauge(_P + "table_fill_ratio", "table_entries / table_max")
 
-_READ_BUFFERS = 32  # buffers read per wakeup, so dumps and timers get their turn under a flood
+# Datagrams read per wakeup (at most netlink.READ_BYTES): enough that one decode pass over them
+# pays (an event is a datagram of its own; a dump chunk holds ~200 rows), few enough that dumps
+# and timers get their turn under a flood.
+_EVENT_DATAGRAMS = 512
+_DUMP_DATAGRAMS = 32
 _MIN_RESYNC_GAP_S = 0.5  # between an overrun's resync dump and the previous dump's end
-_KIND_NAMES = {NEW: "new", DESTROY: "destroy"}
 
 
 class ConntrackSensor:
@@ -82,7 +87,8 @@ class ConntrackSensor:
         self._skip: Filter = make_filter(loopback=settings.ignore_loopback, endpoints=endpoints,
                                          cidrs=settings.ignore_cidrs, ports=settings.ignore_ports)
         self._exporter = address16(settings.exporter) if settings.exporter else b"\x00" * 16
-        self._pending: list[Delta] = []
+        self._pending: list[dict[str, Any]] = []  # record columns not yet published
+        self._pending_records = 0
         self._pending_since = 0.0
         self._events: EventSocket | None = None
         self._task: asyncio.Task[None] | None = None
@@ -96,7 +102,7 @@ class ConntrackSensor:
         changed = kernel.ensure_sysctls(self._settings.enable_sysctls)
         if changed:
             log.info("enabled %s", ", ".join(changed))
-        build_raw_table(build_columns([], 0))  # warm up pyarrow before the first batch
+        build_raw_table(build_columns(Rows.empty(), Deltas([], []), 0))  # warm up pyarrow and numpy
         self._events = EventSocket(self._settings.receive_buffer_bytes)
         log.info("listening for conntrack events (receive buffer %d bytes), dump every %.1fs",
                  self._events.receive_buffer, self._settings.dump_interval_s)
@@ -133,49 +139,47 @@ class ConntrackSensor:
     def _on_events(self) -> None:
         if self._events is None:
             return
-        buffers, overrun = self._events.read(_READ_BUFFERS)
+        data, ends, overrun = self._events.read(_EVENT_DATAGRAMS)
         if overrun:
             OVERRUNS.inc()
             self._completeness.add_kernel_drops(time.time_ns() // 1_000_000, 1)
             log.warning("conntrack event socket overrun (ENOBUFS): resynchronising with a dump")
             self._resync.set()
-        for buf in buffers:
-            batch = decode(buf)
-            if batch.skipped:
-                DECODE_SKIPPED.inc(batch.skipped)
-            self._take(batch.snapshots, len(buf))
+        if not ends:
+            return
+        batch = decode(data, ends)
+        if batch.skipped:
+            DECODE_SKIPPED.inc(batch.skipped)
+        if batch.news:
+            EVENTS_NEW.inc(batch.news)
+        if batch.destroys:
+            EVENTS_DESTROY.inc(batch.destroys)
+        self._take(batch.rows, batch.messages, len(data))
 
-    def _take(self, snapshots: list[Snapshot], nbytes: int) -> None:
-        """Filter, track and queue the deltas of one buffer's snapshots."""
-        if not snapshots:
+    def _take(self, rows: Rows, messages: int, nbytes: int) -> None:
+        """Filter, track and queue the records of one wakeup's rows (``messages`` conntrack
+        messages of ``nbytes`` bytes were read, NEW events included)."""
+        if not messages:
             return
         now_ms = time.time_ns() // 1_000_000
         row = self._completeness.counts(now_ms, self._exporter, 0)
-        row.packets += len(snapshots)
+        row.packets += messages
         row.bytes += nbytes
-        kind = snapshots[0].kind
-        if kind == DUMP:
-            DUMP_ENTRIES.inc(len(snapshots))
-        else:
-            news = sum(1 for s in snapshots if s.kind == NEW)
-            if news:
-                EVENTS.labels("new").inc(news)
-            if len(snapshots) - news:
-                EVENTS.labels("destroy").inc(len(snapshots) - news)
-        skip = self._skip
-        kept = []
-        for s in snapshots:
-            reason = skip(s)
-            if reason is None:
-                kept.append(s)
-            else:
-                FILTERED.labels(reason).inc()
-        deltas = self._tracker.update(kept, time.monotonic())
-        if deltas:
+        if not len(rows):
+            return
+        keep, skipped = self._skip(rows)
+        if skipped:
+            for reason, count in skipped.items():
+                FILTERED.labels(reason).inc(count)
+            rows = rows.take(keep)
+        deltas = self._tracker.update(rows, time.monotonic())
+        if deltas.positions:
+            columns = build_columns(rows, deltas, now_ms, exporter=self._exporter)
             if not self._pending:
                 self._pending_since = time.monotonic()
-            self._pending.extend(deltas)
-            if len(self._pending) >= self._settings.batch_max_flows:
+            self._pending.append(columns)
+            self._pending_records += len(columns["src_port"])
+            if self._pending_records >= self._settings.batch_max_flows:
                 self._flush()
 
     async def _dump(self, baseline: bool) -> None:
@@ -187,18 +191,21 @@ class ConntrackSensor:
         done: asyncio.Future[bool] = loop.create_future()
 
         def on_readable() -> None:
-            for buf in sock.read(_READ_BUFFERS):
-                batch = decode(buf, dump=True)
-                if batch.skipped:
-                    DECODE_SKIPPED.inc(batch.skipped)
-                self._take(batch.snapshots, len(buf))
-                if done.done():
-                    continue
-                if batch.errors:
-                    log.warning("conntrack dump failed: errno %d", batch.last_error)
-                    done.set_result(False)
-                elif batch.done:
-                    done.set_result(not batch.interrupted)
+            data, ends = sock.read(_DUMP_DATAGRAMS)
+            if not ends:
+                return
+            batch = decode(data, ends, dump=True)
+            if batch.skipped:
+                DECODE_SKIPPED.inc(batch.skipped)
+            DUMP_ENTRIES.inc(batch.messages)
+            self._take(batch.rows, batch.messages, len(data))
+            if done.done():
+                return
+            if batch.errors:
+                log.warning("conntrack dump failed: errno %d", batch.last_error)
+                done.set_result(False)
+            elif batch.done:
+                done.set_result(not batch.interrupted)
 
         self._tracker.begin_dump(time.monotonic(), baseline=baseline)
         complete = False
@@ -259,11 +266,11 @@ class ConntrackSensor:
     # -- output ------------------------------------------------------------------------------
 
     def _flush(self) -> None:
-        deltas, self._pending = self._pending, []
-        if not deltas:
+        parts, self._pending, self._pending_records = self._pending, [], 0
+        if not parts:
             return
         now_ms = time.time_ns() // 1_000_000
-        columns = build_columns(deltas, now_ms, exporter=self._exporter)
+        columns = concat_columns(parts)
         n = len(columns["src_port"])
         RECORDS.inc(n)
         REPORTED_BYTES.inc(int(columns["bytes"].sum()))

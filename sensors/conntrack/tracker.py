@@ -33,25 +33,23 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
-from sensors.conntrack.messages import DESTROY, DUMP, Snapshot
+from sensors.conntrack.messages import DESTROY, DUMP, Rows, Snapshot, snapshot_key
 
-Key = tuple[int, int, int, bytes]  # conntrack id, zone, start ns, orig tuple attribute
+Key = bytes  # conntrack id, zone, start ns, orig tuple attribute: see messages.Rows
 Counters = tuple[int, int, int, int]  # orig packets, orig bytes, reply packets, reply bytes
 
 
-class Delta(NamedTuple):
-    """What to report for one snapshot: counters since the previous report."""
+class Deltas(NamedTuple):
+    """What to report for a batch of rows: the rows that moved, and by how much since the
+    previous report (orig packets, orig bytes, reply packets, reply bytes)."""
 
-    snapshot: Snapshot
-    orig_packets: int
-    orig_bytes: int
-    reply_packets: int
-    reply_bytes: int
+    positions: list[int]
+    counters: list[Counters]
 
 
 def key_of(s: Snapshot) -> Key:
     """The identity of the connection ``s`` describes."""
-    return (s.ct_id, s.zone, s.start_ns, s.orig_raw)
+    return snapshot_key(s)
 
 
 @dataclass(slots=True)
@@ -120,20 +118,20 @@ class Tracker:
         if len(self.tombstones) > self.max_tombstones:
             del self.tombstones[next(iter(self.tombstones))]
 
-    def update(self, snapshots: list[Snapshot], now: float) -> list[Delta]:
-        """Take a batch of snapshots (dump rows or events, in the order read); the deltas to report."""
-        out: list[Delta] = []
+    def update(self, rows: Rows, now: float) -> Deltas:
+        """Take a batch of rows (dump rows or events, in the order read); the deltas to report."""
+        index: list[int] = []
+        out: list[Counters] = []
         live = self.live
         tombstones = self.tombstones
         self._clock += 1
         dump = self._dump
         baseline = self._baseline
-        for s in snapshots:
-            kind = s.kind
+        kinds = rows.kind.tolist()
+        for i, (kind, key, c) in enumerate(zip(kinds, rows.keys, rows.counters.tolist(), strict=True)):
             if kind != DUMP and kind != DESTROY:
                 continue  # NEW: nothing to report yet
-            key = (s.ct_id, s.zone, s.start_ns, s.orig_raw)
-            op, ob, rp, rb = s.orig_packets, s.orig_bytes, s.reply_packets, s.reply_bytes
+            op, ob, rp, rb = c
             last: tuple[int, ...] | None
             if kind == DESTROY:
                 last = live.pop(key, None)
@@ -153,19 +151,24 @@ class Tracker:
                     if tomb is not None:  # a row older than its DESTROY, or of a connection given up
                         t = tomb.counters
                         op, ob, rp, rb = max(op, t[0]), max(ob, t[1]), max(rp, t[2]), max(rb, t[3])
-                        delta = (op - t[0], ob - t[1], rp - t[2], rb - t[3])
                         tomb.counters = (op, ob, rp, rb)
                         if op != t[0] or ob != t[1] or rp != t[2] or rb != t[3]:
-                            out.append(Delta(s, *delta))
+                            index.append(i)
+                            out.append((op - t[0], ob - t[1], rp - t[2], rb - t[3]))
                         continue
                     live[key] = (op, ob, rp, rb, dump)
                     if baseline:
                         continue
                     delta = (op, ob, rp, rb)
+                elif op == last[0] and ob == last[1] and rp == last[2] and rb == last[3]:
+                    # Unchanged since the last report (most rows of a dump): only seen again.
+                    live[key] = (op, ob, rp, rb, dump)
+                    continue
                 else:
                     op, ob, rp, rb = max(op, last[0]), max(ob, last[1]), max(rp, last[2]), max(rb, last[3])
                     delta = (op - last[0], ob - last[1], rp - last[2], rb - last[3])
                     live[key] = (op, ob, rp, rb, dump)
             if delta[0] or delta[1] or delta[2] or delta[3]:
-                out.append(Delta(s, *delta))
-        return out
+                index.append(i)
+                out.append(delta)
+        return Deltas(index, out)

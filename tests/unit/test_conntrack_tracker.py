@@ -9,9 +9,19 @@ from collections import defaultdict
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from sensors.conntrack.messages import DESTROY, DUMP, IPS_ASSURED, IPS_SEEN_REPLY, NEW, Snapshot, Tuple
+from sensors.conntrack.filters import make_filter
+from sensors.conntrack.messages import (
+    DESTROY,
+    DUMP,
+    IPS_ASSURED,
+    IPS_SEEN_REPLY,
+    NEW,
+    Snapshot,
+    Tuple,
+    rows_from_snapshots,
+)
 from sensors.conntrack.records import build_columns, build_table, conn_state
-from sensors.conntrack.tracker import Delta, Tracker, key_of
+from sensors.conntrack.tracker import Deltas, Tracker, key_of
 from sensors.schema import RAW_SCHEMA, address16, address_text
 
 CLIENT, CLUSTER_IP, BACKEND = address16("10.244.0.10"), address16("10.96.0.10"), address16("10.244.0.11")
@@ -27,15 +37,29 @@ def snap(kind: int, ident: int, counters: tuple[int, int, int, int], *, proto: i
                     *counters, raw, 200)
 
 
+#: What a tracker reported for one row: (conntrack ID, orig packets, orig bytes, reply packets, reply bytes).
+Reported = tuple[int, int, int, int, int]
+
+
+def upd(t: Tracker, snapshots: list[Snapshot], now: float) -> list[Reported]:
+    """``t.update`` on the rows of ``snapshots``; what it reported, by conntrack ID."""
+    deltas = t.update(rows_from_snapshots(snapshots), now)
+    return [(snapshots[i].ct_id, *c) for i, c in zip(deltas.positions, deltas.counters, strict=True)]
+
+
+def state(s: Snapshot) -> str:
+    return conn_state(s.proto, s.tcp_state, s.status, s.reply_packets)
+
+
 def c4(counters: list[int]) -> tuple[int, int, int, int]:
     return counters[0], counters[1], counters[2], counters[3]
 
 
-def totals(deltas: list[Delta]) -> dict[int, list[int]]:
+def totals(reported: list[Reported]) -> dict[int, list[int]]:
     out: dict[int, list[int]] = defaultdict(lambda: [0, 0, 0, 0])
-    for d in deltas:
-        t = out[d.snapshot.ct_id]
-        for i, v in enumerate((d.orig_packets, d.orig_bytes, d.reply_packets, d.reply_bytes)):
+    for d in reported:
+        t = out[d[0]]
+        for i, v in enumerate(d[1:]):
             t[i] += v
     return out
 
@@ -43,64 +67,64 @@ def totals(deltas: list[Delta]) -> dict[int, list[int]]:
 def test_dump_deltas_then_destroy_remainder() -> None:
     t = Tracker()
     t.begin_dump(0.0)
-    assert [d[1:] for d in t.update([snap(DUMP, 1, (2, 100, 1, 60))], 0.0)] == [(2, 100, 1, 60)]
+    assert [d[1:] for d in upd(t, [snap(DUMP, 1, (2, 100, 1, 60))], 0.0)] == [(2, 100, 1, 60)]
     t.end_dump(0.0)
     t.begin_dump(1.0)
-    assert [d[1:] for d in t.update([snap(DUMP, 1, (5, 400, 1, 60))], 1.0)] == [(3, 300, 0, 0)]
+    assert [d[1:] for d in upd(t, [snap(DUMP, 1, (5, 400, 1, 60))], 1.0)] == [(3, 300, 0, 0)]
     t.end_dump(1.0)
     t.begin_dump(2.0)
-    assert t.update([snap(DUMP, 1, (5, 400, 1, 60))], 2.0) == []  # nothing new: no record
+    assert upd(t, [snap(DUMP, 1, (5, 400, 1, 60))], 2.0) == []  # nothing new: no record
     t.end_dump(2.0)
-    assert [d[1:] for d in t.update([snap(DESTROY, 1, (6, 450, 3, 160))], 3.0)] == [(1, 50, 2, 100)]
+    assert [d[1:] for d in upd(t, [snap(DESTROY, 1, (6, 450, 3, 160))], 3.0)] == [(1, 50, 2, 100)]
     assert not t.live
 
 
 def test_new_events_report_nothing_and_short_connections_report_once() -> None:
     t = Tracker()
-    assert t.update([snap(NEW, 7, (1, 60, 0, 0))], 0.0) == []
-    assert [d[1:] for d in t.update([snap(DESTROY, 7, (3, 180, 2, 120))], 0.1)] == [(3, 180, 2, 120)]
+    assert upd(t, [snap(NEW, 7, (1, 60, 0, 0))], 0.0) == []
+    assert [d[1:] for d in upd(t, [snap(DESTROY, 7, (3, 180, 2, 120))], 0.1)] == [(3, 180, 2, 120)]
 
 
 def test_stale_dump_row_and_duplicate_destroy_count_nothing() -> None:
     t = Tracker()
     t.begin_dump(0.0)
     # The DESTROY is read before the dump row the kernel produced earlier.
-    assert len(t.update([snap(DESTROY, 1, (4, 400, 4, 400))], 0.0)) == 1
-    assert t.update([snap(DUMP, 1, (3, 300, 2, 200))], 0.0) == []
+    assert len(upd(t, [snap(DESTROY, 1, (4, 400, 4, 400))], 0.0)) == 1
+    assert upd(t, [snap(DUMP, 1, (3, 300, 2, 200))], 0.0) == []
     t.end_dump(0.0)
-    assert t.update([snap(DESTROY, 1, (4, 400, 4, 400))], 5.0) == []  # rebroadcast later
+    assert upd(t, [snap(DESTROY, 1, (4, 400, 4, 400))], 5.0) == []  # rebroadcast later
     assert not t.live
 
 
 def test_reused_id_is_another_connection() -> None:
     t = Tracker()
-    t.update([snap(DESTROY, 1, (1, 60, 1, 60), start_ns=1)], 0.0)
-    assert len(t.update([snap(DESTROY, 1, (1, 60, 1, 60), start_ns=2)], 0.0)) == 1
+    upd(t, [snap(DESTROY, 1, (1, 60, 1, 60), start_ns=1)], 0.0)
+    assert len(upd(t, [snap(DESTROY, 1, (1, 60, 1, 60), start_ns=2)], 0.0)) == 1
 
 
 def test_baseline_dump_reports_only_what_follows() -> None:
     t = Tracker()
     t.begin_dump(0.0, baseline=True)
-    assert t.update([snap(DUMP, 1, (10, 1000, 10, 1000))], 0.0) == []
+    assert upd(t, [snap(DUMP, 1, (10, 1000, 10, 1000))], 0.0) == []
     t.end_dump(0.0)
-    assert [d[1:] for d in t.update([snap(DESTROY, 1, (11, 1100, 10, 1000))], 1.0)] == [(1, 100, 0, 0)]
+    assert [d[1:] for d in upd(t, [snap(DESTROY, 1, (11, 1100, 10, 1000))], 1.0)] == [(1, 100, 0, 0)]
 
 
 def test_absent_connection_is_given_up_and_a_late_destroy_reports_the_rest() -> None:
     t = Tracker(lost_after_s=10, tombstone_s=10)
     t.begin_dump(0.0)
-    t.update([snap(DUMP, 1, (1, 100, 0, 0))], 0.0)
+    upd(t, [snap(DUMP, 1, (1, 100, 0, 0))], 0.0)
     t.end_dump(0.0)
     for now in (5.0, 11.0, 16.0):
         t.begin_dump(now)
         t.end_dump(now)
     assert t.lost == 1 and not t.live
-    assert [d[1:] for d in t.update([snap(DESTROY, 1, (2, 150, 1, 40))], 17.0)] == [(1, 50, 1, 40)]
+    assert [d[1:] for d in upd(t, [snap(DESTROY, 1, (2, 150, 1, 40))], 17.0)] == [(1, 50, 1, 40)]
 
 
 def test_tombstones_expire() -> None:
     t = Tracker(tombstone_s=1.0)
-    t.update([snap(DESTROY, 1, (1, 60, 0, 0))], 0.0)
+    upd(t, [snap(DESTROY, 1, (1, 60, 0, 0))], 0.0)
     t.begin_dump(0.5)
     t.end_dump(0.5)
     assert t.tombstones  # not yet: 1 s
@@ -127,12 +151,12 @@ def test_sum_of_reports_equals_final_counters(data: st.DataObject) -> None:
     sent_at: list[float] = []  # when the kernel sent each of them
     destroyed_at: dict[int, float] = {}
     dump_rows: list[Snapshot] | None = None
-    reported: list[Delta] = []
+    reported: list[Reported] = []
     next_id = 1
     for _ in range(data.draw(st.integers(5, 80))):
         now += data.draw(st.sampled_from([0.0, 0.1, 0.5, 2.0]))
         if sent_at and now - sent_at[0] > 20:
-            reported += t.update(events, now)
+            reported += upd(t, events, now)
             events, sent_at = [], []
         action = data.draw(st.sampled_from(["open", "traffic", "traffic", "dump", "read_dump", "destroy",
                                             "read_events", "duplicate"]))
@@ -152,7 +176,7 @@ def test_sum_of_reports_equals_final_counters(data: st.DataObject) -> None:
             dump_rows = [snap(DUMP, i, c4(c)) for i, c in sorted(alive.items())]
         elif action == "read_dump" and dump_rows is not None:
             k = data.draw(st.integers(0, len(dump_rows)))
-            reported += t.update(dump_rows[:k], now)
+            reported += upd(t, dump_rows[:k], now)
             dump_rows = dump_rows[k:]
             if not dump_rows:
                 t.end_dump(now, complete=data.draw(st.booleans()))
@@ -167,7 +191,7 @@ def test_sum_of_reports_equals_final_counters(data: st.DataObject) -> None:
             k = data.draw(st.integers(1, len(events)))
             # An overrun loses NEW events (never DESTROYs: the kernel redelivers them).
             batch = [e for e in events[:k] if e.kind == DESTROY or not data.draw(st.booleans())]
-            reported += t.update(batch, now)
+            reported += upd(t, batch, now)
             events, sent_at = events[k:], sent_at[k:]
         elif action == "duplicate" and [i for i in final if now - destroyed_at[i] < 10]:
             ident = data.draw(st.sampled_from(sorted(i for i in final if now - destroyed_at[i] < 10)))
@@ -175,12 +199,12 @@ def test_sum_of_reports_equals_final_counters(data: st.DataObject) -> None:
             sent_at.append(now)
     # Drain: finish the dump, read every event; then one more full dump and destroy the rest.
     if dump_rows is not None:
-        reported += t.update(dump_rows, now)
+        reported += upd(t, dump_rows, now)
         t.end_dump(now)
-    reported += t.update(events, now)
+    reported += upd(t, events, now)
     for ident in sorted(alive):
         final[ident] = alive.pop(ident)
-        reported += t.update([snap(DESTROY, ident, c4(final[ident]))], now)
+        reported += upd(t, [snap(DESTROY, ident, c4(final[ident]))], now)
     got = totals(reported)
     for ident, counters in final.items():
         assert got.get(ident, [0, 0, 0, 0]) == counters, ident
@@ -192,8 +216,9 @@ def test_sum_of_reports_equals_final_counters(data: st.DataObject) -> None:
 
 def test_records_both_directions_dnat_and_initiator() -> None:
     s = snap(DESTROY, 1, (3, 300, 2, 5000), stop_ns=2_000_000_000, start_ns=1_000_000_000)
-    columns = build_columns([Delta(s, 3, 300, 2, 5000)], now_ms=9_999, exporter=address16("192.0.2.1"))
-    table = build_table([Delta(s, 3, 300, 2, 5000)], 9_999, "node-1", exporter=address16("192.0.2.1"))
+    rows, deltas = rows_from_snapshots([s]), Deltas([0], [(3, 300, 2, 5000)])
+    columns = build_columns(rows, deltas, now_ms=9_999, exporter=address16("192.0.2.1"))
+    table = build_table(rows, deltas, 9_999, "node-1", exporter=address16("192.0.2.1"))
     assert table.schema == RAW_SCHEMA
     rows = table.to_pylist()
     assert len(rows) == 2 and len(columns["src_port"]) == 2
@@ -214,7 +239,7 @@ def test_records_untranslated_one_direction_icmp_zone() -> None:
     orig = Tuple(CLIENT, BACKEND, 77, 8 << 8)
     reply = Tuple(BACKEND, CLIENT, 77, 0)
     s = snap(DUMP, 2, (1, 84, 0, 0), proto=1, tcp_state=0, status=0, orig=orig, reply=reply, zone=5, start_ns=0)
-    rows = build_table([Delta(s, 1, 84, 0, 0)], 5_000, "n").to_pylist()
+    rows = build_table(rows_from_snapshots([s]), Deltas([0], [(1, 84, 0, 0)]), 5_000, "n").to_pylist()
     assert len(rows) == 1
     r = rows[0]
     assert (r["src_port"], r["dst_port"], r["proto"], r["observation_domain"]) == (0, 2048, 1, 5)
@@ -224,15 +249,37 @@ def test_records_untranslated_one_direction_icmp_zone() -> None:
 
 
 def test_conn_states() -> None:
-    assert conn_state(snap(DUMP, 1, (1, 60, 0, 0), tcp_state=1, status=0, proto=6)) == "unreplied"
-    assert conn_state(snap(DESTROY, 1, (1, 60, 1, 40), tcp_state=8, status=0, proto=6)) == "refused"
-    assert conn_state(snap(DESTROY, 1, (9, 600, 9, 900), tcp_state=7, proto=6)) == "closing"
-    assert conn_state(snap(DUMP, 1, (9, 600, 9, 900), tcp_state=3, proto=6)) == "established"
-    assert conn_state(snap(DUMP, 1, (1, 60, 1, 60), proto=17, tcp_state=0, status=IPS_SEEN_REPLY)) == "established"
-    assert conn_state(snap(DUMP, 1, (1, 60, 0, 0), proto=17, tcp_state=0, status=0)) == "unreplied"
+    assert state(snap(DUMP, 1, (1, 60, 0, 0), tcp_state=1, status=0, proto=6)) == "unreplied"
+    assert state(snap(DESTROY, 1, (1, 60, 1, 40), tcp_state=8, status=0, proto=6)) == "refused"
+    assert state(snap(DESTROY, 1, (9, 600, 9, 900), tcp_state=7, proto=6)) == "closing"
+    assert state(snap(DUMP, 1, (9, 600, 9, 900), tcp_state=3, proto=6)) == "established"
+    assert state(snap(DUMP, 1, (1, 60, 1, 60), proto=17, tcp_state=0, status=IPS_SEEN_REPLY)) == "established"
+    assert state(snap(DUMP, 1, (1, 60, 0, 0), proto=17, tcp_state=0, status=0)) == "unreplied"
 
 
 def test_key_tells_zones_and_start_times_apart() -> None:
     a = snap(DUMP, 1, (0, 0, 0, 0), zone=1)
     assert key_of(a) != key_of(snap(DUMP, 1, (0, 0, 0, 0), zone=2))
     assert key_of(a) != key_of(snap(DUMP, 1, (0, 0, 0, 0), zone=1, start_ns=5))
+
+
+def test_filters_count_each_row_under_its_first_reason() -> None:
+    kafka = address16("10.0.0.5")
+    rows = [
+        snap(DESTROY, 1, (1, 60, 0, 0), orig=Tuple(address16("127.0.0.1"), address16("127.0.0.1"), 5, 6)),
+        snap(DESTROY, 2, (1, 60, 0, 0), orig=Tuple(address16("::1"), address16("::1"), 5, 6)),
+        snap(DESTROY, 3, (1, 60, 0, 0), orig=Tuple(CLIENT, kafka, 40000, 9092)),  # to Kafka
+        snap(DESTROY, 4, (1, 60, 0, 0), reply=Tuple(kafka, CLIENT, 9092, 40004)),  # Kafka behind a DNAT
+        snap(DESTROY, 5, (1, 60, 0, 0), orig=Tuple(CLIENT, kafka, 40000, 9093)),  # another port: kept
+        snap(DESTROY, 6, (1, 60, 0, 0), orig=Tuple(CLIENT, address16("192.168.7.9"), 1, 2)),
+        snap(DESTROY, 7, (1, 60, 0, 0), reply=Tuple(address16("2001:db8::7"), CLIENT, 1, 2)),
+        snap(DESTROY, 8, (1, 60, 0, 0), orig=Tuple(CLIENT, BACKEND, 1, 5353), proto=17),
+        snap(DESTROY, 9, (1, 60, 0, 0), orig=Tuple(CLIENT, BACKEND, 8, 5353), proto=1),  # ICMP: no ports
+        snap(DESTROY, 10, (1, 60, 0, 0)),
+    ]
+    skip = make_filter(endpoints=[(kafka, 9092)], cidrs=["192.168.0.0/16", "2001:db8::/32"], ports=[5353])
+    keep, counts = skip(rows_from_snapshots(rows))
+    assert [r.ct_id for r, k in zip(rows, keep, strict=True) if k] == [5, 9, 10]
+    assert counts == {"loopback": 2, "kafka": 2, "cidr": 2, "port": 1}
+    keep, counts = make_filter(loopback=False)(rows_from_snapshots(rows))
+    assert keep.all() and counts == {}
