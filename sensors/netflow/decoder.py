@@ -270,8 +270,11 @@ class _Batch:
                 counts.error("malformed_packet")
 
         if len(payloads) >= MIN_VECTORISED and payloads[0][:2] == b"\x00\x09":
-            # A v9 exporter's batch: the usual datagrams in bulk, the others one by one, in order.
+            # A v9 (or IPFIX) exporter's batch: the usual datagrams in bulk, the others one by one.
             self.v9.add_many(payloads, received, exporter, index, templates, counts, one)
+            return
+        if len(payloads) >= MIN_VECTORISED and payloads[0][:2] == b"\x00\x0a":
+            self.ipfix.add_many(payloads, received, exporter, index, templates, counts, one)
             return
         for i in range(len(payloads)):
             one(i)

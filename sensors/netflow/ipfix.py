@@ -43,6 +43,7 @@ Other rules, and what is counted:
 from __future__ import annotations
 
 import struct
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -75,6 +76,13 @@ _WRAP = 1 << 32
 START_S, END_S, START_MS, END_MS, START_US, END_US, START_NS, END_NS = 150, 151, 152, 153, 154, 155, 156, 157
 START_DELTA_US, END_DELTA_US = 158, 159
 _OPTION_FIELDS = F.OPTIONS_OF_INTEREST | {F.SAMPLER_ID, F.SELECTOR_ID}
+#: The first 20 bytes of the usual message: the header and the first set's header.
+_HEAD = np.dtype([("version", ">u2"), ("length", ">u2"), ("export", ">u4"), ("sequence", ">u4"),
+                  ("domain", ">u4"), ("sid", ">u2"), ("slen", ">u2")])
+_HEAD_BYTES = np.arange(HEADER_LENGTH + 4)
+_SET_BYTES = np.arange(4)
+#: Below this many messages per call the message-by-message walk is as cheap as the bulk one.
+MIN_BULK = 8
 
 
 def _is_zero(payload: bytes | memoryview, start: int, end: int) -> bool:
@@ -128,16 +136,20 @@ class _Plan:
 class IpfixBatch:
     """The IPFIX messages of one decode call: templates applied as they come, data grouped."""
 
-    __slots__ = ("_groups", "_plans", "_tracks")
+    __slots__ = ("_applied", "_groups", "_plans", "_tracks")
 
     def __init__(self) -> None:
         self._groups: dict[int, tuple[_Plan, Group, list[int], list[int]]] = {}
         self._plans: dict[int, tuple[Template, _Plan]] = {}
         #: Sequence checks, in message order, run once the records of every message are known:
-        #: (stream, sequence, records of fixed-length sets or None, counts, deferred sets as
-        #: (group, index in it)). Nothing else reads the sequence state within a call.
-        self._tracks: list[tuple[tuple[int, bytes, int], int, int | None, ExporterStats,
-                                 list[tuple[Group, int]]]] = []
+        #: (stream, sequence of each message, records of its fixed-length sets or None, counts,
+        #: deferred variable-length sets as (message position, group, index in the group)).
+        #: Nothing else reads the sequence state within a call, so deferring them changes nothing.
+        self._tracks: list[tuple[tuple[int, bytes, int], list[int], list[int | None], ExporterStats,
+                                 list[tuple[int, Group, int]]]] = []
+        #: (exporter, domain) -> (body, templates counted) of the last template set applied in
+        #: this call, for recognising unchanged refreshes (see :meth:`add_many`).
+        self._applied: dict[tuple[bytes, int], tuple[bytes, int]] = {}
 
     def _plan(self, template: Template) -> _Plan:
         entry = self._plans.get(id(template))
@@ -163,7 +175,7 @@ class IpfixBatch:
         view = memoryview(payload)
         offset = HEADER_LENGTH
         records: int | None = 0
-        deferred: list[tuple[Group, int]] = []
+        deferred: list[tuple[int, Group, int]] = []
         while offset + 4 <= end:
             set_id, set_length = _SET.unpack_from(payload, offset)
             if set_length < 4 or offset + set_length > end:
@@ -186,8 +198,13 @@ class IpfixBatch:
             elif set_id in (TEMPLATE_SET, OPTIONS_TEMPLATE_SET):
                 learnt: list[int] = []
                 options = set_id == OPTIONS_TEMPLATE_SET
+                before = counts.templates
                 ok = _parse_templates(payload, body, body_end, options, exporter, domain, templates, counts,
                                       learnt)
+                if ok and not options:
+                    self._applied[(exporter, domain)] = (payload[body:body_end], counts.templates - before)
+                else:  # options templates may reuse the IDs: no refresh is known to be unchanged
+                    self._applied.pop((exporter, domain), None)
                 if templates.has_pending():
                     for template_id in learnt:
                         self._replay(template_id, exporter, exporter_index, domain, templates, counts)
@@ -196,7 +213,132 @@ class IpfixBatch:
                     break
             else:
                 counts.error("reserved_set_id")
-        self._tracks.append(((VERSION, exporter, domain), sequence, records, counts, deferred))
+        self._tracks.append(((VERSION, exporter, domain), [sequence], [records], counts, deferred))
+
+    def add_many(self, payloads: Sequence[bytes], received: Sequence[int], exporter: bytes,
+                 exporter_index: int, templates: TemplateStore, counts: ExporterStats,
+                 one: Callable[[int], None]) -> None:
+        """Walk messages of one exporter, the usual ones in bulk (as
+        :meth:`sensors.netflow.v9.V9Batch.add_many` does for v9): a message that is a header and
+        one data set of a known flow template filling it exactly, optionally after a template
+        set that repeats the last one applied (while nothing waits for a template), is parsed
+        with numpy over the whole batch; every other message is handed to ``one(index)``, in
+        order. Same records, counters, sequence checks and template state as message by message."""
+        n = len(payloads)
+        lengths = np.fromiter(map(len, payloads), dtype=np.int64, count=n)
+        if n < MIN_BULK or int(lengths.min()) < HEADER_LENGTH + 4:
+            for i in range(n):
+                one(i)
+            return
+        buf = b"".join(payloads)
+        raw = np.frombuffer(buf, dtype=np.uint8)
+        starts = np.zeros(n, dtype=np.int64)
+        np.cumsum(lengths[:-1], out=starts[1:])
+        head = raw[starts[:, None] + _HEAD_BYTES].view(_HEAD).ravel()
+        usual = (head["version"] == VERSION) & (head["length"] == lengths)
+        sid, slen = head["sid"].astype(np.int64), head["slen"].astype(np.int64)
+        data_at = np.where(usual & (sid >= FIRST_DATA_SET) & (slen >= 4) & (slen + HEADER_LENGTH == lengths),
+                           HEADER_LENGTH, -1)
+        data_id, data_len = sid.copy(), slen.copy()
+        refresh = np.flatnonzero(usual & (sid == TEMPLATE_SET) & (slen >= 4)
+                                 & (HEADER_LENGTH + slen + 4 <= lengths))
+        candidates: set[int] = set()
+        if len(refresh):
+            pair = raw[(starts[refresh] + HEADER_LENGTH + slen[refresh])[:, None] + _SET_BYTES].view(">u2")
+            pair = pair.astype(np.int64)
+            ok = (pair[:, 0] >= FIRST_DATA_SET) & (pair[:, 1] >= 4) & (
+                HEADER_LENGTH + slen[refresh] + pair[:, 1] == lengths[refresh])
+            refresh, pair = refresh[ok], pair[ok]
+            data_id[refresh], data_len[refresh] = pair[:, 0], pair[:, 1]
+            candidates = set(refresh.tolist())
+        domains = head["domain"].tolist()
+        slens = slen.tolist()
+        joined = np.zeros(n, dtype=np.int64)
+        a = 0
+        for i in np.flatnonzero(data_at < 0).tolist():
+            if i in candidates and not templates.has_pending():
+                applied = self._applied.get((exporter, domains[i]))
+                wire = payloads[i][HEADER_LENGTH + 4 : HEADER_LENGTH + slens[i]]
+                if applied is not None and applied[0] == wire:
+                    data_at[i] = HEADER_LENGTH + slens[i]
+                    joined[i] = applied[1]
+                    continue
+            if a < i:
+                self._bulk(a, i, received, buf, head, starts, data_at, data_id, data_len, joined, exporter,
+                           exporter_index, templates, counts, one)
+            one(i)
+            a = i + 1
+        if a < n:
+            self._bulk(a, n, received, buf, head, starts, data_at, data_id, data_len, joined, exporter,
+                       exporter_index, templates, counts, one)
+
+    def _bulk(self, a: int, b: int, received: Sequence[int], buf: bytes, head: np.ndarray, starts: np.ndarray,
+              data_at: np.ndarray, data_id: np.ndarray, data_len: np.ndarray, joined: np.ndarray,
+              exporter: bytes, exporter_index: int, templates: TemplateStore, counts: ExporterStats,
+              one: Callable[[int], None]) -> None:
+        """Messages a..b-1, all of the usual shape, decoded together."""
+        domain = head["domain"][a:b].astype(np.int64)
+        keys = domain << 16 | data_id[a:b]
+        plan: list[tuple[int, Template, np.ndarray]] = []
+        for key in np.unique(keys).tolist():
+            template = templates.get(VERSION, exporter, key >> 16, key & 0xFFFF)
+            if template is None or template.is_options:
+                for i in range(a, b):  # held or options data: message by message
+                    one(i)
+                return
+            plan.append((key >> 16, template, np.flatnonzero(keys == key)))
+        counts.templates += int(joined[a:b].sum())
+        view = memoryview(buf)
+        export_ms = head["export"][a:b].astype(np.int64) * 1000
+        body = starts[a:b] + data_at[a:b] + 4
+        records = np.zeros(b - a, dtype=np.int64)
+        deferred: list[tuple[int, Group, int]] = []
+        for dom, template, rows in plan:
+            layout = self._plan(template)
+            key3 = (VERSION, exporter, dom)
+            entry = self._groups.get(id(layout))
+            if entry is None:
+                entry = self._groups[id(layout)] = (layout, Group(), [], [])
+            group = entry[1]
+            lengths = data_len[a:b][rows] - 4
+            if template.varlen:  # records found at the end of the call (_walk_sets)
+                first = len(group.counts)
+                spans = zip(body[rows].tolist(), lengths.tolist(), strict=True)
+                group.chunks.extend([view[s : s + k] for s, k in spans])
+                group.counts.extend([0] * len(rows))
+                deferred.extend(zip(rows.tolist(), [group] * len(rows), range(first, first + len(rows)),
+                                    strict=True))
+            else:
+                size = template.record_length
+                per = lengths // size
+                records[rows] = per
+                keep = per > 0
+                rows, per = rows[keep], per[keep]
+                spans = zip(body[rows].tolist(), (per * size).tolist(), strict=True)
+                group.chunks.extend([view[s : s + k] for s, k in spans])
+                group.counts.extend(per.tolist())
+                total = int(per.sum())
+                counts.records += total
+                if layout.enterprise:
+                    counts.enterprise_fields += total * layout.enterprise
+            m = len(rows)
+            group.export_ms.extend(export_ms[rows].tolist())
+            group.base.extend([templates.sys_init.get((exporter, dom), -1)] * m)
+            group.domain.extend([dom] * m)
+            group.exporter.extend([exporter_index] * m)
+            group.received.extend([received[a + r] for r in rows.tolist()])
+            group.sampling.extend([templates.domain_rate(key3)] * m)
+            group.samplers.extend([templates.samplers.get(key3)] * m)
+            group.stats.extend([counts] * m)
+        sequence = head["sequence"][a:b].tolist()
+        domains = domain.tolist()
+        units = records.tolist()
+        for dom in dict.fromkeys(domains):
+            where = [j for j, d in enumerate(domains) if d == dom]
+            position = {j: k for k, j in enumerate(where)}
+            self._tracks.append(((VERSION, exporter, dom), [sequence[j] for j in where],
+                                 [units[j] for j in where], counts,
+                                 [(position[j], g, i) for j, g, i in deferred if j in position]))
 
     def _replay(self, template_id: int, exporter: bytes, exporter_index: int, domain: int,
                 templates: TemplateStore, counts: ExporterStats) -> None:
@@ -209,7 +351,7 @@ class IpfixBatch:
 
     def _data(self, template: Template, view: memoryview, body: int, body_end: int, exporter: bytes,
               exporter_index: int, domain: int, export_ms: int, received_ms: int, templates: TemplateStore,
-              counts: ExporterStats, deferred: list[tuple[Group, int]] | None = None) -> int:
+              counts: ExporterStats, deferred: list[tuple[int, Group, int]] | None = None) -> int:
         """One data set with a known template; returns its record count. The records of a flow
         set with variable-length fields are found later, for all such sets of the call at once
         (:func:`_walk_sets`): the set is added with a count of 0 for now and listed in
@@ -226,7 +368,7 @@ class IpfixBatch:
                       templates.domain_rate(key), templates.samplers.get(key))
             group.stats.append(counts)
             if deferred is not None:
-                deferred.append((group, len(group.counts) - 1))
+                deferred.append((0, group, len(group.counts) - 1))
             return 0
         if template.varlen:
             starts, consumed, stop = _walk(view, body, body_end, plan.segments, plan.tail)
@@ -272,13 +414,18 @@ class IpfixBatch:
         """End of the call: find the records of the deferred variable-length sets, count them,
         and run the sequence checks in message order with every message's record count."""
         walked: dict[int, tuple[list[int], list[int]]] = {}
+        found: dict[int, list[int]] = {}  # id(group) -> records of each of its sets as added
         for key, (plan, group, _, _) in self._groups.items():
             if plan.gather is not None:
-                walked[key] = _walk_sets(plan, group)
-        for stream, sequence, records, counts, deferred in self._tracks:
-            if records is not None:
-                records += sum(group.counts[i] for group, i in deferred)
-            track(templates, stream, sequence, records, False, counts)
+                starts, consumed, per_set = _walk_sets(plan, group)
+                found[id(group)] = per_set
+                walked[key] = (starts, consumed)
+        for stream, sequences, records, counts, deferred in self._tracks:
+            for position, group, i in deferred:
+                known = records[position]
+                if known is not None:
+                    records[position] = known + found[id(group)][i]
+            _track_many(templates, stream, sequences, records, counts)
         self._tracks.clear()
         for key, (starts, consumed) in walked.items():
             plan, group, _, _ = self._groups[key]
@@ -292,6 +439,22 @@ class IpfixBatch:
             if group.counts and sum(group.counts):
                 out.extend(_group_columns(plan, group, starts, consumed, exporters))
         return out
+
+
+def _track_many(templates: TemplateStore, stream: tuple[int, bytes, int], sequences: list[int],
+                records: list[int | None], counts: ExporterStats) -> None:
+    """:func:`~sensors.netflow.sequence.track` for consecutive messages of one stream; when each
+    follows the previous exactly (the usual case) only the expectation moves."""
+    if len(sequences) > 1 and None not in records:
+        seq = np.asarray(sequences, dtype=np.int64)
+        sizes = np.asarray(records, dtype=np.int64)
+        expected = templates.sequences.get(stream)
+        in_order = not ((seq[1:] - seq[:-1] - sizes[:-1]) % _WRAP).any()
+        if (expected is None or sequences[0] == expected) and in_order:
+            templates.sequences[stream] = (sequences[-1] + int(sizes[-1])) % _WRAP
+            return
+    for sequence, units in zip(sequences, records, strict=True):
+        track(templates, stream, sequence, units, False, counts)
 
 
 def _walk(view: memoryview, pos: int, end: int, segments: list[int],
@@ -332,13 +495,14 @@ def _walk(view: memoryview, pos: int, end: int, segments: list[int],
     return starts, consumed, pos
 
 
-def _walk_sets(plan: _Plan, group: Group) -> tuple[list[int], list[int]]:
+def _walk_sets(plan: _Plan, group: Group) -> tuple[list[int], list[int], list[int]]:
     """Find the records of every set of a group whose template has variable-length fields, all
     sets in lockstep (one numpy step per record position instead of Python per record), with
     the rules of :func:`_walk`. Fills ``group.counts``, counts records, enterprise fields and
     ``bad_data_record`` in each set's ExporterStats, and returns the record starts (offsets in
     the group's joined buffer) and the bytes each variable-length field took, record by record
-    in set order, as :func:`_repack` wants them."""
+    in set order, as :func:`_repack` wants them, and the records of each set as it was added
+    (sets without records are then removed from the group)."""
     sizes = np.fromiter(map(len, group.chunks), dtype=np.int64, count=len(group.chunks))
     ends = np.cumsum(sizes)
     buf = np.frombuffer(b"".join(group.chunks), dtype=np.uint8)
@@ -386,7 +550,8 @@ def _walk_sets(plan: _Plan, group: Group) -> tuple[list[int], list[int]]:
     else:
         starts = consumed = np.zeros(0, dtype=np.int64)
         per_set = np.zeros(len(sizes), dtype=np.int64)
-    group.counts[:] = per_set.tolist()
+    added = per_set.tolist()
+    group.counts[:] = added
     for i, (n, stop, end) in enumerate(zip(group.counts, stops.tolist(), ends.tolist(), strict=True)):
         stats = group.stats[i]
         stats.records += n  # type: ignore[attr-defined]
@@ -404,7 +569,7 @@ def _walk_sets(plan: _Plan, group: Group) -> tuple[list[int], list[int]]:
         for name in Group.__slots__:
             values = getattr(group, name)
             setattr(group, name, [values[i] for i in kept])
-    return starts.tolist(), consumed.tolist()
+    return starts.tolist(), consumed.tolist(), added
 
 
 def _repack(buf: bytes, plan: _Plan, starts: list[int], consumed: list[int]) -> bytes:

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from sensors.netflow.decoder import Datagram, DecodeStats, decode_datagrams, flush_pending
+from sensors.netflow.decoder import Datagram, DecodeStats, decode_datagrams, decode_payloads, flush_pending
 from sensors.netflow.templates import TemplateStore
 from sensors.schema import RAW_SCHEMA
 from tests.oracle import (
@@ -457,7 +457,8 @@ def test_lockstep_walk_equals_record_walk(layout: list[tuple[int, int]]) -> None
         for body, counts in zip(sets, stats, strict=True):
             group.add(body, 0, 0, -1, 0, 0, 0, 1, None)
             group.stats.append(counts)
-        starts, consumed = ipfix._walk_sets(plan, group)
+        starts, consumed, added = ipfix._walk_sets(plan, group)
+        assert added == [st.records for st in stats]
         want_starts: list[int] = []
         want_consumed: list[int] = []
         offset = 0
@@ -474,3 +475,88 @@ def test_lockstep_walk_equals_record_walk(layout: list[tuple[int, int]]) -> None
         assert group.counts == [n for n in (st.records for st in stats) if n]
         assert b"".join(bytes(c) for c in group.chunks) == b"".join(b for b, st in zip(sets, stats, strict=True)
                                                                    if st.records)
+
+
+# --- the bulk path (decode_payloads of many messages) equals the message-by-message walk -------
+
+FIXED = [(8, 4), (12, 4), (7, 2), (11, 2), (4, 1), (6, 1), (1, 8), (2, 8), (152, 8), (153, 8), (10, 4), (14, 4)]
+NAMED = [*FIXED, (82, VAR)]
+
+
+def _ipfix_both_ways(payloads: list[bytes], chunk: int) -> None:
+    from tests.unit.test_netflow_v9 import _state
+
+    received = [SECS * 1000 + i for i in range(len(payloads))]
+    bulk_store, bulk_stats, bulk_rows = TemplateStore(), DecodeStats(), []
+    ref_store, ref_stats, ref_rows = TemplateStore(), DecodeStats(), []
+    for i in range(0, len(payloads), chunk):
+        part, times = payloads[i : i + chunk], received[i : i + chunk]
+        bulk_rows += table_rows(decode_payloads(EXPORTER_A, part, times, bulk_store, bulk_stats))
+        ref_rows += table_rows(decode_datagrams([Datagram(EXPORTER_A, ms, p) for p, ms in zip(part, times,
+                                                 strict=True)], ref_store, ref_stats))
+
+    def key(r: dict) -> tuple[object, ...]:
+        return tuple(sorted((k, str(v)) for k, v in r.items()))
+
+    assert sorted(bulk_rows, key=key) == sorted(ref_rows, key=key)
+    label = "192.0.2.1"
+    bulk, ref = bulk_stats.by_exporter()[label], ref_stats.by_exporter()[label]
+    assert (bulk.counters(), dict(bulk.errors)) == (ref.counters(), dict(ref.errors))
+    assert _state(bulk_store) == _state(ref_store)
+
+
+def _awkward_ipfix() -> list[bytes]:
+    tpl = template_set((256, FIXED), (257, NAMED))
+    seq = 0
+    out: list[bytes] = []
+
+    def msg(*sets: bytes, domain: int = 0, n: int = 0) -> bytes:
+        nonlocal seq
+        packet = message(*sets, domain=domain, sequence=seq)
+        seq += n
+        return packet
+
+    def fixed(n: int, domain: int = 0) -> bytes:
+        return msg(data_set(256, *[record(FIXED, flow("10.0.0.1", "10.0.0.2", 10 * seq + k, 1)) for k in range(n)]),
+                   domain=domain, n=n)
+
+    def named(n: int, pad: int = 0) -> bytes:
+        recs = [record(NAMED, {**flow("10.0.0.3", "10.0.0.4", seq + k, 2), 82: b"veth" * (k % 3) + b"x" * (300 * (k == 2))})
+                for k in range(n)]
+        return msg(data_set(257, *recs, pad=pad), n=n)
+
+    out.append(msg(tpl))
+    out += [fixed(k % 4) for k in range(10)] + [named(k % 5, pad=k % 2) for k in range(10)]
+    out.append(msg(tpl, data_set(256, record(FIXED, flow("10.0.0.5", "10.0.0.6", 5, 1))), n=1))  # refresh
+    out += [named(3) for _ in range(6)]
+    seq += 7  # lost records
+    out += [fixed(2) for _ in range(6)]
+    late = message(data_set(256, record(FIXED, flow("10.0.0.7", "10.0.0.8", 7, 1))), sequence=seq - 5)
+    out.append(late)
+    out += [fixed(2, domain=9) for _ in range(4)]  # template unknown in domain 9: held
+    out.append(message(template_set((256, FIXED)), domain=9, sequence=seq))
+    out += [fixed(3, domain=9) for _ in range(8)]
+    out.append(msg(withdrawal(257)))
+    out += [named(2) for _ in range(3)]  # withdrawn: held
+    out.append(msg(template_set((257, NAMED))))
+    out += [named(2) for _ in range(9)]
+    out.append(fixed(2) + b"\x00\x00")  # header length shorter than the datagram
+    out.append(msg(data_set(256, record(FIXED, flow("10.0.0.9", "10.0.0.9", 1, 1))),
+                   data_set(257, record(NAMED, flow("10.0.0.9", "10.0.0.9", 2, 1))), n=2))  # two sets
+    out += [fixed(1) for _ in range(9)]
+    return out
+
+
+@pytest.mark.parametrize("chunk", [1000, 13, 8, 3])
+def test_bulk_path_equals_message_walk(chunk: int) -> None:
+    _ipfix_both_ways(_awkward_ipfix(), chunk)
+
+
+def test_bulk_path_on_the_generator_ipfix_stream() -> None:
+    from sensors.netflow.generator import encode_ipfix_packets, synthetic_cluster, synthetic_flows
+
+    cols = synthetic_flows(synthetic_cluster(4), 6000, (4, 0), SECS * 1000 - 2000, span_ms=1000)
+    enc = encode_ipfix_packets(cols, domain=3, sequence=0xFFFF_FF00, export_secs=SECS, template_every=9)
+    packets = enc.packets[:40] + enc.packets[41:]  # one message lost on the way
+    _ipfix_both_ways(packets, 64)
+    _ipfix_both_ways([*packets[:3], b"\x00\x0a", *packets[3:]], 64)  # a runt datagram in the call
