@@ -79,7 +79,9 @@ class NetflowSettings(StageSettings):
                         "dual-stack (IPv6 and IPv4)")
     metrics_listen: str = "0.0.0.0:9461"
     observer: str = Field("", description="Name of this observation point (e.g. the node name)")
-    batch_max_flows: int = Field(8192, ge=1, le=1_000_000)
+    batch_max_flows: int = Field(16384, ge=1, le=1_000_000, description="Decode and publish an exporter's "
+                                 "datagrams once they hold about this many flows (or batch_max_age_ms): "
+                                 "bigger batches cost less CPU per flow (16384: ~0.45 MB lz4 messages)")
     batch_max_age_ms: int = Field(1000, ge=10, le=60_000)
     max_queued_batches: int = Field(256, ge=1, le=100_000, description="Batches held while Kafka is slow "
                                     "(each at most ~1 MB): beyond, batches are dropped and counted")
