@@ -571,14 +571,9 @@ class Batch:
     skipped: int = 0
 
 
-def decode(data: bytes, ends: list[int] | None = None, dump: bool = False, *, news: bool = False,
-                min_group: int = _MIN_GROUP) -> Batch:
-    """Decode every message of ``data`` (datagrams read back to back from a ctnetlink socket,
-    ``ends`` where each ends; None: one datagram) into rows, in the order received. ``dump``:
-    the messages are dump rows; otherwise NEW events are only counted (they report nothing:
-    see :mod:`sensors.conntrack.tracker`) unless ``news``. ``min_group`` 0 walks every message
-    one by one (the reference, for tests)."""
-    out = Batch(Rows.empty())
+def _split(data: bytes, ends: list[int] | None, dump: bool, news: bool,
+           out: Batch) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Start, length and kind of each message to decode, walking the headers one by one."""
     # Message boundaries stay within each datagram: a message never spans two.
     starts: list[int] = []
     lengths: list[int] = []
@@ -623,41 +618,97 @@ def decode(data: bytes, ends: list[int] | None = None, dump: bool = False, *, ne
                 out.skipped += 1
             off += (length + 3) & ~3
         off = n
-    if not starts:
+    return np.array(starts, np.int64), np.array(lengths, np.int64), np.array(kinds, np.uint8)
+
+
+def _one_per_datagram(arr: np.ndarray, ends: list[int], dump: bool, news: bool,
+                      out: Batch) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+    """The same as :func:`_split` with numpy when every datagram holds exactly one conntrack
+    message (events come so), else None."""
+    end = np.array(ends, np.int64)
+    start = np.empty_like(end)
+    start[0] = 0
+    start[1:] = end[:-1]
+    if int((end - start).min()) < 20:
+        return None
+    hdr = arr[start[:, None] + np.arange(8)]
+    length = hdr[:, 0:4].copy().view(np.uint32).reshape(-1).astype(np.int64)  # host byte order
+    mtype = hdr[:, 4:6].copy().view(np.uint16).reshape(-1)
+    flags = hdr[:, 6:8].copy().view(np.uint16).reshape(-1)
+    # The message fills its datagram (what follows it is too short to be another one).
+    if not ((length >= 20) & (start + length <= end) & (end - start - ((length + 3) & ~3) < 16)).all():
+        return None
+    delete = mtype == MSG_DELETE
+    if not (delete | (mtype == MSG_NEW)).all():
+        return None
+    if (flags & NLM_F_DUMP_INTR).any():
+        out.interrupted = True
+    n = len(end)
+    out.messages += n
+    if dump:
+        return start, length, np.full(n, DUMP, np.uint8)
+    destroys = int(delete.sum())
+    out.destroys += destroys
+    out.news += n - destroys
+    kinds = np.where(delete, DESTROY, NEW).astype(np.uint8)
+    if news:
+        return start, length, kinds
+    return start[delete], length[delete], kinds[delete]
+
+
+def decode(data: bytes, ends: list[int] | None = None, dump: bool = False, *, news: bool = False,
+                min_group: int = _MIN_GROUP) -> Batch:
+    """Decode every message of ``data`` (datagrams read back to back from a ctnetlink socket,
+    ``ends`` where each ends; None: one datagram) into rows, in the order received. ``dump``:
+    the messages are dump rows; otherwise NEW events are only counted (they report nothing:
+    see :mod:`sensors.conntrack.tracker`) unless ``news``. ``min_group`` 0 walks every message
+    one by one (the reference, for tests)."""
+    out = Batch(Rows.empty())
+    arr = np.frombuffer(data, np.uint8)
+    found = _one_per_datagram(arr, ends, dump, news, out) if min_group and ends and len(ends) >= min_group \
+        else None
+    if found is None:
+        found = _split(data, ends, dump, news, out)
+    starts, lengths, kinds = found
+    if not len(starts):
         return out
     # Group by (kind, length); big groups by layout, the rest walked.
-    groups: dict[tuple[int, int], list[int]] = {}
-    for i, key in enumerate(zip(kinds, lengths, strict=True)):
-        groups.setdefault(key, []).append(i)
     parts: list[Rows] = []
     order: list[np.ndarray] = []
     walk: list[int] = []
-    arr = np.frombuffer(data, np.uint8) if min_group and len(starts) >= min_group else None
-    for (kind, length), members in groups.items():
-        if arr is None or len(members) < min_group:
-            walk += members
-            continue
-        idx = np.array(members)
-        offs = np.array(starts, np.int64)[idx]
-        m = arr[offs[:, None] + np.arange(length)]
-        while len(idx) >= min_group:
-            lay = _layout(data, int(offs[0]), int(offs[0]) + length)
-            if lay is None:
-                walk.append(int(idx[0]))
-                idx, offs, m = idx[1:], offs[1:], m[1:]
+    if not min_group or len(starts) < min_group:
+        walk = list(range(len(starts)))
+    else:
+        group_keys, group_of = np.unique(kinds.astype(np.int64) << 32 | lengths, return_inverse=True)
+        group_of = group_of.reshape(-1)
+        for g, group_key in enumerate(group_keys.tolist()):
+            kind, length = group_key >> 32, group_key & 0xFFFFFFFF
+            idx = np.flatnonzero(group_of == g) if len(group_keys) > 1 else np.arange(len(starts))
+            if len(idx) < min_group:
+                walk += idx.tolist()
                 continue
-            cols = np.array([h + j for h in lay.headers for j in range(4)], np.int64)
-            same = (m[:, cols] == m[0, cols]).all(axis=1)
-            parts.append(_group_rows(m[same], lay, kind))
-            order.append(idx[same])
-            rest = ~same
-            idx, offs, m = idx[rest], offs[rest], m[rest]
-        walk += idx.tolist()
+            offs = starts[idx]
+            m = arr[offs[:, None] + np.arange(length)]
+            while len(idx) >= min_group:
+                lay = _layout(data, int(offs[0]), int(offs[0]) + length)
+                if lay is None:
+                    walk.append(int(idx[0]))
+                    idx, offs, m = idx[1:], offs[1:], m[1:]
+                    continue
+                cols = np.array([h + j for h in lay.headers for j in range(4)], np.int64)
+                same = (m[:, cols] == m[0, cols]).all(axis=1)
+                parts.append(_group_rows(m[same] if not same.all() else m, lay, kind))
+                order.append(idx[same])
+                rest = ~same
+                idx, offs, m = idx[rest], offs[rest], m[rest]
+            walk += idx.tolist()
     if walk:
         snaps: list[Snapshot] = []
         placed: list[int] = []
+        start_list, length_list, kind_list = starts.tolist(), lengths.tolist(), kinds.tolist()
         for i in sorted(walk):
-            s = _message(data, starts[i] + 16, starts[i] + lengths[i], kinds[i], lengths[i])
+            at, length = start_list[i], length_list[i]
+            s = _message(data, at + 16, at + length, kind_list[i], length)
             if s is None:
                 out.skipped += 1
             else:

@@ -70,7 +70,8 @@ def _states(rows: Rows) -> np.ndarray:
 def build_columns(rows: Rows, deltas: Deltas, now_ms: int, *, exporter: bytes = _NO_ADDR) -> dict[str, Any]:
     """The raw.v1 columns of the records of ``deltas`` over ``rows`` (see the module docstring),
     orig-direction record before reply-direction record of each connection."""
-    r = rows.take(np.asarray(deltas.positions, dtype=np.int64))
+    # Positions only increase (a row reports at most once): as many as rows = every row.
+    r = rows if len(deltas.positions) == len(rows) else rows.take(np.asarray(deltas.positions, np.int64))
     m = len(r)
     d = np.asarray(deltas.counters, dtype=np.uint64).reshape(m, 4)
     icmp = (r.proto == socket.IPPROTO_ICMP) | (r.proto == socket.IPPROTO_ICMPV6)
@@ -113,13 +114,6 @@ def build_columns(rows: Rows, deltas: Deltas, now_ms: int, *, exporter: bytes = 
         "initiator": pair(np.ones(m, np.uint8), np.full(m, 2, np.uint8)),
         "conn_state": both(_states(r)) if m else np.zeros(0, dtype=object),
     }
-
-
-def concat_columns(parts: list[dict[str, Any]]) -> dict[str, Any]:
-    """Columns of several :func:`build_columns` calls, one after the other."""
-    if len(parts) == 1:
-        return parts[0]
-    return {name: np.concatenate([p[name] for p in parts]) for name in parts[0]}
 
 
 def build_table(rows: Rows, deltas: Deltas, now_ms: int, observer: str, *,

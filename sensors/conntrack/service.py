@@ -17,12 +17,14 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import gc
 import json
 import logging
 import sys
 import time
 from typing import Any, TextIO
 
+import numpy as np
 from prometheus_client import Counter, Gauge
 
 from flowtally import kafka
@@ -35,9 +37,9 @@ from sensors.conntrack import kernel
 from sensors.conntrack.filters import Filter, make_filter, resolve_endpoints
 from sensors.conntrack.messages import Rows, decode
 from sensors.conntrack.netlink import DumpSocket, EventSocket
-from sensors.conntrack.records import build_columns, concat_columns
+from sensors.conntrack.records import build_columns
 from sensors.conntrack.settings import ConntrackSettings
-from sensors.conntrack.tracker import Deltas, Tracker
+from sensors.conntrack.tracker import Counters, Deltas, Tracker
 from sensors.publisher import Publisher, encode_messages
 from sensors.schema import address16, address_text, build_raw_table
 
@@ -87,8 +89,10 @@ class ConntrackSensor:
         self._skip: Filter = make_filter(loopback=settings.ignore_loopback, endpoints=endpoints,
                                          cidrs=settings.ignore_cidrs, ports=settings.ignore_ports)
         self._exporter = address16(settings.exporter) if settings.exporter else b"\x00" * 16
-        self._pending: list[dict[str, Any]] = []  # record columns not yet published
-        self._pending_records = 0
+        # Rows that reported and their deltas, not yet published: records are made per batch
+        # (numpy's per-call cost is then spread over thousands of rows).
+        self._pending: list[tuple[Rows, list[Counters]]] = []
+        self._pending_rows = 0
         self._pending_since = 0.0
         self._events: EventSocket | None = None
         self._task: asyncio.Task[None] | None = None
@@ -174,12 +178,12 @@ class ConntrackSensor:
             rows = rows.take(keep)
         deltas = self._tracker.update(rows, time.monotonic())
         if deltas.positions:
-            columns = build_columns(rows, deltas, now_ms, exporter=self._exporter)
             if not self._pending:
                 self._pending_since = time.monotonic()
-            self._pending.append(columns)
-            self._pending_records += len(columns["src_port"])
-            if self._pending_records >= self._settings.batch_max_flows:
+            reported = rows if len(deltas.positions) == len(rows) else rows.take(np.array(deltas.positions))
+            self._pending.append((reported, deltas.counters))
+            self._pending_rows += len(reported)
+            if self._pending_rows >= self._settings.batch_max_flows:
                 self._flush()
 
     async def _dump(self, baseline: bool) -> None:
@@ -266,11 +270,14 @@ class ConntrackSensor:
     # -- output ------------------------------------------------------------------------------
 
     def _flush(self) -> None:
-        parts, self._pending, self._pending_records = self._pending, [], 0
+        parts, self._pending, self._pending_rows = self._pending, [], 0
         if not parts:
             return
         now_ms = time.time_ns() // 1_000_000
-        columns = concat_columns(parts)
+        rows = Rows.concat([p[0] for p in parts])
+        counters = [c for p in parts for c in p[1]]
+        everything = Deltas(list(range(len(rows))), counters)
+        columns = build_columns(rows, everything, now_ms, exporter=self._exporter)
         n = len(columns["src_port"])
         RECORDS.inc(n)
         REPORTED_BYTES.inc(int(columns["bytes"].sum()))
@@ -323,6 +330,11 @@ def run(args: argparse.Namespace) -> int:
 
 
 async def _main(settings: ConntrackSettings) -> int:
+    # The tracker keeps up to millions of small objects alive and events allocate per row: the
+    # collector's full passes would walk them all, and everything imported by now, again and
+    # again. What exists at start is moved out of its sight; young collections run less often.
+    gc.freeze()
+    gc.set_threshold(50_000, 20, 20)
     publisher: Publisher | None = None
     if not settings.stdout:
         async def prepare() -> None:

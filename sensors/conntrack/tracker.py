@@ -52,13 +52,6 @@ def key_of(s: Snapshot) -> Key:
     return snapshot_key(s)
 
 
-@dataclass(slots=True)
-class _Tombstone:
-    counters: Counters
-    born: int  # tracker clock when it was made
-    until: float  # not removed before this time
-
-
 @dataclass
 class Tracker:
     """Last reported counters of each live connection, and the rules above."""
@@ -69,7 +62,10 @@ class Tracker:
     max_tombstones: int = 2_000_000
     #: live connections: key -> (orig packets, orig bytes, reply packets, reply bytes, last dump seen)
     live: dict[Key, tuple[int, int, int, int, int]] = field(default_factory=dict)
-    tombstones: dict[Key, _Tombstone] = field(default_factory=dict)
+    #: ended connections: key -> (the four final counters, tracker clock when buried, not removed
+    #: before this time). Plain tuples of numbers: the garbage collector stops tracking them,
+    #: which matters with hundreds of thousands of them.
+    tombstones: dict[Key, tuple[int, int, int, int, int, float]] = field(default_factory=dict)
     lost: int = 0  # connections forgotten without a DESTROY
     _clock: int = 0
     _dump: int = 0  # number of the current/last dump
@@ -96,7 +92,7 @@ class Tracker:
         self._baseline = False
         if started < 0:
             return
-        for key in [k for k, t in self.tombstones.items() if t.born < started and t.until <= now]:
+        for key in [k for k, t in self.tombstones.items() if t[4] < started and t[5] <= now]:
             del self.tombstones[key]
         if not complete:
             return
@@ -114,7 +110,7 @@ class Tracker:
 
     def _bury(self, key: Key, counters: Counters, until: float) -> None:
         self.tombstones.pop(key, None)
-        self.tombstones[key] = _Tombstone(counters, self._clock, until)
+        self.tombstones[key] = (*counters, self._clock, until)
         if len(self.tombstones) > self.max_tombstones:
             del self.tombstones[next(iter(self.tombstones))]
 
@@ -127,31 +123,36 @@ class Tracker:
         self._clock += 1
         dump = self._dump
         baseline = self._baseline
+        clock = self._clock
+        tomb_until = now + self.tombstone_s
+        max_tombstones = self.max_tombstones
         kinds = rows.kind.tolist()
         for i, (kind, key, c) in enumerate(zip(kinds, rows.keys, rows.counters.tolist(), strict=True)):
             if kind != DUMP and kind != DESTROY:
                 continue  # NEW: nothing to report yet
             op, ob, rp, rb = c
-            last: tuple[int, ...] | None
+            last: tuple[int | float, ...] | None
             if kind == DESTROY:
                 last = live.pop(key, None)
+                buried = tombstones.pop(key, None)
                 if last is None:
-                    tomb = tombstones.get(key)
-                    last = tomb.counters if tomb is not None else None
+                    last = buried
                 if last is not None:  # the larger of the two (an older copy reports nothing)
                     op, ob, rp, rb = max(op, last[0]), max(ob, last[1]), max(rp, last[2]), max(rb, last[3])
                     delta = (op - last[0], ob - last[1], rp - last[2], rb - last[3])
                 else:
                     delta = (op, ob, rp, rb)
-                self._bury(key, (op, ob, rp, rb), now + self.tombstone_s)
+                # Buried (last in order: the oldest tombstones go first beyond the limit).
+                tombstones[key] = (op, ob, rp, rb, clock, tomb_until)
+                if len(tombstones) > max_tombstones:
+                    del tombstones[next(iter(tombstones))]
             else:
                 last = live.get(key)
                 if last is None:
-                    tomb = tombstones.get(key)
-                    if tomb is not None:  # a row older than its DESTROY, or of a connection given up
-                        t = tomb.counters
+                    t = tombstones.get(key)
+                    if t is not None:  # a row older than its DESTROY, or of a connection given up
                         op, ob, rp, rb = max(op, t[0]), max(ob, t[1]), max(rp, t[2]), max(rb, t[3])
-                        tomb.counters = (op, ob, rp, rb)
+                        tombstones[key] = (op, ob, rp, rb, t[4], t[5])
                         if op != t[0] or ob != t[1] or rp != t[2] or rb != t[3]:
                             index.append(i)
                             out.append((op - t[0], ob - t[1], rp - t[2], rb - t[3]))

@@ -45,15 +45,22 @@ METRICS_PORT = 9464
 BUFFER = 16 << 20
 
 
-def _burst(ns: str, n: int, first: int = 0) -> float:
+def _burst(ns: str, n: int, first: int = 0, rate: float = 0.0) -> float:
     """One UDP datagram to each of ``n`` distinct addresses of 10.99.0.0/16 (ports 9000+): n
-    conntrack entries. Returns the seconds it took."""
+    conntrack entries, at ``rate`` per second (0: as fast as this process can). Returns the
+    seconds it took."""
 
     def send() -> float:
         t0 = time.monotonic()
+        step = 500
         with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-            for i in range(first, first + n):
-                s.sendto(b"x", (f"10.99.{(i >> 8) & 255}.{i & 255}", 9000 + (i >> 16)))
+            for chunk in range(first, first + n, step):
+                for i in range(chunk, min(chunk + step, first + n)):
+                    s.sendto(b"x", (f"10.99.{(i >> 8) & 255}.{i & 255}", 9000 + (i >> 16)))
+                if rate:
+                    ahead = t0 + (chunk + step - first) / rate - time.monotonic()
+                    if ahead > 0:
+                        time.sleep(ahead)
         return time.monotonic() - t0
 
     return in_netns(ns, send)
@@ -67,8 +74,10 @@ def _lines(path: Path) -> int:
     return data.count(b"dst=10.99.")
 
 
-def run_events(ns: str, n: int, bootstrap: str, work: Path) -> dict[str, float]:
-    """The burst read by the sensor (to Kafka) and by conntrack -E at the same time."""
+def run_events(ns: str, n: int, bootstrap: str, work: Path, *, rate: float = 0.0,
+               profile: str | None = None) -> dict[str, float]:
+    """The burst read by the sensor (to Kafka) and by conntrack -E at the same time
+    (``profile``: the sensor runs under cProfile, its statistics written there at exit)."""
     sh("sysctl", "-q", "-w", "net.netfilter.nf_conntrack_udp_timeout=1", ns=ns)
     host, port = bootstrap.rsplit(":", 1)
     bridge = PortBridge(ns, ("127.0.0.1", int(port)), None, (host, int(port)))
@@ -76,7 +85,8 @@ def run_events(ns: str, n: int, bootstrap: str, work: Path) -> dict[str, float]:
     env = {"FLOWTALLY_KAFKA_BOOTSTRAP": f"127.0.0.1:{port}", "FLOWTALLY_KAFKA_TOPIC_PREFIX": f"b{int(time.time())}",
            "FLOWTALLY_RECEIVE_BUFFER_BYTES": str(BUFFER), "FLOWTALLY_OBSERVER": "bench"}
     log = open(work / "sensor.log", "wb")  # noqa: SIM115
-    sensor = subprocess.Popen(["ip", "netns", "exec", ns, sys.executable, "-m", "flowtally.cli", "sensor",
+    python = [sys.executable, *(["-m", "cProfile", "-o", profile] if profile else [])]
+    sensor = subprocess.Popen(["ip", "netns", "exec", ns, *python, "-m", "flowtally.cli", "sensor",
                                "conntrack", "--metrics-listen", f"127.0.0.1:{METRICS_PORT}"],
                               env=os.environ | env, stdout=log, stderr=log)
     ct_out = work / "conntrack-E.txt"
@@ -102,7 +112,7 @@ def run_events(ns: str, n: int, bootstrap: str, work: Path) -> dict[str, float]:
         s0, c0 = cpu_seconds(sensor.pid), cpu_seconds(ct.pid)
         ct_lines0 = _lines(ct_out)
         t0 = time.monotonic()
-        burst_s = _burst(ns, n)
+        burst_s = _burst(ns, n, rate=rate)
         time.sleep(2.0)  # expiry (1 s) ...
         sh("conntrack", "-F", ns=ns, check=False)  # ... and the stragglers the GC has not reached
         deadline = time.monotonic() + max(120.0, n / 2000)
@@ -224,6 +234,9 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--connections", type=int, default=200_000)
     p.add_argument("--dump-entries", type=int, default=100_000, help="0 = no dump measurement")
+    p.add_argument("--rate", type=float, default=0.0, help="connections per second of the burst (0 = as fast "
+                   "as one Python sender can)")
+    p.add_argument("--profile", help="run the sensor under cProfile, statistics to this file")
     args = p.parse_args()
     work = Path(tempfile.mkdtemp(prefix="flowtally-bench-conntrack-"))
     topo = Topology()
@@ -240,7 +253,8 @@ def main() -> int:
         sh("ip", "neigh", "add", "10.98.0.2", "lladdr", "02:00:00:00:00:99", "dev", "d0", ns=ns)
         sh("ip", "route", "add", "10.99.0.0/16", "via", "10.98.0.2", "dev", "d0", ns=ns)
         sh("iptables", "-A", "OUTPUT", "-m", "conntrack", "--ctstate", "NEW", "-j", "ACCEPT", ns=ns)
-        ev = run_events(ns, args.connections, bootstrap, work) if args.connections else None
+        ev = run_events(ns, args.connections, bootstrap, work, rate=args.rate,
+                        profile=args.profile) if args.connections else None
         dump = None
         if args.dump_entries:
             with table_room(args.dump_entries):

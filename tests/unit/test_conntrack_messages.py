@@ -99,10 +99,10 @@ def test_errors_interrupted_dumps_and_truncation() -> None:
     assert both.skipped == 1 and len(both.rows) == 1 and both.rows.ct_id.tolist() == [0]
 
 
-def _stream(seed: int) -> tuple[bytes, list[int], list[dict[str, Any]]]:
+def _stream(seed: int, per_datagram: int = 0) -> tuple[bytes, list[int], list[dict[str, Any]]]:
     """Random messages of many layouts (families, protocols, optional attributes, 32/64-bit
-    counters, oddly ordered attributes), one datagram each or several per datagram, and what
-    pyroute2 says each holds."""
+    counters, oddly ordered attributes), ``per_datagram`` in each datagram (0: one or three),
+    and what pyroute2 says each holds."""
     rng = random.Random(seed)
     messages: list[bytes] = []
     expected: list[dict[str, Any]] = []
@@ -154,7 +154,7 @@ def _stream(seed: int) -> tuple[bytes, list[int], list[dict[str, Any]]]:
     ends: list[int] = []
     i = 0
     while i < len(messages):
-        k = rng.choice([1, 1, 1, 3])
+        k = per_datagram or rng.choice([1, 1, 1, 3])
         out += b"".join(messages[i:i + k])
         ends.append(len(out))
         i += k
@@ -173,12 +173,19 @@ def _value(msg: Any, *path: str) -> Any:
 @pytest.mark.parametrize("seed", range(6))
 def test_layout_path_equals_the_walk_and_pyroute2(seed: int) -> None:
     data, ends, expected = _stream(seed)
+    single = _stream(seed, per_datagram=1)  # as events come: numpy reads the headers too
     for dump in (False, True):
-        fast = decode(data, ends, dump=dump, news=True, min_group=2)
-        walk = decode(data, ends, dump=dump, news=True, min_group=0)
-        assert (fast.messages, fast.skipped, len(fast.rows)) == (len(expected), 0, len(expected))
-        for i in range(len(expected)):
-            assert row(fast.rows, i) == row(walk.rows, i), i
+        for data_, ends_ in ((data, ends), single[:2]):
+            fast = decode(data_, ends_, dump=dump, news=True, min_group=2)
+            walk = decode(data_, ends_, dump=dump, news=True, min_group=0)
+            assert (fast.messages, fast.skipped, len(fast.rows)) == (len(expected), 0, len(expected))
+            assert (fast.news, fast.destroys) == (walk.news, walk.destroys)
+            for i in range(len(expected)):
+                assert row(fast.rows, i) == row(walk.rows, i), i
+        events = decode(*single[:2], dump=dump)  # NEW events only counted
+        kinds = walk.rows.kind.tolist()
+        assert (events.news, events.destroys) == ((0, 0) if dump else (kinds.count(NEW), kinds.count(DESTROY)))
+        assert len(events.rows) == (len(expected) if dump else kinds.count(DESTROY))
     rows = decode(data, ends, news=True, min_group=2).rows
     for i, msg in enumerate(expected):
         r = row(rows, i)
