@@ -1,0 +1,242 @@
+"""Query latency benchmark: every named query in sql/queries/ over N synthetic flows in chDB.
+
+    .venv/bin/python -m tests.benchmarks.bench_queries [--flows 100000000] [--runs 20] [--keep]
+
+1. A fresh chDB database with the real migrations (so the rollup views run as they do for the
+   sink), then N flows generated inside ClickHouse (``INSERT INTO flows … SELECT … FROM
+   numbers()``, chunk by chunk, in time order like a live feed), over the last 30 days: 50
+   namespaces, 500 workloads (10 per namespace, one service each, 5 pods each, Zipf-like
+   popularity), 20 nodes; a sparse service graph (each workload talks to 6 others, so the map
+   has ~3,000 edges, not 250,000), and 20% of flows leaving the cluster to 5,000 external
+   addresses in 200 ASNs and 30 countries (4 ASNs per workload). The views fill flows_1m /
+   flows_1h from those inserts.
+2. Bytes per flow on disk (system.parts, active parts) for flows and each rollup, and rows per
+   table (rollups: rows as stored, merged or not).
+3. Each named query run --runs times through ``sql.queries.execute`` with realistic parameters
+   (several windows: the last hour reads flows_1m, the last 7 days and all time flows_1h; an
+   existing namespace/service/pod), after one warm-up run: p50 and p95 per query and window.
+   The goal for rollup-backed queries is p95 <= 300 ms; queries that read the raw flows say so.
+
+The data directory is deleted after the run unless --keep (it holds several GB at 100 M flows);
+the benchmark refuses to start when the disk cannot hold an estimate of it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+from clickhouse_connect.driver.client import Client
+
+from flowtally.clickhouse import connect
+from flowtally.settings import ClickHouseSettings
+from sql import queries
+from sql.migrate import migrate
+
+NAMESPACES = 50
+WORKLOADS = 500  # 10 per namespace
+PODS_PER_WORKLOAD = 5
+NODES = 20
+EXTERNAL_SHARE = 20  # percent of flows whose destination is external
+EXTERNAL_ADDRESSES = 5000  # 25 per ASN
+ASNS = 200
+PEERS = 6  # cluster workloads each workload sends to
+EXTERNAL_PEERS = 4  # ASNs each workload sends to
+COUNTRIES = ("US", "DE", "IE", "NL", "FR", "GB", "JP", "SG", "BR", "IN", "CA", "AU", "SE", "FI", "PL",
+             "ES", "IT", "CH", "AT", "BE", "DK", "NO", "KR", "HK", "ZA", "MX", "AR", "CL", "TW", "IL")
+SPAN_S = 30 * 86400 - 3600  # 30 days (an hour short, so nothing is at the per-minute rollup's TTL)
+CHUNK = 10_000_000
+#: Bytes per flow on disk assumed to size the run before it starts (measured ~35-45 at 100 M).
+ESTIMATE_BYTES_PER_FLOW = 80
+
+# A workload index skewed toward small ids (a few busy services, a long tail): floor(500 * u^2).
+_WORKLOAD = "toUInt32(floor({n} * pow((({h}) % 1000000) / 1000000, 2)))"
+
+
+def generator_sql(start: int, count: int, total: int, end_ms: int) -> str:
+    """``INSERT … SELECT`` of flows ``start`` … ``start + count`` out of ``total``, in time order over
+    SPAN_S ending at ``end_ms``; every value derived from the row number (deterministic)."""
+    countries = ", ".join(f"'{c}'" for c in COUNTRIES)
+    ws = _WORKLOAD.format(n=WORKLOADS, h="h1")
+    return f"""
+INSERT INTO flows (time_received, exporter, observation_domain, observer, version, flow_start, flow_end,
+    src_addr, dst_addr, src_port, dst_port, proto, bytes, packets, sampling_rate, tcp_flags,
+    src_kind, src_namespace, src_name, src_workload, src_workload_kind, src_service, src_node,
+    dst_kind, dst_namespace, dst_name, dst_workload, dst_workload_kind, dst_service, dst_node,
+    src_pod_uid, dst_pod_uid, dst_asn, dst_as_org, dst_country, direction)
+SELECT
+    fromUnixTimestamp64Milli(end_ms + 500, 'UTC') AS time_received,
+    toIPv6('::ffff:10.0.0.1'), 0, 'bench', 9,
+    fromUnixTimestamp64Milli(end_ms - toInt64(h3 % 60000), 'UTC') AS flow_start,
+    fromUnixTimestamp64Milli(end_ms, 'UTC') AS flow_end,
+    toIPv6(IPv4NumToString(toUInt32(0x0AF40000 + src_pod))) AS src_addr,
+    if(external, toIPv6(IPv4NumToString(toUInt32(0x51000000 + ext))),
+       toIPv6(IPv4NumToString(toUInt32(0x0AF40000 + dst_pod)))) AS dst_addr,
+    toUInt16(32768 + h3 % 28000) AS src_port,
+    if(external, 443, [80, 443, 5432, 6379, 8080, 9090, 53][1 + wd % 7]) AS dst_port,
+    if(dst_port = 53, 17, 6) AS proto,
+    toUInt64(40 + bitShiftRight(h3, 20) % 2000000) AS bytes,
+    toUInt64(1 + bytes / 1200) AS packets,
+    1, 24,
+    'pod', concat('ns-', toString(ws % {NAMESPACES})), concat('wl-', toString(ws), '-', toString(src_pod % {PODS_PER_WORKLOAD})),
+    concat('wl-', toString(ws)), 'Deployment', concat('svc-', toString(ws)), concat('node-', toString(src_pod % {NODES})),
+    if(external, 'external', 'pod'),
+    if(external, '', concat('ns-', toString(wd % {NAMESPACES}))),
+    if(external, '', concat('wl-', toString(wd), '-', toString(dst_pod % {PODS_PER_WORKLOAD}))),
+    if(external, '', concat('wl-', toString(wd))), if(external, '', 'Deployment'),
+    if(external, '', concat('svc-', toString(wd))), if(external, '', concat('node-', toString(dst_pod % {NODES}))),
+    concat('uid-', toString(src_pod)), if(external, '', concat('uid-', toString(dst_pod))),
+    if(external, toUInt32(64500 + intDiv(ext, {EXTERNAL_ADDRESSES // ASNS})), 0),
+    if(external, concat('AS', toString(64500 + intDiv(ext, {EXTERNAL_ADDRESSES // ASNS}))), ''),
+    if(external, [{countries}][1 + intDiv(ext, {EXTERNAL_ADDRESSES // ASNS}) % {len(COUNTRIES)}], ''),
+    if(external, 'egress', 'pod-to-pod')
+FROM
+(
+    SELECT
+        number,
+        toInt64({end_ms - SPAN_S * 1000}) + toInt64(intDiv(number * {SPAN_S * 1000}, {total})) AS end_ms,
+        intHash64(number) AS h1, intHash64(number + 0x9E3779B97F4A7C15) AS h2, cityHash64(number) AS h3,
+        {ws} AS ws,
+        -- a sparse service graph: each workload talks to {PEERS} others and to {EXTERNAL_PEERS} ASNs
+        (ws * 37 + 1 + (bitShiftRight(h2, 8) % {PEERS}) * 101) % {WORKLOADS} AS wd,
+        ws * {PODS_PER_WORKLOAD} + bitShiftRight(h1, 40) % {PODS_PER_WORKLOAD} AS src_pod,
+        wd * {PODS_PER_WORKLOAD} + bitShiftRight(h2, 40) % {PODS_PER_WORKLOAD} AS dst_pod,
+        bitShiftRight(h2, 24) % 100 < {EXTERNAL_SHARE} AS external,
+        ((ws * 7 + bitShiftRight(h3, 8) % {EXTERNAL_PEERS}) % {ASNS}) * {EXTERNAL_ADDRESSES // ASNS}
+            + bitShiftRight(h3, 16) % {EXTERNAL_ADDRESSES // ASNS} AS ext
+    FROM numbers({start}, {count})
+)
+SETTINGS insert_deduplicate = 0
+"""
+
+
+def generate(client: Client, total: int) -> float:
+    """Insert ``total`` flows; returns flows/s."""
+    end_ms = int(client.query("SELECT toUnixTimestamp64Milli(now64(3))").result_rows[0][0])
+    started = time.perf_counter()
+    for start in range(0, total, CHUNK):
+        count = min(CHUNK, total - start)
+        client.command(generator_sql(start, count, total, end_ms))
+        done = start + count
+        rate = done / (time.perf_counter() - started)
+        print(f"  generated {done:,} flows ({rate:,.0f}/s)", flush=True)
+    return total / (time.perf_counter() - started)
+
+
+def storage(client: Client) -> list[tuple[str, int, int, float]]:
+    """(table, rows, bytes on disk, bytes per flow) for flows and the rollups."""
+    flows = int(client.query("SELECT count() FROM flows").result_rows[0][0])
+    out = []
+    for table in ("flows", "flows_1m", "flows_1h"):
+        rows, size = client.query(
+            "SELECT sum(rows), sum(bytes_on_disk) FROM system.parts "
+            f"WHERE database = currentDatabase() AND table = '{table}' AND active").result_rows[0]
+        out.append((table, int(rows), int(size), int(size) / max(flows, 1)))
+    return out
+
+
+def parameter_sets(client: Client) -> dict[str, list[dict[str, str]]]:
+    """Realistic parameters per named query: windows of an hour (per-minute rollup), 7 days
+    (per-hour rollup) and all time, for a busy namespace/service/pod that exists in the data."""
+    ns, svc, pod, uid = client.query(
+        "SELECT dst_namespace, dst_service, dst_name, dst_pod_uid FROM flows "
+        "WHERE dst_kind = 'pod' AND flow_end >= now() - INTERVAL 1 HOUR LIMIT 1").result_rows[0]
+    day_ago = client.query("SELECT toString(now() - INTERVAL 1 DAY)").result_rows[0][0]
+    windows = [{"minutes": "60"}, {"minutes": str(7 * 1440)}, {"minutes": "0"}]
+    known: dict[str, list[dict[str, str]]] = {
+        "service_peers": [{"namespace": ns, "service": svc} | w for w in windows],
+        "pod_peers": [{"namespace": ns, "pod": pod, "minutes": "60"}, {"namespace": ns, "pod": pod, "minutes": "0"}],
+        "pod_history": [{"uid": uid}],
+        "new_external_destinations": [{"since": day_ago}],
+        "first_seen_external": [{"since": day_ago}],
+    }
+    out = {}
+    for name in queries.names():
+        declared = queries.load(name).defaults
+        if name in known:
+            out[name] = known[name]
+        elif "minutes" in declared:
+            out[name] = windows
+        else:
+            out[name] = [{}]
+    return out
+
+
+def source(name: str) -> str:
+    """Which tables a named query reads (from its SQL)."""
+    sql = queries.load(name).sql
+    tables = [t for t in ("flows_1m", "flows_1h", "first_seen_external", "completeness")
+              if f"FROM {t}" in sql]
+    if "FROM flows\n" in sql or "FROM flows " in sql:
+        tables.append("flows (raw)")
+    return "+".join(tables) or "?"
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--flows", type=int, default=100_000_000)
+    parser.add_argument("--runs", type=int, default=20)
+    parser.add_argument("--budget-s", type=float, default=30.0,
+                        help="stop repeating a query after this long (at least 3 runs)")
+    parser.add_argument("--dir", type=Path, default=Path("/work"),
+                        help="where the temporary data directory goes (default /work)")
+    parser.add_argument("--keep", action="store_true")
+    args = parser.parse_args()
+
+    free = shutil.disk_usage(args.dir).free
+    need = args.flows * ESTIMATE_BYTES_PER_FLOW
+    print(f"disk free at {args.dir}: {free / 1e9:.1f} GB; estimate for {args.flows:,} flows: {need / 1e9:.1f} GB")
+    if need > free * 0.5:
+        print("not enough disk for that many flows (keeping half the disk free); use --flows", file=sys.stderr)
+        return 2
+    work = Path(tempfile.mkdtemp(prefix="flowtally-bench-queries-", dir=args.dir))
+    client = connect(ClickHouseSettings(path=work / "chdb"))
+    try:
+        migrate(client)
+        print(f"generating {args.flows:,} flows through the migrations' views")
+        rate = generate(client, args.flows)
+        print(f"generated at {rate:,.0f} flows/s (INSERT … SELECT FROM numbers(), views included)")
+        totals = [client.query(sql).result_rows[0] for sql in (
+            "SELECT count(), sum(bytes), sum(bytes * sampling_rate) FROM flows",
+            "SELECT sum(flows), sum(bytes), sum(scaled_bytes) FROM flows_1m",
+            "SELECT sum(flows), sum(bytes), sum(scaled_bytes) FROM flows_1h")]
+        print(f"totals (flows, bytes, scaled bytes) raw {totals[0]}, flows_1m {totals[1]}, flows_1h {totals[2]}: "
+              + ("equal" if totals[0] == totals[1] == totals[2] else "DIFFERENT"))
+        print("\nstorage (active parts)")
+        for table, stored, size, per_flow in storage(client):
+            print(f"  {table:10s} {stored:14,} rows {size / 1e6:10,.1f} MB  {per_flow:6.2f} B per flow")
+        print(f"\nquery latency over {args.flows:,} flows, {args.runs} runs each after a warm-up (ms)")
+        print(f"  {'query':27s} {'params':42s} {'reads':22s} {'rows':>6s} {'runs':>4s} {'p50':>8s} {'p95':>8s}")
+        worst_rollup = 0.0
+        for name, sets in parameter_sets(client).items():
+            for params in sets:
+                _, result = queries.execute(client, name, params)  # warm-up
+                times: list[float] = []
+                budget = time.monotonic() + args.budget_s
+                while len(times) < args.runs and (len(times) < 3 or time.monotonic() < budget):
+                    started = time.perf_counter()
+                    queries.execute(client, name, params)
+                    times.append((time.perf_counter() - started) * 1000)
+                p50, p95 = np.percentile(times, [50, 95])
+                reads = source(name)
+                if "raw" not in reads:
+                    worst_rollup = max(worst_rollup, float(p95))
+                shown = ",".join(f"{k}={v}" for k, v in params.items())[:42]
+                print(f"  {name:27s} {shown:42s} {reads:22s} {len(result):6d} {len(times):4d} {p50:8.1f} {p95:8.1f}", flush=True)
+        print(f"\nworst p95 of the queries that do not read raw flows: {worst_rollup:.1f} ms (goal <= 300 ms)")
+    finally:
+        client.close()
+        if args.keep:
+            print(f"kept {work}")
+        else:
+            shutil.rmtree(work, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
