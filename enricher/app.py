@@ -214,8 +214,24 @@ def _pairs(headers: Any) -> list[tuple[str, bytes]]:
     return list(headers)
 
 
+def _fixed_mmap_threshold() -> None:
+    """Ask glibc to serve allocations of 128 KiB and more (the index's arrays, Arrow buffers)
+    with mmap, always: by default it raises that threshold after the first large free, and the
+    identity rebuild's big temporaries then stay in a fragmented heap that is never given back
+    (measured: 550 -> 473 MB resident after a 1M-version replay). No-op without glibc."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        libc.mallopt(-3, 128 * 1024)  # M_MMAP_THRESHOLD
+    except (OSError, AttributeError):
+        pass
+
+
 def run(args: argparse.Namespace) -> int:
     """`flowtally enrich`: create topics, load identity, run the Faust worker until SIGTERM."""
+    _fixed_mmap_threshold()
     settings = load_settings(
         EnricherSettings, args.config, inventory=args.inventory, metrics_listen=args.metrics_listen
     )

@@ -12,11 +12,11 @@ Layout (rebuilt in one go after a batch of changes, never per change or per flow
   ``valid_to`` and per identity field an integer code; two extra slots at the end of every code
   column stand for "no owner, private" and "no owner, external";
 - a :class:`_Timeline` over the rows that own an address outright (every kind but
-  ``host-network``): the distinct addresses (sorted) and one ``uint64`` key per row,
-  ``address_id << T | valid_from`` (``T = 64 - bits(ids)``, at least 42 bits: milliseconds up to
-  the year 2109). A lookup is two ``np.searchsorted`` calls: addresses -> address ids, then
-  ``(id << T | flow_time)`` -> the last version starting at or before the flow, accepted when it
-  belongs to the same address and ends after the flow. No Python runs per flow;
+  ``host-network``): the distinct addresses (sorted) and where each address's run of rows
+  starts. A lookup is a ``searchsorted`` of the addresses (as 64-bit words) -> address ids, then
+  a vectorised binary search within each address's run (as many steps as the longest run needs)
+  -> the last version starting at or before the flow, accepted when it ends after the flow. No
+  Python runs per flow;
 - a second timeline over hostNetwork pods' ports: one row per (address, protocol, port) a
   ``host-network`` version serves (``host_ports``), keyed by the 19 bytes address + protocol +
   port.
@@ -72,7 +72,6 @@ OPEN = int(np.iinfo(np.int64).max)
 #: Default history kept for late flows (1 h).
 DEFAULT_HISTORY_MS = 3_600_000
 
-_MIN_TIME_BITS = 42
 #: Fields with about one distinct value per version: stored per row, not deduplicated.
 _PER_ROW_FIELDS = frozenset({"name", "pod_uid"})
 _NF = len(ALL_IDENTITY_FIELDS)
@@ -333,26 +332,25 @@ class _Timeline:
     """Rows of (key, valid_from, valid_to, master row), looked up by (key, time).
 
     ``keys`` is an ``S<k>`` array sorted together with ``valid_from``; overlapping rows of one key
-    must already be cut."""
+    must already be cut. A key's rows are one run; a lookup finds the key (``searchsorted`` over
+    the distinct keys), then the last row of its run starting at or before the time with a
+    vectorised binary search bounded by the longest run (a few steps: an address has a handful
+    of versions), which touches far less memory than searching all rows."""
 
     def __init__(self, keys: np.ndarray, valid_from: np.ndarray, valid_to: np.ndarray,
                  rows: np.ndarray) -> None:
         n = len(keys)
-        self.rows = rows
+        self.rows = rows.astype(np.int32 if n < 2**31 else np.int64)
         self.valid_from, self.valid_to = valid_from, valid_to
         starts = np.ones(n, dtype=bool)
         if n > 1:
             starts[1:] = keys[1:] != keys[:-1]
-        ids = (np.cumsum(starts) - 1).astype(np.uint64)
         self.unique = keys[starts]
-        id_bits = max(1, len(self.unique).bit_length())
-        self.time_bits = 64 - id_bits
-        if self.time_bits < _MIN_TIME_BITS:
-            raise ValueError(f"too many addresses for the index: {len(self.unique)}")
-        self.time_max = np.int64((1 << self.time_bits) - 1)
+        #: First row of each key's run, and n at the end.
+        self.first = np.append(np.flatnonzero(starts), n).astype(np.int64)
+        longest = int(np.diff(self.first).max()) if len(self.unique) else 0
+        self.steps = longest.bit_length()
         self.search = _AddressSearch(self.unique) if keys.dtype == np.dtype("S16") else None
-        times = np.clip(valid_from, 0, self.time_max).astype(np.uint64)
-        self.keys = (ids << np.uint64(self.time_bits)) | times
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -370,13 +368,16 @@ class _Timeline:
         """Master row or -1 per query, given the queries' positions in :attr:`unique`."""
         if len(self.unique) == 0 or len(pos) == 0:
             return np.full(len(pos), -1, dtype=np.int64)
-        ids = pos.astype(np.uint64)
-        shift = np.uint64(self.time_bits)
-        keys = (ids << shift) | np.clip(times, 0, self.time_max).astype(np.uint64)
-        row = np.searchsorted(self.keys, keys, side="right") - 1
-        np.maximum(row, 0, out=row)
-        hit = known & ((self.keys[row] >> shift) == ids)
-        hit &= (times < self.valid_to[row]) & (times >= self.valid_from[row])
+        first = self.first[pos]
+        lo, hi = first.copy(), self.first[pos + 1]
+        last = len(self.valid_from) - 1
+        for _ in range(self.steps):  # lo: first row of the run starting after the time
+            mid = (lo + hi) >> 1
+            right = (lo < hi) & (self.valid_from[np.minimum(mid, last)] <= times)
+            lo = np.where(right, mid + 1, lo)
+            hi = np.where(right | (lo >= hi), hi, mid)
+        row = np.maximum(lo - 1, 0)
+        hit = known & (lo > first) & (times < self.valid_to[row])
         if open_only:
             hit &= self.valid_to[row] == OPEN
         return np.where(hit, self.rows[row], -1)
@@ -466,7 +467,9 @@ class IdentityIndex:
         self._ports = np.zeros(0, dtype=np.int32)
         #: Per field: int32 codes of the master rows, then the two "no owner" slots.
         self._codes = {f: self._extra[f].copy() for f in ALL_IDENTITY_FIELDS}
-        self._sorted = True
+        self._staged: list[dict[str, np.ndarray]] = []
+        self._staged_changed: list[np.ndarray] = []
+        self._master_keep: np.ndarray | None = None
         self._rebuild()
         static = {o.address16(): [Version(OwnerInfo.from_owner(o))] for o in owners}
         if static:
@@ -485,15 +488,12 @@ class IdentityIndex:
             return
         changed = np.array(list(changes), dtype="S16")
         n_rows = len(self._addr)
-        if self._sorted:
-            # Rows are sorted by address: each changed address is one range of them.
-            left = np.searchsorted(self._addr, changed, side="left")
-            right = np.searchsorted(self._addr, changed, side="right")
-            bounds = np.bincount(left, minlength=n_rows + 1) - np.bincount(right, minlength=n_rows + 1)
-            depth = np.cumsum(bounds)
-            keep = depth[:n_rows] == 0
-        else:
-            keep = ~np.isin(self._addr, changed)
+        # Rows are sorted by address (staged changes never touch them): each changed address
+        # is one range of them.
+        left = np.searchsorted(self._addr, changed, side="left")
+        right = np.searchsorted(self._addr, changed, side="right")
+        bounds = np.bincount(left, minlength=n_rows + 1) - np.bincount(right, minlength=n_rows + 1)
+        keep = np.cumsum(bounds)[:n_rows] == 0
         addrs: list[bytes] = []
         starts: list[int] = []
         ends: list[int] = []
@@ -530,39 +530,83 @@ class IdentityIndex:
                 remap = store.resolve()
                 if remap is not None:
                     new[f] = remap[new[f]]
+        if self._staged or not rebuild:
+            self._stage(changed, keep, new)
+            if rebuild:
+                self._rebuild_staged()
+            return
         old = {"addr": self._addr[keep], "from": self._from[keep], "to": self._to[keep],
                "ports": self._ports[keep]}
         for f in ALL_IDENTITY_FIELDS:
             old[f] = self._codes[f][:n_rows][keep]
-        if self._sorted and rebuild:
-            # Merge instead of sorting everything: the kept rows are sorted and the changed
-            # addresses have no rows left among them, so each address's new rows go in as a block.
-            order = _sort_order(new["addr"], new["from"])
-            at = np.searchsorted(old["addr"], new["addr"][order])
-            merged = {k: np.insert(old[k], at, new[k][order]) for k in old}
-        else:
-            merged = {k: np.concatenate([old[k], new[k]]) for k in old}
-        self._addr, self._from, self._to = merged["addr"], merged["from"], merged["to"]
-        self._ports = merged["ports"]
+        # Merge instead of sorting everything: the kept rows are sorted and the changed
+        # addresses have no rows left among them, so each address's new rows go in as a block.
+        order = _sort_order(new["addr"], new["from"])
+        at = np.searchsorted(old["addr"], new["addr"][order])
+        self._addr = np.insert(old.pop("addr"), at, new["addr"][order])
+        self._from = np.insert(old.pop("from"), at, new["from"][order])
+        self._to = np.insert(old.pop("to"), at, new["to"][order])
+        self._ports = np.insert(old.pop("ports"), at, new["ports"][order])
         for f in ALL_IDENTITY_FIELDS:
-            self._codes[f] = np.concatenate([merged[f], self._extra[f]])
-        if rebuild:
-            self._rebuild(sort=not self._sorted)
+            self._codes[f] = np.concatenate([np.insert(old.pop(f), at, new[f][order]), self._extra[f]])
+        self._rebuild(sort=False)
+
+    def _stage(self, changed: np.ndarray, keep: np.ndarray, new: dict[str, np.ndarray]) -> None:
+        """Hold a change for :meth:`rebuild`: the sorted rows only get a "removed" mark, the new
+        rows wait in a list (one concatenation and one sort at the end, whatever the chunks)."""
+        self._master_keep = keep if self._master_keep is None else self._master_keep & keep
+        self._staged.append(new)
+        self._staged_changed.append(changed)
+
+    def _rebuild_staged(self) -> None:
+        """Fold the staged changes in: of an address changed by several, only the last counts."""
+        gens = [np.full(len(c), i, dtype=np.int32) for i, c in enumerate(self._staged_changed)]
+        changed = np.concatenate(self._staged_changed)
+        gen = np.concatenate(gens)
+        order = np.lexsort((gen, *reversed(_words(changed.view(np.uint8).reshape(-1, 16)))))
+        changed, gen = changed[order], gen[order]
+        last = np.ones(len(changed), dtype=bool)
+        last[:-1] = changed[1:] != changed[:-1]
+        last_addr, last_gen = changed[last], gen[last]
+        parts: dict[str, list[np.ndarray]] = {}
+        for i, chunk in enumerate(self._staged):
+            if not len(chunk["addr"]):
+                continue
+            pos = np.searchsorted(last_addr, chunk["addr"])
+            rows = last_gen[pos] == i
+            for k, v in chunk.items():
+                parts.setdefault(k, []).append(v[rows])
+        n = len(self._addr)
+        keep = self._master_keep if self._master_keep is not None else np.ones(n, dtype=bool)
+        self._staged, self._staged_changed, self._master_keep = [], [], None
+        if parts:
+            self._addr = np.concatenate([self._addr[keep], *parts.pop("addr")])
+            self._from = np.concatenate([self._from[keep], *parts.pop("from")])
+            self._to = np.concatenate([self._to[keep], *parts.pop("to")])
+            self._ports = np.concatenate([self._ports[keep], *parts.pop("ports")])
+            for f in ALL_IDENTITY_FIELDS:
+                self._codes[f] = np.concatenate([self._codes[f][:n][keep], *parts.pop(f), self._extra[f]])
         else:
-            self._sorted = False
+            self._select(keep)
+        self._rebuild()
 
     def rebuild(self) -> None:
         """Make changes applied with ``rebuild=False`` visible to lookups."""
-        self._rebuild()
+        if self._staged:
+            self._rebuild_staged()
+        else:
+            self._rebuild()
 
     def prune(self, now_ms: int) -> int:
         """Forget versions that ended before ``now_ms - history_ms``; returns how many."""
+        if self._staged:
+            self.rebuild()
         self.horizon_ms = max(self.horizon_ms, now_ms - self.history_ms)
         old = self._to < self.horizon_ms
         dropped = int(old.sum())
         if dropped:
             self._select(~old)
-            self._rebuild()
+            self._rebuild(sort=False)  # a selection of sorted rows is sorted
         return dropped
 
     def _select(self, rows: np.ndarray) -> None:
@@ -591,7 +635,6 @@ class IdentityIndex:
             store.arrow()  # per-row strings: one Arrow array now rather than in the first batch
         self._main = _Timeline(self._addr[main], self._from[main], self._to[main], main)
         self._hosts = self._host_timeline(np.flatnonzero(host & (self._ports > 0)))
-        self._sorted = True
         host_addresses = np.unique(self._addr[np.flatnonzero(host)])
         self._host_addresses = _AddressSearch(host_addresses)
         assert self._main.search is not None

@@ -150,6 +150,7 @@ def test_changes_applied_one_by_one_equal_the_final_state_applied_at_once(
     # each step replaces some addresses' version lists (or forgets them); names repeat across
     # addresses and steps, so the per-row string store must keep one code per name
     index = IdentityIndex()
+    staged = IdentityIndex()  # the replay's way: every step staged, one rebuild at the end
     final: dict[bytes, list[Version] | None] = {}
     for step in steps:
         changes: dict[bytes, list[Version] | None] = {}
@@ -159,15 +160,19 @@ def test_changes_applied_one_by_one_equal_the_final_state_applied_at_once(
             changes[key] = None if forget else [*versions, Version(OwnerInfo(name=f"p{name}", pod_uid=f"u{name}"),
                                                                    start, start + 100)]
         index.apply(changes)
+        staged.apply(changes, rebuild=False)
         final.update(changes)
+    staged.rebuild()
     fresh = IdentityIndex()
     fresh.apply(final)
     probes = [(a, t) for a in range(7) for t in range(0, 700, 25)]
     addresses = _a(*(f"10.0.0.{a}" for a, _ in probes))
     times = np.array([t for _, t in probes])
-    got, want = index.columns(addresses, times), fresh.columns(addresses, times)
-    for field in ("name", "pod_uid", "kind"):
-        assert got[field].to_pylist() == want[field].to_pylist()
-        values = got[field].dictionary.to_pylist()
-        assert len(values) == len(set(values))
-    assert index.size == fresh.size and index.versions == fresh.versions
+    want = fresh.columns(addresses, times)
+    for other in (index, staged):
+        got = other.columns(addresses, times)
+        for field in ("name", "pod_uid", "kind"):
+            assert got[field].to_pylist() == want[field].to_pylist()
+            values = got[field].dictionary.to_pylist()
+            assert len(values) == len(set(values))
+        assert other.size == fresh.size and other.versions == fresh.versions
