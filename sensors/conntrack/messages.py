@@ -15,8 +15,9 @@ from __future__ import annotations
 
 import socket
 import struct
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, Union
 
 import numpy as np
 
@@ -45,6 +46,8 @@ IPS_ASSURED = 1 << 2
 IPS_DST_NAT = 1 << 5
 
 _HDR = struct.Struct("=IHHII")
+#: What decode reads: bytes, or a memoryview of bytes (a reused receive buffer).
+Buffer = Union[bytes, memoryview]  # noqa: UP007 (a runtime alias)
 _NLA = struct.Struct("=HH")
 _BE16 = struct.Struct(">H")
 _BE32 = struct.Struct(">I")
@@ -348,7 +351,7 @@ class _Layout(NamedTuple):
     tcp_state: int
 
 
-def _tuple_layout(buf: bytes, base: int, off: int, end: int, headers: list[int]) -> tuple[int, ...] | None:
+def _tuple_layout(buf: Buffer, base: int, off: int, end: int, headers: list[int]) -> tuple[int, ...] | None:
     # Mirrors _tuple: the same attributes, the last of a kind wins.
     src = src_size = dst = dst_size = proto = sport = dport = itype = icode = -1
     while off + 4 <= end:
@@ -400,7 +403,7 @@ def _tuple_layout(buf: bytes, base: int, off: int, end: int, headers: list[int])
     return (src, src_size, dst, dst_size, proto, sport, dport, itype, icode)
 
 
-def _counters_layout(buf: bytes, base: int, off: int, end: int,
+def _counters_layout(buf: Buffer, base: int, off: int, end: int,
                      headers: list[int]) -> tuple[int, int, int, int]:
     packets = psize = nbytes = bsize = -1
     while off + 4 <= end:
@@ -420,7 +423,7 @@ def _counters_layout(buf: bytes, base: int, off: int, end: int,
     return (packets, psize, nbytes, bsize)
 
 
-def _layout(buf: bytes, base: int, end: int) -> _Layout | None:
+def _layout(buf: Buffer, base: int, end: int) -> _Layout | None:
     """The layout of the message at ``base`` (mirrors :func:`_message`), or None when a value
     would lie outside the message (such messages are left to the walk)."""
     headers: list[int] = []
@@ -571,16 +574,15 @@ class Batch:
     skipped: int = 0
 
 
-def _split(data: bytes, ends: list[int] | None, dump: bool, news: bool,
+def _split(data: Buffer, bounds: list[tuple[int, int]], dump: bool, news: bool,
            out: Batch) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Start, length and kind of each message to decode, walking the headers one by one."""
     # Message boundaries stay within each datagram: a message never spans two.
     starts: list[int] = []
     lengths: list[int] = []
     kinds: list[int] = []
-    off = 0
     unpack = _HDR.unpack_from
-    for n in ends if ends is not None else [len(data)]:
+    for off, n in bounds:
         while off + 16 <= n:
             length, mtype, flags, _seq, _pid = unpack(data, off)
             if length < 16 or off + length > n:
@@ -617,18 +619,13 @@ def _split(data: bytes, ends: list[int] | None, dump: bool, news: bool,
             else:
                 out.skipped += 1
             off += (length + 3) & ~3
-        off = n
     return np.array(starts, np.int64), np.array(lengths, np.int64), np.array(kinds, np.uint8)
 
 
-def _one_per_datagram(arr: np.ndarray, ends: list[int], dump: bool, news: bool,
+def _one_per_datagram(arr: np.ndarray, start: np.ndarray, end: np.ndarray, dump: bool, news: bool,
                       out: Batch) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
     """The same as :func:`_split` with numpy when every datagram holds exactly one conntrack
     message (events come so), else None."""
-    end = np.array(ends, np.int64)
-    start = np.empty_like(end)
-    start[0] = 0
-    start[1:] = end[:-1]
     if int((end - start).min()) < 20:
         return None
     hdr = arr[start[:, None] + np.arange(8)]
@@ -656,19 +653,24 @@ def _one_per_datagram(arr: np.ndarray, ends: list[int], dump: bool, news: bool,
     return start[delete], length[delete], kinds[delete]
 
 
-def decode(data: bytes, ends: list[int] | None = None, dump: bool = False, *, news: bool = False,
-                min_group: int = _MIN_GROUP) -> Batch:
-    """Decode every message of ``data`` (datagrams read back to back from a ctnetlink socket,
-    ``ends`` where each ends; None: one datagram) into rows, in the order received. ``dump``:
-    the messages are dump rows; otherwise NEW events are only counted (they report nothing:
-    see :mod:`sensors.conntrack.tracker`) unless ``news``. ``min_group`` 0 walks every message
-    one by one (the reference, for tests)."""
+def decode(data: Buffer, ends: Sequence[int] | np.ndarray | None = None, dump: bool = False, *,
+           starts: Sequence[int] | np.ndarray | None = None, news: bool = False,
+           min_group: int = _MIN_GROUP) -> Batch:
+    """Decode every message of ``data`` (datagrams read from a ctnetlink socket: datagram i
+    spans ``starts[i]:ends[i]``; ``starts`` None: back to back; ``ends`` None: one datagram)
+    into rows, in the order received. ``dump``: the messages are dump rows; otherwise NEW events
+    are only counted (they report nothing: see :mod:`sensors.conntrack.tracker`) unless
+    ``news``. ``min_group`` 0 walks every message one by one (the reference, for tests). The
+    rows share no memory with ``data``."""
     out = Batch(Rows.empty())
     arr = np.frombuffer(data, np.uint8)
-    found = _one_per_datagram(arr, ends, dump, news, out) if min_group and ends and len(ends) >= min_group \
-        else None
+    end = np.asarray(ends if ends is not None else [len(arr)], dtype=np.int64)
+    start = np.asarray(starts, dtype=np.int64) if starts is not None else np.concatenate(([0], end[:-1]))
+    found = None
+    if min_group and len(end) >= min_group:
+        found = _one_per_datagram(arr, start, end, dump, news, out)
     if found is None:
-        found = _split(data, ends, dump, news, out)
+        found = _split(data, list(zip(start.tolist(), end.tolist(), strict=True)), dump, news, out)
     starts, lengths, kinds = found
     if not len(starts):
         return out
@@ -708,7 +710,8 @@ def decode(data: bytes, ends: list[int] | None = None, dump: bool = False, *, ne
         start_list, length_list, kind_list = starts.tolist(), lengths.tolist(), kinds.tolist()
         for i in sorted(walk):
             at, length = start_list[i], length_list[i]
-            s = _message(data, at + 16, at + length, kind_list[i], length)
+            message = bytes(data[at:at + length])  # data may be a reused buffer
+            s = _message(message, 16, length, kind_list[i], length)
             if s is None:
                 out.skipped += 1
             else:

@@ -65,10 +65,9 @@ TABLE_ENTRIES = Gauge(_P + "table_entries", "Entries in the conntrack table (nf_
 TABLE_MAX = Gauge(_P + "table_max", "Size limit of the conntrack table (nf_conntrack_max)")
 TABLE_FILL = Gauge(_P + "table_fill_ratio", "table_entries / table_max")
 
-# Datagrams read per wakeup (at most netlink.READ_BYTES): enough that one decode pass over them
-# pays (an event is a datagram of its own; a dump chunk holds ~200 rows), few enough that dumps
-# and timers get their turn under a flood.
-_EVENT_DATAGRAMS = 512
+# Datagrams read per wakeup: enough that one decode pass over them pays (an event is a datagram
+# of its own, up to netlink.EVENT_SLOTS are read at once; a dump chunk holds ~200 rows), few
+# enough that dumps and timers get their turn under a flood.
 _DUMP_DATAGRAMS = 32
 _MIN_RESYNC_GAP_S = 0.5  # between an overrun's resync dump and the previous dump's end
 
@@ -143,22 +142,22 @@ class ConntrackSensor:
     def _on_events(self) -> None:
         if self._events is None:
             return
-        data, ends, overrun = self._events.read(_EVENT_DATAGRAMS)
+        data, starts, ends, overrun = self._events.read()
         if overrun:
             OVERRUNS.inc()
             self._completeness.add_kernel_drops(time.time_ns() // 1_000_000, 1)
             log.warning("conntrack event socket overrun (ENOBUFS): resynchronising with a dump")
             self._resync.set()
-        if not ends:
+        if not len(ends):
             return
-        batch = decode(data, ends)
+        batch = decode(data, ends, starts=starts)
         if batch.skipped:
             DECODE_SKIPPED.inc(batch.skipped)
         if batch.news:
             EVENTS_NEW.inc(batch.news)
         if batch.destroys:
             EVENTS_DESTROY.inc(batch.destroys)
-        self._take(batch.rows, batch.messages, len(data))
+        self._take(batch.rows, batch.messages, int((ends - starts).sum()))
 
     def _take(self, rows: Rows, messages: int, nbytes: int) -> None:
         """Filter, track and queue the records of one wakeup's rows (``messages`` conntrack

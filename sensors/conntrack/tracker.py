@@ -92,7 +92,18 @@ class Tracker:
         self._baseline = False
         if started < 0:
             return
-        for key in [k for k, t in self.tombstones.items() if t[4] < started and t[5] <= now]:
+        # Tombstones are kept in burial order (clock and caller time both non-decreasing), so the
+        # scan stops at the first that is too young or, give or take the difference between the
+        # two lifetimes, expires later: the rest expire later still. (With a caller clock going
+        # backwards, tombstones would only stay longer: never a double count.)
+        slack = abs(self.tombstone_s - self.lost_after_s)
+        doomed = []
+        for key, t in self.tombstones.items():
+            if t[4] >= started or t[5] > now + slack:
+                break
+            if t[5] <= now:
+                doomed.append(key)
+        for key in doomed:
             del self.tombstones[key]
         if not complete:
             return

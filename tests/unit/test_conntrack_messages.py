@@ -161,6 +161,18 @@ def _stream(seed: int, per_datagram: int = 0) -> tuple[bytes, list[int], list[di
     return out, ends, expected
 
 
+def _slotted(data: bytes, ends: list[int], seed: int, slot: int = 1024) -> tuple[bytearray, list[int], list[int]]:
+    """The datagrams of ``data`` each at the start of a ``slot``-byte slot, random bytes after."""
+    rng = random.Random(seed)
+    out = bytearray(rng.randbytes(slot * len(ends)))
+    starts = [i * slot for i in range(len(ends))]
+    slot_ends = []
+    for at, (a, b) in zip(starts, zip([0, *ends[:-1]], ends, strict=True), strict=True):
+        out[at:at + b - a] = data[a:b]
+        slot_ends.append(at + b - a)
+    return out, starts, slot_ends
+
+
 def _value(msg: Any, *path: str) -> Any:
     node = msg
     for name in path[:-1]:
@@ -182,6 +194,12 @@ def test_layout_path_equals_the_walk_and_pyroute2(seed: int) -> None:
             assert (fast.news, fast.destroys) == (walk.news, walk.destroys)
             for i in range(len(expected)):
                 assert row(fast.rows, i) == row(walk.rows, i), i
+        # As recvmmsg leaves them: one datagram per slot of a reused buffer, garbage between.
+        slotted, starts, slot_ends = _slotted(*single[:2], seed)
+        for min_group in (0, 2):
+            got = decode(memoryview(slotted), slot_ends, dump=dump, starts=starts, news=True, min_group=min_group)
+            assert len(got.rows) == len(expected)
+            assert all(row(got.rows, i) == row(walk.rows, i) for i in range(len(expected)))
         events = decode(*single[:2], dump=dump)  # NEW events only counted
         kinds = walk.rows.kind.tolist()
         assert (events.news, events.destroys) == ((0, 0) if dump else (kinds.count(NEW), kinds.count(DESTROY)))

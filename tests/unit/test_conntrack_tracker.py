@@ -283,3 +283,23 @@ def test_filters_count_each_row_under_its_first_reason() -> None:
     assert counts == {"loopback": 2, "kafka": 2, "cidr": 2, "port": 1}
     keep, counts = make_filter(loopback=False)(rows_from_snapshots(rows))
     assert keep.all() and counts == {}
+
+
+def test_tombstones_of_both_lifetimes_expire_in_turn() -> None:
+    # Given up (lost_after_s 10) before an ended connection (tombstone_s 1) was buried: the
+    # younger one still goes first.
+    t = Tracker(tombstone_s=1.0, lost_after_s=10.0)
+    t.begin_dump(0.0)
+    upd(t, [snap(DUMP, 1, (1, 100, 0, 0))], 0.0)
+    t.end_dump(0.0)
+    for now in (5.0, 11.0, 16.0):
+        t.begin_dump(now)
+        t.end_dump(now)
+    assert t.lost == 1 and len(t.tombstones) == 1
+    upd(t, [snap(DESTROY, 2, (1, 60, 0, 0))], 17.0)
+    t.begin_dump(20.0)
+    t.end_dump(20.0)
+    assert list(t.tombstones) == [key_of(snap(DUMP, 1, (0, 0, 0, 0)))]
+    t.begin_dump(27.0)
+    t.end_dump(27.0)
+    assert not t.tombstones
