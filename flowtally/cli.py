@@ -98,14 +98,10 @@ def build_parser() -> argparse.ArgumentParser:
     gen = sub.add_parser("generate", help="synthetic data").add_subparsers(
         dest="what", required=True, metavar="WHAT"
     )
-    gnf = gen.add_parser("netflow", help="send a synthetic NetFlow v9 stream over UDP")
-    gnf.add_argument("--to", required=True, help="host:port of the collector")
-    gnf.add_argument("--flows", type=int, default=100_000, help="number of flow records to send")
-    gnf.add_argument("--rate", type=float, default=50_000, help="flows per second (0 = as fast as possible)")
-    gnf.add_argument("--seed", type=int, default=1, help="seed of the synthetic cluster and traffic")
-    gnf.add_argument("--source-id", type=int, default=1, help="v9 source ID (observation domain)")
-    gnf.add_argument("--json", action="store_true", help="print the totals as JSON")
-    gnf.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    # The generator owns its options (benchmarks build the same parser with it).
+    from sensors.netflow.generator import add_netflow_arguments
+
+    add_netflow_arguments(gen.add_parser("netflow", help="send a synthetic NetFlow v9 or IPFIX stream"))
     ginv = gen.add_parser("inventory", help="print the synthetic cluster's inventory (YAML)")
     ginv.add_argument("--seed", type=int, default=1)
     ginv.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])

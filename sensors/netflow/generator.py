@@ -1024,7 +1024,7 @@ def run_netflow(args: argparse.Namespace) -> int:
         raise SettingsError("--flows, --rate and --seed must be >= 0")
     if not 0 <= args.source_id <= 0xFFFFFFFF:
         raise SettingsError(f"--source-id {args.source_id} is not a 32-bit unsigned number")
-    ipfix = getattr(args, "format", "v9") == "ipfix"  # `flowtally generate netflow` may not offer it
+    ipfix = args.format == "ipfix"
     cluster = synthetic_cluster(args.seed)
     sock = socket.socket(family, socket.SOCK_DGRAM)
     # A big send buffer absorbs bursts; an unconnected socket ignores ICMP errors from a collector

@@ -440,7 +440,7 @@ class _Receiver:
 
 
 def _args(**kw: Any) -> argparse.Namespace:
-    defaults = {"flows": 5000, "rate": 0.0, "seed": 3, "source_id": 9, "json": True}
+    defaults = {"flows": 5000, "rate": 0.0, "seed": 3, "source_id": 9, "json": True, "format": "v9"}
     return argparse.Namespace(**(defaults | kw))
 
 
