@@ -156,9 +156,13 @@ class GeoDatabases:
 
 
 def _signature(path: Path | None) -> tuple[int, int] | None:
+    """(mtime, size) of a configured file; None when none is configured or it is not there (yet)."""
     if path is None:
         return None
-    st = os.stat(path)
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return None
     return (st.st_mtime_ns, st.st_size)
 
 
@@ -181,6 +185,13 @@ class GeoIP:
         self._clock = clock
         self._on_reload = on_reload
         self._signatures = (_signature(self.asn_path), _signature(self.city_path))
+        # A configured file that is not there yet (a fresh volume that geoipupdate has not
+        # filled) is not an error: public addresses get no ASN/location until it appears, and
+        # the periodic check loads it then. A file that is there but unreadable is one.
+        for path, signature in zip((self.asn_path, self.city_path), self._signatures, strict=True):
+            if path is not None and signature is None:
+                log.warning("geoip: %s does not exist (yet); public addresses get no ASN/location "
+                            "until it appears (checked every %g s)", path, check_interval_s)
         self._db = self._open()
         self._retired: GeoDatabases | None = None
         self._checked = clock()
@@ -188,9 +199,12 @@ class GeoIP:
         self.reload_failures = 0
 
     def _open(self) -> GeoDatabases:
-        asn = open_reader(self.asn_path) if self.asn_path else None
+        paths = (self.asn_path, self.city_path)
+        asn_path, city_path = (p if s is not None else None
+                               for p, s in zip(paths, self._signatures, strict=True))
+        asn = open_reader(asn_path) if asn_path else None
         try:
-            city = open_reader(self.city_path) if self.city_path else None
+            city = open_reader(city_path) if city_path else None
         except Exception:
             if asn is not None:
                 asn.close()
@@ -218,14 +232,20 @@ class GeoIP:
             return False
         if signatures == self._signatures:
             return False
+        pairs = zip(self._signatures, signatures, strict=True)
+        if any(old is not None and new is None for old, new in pairs):
+            log.warning("geoip: a loaded mmdb file is gone; keeping the loaded ones")
+            self.reload_failures += 1
+            return False
+        previous, self._signatures = self._signatures, signatures
         try:
             fresh = self._open()
         except Exception as exc:
             log.error("geoip: reload failed (%s); keeping the loaded files", exc)
+            self._signatures = previous
             self.reload_failures += 1
             return False
         self._retired, self._db = self._db, fresh
-        self._signatures = signatures
         self.reloads += 1
         log.info("geoip: reloaded %s", ", ".join(str(p) for p in (self.asn_path, self.city_path) if p))
         if self._on_reload is not None:

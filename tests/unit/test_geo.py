@@ -8,6 +8,7 @@ import shutil
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 from enricher.enrich import EnrichStats, enrich_batch
 from enricher.geo import GeoIP
@@ -71,3 +72,34 @@ def test_hot_reload_when_the_file_changes(tmp_path: Path) -> None:
         assert geo.reload_failures == 1
     finally:
         geo.close()
+
+
+def test_a_configured_file_that_appears_later_is_loaded_then(tmp_path: Path) -> None:
+    asn, city = tmp_path / "GeoLite2-ASN.mmdb", tmp_path / "GeoLite2-City.mmdb"
+    now = [0.0]
+    geo = GeoIP(asn, city, check_interval_s=10, clock=lambda: now[0])  # an empty volume: no error
+    try:
+        probe, public = _a("81.2.69.160", "1.128.0.1"), np.ones(2, dtype=bool)
+        assert geo.current().columns(probe, public)["country"].to_pylist() == ["", ""]
+        shutil.copy(CITY, city)
+        now[0] = 11.0
+        cols = geo.current().columns(probe, public)
+        assert cols["country"].to_pylist() == ["GB", ""] and cols["asn"].to_pylist() == [0, 0]
+        shutil.copy(ASN, asn)
+        now[0] = 22.0
+        assert geo.current().columns(probe, public)["asn"].to_pylist() == [0, 1221]
+        assert geo.reloads == 2 and geo.reload_failures == 0
+        # a loaded file that goes away keeps the loaded set in service
+        asn.unlink()
+        now[0] = 33.0
+        assert geo.current().columns(probe, public)["asn"].to_pylist() == [0, 1221]
+        assert geo.reload_failures == 1
+    finally:
+        geo.close()
+
+
+def test_an_unreadable_file_at_start_is_an_error(tmp_path: Path) -> None:
+    bad = tmp_path / "GeoLite2-City.mmdb"
+    bad.write_bytes(b"not an mmdb")
+    with pytest.raises(Exception, match=r"metadata|MaxMind|database"):
+        GeoIP(None, bad)

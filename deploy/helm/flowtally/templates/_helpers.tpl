@@ -65,10 +65,12 @@ capabilities:
   drop: [ALL]
 {{- end -}}
 
+{{- /*
+/healthz turns healthy only after a stage's start-up work (the watcher's first full lists, the
+enricher's replay of the identity topic), which takes minutes on a large cluster: the startup
+probe holds the liveness probe off for up to 10 minutes instead of restarting the pod mid-way.
+*/ -}}
 {{- define "flowtally.healthProbes" -}}
-# /healthz turns healthy only after a stage's start-up work (the watcher's first full lists, the
-# enricher's replay of the identity topic), which takes minutes on a large cluster: the startup
-# probe holds the liveness probe off for up to 10 minutes instead of restarting the pod mid-way.
 startupProbe:
   httpGet: {path: /healthz, port: metrics}
   periodSeconds: 10
