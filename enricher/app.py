@@ -130,6 +130,7 @@ def create_app(settings: EnricherSettings, state: EnricherState) -> faust.App:
         topic_allow_declare=False,  # topics are created by flowtally with our partition counts
         web_enabled=False,
         store="memory://",
+        datadir=str(settings.data_dir),  # not Faust's default "<app id>-data" in the working directory
         consumer_auto_offset_reset="earliest",
         producer_acks=-1,
         producer_max_request_size=kafka.MAX_MESSAGE_BYTES + 64_000,

@@ -19,10 +19,13 @@ class EnricherSettings(StageSettings):
     app_id: str = Field("flowtally-enricher", pattern=r"^[A-Za-z0-9._-]+$",
                         description="Faust app id = consumer group; unique per deployment")
     inventory: Path | None = Field(None, description="Static identity inventory (YAML)")
-    metrics_listen: str = "0.0.0.0:9462"
+    metrics_listen: str = Field("0.0.0.0:9462", description="host:port of /metrics and /healthz")
+    data_dir: Path = Field(Path("var/faust"), description="Faust's local directory (its table state is "
+                           "in memory; Faust still creates this), relative to the working directory")
     session_timeout_s: float = Field(30.0, ge=6, le=300,
                                      description="How long a dead worker holds its partitions")
-    commit_interval_s: float = Field(1.0, gt=0, le=60)
+    commit_interval_s: float = Field(1.0, gt=0, le=60,
+                                     description="How often Faust commits the input offsets it may commit")
     identity_topic: bool = Field(True, description="Replay and follow the identity topic")
     identity_history_s: float = Field(3600.0, ge=60, le=7 * 86400,
                                       description="How long ended identity versions are kept for late flows")
@@ -32,7 +35,8 @@ class EnricherSettings(StageSettings):
     geoip_city_path: Path | None = Field(None, description="GeoLite2-City or -Country mmdb file")
     geoip_check_interval_s: float = Field(30.0, ge=0, le=86400,
                                           description="How often the mmdb files are checked for changes")
-    geoip_cache_size: int = Field(200_000, ge=0, le=10_000_000)
+    geoip_cache_size: int = Field(200_000, ge=0, le=10_000_000,
+                                  description="Public addresses whose GeoIP/ASN answer is cached")
     dedup_connections: bool = Field(True, description="Keep one observation per connection: drop a "
                                     "record not made at the initiator's node when that node is observed")
     observer_window_s: float = Field(900.0, ge=10, le=86400,
