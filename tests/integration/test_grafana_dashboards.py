@@ -4,11 +4,9 @@ on chDB (macros expanded as the ClickHouse plugin expands them) over flows the s
 from __future__ import annotations
 
 import datetime as dt
-import importlib.util
 import itertools
 import json
 import re
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -38,21 +36,13 @@ from tests.fixtures.grafana import (
     grafana_interval,
 )
 from tests.oracle import shared_testdata
+from tests.scripts import load_script
 
 ROOT = Path(__file__).resolve().parents[2]
 GRAFANA = ROOT / "deploy" / "grafana"
 
 
-def _generator() -> Any:
-    spec = importlib.util.spec_from_file_location("flowtally_grafana_generate", GRAFANA / "generate.py")
-    assert spec and spec.loader
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-gen = _generator()
+gen = load_script(GRAFANA / "generate.py")
 
 
 def _walk(node: Any) -> Any:
@@ -366,10 +356,7 @@ def test_service_map_picture_from_demo_data(tmp_path: Path) -> None:
     """The README's service map: the demo cluster's synthetic traffic through the enricher and the
     sink's writer, read back by the named Node Graph queries; the edges carry every scaled byte
     stored, every edge ends at a node, and graphviz draws it."""
-    images = importlib.util.spec_from_file_location("flowtally_render_images_it", GRAFANA / "render_images.py")
-    assert images and images.loader
-    module = importlib.util.module_from_spec(images)
-    images.loader.exec_module(module)
+    module = load_script(GRAFANA / "render_images.py")
     from flowtally.clickhouse import connect
     from flowtally.settings import ClickHouseSettings
     from sql import migrate

@@ -3,9 +3,7 @@ stage model and every field, and each environment variable it names really sets 
 
 from __future__ import annotations
 
-import importlib.util
 import re
-import sys
 import typing
 from pathlib import Path
 from typing import Any
@@ -14,22 +12,13 @@ import pytest
 from pydantic import BaseModel
 
 from flowtally.settings import Group, StageSettings, load_settings
+from tests.scripts import load_script
 
 ROOT = Path(__file__).resolve().parents[2]
 DOC = ROOT / "deploy" / "docs" / "configuration.md"
 
 
-def _generator() -> Any:
-    spec = importlib.util.spec_from_file_location("flowtally_config_reference",
-                                                  ROOT / "deploy" / "docs" / "generate_config_reference.py")
-    assert spec and spec.loader
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-gen = _generator()
+gen = load_script(ROOT / "deploy" / "docs" / "generate_config_reference.py")
 MODELS: list[type[StageSettings]] = gen.stage_models()
 
 

@@ -3,30 +3,20 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import re
 import struct
-import sys
 from pathlib import Path
-from typing import Any
 
 import pytest
+
+from tests.scripts import load_script
 
 ROOT = Path(__file__).resolve().parents[2]
 GRAFANA = ROOT / "deploy" / "grafana"
 
 
-def _load(name: str, path: Path) -> Any:
-    spec = importlib.util.spec_from_file_location(name, path)
-    assert spec and spec.loader
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-images = _load("flowtally_render_images", GRAFANA / "render_images.py")
+images = load_script(GRAFANA / "render_images.py")
 DASHBOARDS = sorted(p.stem for p in (GRAFANA / "dashboards").glob("*.json"))
 
 
