@@ -5,26 +5,19 @@
 SELECT
     src_namespace AS namespace,
     if(src_workload != '', src_workload, src_kind) AS workload,
-    sum(b) AS bytes,
-    sum(p) AS packets,
-    sum(f) AS flows
+    sum(scaled_bytes)   AS bytes,
+    sum(scaled_packets) AS packets,
+    sum(flows)          AS flows
 FROM
 (
-    -- summed per key columns first, the label built on that small result
-    SELECT src_namespace, src_workload, src_kind,
-           sum(scaled_bytes) AS b, sum(scaled_packets) AS p, sum(flows) AS f
-    FROM
-    (
-        SELECT * FROM flows_1m
-        WHERE {minutes:UInt32} BETWEEN 1 AND 1440 AND time >= toStartOfMinute(now() - toIntervalMinute({minutes:UInt32}))
-        UNION ALL
-        SELECT * FROM flows_1h
-        WHERE ({minutes:UInt32} = 0 OR {minutes:UInt32} > 1440)
-          AND ({minutes:UInt32} = 0 OR time >= toStartOfHour(now() - toIntervalMinute({minutes:UInt32})))
-    )
-    WHERE dst_kind = 'external'
-    GROUP BY src_namespace, src_workload, src_kind
+    SELECT * FROM flows_1m
+    WHERE {minutes:UInt32} BETWEEN 1 AND 1440 AND time >= toStartOfMinute(now() - toIntervalMinute({minutes:UInt32}))
+    UNION ALL
+    SELECT * FROM flows_1h
+    WHERE ({minutes:UInt32} = 0 OR {minutes:UInt32} > 1440)
+      AND ({minutes:UInt32} = 0 OR time >= toStartOfHour(now() - toIntervalMinute({minutes:UInt32})))
 )
+WHERE dst_kind = 'external'
 GROUP BY namespace, workload
 ORDER BY bytes DESC, namespace, workload
 LIMIT {limit:UInt32}

@@ -1,8 +1,7 @@
 -- The service map's edges for Grafana's Node Graph panel over the last `minutes` minutes (0 = all
 -- time): one edge per (source, target) node pair (ids as in service_map_nodes), with the bytes
 -- sent (mainstat) and the average rate in bytes/s over the window (secondarystat; over the data's
--- own span when minutes = 0). Bytes are sampling-scaled. From the rollups, summed per key columns
--- first (LowCardinality, cheap) and the node ids built on that small result.
+-- own span when minutes = 0). Bytes are sampling-scaled. From the rollups.
 -- params: minutes UInt32 = 60 (0 = all time)
 SELECT
     concat(source, ' -> ', target) AS id,
@@ -10,24 +9,18 @@ SELECT
        if(src_service != '', concat(src_namespace, '/', src_service), src_kind)) AS source,
     if(dst_workload != '', concat(dst_namespace, '/', dst_workload),
        if(dst_service != '', concat(dst_namespace, '/', dst_service), dst_kind)) AS target,
-    sum(b) AS mainstat,
+    sum(scaled_bytes) AS mainstat,
     round(mainstat / if({minutes:UInt32} = 0,
-                        greatest(dateDiff('second', min(min(first)) OVER (), max(max(last)) OVER ()) + 60, 60),
+                        greatest(dateDiff('second', min(min(time)) OVER (), max(max(time)) OVER ()) + 60, 60),
                         {minutes:UInt32} * 60), 3) AS secondarystat
 FROM
 (
-    SELECT src_namespace, src_workload, src_service, src_kind, dst_namespace, dst_workload, dst_service, dst_kind,
-           sum(scaled_bytes) AS b, min(time) AS first, max(time) AS last
-    FROM
-    (
-        SELECT * FROM flows_1m
-        WHERE {minutes:UInt32} BETWEEN 1 AND 1440 AND time >= toStartOfMinute(now() - toIntervalMinute({minutes:UInt32}))
-        UNION ALL
-        SELECT * FROM flows_1h
-        WHERE ({minutes:UInt32} = 0 OR {minutes:UInt32} > 1440)
-          AND ({minutes:UInt32} = 0 OR time >= toStartOfHour(now() - toIntervalMinute({minutes:UInt32})))
-    )
-    GROUP BY src_namespace, src_workload, src_service, src_kind, dst_namespace, dst_workload, dst_service, dst_kind
+    SELECT * FROM flows_1m
+    WHERE {minutes:UInt32} BETWEEN 1 AND 1440 AND time >= toStartOfMinute(now() - toIntervalMinute({minutes:UInt32}))
+    UNION ALL
+    SELECT * FROM flows_1h
+    WHERE ({minutes:UInt32} = 0 OR {minutes:UInt32} > 1440)
+      AND ({minutes:UInt32} = 0 OR time >= toStartOfHour(now() - toIntervalMinute({minutes:UInt32})))
 )
 GROUP BY source, target
 ORDER BY mainstat DESC, id
