@@ -328,12 +328,17 @@ def run(args: argparse.Namespace) -> int:
     return asyncio.run(_main(settings))
 
 
-async def _main(settings: ConntrackSettings) -> int:
-    # The tracker keeps up to millions of small objects alive and events allocate per row: the
-    # collector's full passes would walk them all, and everything imported by now, again and
-    # again. What exists at start is moved out of its sight; young collections run less often.
+def tune_gc() -> None:
+    """Garbage collection for the sensor's process: the tracker keeps up to millions of small
+    objects alive and every wakeup allocates per row, so the collector's passes would walk them
+    all, and everything imported by then, again and again. What exists now is moved out of its
+    sight, and young collections run less often."""
     gc.freeze()
     gc.set_threshold(50_000, 20, 20)
+
+
+async def _main(settings: ConntrackSettings) -> int:
+    tune_gc()
     publisher: Publisher | None = None
     if not settings.stdout:
         async def prepare() -> None:

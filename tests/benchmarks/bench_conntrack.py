@@ -37,6 +37,7 @@ from sensors.conntrack.filters import make_filter
 from sensors.conntrack.messages import decode
 from sensors.conntrack.netlink import DumpSocket
 from sensors.conntrack.records import build_table
+from sensors.conntrack.service import tune_gc
 from sensors.conntrack.tracker import Tracker
 from tests.benchmarks.bench_pipeline import cpu_seconds
 from tests.netns import PortBridge, Topology, in_netns, sh
@@ -202,6 +203,7 @@ def run_dump(ns: str, entries: int) -> dict[str, float]:
         tracker.end_dump(time.monotonic())
         return time.thread_time() - t0, time.monotonic() - w0, rows, records
 
+    tune_gc()  # as the sensor's process does
     cpu, wall, rows, records = in_netns(ns, sensor_dump)
     # Again, nothing having changed: every row is a connection already reported.
     cpu2, _, rows2, records2 = in_netns(ns, sensor_dump)
@@ -209,6 +211,7 @@ def run_dump(ns: str, entries: int) -> dict[str, float]:
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     _, status, usage = os.wait4(proc.pid, 0)
     proc.returncode = os.waitstatus_to_exitcode(status)
+    sh("conntrack", "-F", ns=ns, check=False, timeout=120)  # before nf_conntrack_max is restored
     return {"entries": count, "sensor_cpu": cpu, "sensor_wall": wall, "rows": rows, "records": records,
             "sensor_cpu_unchanged": cpu2, "rows_unchanged": rows2, "records_unchanged": records2,
             "conntrack_cpu": usage.ru_utime + usage.ru_stime}
@@ -253,6 +256,8 @@ def main() -> int:
         sh("ip", "neigh", "add", "10.98.0.2", "lladdr", "02:00:00:00:00:99", "dev", "d0", ns=ns)
         sh("ip", "route", "add", "10.99.0.0/16", "via", "10.98.0.2", "dev", "d0", ns=ns)
         sh("iptables", "-A", "OUTPUT", "-m", "conntrack", "--ctstate", "NEW", "-j", "ACCEPT", ns=ns)
+        for sysctl in ("nf_conntrack_acct", "nf_conntrack_timestamp"):  # as the sensor sets them
+            sh("sysctl", "-q", "-w", f"net.netfilter.{sysctl}=1", ns=ns)
         ev = run_events(ns, args.connections, bootstrap, work, rate=args.rate,
                         profile=args.profile) if args.connections else None
         dump = None
