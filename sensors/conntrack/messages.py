@@ -2,8 +2,11 @@
 
 pyroute2's own decoder (``nfct_msg``) builds a tree of attribute objects per message and costs
 about 170 µs per connection here, 20 times the budget of a sensor that must keep up with
-``conntrack -E``. This decoder walks the attributes with ``struct`` and keeps only what the
-sensor reports; tests check it against pyroute2's decoding of the same kernel messages.
+``conntrack -E``. This module decodes what one wakeup read (hundreds of events, thousands of
+dump rows) into columns (:class:`Rows`): messages that share a layout are read at fixed offsets
+with numpy, about 1-2 µs per message; the rest go through a walk of the attributes with
+``struct`` (:func:`_message`, ~10 µs), the reference the tests hold the fast path to. Tests
+also check both against pyroute2's decoding of the same messages.
 
 Layout (linux/netlink.h, linux/netfilter/nfnetlink.h, nfnetlink_conntrack.h): a buffer holds
 netlink messages (16-byte header: length, type, flags, seq, pid, host byte order), each followed
