@@ -110,11 +110,7 @@ class CompletenessWorker:
             dlq=self._dlq, dlq_topic=s.kafka.topic("dlq"), metrics=METRICS,
             retry=Retry(s.retry_initial_s, s.retry_max_s), stopping=self._stopping,
         )
-        self._consumer = kafka.consumer(
-            s.kafka, self._topic, group_id=self._group_id,
-            session_timeout_ms=int(s.session_timeout_s * 1000),
-            heartbeat_interval_ms=int(min(3.0, s.session_timeout_s / 3) * 1000),
-        )
+        self._consumer = kafka.consumer(s.kafka, self._topic, group_id=self._group_id, **s.group_kwargs())
         await self._consumer.start()
         self._task = asyncio.create_task(self._run())
 

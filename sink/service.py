@@ -112,11 +112,7 @@ class SinkWorker:
             )
             for c in self._clients
         ]
-        self._consumer = kafka.consumer(
-            s.kafka, self._topic, group_id=s.group_id,
-            session_timeout_ms=int(s.session_timeout_s * 1000),
-            heartbeat_interval_ms=int(min(3.0, s.session_timeout_s / 3) * 1000),
-        )
+        self._consumer = kafka.consumer(s.kafka, self._topic, group_id=s.group_id, **s.group_kwargs())
         await self._consumer.start()
         self._task = asyncio.create_task(self._run())
 

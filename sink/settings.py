@@ -37,6 +37,14 @@ class SinkSettings(StageSettings):
     rollup_1m_ttl_days: int = Field(30, ge=1, le=3650, description="TTL of the per-minute rollup (days)")
     rollup_1h_ttl_days: int = Field(730, ge=1, le=3650, description="TTL of the per-hour rollup (days)")
 
+    def group_kwargs(self) -> dict[str, int]:
+        """Consumer-group timing for every feed the sink consumes (aiokafka keyword arguments)."""
+        return {
+            "session_timeout_ms": int(self.session_timeout_s * 1000),
+            # Kafka wants heartbeats at most a third of the session timeout apart.
+            "heartbeat_interval_ms": int(min(3.0, self.session_timeout_s / 3) * 1000),
+        }
+
     def migration_variables(self) -> dict[str, int]:
         """The ``{name}`` placeholders the migrations may use, with this deployment's values."""
         return {

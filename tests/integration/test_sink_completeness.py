@@ -11,7 +11,6 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
-from aiokafka.admin import AIOKafkaAdminClient
 from clickhouse_connect.driver.client import Client
 
 from enricher.enrich import enrich_batch
@@ -32,6 +31,7 @@ from sensors.schema import address16, build_raw_table
 from sink.completeness import METRICS, CompletenessWorker
 from sink.settings import SinkSettings
 from sql.migrate import migrate
+from tests.fixtures.kafka import committed_total
 
 MINUTE = 60_000
 T0 = 1_790_000_040_000  # a whole UTC minute (2026-09-21)
@@ -111,22 +111,13 @@ async def _publish(settings: KafkaSettings, values: list[tuple[bytes, list[tuple
         await producer.stop()
 
 
-async def _committed(settings: KafkaSettings, group: str) -> int:
-    admin = AIOKafkaAdminClient(**settings.client_kwargs())
-    await admin.start()
-    try:
-        return sum(max(o.offset, 0) for o in (await admin.list_consumer_group_offsets(group)).values())
-    finally:
-        await admin.close()
-
-
 async def _consume_all(settings: SinkSettings, until: int, timeout: float = 30.0) -> None:
     """Run a CompletenessWorker until its group has committed ``until`` offsets."""
     worker = CompletenessWorker(settings)
     await worker.start()
     try:
         deadline = time.monotonic() + timeout
-        while await _committed(settings.kafka, f"{settings.group_id}-completeness") < until:
+        while await committed_total(settings.kafka, f"{settings.group_id}-completeness") < until:
             assert time.monotonic() < deadline, "the completeness consumer did not commit every message"
             await asyncio.sleep(0.3)
         assert worker.health() == (True, "ok")
@@ -248,7 +239,7 @@ def test_flowtally_sink_runs_the_completeness_consumer(kafka_bootstrap: str, tmp
         assert sink.metric("flowtally_sink_rows_inserted_total") == rounds * 2000
     finally:
         assert sink.stop() == 0
-    assert asyncio.run(_committed(settings, f"{prefix}-sink-completeness")) == rounds
+    assert asyncio.run(committed_total(settings, f"{prefix}-sink-completeness")) == rounds
     client = connect(ClickHouseSettings(path=tmp_path / "chdb", database="flowtally"))
     try:
         assert _stored(client) == want

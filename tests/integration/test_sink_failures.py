@@ -15,7 +15,6 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
-from aiokafka.admin import AIOKafkaAdminClient
 
 from enricher.enrich import enrich_batch
 from enricher.identity import IdentityIndex
@@ -29,6 +28,7 @@ from sensors.schema import build_raw_table, ipv4_to_mapped
 from sink.service import SinkWorker
 from sink.settings import SinkSettings
 from sql.migrate import migrate
+from tests.fixtures.kafka import committed_total
 
 
 def _enriched(n: int, nbytes: int, seed: int) -> pa.Table:
@@ -58,15 +58,6 @@ async def _produce(settings: KafkaSettings, tables: list[pa.Table | bytes]) -> N
         await producer.stop()
 
 
-async def _committed(settings: KafkaSettings, group: str) -> int:
-    admin = AIOKafkaAdminClient(**settings.client_kwargs())
-    await admin.start()
-    try:
-        return sum(max(o.offset, 0) for o in (await admin.list_consumer_group_offsets(group)).values())
-    finally:
-        await admin.close()
-
-
 def test_clickhouse_unavailable_for_a_while_loses_nothing(kafka_bootstrap: str, tmp_path: Path) -> None:
     prefix = f"un{uuid.uuid4().hex[:10]}"
     ch = ClickHouseSettings(path=tmp_path / "chdb", database="flowtally")
@@ -85,15 +76,15 @@ def test_clickhouse_unavailable_for_a_while_loses_nothing(kafka_bootstrap: str, 
         await worker.start()
         try:
             await asyncio.sleep(4.0)  # inserts fail and are retried meanwhile
-            committed_during_outage = await _committed(settings.kafka, settings.group_id)
+            committed_during_outage = await committed_total(settings.kafka, settings.group_id)
             healthy, _ = worker.health()
             assert healthy  # failing for less than unhealthy_after_s
             await asyncio.to_thread(admin_client.command, "RENAME TABLE flows_away TO flows")
             deadline = time.monotonic() + 30
-            while await _committed(settings.kafka, settings.group_id) < len(tables):
+            while await committed_total(settings.kafka, settings.group_id) < len(tables):
                 assert time.monotonic() < deadline, "the sink did not recover"
                 await asyncio.sleep(0.5)
-            return committed_during_outage, await _committed(settings.kafka, settings.group_id)
+            return committed_during_outage, await committed_total(settings.kafka, settings.group_id)
         finally:
             await worker.stop()
 
@@ -156,7 +147,7 @@ def test_a_batch_clickhouse_rejects_goes_to_the_dlq_and_the_sink_moves_on(kafka_
         assert sink.metric("flowtally_sink_messages_total", {"outcome": "dlq_VIOLATED_CONSTRAINT"}) == 1
         assert sink.metric("flowtally_sink_insert_errors_total", {"reason": "VIOLATED_CONSTRAINT"}) == 1
         assert sink.metric("flowtally_sink_messages_total", {"outcome": "dlq_not-arrow"}) == 1
-        assert asyncio.run(_committed(settings, f"{prefix}-sink")) == 4
+        assert asyncio.run(committed_total(settings, f"{prefix}-sink")) == 4
     finally:
         assert sink.stop() == 0
     assert len(dlq) == 2
