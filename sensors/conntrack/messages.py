@@ -285,9 +285,8 @@ class Rows:
 
     @staticmethod
     def empty() -> Rows:
-        columns: dict[str, Any] = {f: np.zeros((0, _WIDTH[f]) if f in _WIDTH else 0, _DTYPES[f])
-                                   for f in ROW_FIELDS}
-        return Rows(**columns, keys=[])
+        """No rows (one shared, read-only instance)."""
+        return _EMPTY
 
     @staticmethod
     def concat(parts: list[Rows]) -> Rows:
@@ -298,6 +297,17 @@ class Rows:
             return Rows.empty()
         columns: dict[str, Any] = {f: np.concatenate([getattr(p, f) for p in parts]) for f in ROW_FIELDS}
         return Rows(**columns, keys=[k for p in parts for k in p.keys])
+
+
+def _empty() -> Rows:
+    columns: dict[str, Any] = {f: np.zeros((0, _WIDTH[f]) if f in _WIDTH else 0, _DTYPES[f])
+                               for f in ROW_FIELDS}
+    for column in columns.values():
+        column.flags.writeable = False
+    return Rows(**columns, keys=[])
+
+
+_EMPTY = _empty()
 
 
 def snapshot_key(s: Snapshot) -> bytes:

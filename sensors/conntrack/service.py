@@ -36,7 +36,7 @@ from sensors.completeness import CompletenessAccumulator
 from sensors.conntrack import kernel
 from sensors.conntrack.filters import Filter, make_filter, resolve_endpoints
 from sensors.conntrack.messages import Rows, decode
-from sensors.conntrack.netlink import DumpSocket, EventSocket
+from sensors.conntrack.netlink import EVENT_SLOTS, DumpSocket, EventSocket
 from sensors.conntrack.records import build_columns
 from sensors.conntrack.settings import ConntrackSettings
 from sensors.conntrack.tracker import Counters, Deltas, Tracker
@@ -69,6 +69,7 @@ TABLE_FILL = Gauge(_P + "table_fill_ratio", "table_entries / table_max")
 # of its own, up to netlink.EVENT_SLOTS are read at once; a dump chunk holds ~200 rows), few
 # enough that dumps and timers get their turn under a flood.
 _DUMP_DATAGRAMS = 32
+_EVENT_PAUSE_S = 0.02  # after a read that emptied the event socket
 _MIN_RESYNC_GAP_S = 0.5  # between an overrun's resync dump and the previous dump's end
 
 
@@ -94,6 +95,7 @@ class ConntrackSensor:
         self._pending_rows = 0
         self._pending_since = 0.0
         self._events: EventSocket | None = None
+        self._resume: asyncio.TimerHandle | None = None  # event socket watched again then
         self._task: asyncio.Task[None] | None = None
         self._resync = asyncio.Event()
         self._seq = 0
@@ -124,13 +126,16 @@ class ConntrackSensor:
             await asyncio.gather(self._task, return_exceptions=True)
             self._task = None
         if self._events is not None:
+            if self._resume is not None:
+                self._resume.cancel()
+                self._resume = None
             asyncio.get_running_loop().remove_reader(self._events.fileno())
-            self._on_events()
+            self._drain_events()
             try:
                 await asyncio.wait_for(self._dump(baseline=False), self._settings.drain_timeout_s)
             except Exception as exc:  # the records so far still go out
                 log.warning("final dump failed: %s", exc)
-            self._on_events()
+            self._drain_events()
             self._events.close()
             self._events = None
         self._flush()
@@ -139,9 +144,31 @@ class ConntrackSensor:
 
     # -- reading ---------------------------------------------------------------------------
 
+    def _drain_events(self) -> None:
+        """Take every event queued (bounded: the kernel may keep sending)."""
+        for _ in range(10_000):
+            if self._read_events() < EVENT_SLOTS:
+                break
+
     def _on_events(self) -> None:
+        """The event socket is readable. Unless a full read's worth was waiting, stop watching
+        it for a moment: events then come in batches of hundreds, whose decoding costs a
+        fraction per event of a handful's (the receive buffer holds far more than a pause's
+        worth)."""
+        if self._read_events() < EVENT_SLOTS and self._events is not None:
+            loop = asyncio.get_running_loop()
+            loop.remove_reader(self._events.fileno())
+            self._resume = loop.call_later(_EVENT_PAUSE_S, self._watch_events)
+
+    def _watch_events(self) -> None:
+        self._resume = None
+        if self._events is not None:
+            asyncio.get_running_loop().add_reader(self._events.fileno(), self._on_events)
+
+    def _read_events(self) -> int:
+        """Read, decode and take the events waiting (up to EVENT_SLOTS); how many were read."""
         if self._events is None:
-            return
+            return 0
         data, starts, ends, overrun = self._events.read()
         if overrun:
             OVERRUNS.inc()
@@ -149,7 +176,7 @@ class ConntrackSensor:
             log.warning("conntrack event socket overrun (ENOBUFS): resynchronising with a dump")
             self._resync.set()
         if not len(ends):
-            return
+            return 0
         batch = decode(data, ends, starts=starts)
         if batch.skipped:
             DECODE_SKIPPED.inc(batch.skipped)
@@ -158,6 +185,7 @@ class ConntrackSensor:
         if batch.destroys:
             EVENTS_DESTROY.inc(batch.destroys)
         self._take(batch.rows, batch.messages, int((ends - starts).sum()))
+        return len(ends)
 
     def _take(self, rows: Rows, messages: int, nbytes: int) -> None:
         """Filter, track and queue the records of one wakeup's rows (``messages`` conntrack
