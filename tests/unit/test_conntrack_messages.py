@@ -186,12 +186,15 @@ def _value(msg: Any, *path: str) -> Any:
 def test_layout_path_equals_the_walk_and_pyroute2(seed: int) -> None:
     data, ends, expected = _stream(seed)
     single = _stream(seed, per_datagram=1)  # as events come: numpy reads the headers too
+    # A dump's last chunk ends with NLMSG_DONE.
+    done = struct.pack("=IHHIIi", 20, 3, 2, 1, 0, 0)
     for dump in (False, True):
-        for data_, ends_ in ((data, ends), single[:2]):
+        for data_, ends_ in ((data, ends), single[:2], (data + done, [*ends[:-1], ends[-1] + 20])):
             fast = decode(data_, ends_, dump=dump, news=True, min_group=2)
             walk = decode(data_, ends_, dump=dump, news=True, min_group=0)
             assert (fast.messages, fast.skipped, len(fast.rows)) == (len(expected), 0, len(expected))
-            assert (fast.news, fast.destroys) == (walk.news, walk.destroys)
+            assert (fast.news, fast.destroys, fast.done) == (walk.news, walk.destroys, walk.done)
+            assert fast.done == (data_ is not data and data_ is not single[0])
             for i in range(len(expected)):
                 assert row(fast.rows, i) == row(walk.rows, i), i
         # As recvmmsg leaves them: one datagram per slot of a reused buffer, garbage between.
