@@ -115,8 +115,7 @@ class PortBridge:
 
     def _accept(self) -> None:
         while not self._stop.is_set():
-            ready, _, _ = select.select([self._server], [], [], 0.2)
-            if not ready:
+            if not _readable(self._server, 0.2):
                 continue
             try:
                 client, _ = self._server.accept()
@@ -133,8 +132,7 @@ class PortBridge:
     def _pump(self, src: socket.socket, dst: socket.socket) -> None:
         try:
             while not self._stop.is_set():
-                ready, _, _ = select.select([src], [], [], 0.2)
-                if not ready:
+                if not _readable(src, 0.2):
                     continue
                 data = src.recv(65536)
                 if not data:
@@ -152,6 +150,14 @@ class PortBridge:
         for s in self._sockets:
             with contextlib.suppress(OSError):
                 s.close()
+
+
+def _readable(sock: socket.socket, timeout_s: float) -> bool:
+    """Whether ``sock`` has data (or EOF) within ``timeout_s``. poll, not select: a long test run
+    holds more than 1024 descriptors and select() refuses those above FD_SETSIZE."""
+    poller = select.poll()
+    poller.register(sock, select.POLLIN)
+    return bool(poller.poll(timeout_s * 1000))
 
 
 @dataclass(frozen=True)
