@@ -56,6 +56,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from functools import cache
 
 import numpy as np
 import pyarrow as pa
@@ -66,7 +67,14 @@ from enricher.schema import DIRECTIONS, ENRICHED_SCHEMA, NAT_FIELDS, SIDES
 from sensors.completeness import CompletenessAccumulator
 from sensors.schema import address_bytes
 
-_DIRECTION_DICT = pa.array(list(DIRECTIONS), pa.string())
+
+@cache
+def _direction_dict() -> pa.Array:
+    # Built on first use, not at import: pyarrow imports pandas on its first pa.array() (40 MB
+    # resident) unless enricher.app has kept pandas out of the process by then.
+    return pa.array(list(DIRECTIONS), pa.string())
+
+
 # Kind classes: 0 other/unknown, 1 pod-like, 2 service, 3 node, 4 outside (private/external).
 _KIND_CLASS = {"pod": 1, "host-network": 1, "service": 2, "node": 3, "private": 4, "external": 4}
 # _DIRECTION_TABLE[src class, dst class] -> index into DIRECTIONS
@@ -129,7 +137,7 @@ def _kind_classes(kind: pa.DictionaryArray) -> np.ndarray:
 def direction_codes(src_kind: pa.DictionaryArray, dst_kind: pa.DictionaryArray) -> pa.DictionaryArray:
     """The ``direction`` column for two kind columns (the rule in the module docstring)."""
     codes = _DIRECTION_TABLE[_kind_classes(src_kind), _kind_classes(dst_kind)]
-    return pa.DictionaryArray.from_arrays(pa.array(codes, pa.int32()), _DIRECTION_DICT)
+    return pa.DictionaryArray.from_arrays(pa.array(codes, pa.int32()), _direction_dict())
 
 
 def _numpy(raw: pa.Table, name: str) -> np.ndarray:
@@ -275,7 +283,7 @@ def enrich_batch(raw: pa.Table, index: IdentityIndex, geo: GeoDatabases | None =
             columns[f"{side}_{name}"] = array
     classes = np.array([_KIND_CLASS.get(k, 0) for k in index.kind_values()], dtype=np.int32)
     direction = _DIRECTION_TABLE[classes[kinds["src"]], classes[kinds["dst"]]]
-    columns["direction"] = pa.DictionaryArray.from_arrays(pa.array(direction, pa.int32()), _DIRECTION_DICT)
+    columns["direction"] = pa.DictionaryArray.from_arrays(pa.array(direction, pa.int32()), _direction_dict())
     for name, array in index.arrow_columns(nat_slot, fields=NAT_FIELDS).items():
         columns[f"nat_{name}"] = array
     return pa.Table.from_arrays([columns[name] for name in ENRICHED_SCHEMA.names], schema=ENRICHED_SCHEMA)

@@ -240,7 +240,7 @@ class _PerRowStrings:
         self._pending: list[str] = []
         self._combined: pa.Array | None = None
         self._hashes = np.array([hash("")], dtype=np.int64)  # sorted
-        self._hash_codes = np.array([0], dtype=np.int64)  # the code of each hash
+        self._hash_codes = np.array([0], dtype=np.int32)  # the code of each hash
         self._new: dict[str, int] = {}  # strings added since the last resolve
         self._new_hashes: list[int] = []
         self._first_new = 1
@@ -324,7 +324,7 @@ class _PerRowStrings:
         self._first_new = len(live)
         alive = remap[self._hash_codes] >= 0
         self._hashes = self._hashes[alive]
-        self._hash_codes = remap[self._hash_codes[alive]].astype(np.int64)
+        self._hash_codes = remap[self._hash_codes[alive]]
         return remap
 
 
@@ -432,6 +432,17 @@ def _cut_overlaps(keys: np.ndarray, valid_from: np.ndarray, valid_to: np.ndarray
         same = keys[1:] == keys[:-1]
         out[:-1] = np.where(same, np.minimum(out[:-1], valid_from[1:]), out[:-1])
     return out
+
+
+def _cut_overlaps_rows(keys: np.ndarray, valid_from: np.ndarray, valid_to: np.ndarray, rows: np.ndarray,
+                       chunk: int = 1 << 16) -> None:
+    """:func:`_cut_overlaps` of the master rows ``rows`` (ascending), in place and a chunk at a
+    time: the same result without full-size copies of the rows (the replay's peak memory)."""
+    for start in range(0, len(rows) - 1, chunk):
+        r = rows[start:start + chunk + 1]
+        a, b = r[:-1], r[1:]
+        cut = np.flatnonzero((keys[a] == keys[b]) & (valid_from[b] < valid_to[a]))
+        valid_to[a[cut]] = valid_from[b[cut]]
 
 
 def _sort_order(addr: np.ndarray, valid_from: np.ndarray) -> np.ndarray:
@@ -569,16 +580,21 @@ class IdentityIndex:
         last[:-1] = changed[1:] != changed[:-1]
         last_addr, last_gen = changed[last], gen[last]
         parts: dict[str, list[np.ndarray]] = {}
-        for i, chunk in enumerate(self._staged):
+        staged: list[dict[str, np.ndarray] | None] = list(self._staged)
+        self._staged = []
+        for i, chunk in enumerate(staged):
+            staged[i] = None  # a chunk's arrays go as soon as its parts are taken (peak memory)
+            assert chunk is not None
             if not len(chunk["addr"]):
                 continue
             pos = np.searchsorted(last_addr, chunk["addr"])
             rows = last_gen[pos] == i
+            whole = bool(rows.all())  # the usual case (a replay): no copy
             for k, v in chunk.items():
-                parts.setdefault(k, []).append(v[rows])
+                parts.setdefault(k, []).append(v if whole else v[rows])
         n = len(self._addr)
         keep = self._master_keep if self._master_keep is not None else np.ones(n, dtype=bool)
-        self._staged, self._staged_changed, self._master_keep = [], [], None
+        self._staged_changed, self._master_keep = [], None
         if parts:
             self._addr = np.concatenate([self._addr[keep], *parts.pop("addr")])
             self._from = np.concatenate([self._from[keep], *parts.pop("from")])
@@ -624,7 +640,7 @@ class IdentityIndex:
         main = np.flatnonzero(~host)
         # A newer version of an address ends the older one (host-network versions overlap the
         # node's by design and are cut only among themselves, per port, below).
-        self._to[main] = _cut_overlaps(self._addr[main], self._from[main], self._to[main])
+        _cut_overlaps_rows(self._addr, self._from, self._to, main)
         nonempty = self._to > self._from
         if not nonempty.all():
             self._select(nonempty)
