@@ -152,7 +152,6 @@ def parameter_sets(client: Client) -> dict[str, list[dict[str, str]]]:
         "service_peers": [{"namespace": ns, "service": svc} | w for w in windows],
         "pod_peers": [{"namespace": ns, "pod": pod, "minutes": "60"}, {"namespace": ns, "pod": pod, "minutes": "0"}],
         "pod_history": [{"uid": uid}],
-        "new_external_destinations": [{"since": day_ago}],
         "first_seen_external": [{"since": day_ago}],
     }
     out = {}

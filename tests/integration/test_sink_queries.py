@@ -95,14 +95,15 @@ def test_egress_by_workload(loaded: tuple[Client, int]) -> None:
     assert rows == [("shop", "cart", 500, 5, 1), ("web", "api", 100, 2, 2)]
 
 
-def test_new_external_destinations(loaded: tuple[Client, int]) -> None:
+def test_first_seen_external_on_sink_data(loaded: tuple[Client, int]) -> None:
+    """The first-seen table fed by the sink's inserts (the view on flows) answers "new since"."""
     client, now = loaded
     since = dt.datetime.fromtimestamp((now - DAY) / 1000, dt.UTC).strftime("%Y-%m-%d %H:%M:%S")
-    columns, rows = queries.execute(client, "new_external_destinations", {"since": since})
-    assert columns == ["namespace", "workload", "destination", "first_seen", "bytes", "flows"]
-    assert [(r[0], r[1], r[2], r[4], r[5]) for r in rows] == [("shop", "cart", "::ffff:81.2.69.160", 500, 1)]
-    _, rows = queries.execute(client, "new_external_destinations")  # since the epoch: everything
-    assert sorted((r[1], r[2], r[4]) for r in rows) == [("api", "::ffff:8.8.8.8", 100), ("cart", "::ffff:81.2.69.160", 500)]
+    columns, rows = queries.execute(client, "first_seen_external", {"since": since})
+    assert columns[:3] == ["namespace", "workload", "destination"] and columns[-2:] == ["bytes", "flows"]
+    assert [(r[0], r[1], r[2], r[-2], r[-1]) for r in rows] == [("shop", "cart", "::ffff:81.2.69.160", 500, 1)]
+    _, rows = queries.execute(client, "first_seen_external")  # since the epoch: everything
+    assert sorted((r[1], r[2], r[-2]) for r in rows) == [("api", "::ffff:8.8.8.8", 100), ("cart", "::ffff:81.2.69.160", 500)]
 
 
 def test_service_map(loaded: tuple[Client, int]) -> None:
@@ -145,7 +146,7 @@ def test_query_cli_csv(loaded: tuple[Client, int], clickhouse_settings: ClickHou
 
 
 def test_every_query_is_tested() -> None:
-    tested = {"top_talkers", "top_services", "service_peers", "egress_by_workload", "new_external_destinations",
+    tested = {"top_talkers", "top_services", "service_peers", "egress_by_workload",
               "service_map_nodes", "service_map_edges", "pod_peers"}
     from tests.integration.test_history_queries import TESTED as HISTORY  # the history queries' tests
 
