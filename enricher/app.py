@@ -217,6 +217,30 @@ def _pairs(headers: Any) -> list[tuple[str, bytes]]:
     return list(headers)
 
 
+def _release_free_memory() -> None:
+    """Give the free pages inside glibc's heap back to the OS (``malloc_trim``): the identity
+    rebuild calls it after folding in the replay's staged chunks, small arrays whose holes would
+    otherwise stay resident beside the full-size arrays (measured on 1M versions: ~70 MB).
+    No-op without glibc."""
+    if _LIBC is not None:
+        _LIBC.malloc_trim(0)
+
+
+def _load_libc() -> Any:
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        libc.malloc_trim  # noqa: B018 (absent outside glibc)
+    except (OSError, AttributeError):
+        return None
+    return libc
+
+
+_LIBC: Any = None
+
+
 def _fixed_mmap_threshold() -> None:
     """Ask glibc to serve allocations of 128 KiB and more (the index's arrays, Arrow buffers)
     with mmap, always: by default it raises that threshold after the first large free, and the
@@ -248,6 +272,8 @@ def _lean_process() -> None:
     glibc's mmap threshold fixed (:func:`_fixed_mmap_threshold`), Arrow buffers from the system
     allocator (mimalloc, Arrow's default, keeps freed pages: the identity rebuild's temporary
     string arrays stayed resident, ~90 MB after a 1M-version replay), no pandas."""
+    global _LIBC
+    _LIBC = _load_libc()
     _fixed_mmap_threshold()
     pa.set_memory_pool(pa.system_memory_pool())
     if "pandas" not in sys.modules:
@@ -261,7 +287,8 @@ def run(args: argparse.Namespace) -> int:
         EnricherSettings, args.config, inventory=args.inventory, metrics_listen=args.metrics_listen
     )
     owners = load_inventory(settings.inventory).owners if settings.inventory else ()
-    index = IdentityIndex(owners, history_ms=int(settings.identity_history_s * 1000))
+    index = IdentityIndex(owners, history_ms=int(settings.identity_history_s * 1000),
+                          release_memory=_release_free_memory)
     OWNERS.set(index.size)
     VERSIONS.set(index.versions)
     log.info("identity: %d owners from %s", index.size, settings.inventory or "(none)")

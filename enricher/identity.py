@@ -52,7 +52,7 @@ Rules:
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -454,10 +454,16 @@ def _sort_order(addr: np.ndarray, valid_from: np.ndarray) -> np.ndarray:
 class IdentityIndex:
     """Versioned owners indexed by (address, time)."""
 
-    def __init__(self, owners: Iterable[Owner] = (), *, history_ms: int = DEFAULT_HISTORY_MS) -> None:
+    def __init__(self, owners: Iterable[Owner] = (), *, history_ms: int = DEFAULT_HISTORY_MS,
+                 release_memory: Callable[[], None] | None = None) -> None:
         if history_ms <= 0:
             raise ValueError("history_ms must be positive")
         self.history_ms = history_ms
+        #: Called when a rebuild has freed a large part of its temporaries: the process shell
+        #: gives the allocator's free pages back to the OS there (the staged chunks of a replay
+        #: are small allocations in the heap, whose holes are otherwise kept resident while the
+        #: rebuild allocates the full-size arrays: the replay's peak).
+        self._release_memory = release_memory
         #: Flows older than this (ms) with no owner are late; moves with :meth:`prune`.
         self.horizon_ms = -(2**62)
         self._dicts: dict[str, _Dictionary | _PerRowStrings] = {
@@ -597,14 +603,23 @@ class IdentityIndex:
         self._staged_changed, self._master_keep = [], None
         if parts:
             self._addr = np.concatenate([self._addr[keep], *parts.pop("addr")])
+            self._released()
             self._from = np.concatenate([self._from[keep], *parts.pop("from")])
+            self._released()
             self._to = np.concatenate([self._to[keep], *parts.pop("to")])
+            self._released()
             self._ports = np.concatenate([self._ports[keep], *parts.pop("ports")])
             for f in ALL_IDENTITY_FIELDS:
                 self._codes[f] = np.concatenate([self._codes[f][:n][keep], *parts.pop(f), self._extra[f]])
+                self._released()
         else:
             self._select(keep)
         self._rebuild()
+        self._released()
+
+    def _released(self) -> None:
+        if self._release_memory is not None:
+            self._release_memory()
 
     def rebuild(self) -> None:
         """Make changes applied with ``rebuild=False`` visible to lookups."""

@@ -27,8 +27,12 @@ from flowtally.settings import KafkaSettings
 log = logging.getLogger(__name__)
 
 PRUNE_INTERVAL_S = 60.0
-#: Addresses collected during the replay before they are moved into the index's arrays.
-REPLAY_CHUNK = 5_000
+#: Addresses collected during the replay before they are moved into the index's arrays, and
+#: records taken per poll: their Python objects (decoded versions, fetched values) are the
+#: replay's transient memory (measured on 1M versions: 5,000/10,000 -> 1,000/1,000 lowered the
+#: resident set before the rebuild from 345 to 258 MB).
+REPLAY_CHUNK = 1_000
+REPLAY_POLL_RECORDS = 1_000
 
 
 class IdentityFeed:
@@ -83,7 +87,8 @@ class IdentityFeed:
             batch: dict[bytes, list[Version] | None] = {}
             changed = 0
             while [tp for tp in tps if await consumer.position(tp) < ends[tp]]:
-                for messages in (await consumer.getmany(*tps, timeout_ms=500, max_records=10_000)).values():
+                got = await consumer.getmany(*tps, timeout_ms=500, max_records=REPLAY_POLL_RECORDS)
+                for messages in got.values():
                     for m in messages:
                         self._collect(batch, m.key, m.value)
                 if len(batch) >= REPLAY_CHUNK:
