@@ -121,6 +121,7 @@ def _count(stats: EnrichStats) -> None:
 def create_app(settings: EnricherSettings, state: EnricherState) -> faust.App:
     """The Faust app, its topics and its agent."""
     brokers = [f"kafka://{server}" for server in settings.kafka.bootstrap.split(",")]
+    settings.data_dir.mkdir(parents=True, exist_ok=True)  # Faust creates only the last level
     app = faust.App(
         settings.app_id,
         broker=brokers,
