@@ -137,7 +137,9 @@ def create_app(settings: EnricherSettings, state: EnricherState) -> faust.App:
         consumer_auto_offset_reset="earliest",
         producer_acks=-1,
         producer_max_request_size=kafka.MAX_MESSAGE_BYTES + 64_000,
-        consumer_max_fetch_size=4 * kafka.MAX_MESSAGE_BYTES,
+        # Per partition: one message's worth (a batch is one message); more is memory held in
+        # fetch buffers while the identity replay blocks the agent.
+        consumer_max_fetch_size=kafka.MAX_MESSAGE_BYTES + 64_000,
         stream_buffer_maxsize=16,  # each event is a whole batch: a few in flight is plenty
     )
     raw_topic = app.topic(settings.kafka.topic("raw"), value_type=bytes, key_type=bytes,

@@ -232,7 +232,9 @@ class _PerRowStrings:
     sorted array of the strings' hashes is searched for each apply's new strings
     (:meth:`resolve`); codes no row uses any more are dropped by :meth:`compact`."""
 
-    _FLUSH = 65_536  # pending Python strings turned into an Arrow chunk at this count
+    #: Pending Python strings are turned into an Arrow chunk at this count (a replay's apply
+    #: adds ~10,000: held as Python strings until a flush, 65,536 of them cost ~14 MB).
+    _FLUSH = 8_192
 
     def __init__(self) -> None:
         self._chunks: list[pa.Array] = [pa.array([""], pa.string())]

@@ -17,6 +17,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
@@ -33,6 +34,18 @@ PRUNE_INTERVAL_S = 60.0
 #: resident set before the rebuild from 345 to 258 MB).
 REPLAY_CHUNK = 1_000
 REPLAY_POLL_RECORDS = 1_000
+
+
+def _memory_mb() -> str:
+    """The process's resident set now and at its peak (VmRSS, VmHWM) for the replay's log
+    lines: the replay and its rebuild are the enricher's memory peak."""
+    try:
+        status = dict(line.split(":", 1) for line in Path("/proc/self/status").read_text().splitlines()
+                      if line.startswith(("VmRSS", "VmHWM")))
+        return (f"resident {int(status['VmRSS'].split()[0]) // 1024} MB, "
+                f"peak {int(status['VmHWM'].split()[0]) // 1024} MB")
+    except (OSError, KeyError, ValueError):
+        return "resident n/a"
 
 
 class IdentityFeed:
@@ -83,6 +96,7 @@ class IdentityFeed:
             consumer.assign(tps)
             await consumer.seek_to_beginning(*tps)
             ends = await consumer.end_offsets(tps)
+            log.info("identity: replaying %s up to offset %d (%s)", self.topic, ends[tps[0]], _memory_mb())
             t0 = time.monotonic()
             batch: dict[bytes, list[Version] | None] = {}
             changed = 0
@@ -99,13 +113,14 @@ class IdentityFeed:
                     batch.clear()
             changed += len(batch)
             self.index.apply(batch, rebuild=False)
+            log.debug("identity: replay read, rebuilding (%s)", _memory_mb())
             self.index.rebuild()
             if self._on_apply is not None and changed:
                 self._on_apply(changed, self.index.versions)
             batch.clear()
             self.index.prune(self._wall_ms())
-            log.info("identity: replayed %d records in %.2f s: %d addresses, %d versions",
-                     self.records, time.monotonic() - t0, self.index.size, self.index.versions)
+            log.info("identity: replayed %d records in %.2f s: %d addresses, %d versions (%s)",
+                     self.records, time.monotonic() - t0, self.index.size, self.index.versions, _memory_mb())
             self.ready.set()
             last_apply = last_prune = time.monotonic()
             while not self._stopping:
