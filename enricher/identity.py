@@ -653,6 +653,7 @@ class IdentityIndex:
     def _rebuild(self, sort: bool = True) -> None:
         if sort:
             self._select(_sort_order(self._addr, self._from))
+            self._released()
         host = self._codes["kind"][: len(self._addr)] == self.host_network_code
         main = np.flatnonzero(~host)
         # A newer version of an address ends the older one (host-network versions overlap the
@@ -666,6 +667,7 @@ class IdentityIndex:
         self._compact_strings()
         for store in self._dicts.values():
             store.arrow()  # per-row strings: one Arrow array now rather than in the first batch
+            self._released()
         self._main = _Timeline(self._addr[main], self._from[main], self._to[main], main)
         self._hosts = self._host_timeline(np.flatnonzero(host & (self._ports > 0)))
         host_addresses = np.unique(self._addr[np.flatnonzero(host)])
