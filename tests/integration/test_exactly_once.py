@@ -148,11 +148,16 @@ def test_sigkill_enricher_and_sink_repeatedly_totals_stay_exact(kafka_bootstrap:
                           env | {"FLOWTALLY_APP_ID": f"{prefix}-enricher", "FLOWTALLY_COMMIT_INTERVAL_S": "2"},
                           tmp_path / "enricher.log", 0),
     }
-    for stage in stages.values():
-        stage.metrics_port = int(stage.argv[-1].rsplit(":", 1)[1])
-        stage.start()
-    for stage in stages.values():
-        stage.wait_healthy(60)
+    try:
+        for stage in stages.values():
+            stage.metrics_port = int(stage.argv[-1].rsplit(":", 1)[1])
+            stage.start()
+        for stage in stages.values():
+            stage.wait_healthy(60)
+    except BaseException:
+        for stage in stages.values():  # a stage that never came up must not leave the other running
+            stage.stop(30)
+        raise
 
     values, expected = _batches(seed=11, now_ms=int(time.time() * 1000))
     producer = threading.Thread(target=asyncio.run, args=(_produce(settings, values, seconds=12.0),))
