@@ -17,14 +17,19 @@ watch from an older version too, so the client must relist), :meth:`fail_next_wa
 error status for the next watch request) and :meth:`restart` (the port closes, then the server
 comes back on the same port with its objects but without its watch history, as an API server
 whose watch cache starts empty). :attr:`requests` records every request for assertions.
-:meth:`write_kubeconfig` writes a kubeconfig pointing at it.
+:meth:`write_kubeconfig` writes a kubeconfig pointing at it. With ``tls=`` (:func:`self_signed_cert`)
+it serves HTTPS, and :meth:`write_service_account` writes the token and CA a pod gets, for clients
+that find the server in-cluster (KUBERNETES_SERVICE_HOST/PORT).
 """
 
 from __future__ import annotations
 
 import copy
 import json
+import shutil
 import socket
+import ssl
+import subprocess
 import threading
 import time
 import uuid
@@ -85,11 +90,24 @@ class _State:
     fail_next: dict[str, int] = field(default_factory=dict)  # resource -> HTTP status
 
 
+def self_signed_cert(directory: Path) -> tuple[Path, Path]:
+    """A certificate for 127.0.0.1 signed by itself (so it is its own CA), and its key."""
+    cert, key = directory / "apiserver.crt", directory / "apiserver.key"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1",
+                    "-nodes", "-days", "1", "-subj", "/CN=fake-apiserver",
+                    "-addext", "subjectAltName=IP:127.0.0.1", "-keyout", str(key), "-out", str(cert)],
+                   check=True, capture_output=True)
+    return cert, key
+
+
 class FakeApiServer:
     """The server; use as a context manager or call :meth:`start` / :meth:`stop`."""
 
-    def __init__(self, token: str = "flowtally-test-token") -> None:
+    def __init__(self, token: str = "flowtally-test-token", tls: tuple[Path, Path] | None = None) -> None:
+        """``tls``: (certificate, key) PEM files to serve HTTPS with (see :func:`self_signed_cert`),
+        as a real API server does; None serves plain HTTP."""
         self.token = token
+        self.tls = tls
         self.requests: list[Request] = []
         self._state = _State()
         self._cond = threading.Condition()
@@ -115,13 +133,17 @@ class FakeApiServer:
 
     @property
     def url(self) -> str:
-        """``http://127.0.0.1:PORT``."""
-        return f"http://127.0.0.1:{self._port}"
+        """``http(s)://127.0.0.1:PORT``."""
+        return f"{'https' if self.tls else 'http'}://127.0.0.1:{self._port}"
 
     def start(self) -> None:
         """Listen (on the previous port after a :meth:`stop`, else an ephemeral one)."""
         server = ThreadingHTTPServer(("127.0.0.1", self._port), self._handler_class())
         server.daemon_threads = True
+        if self.tls is not None:
+            context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+            context.load_cert_chain(*self.tls)
+            server.socket = context.wrap_socket(server.socket, server_side=True)
         self._server = server
         self._port = int(server.server_address[1])
         with self._cond:
@@ -276,6 +298,16 @@ class FakeApiServer:
         path.write_text(json.dumps(config))  # JSON is YAML
         return path
 
+    def write_service_account(self, directory: Path) -> Path:
+        """What Kubernetes mounts into a pod for its service account (``token``, ``ca.crt``);
+        with KUBERNETES_SERVICE_HOST/PORT pointing here, a client finds this server in-cluster."""
+        if self.tls is None:
+            raise ValueError("in-cluster clients speak HTTPS only: give the server tls=")
+        directory.mkdir(parents=True, exist_ok=True)
+        (directory / "token").write_text(self.token)
+        shutil.copyfile(self.tls[0], directory / "ca.crt")
+        return directory
+
     # -- HTTP ----------------------------------------------------------------------------------
 
     def _handler_class(self) -> type[BaseHTTPRequestHandler]:
@@ -294,7 +326,10 @@ class FakeApiServer:
                 watch = query.get("watch") in ("true", "1")
                 request = Request(resource or url.path, watch, query)
                 fake.requests.append(request)
-                if self.headers.get("Authorization") != f"Bearer {fake.token}":
+                # The scheme is case-insensitive (RFC 7235; the API server lowercases it, and the
+                # client's in-cluster loader sends "bearer").
+                scheme, _, token = (self.headers.get("Authorization") or "").partition(" ")
+                if scheme.lower() != "bearer" or token != fake.token:
                     request.status = 401
                     self._json(401, status(401, "Unauthorized", "Unauthorized"))
                 elif resource is None:

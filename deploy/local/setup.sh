@@ -6,7 +6,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 
-APT_PACKAGES=(softflowd tshark nfdump pmacct conntrack iptables iproute2 graphviz)
+APT_PACKAGES=(softflowd tshark nfdump pmacct conntrack iptables iproute2 graphviz openssl)
 missing=()
 for pkg in "${APT_PACKAGES[@]}"; do
   dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")

@@ -31,7 +31,15 @@ from enricher.identity import Version
 from enricher.identity_topic import IdentityRecordError, decode_record, encode_key, encode_versions
 from enricher.k8s.objects import RESOURCES, ClusterState
 from enricher.k8s.settings import WatcherSettings
-from enricher.k8s.watcher import Changed, Item, Listed, ResourceWatcher, start_watchers
+from enricher.k8s.watcher import (
+    Changed,
+    Item,
+    Listed,
+    ResourceWatcher,
+    api_client,
+    list_functions,
+    start_watchers,
+)
 from flowtally import kafka
 from flowtally.lifecycle import run_components
 from flowtally.metrics import MetricsServer
@@ -110,6 +118,8 @@ class WatchStage:
 
     async def start(self) -> None:
         s = self._settings
+        # First, so that unreadable credentials fail the start before anything is opened.
+        functions = list_functions(api_client(s))
         await kafka.ensure_topics(s.kafka, s.topics)
         history = await read_history(s.kafka, self._topic) if s.continue_history else {}
         log.info("continuing %d addresses from %s", len(history), self._topic)
@@ -121,7 +131,7 @@ class WatchStage:
         def emit(item: Item) -> None:  # called from the watch threads
             loop.call_soon_threadsafe(self._queue.put_nowait, item)
 
-        self._watchers = await asyncio.to_thread(start_watchers, s, emit)
+        self._watchers = await asyncio.to_thread(start_watchers, s, functions, emit)
         self._task = asyncio.create_task(self._run())
 
     async def wait(self) -> None:

@@ -19,6 +19,9 @@ class WatcherSettings(StageSettings):
     kubeconfig: Path | None = Field(
         None, description="kubeconfig file; unset: the pod's service account when running in a "
                           "cluster (KUBERNETES_SERVICE_HOST), else $KUBECONFIG or ~/.kube/config")
+    service_account_dir: Path = Field(
+        Path("/var/run/secrets/kubernetes.io/serviceaccount"),
+        description="In a cluster: the directory holding the service account's token and ca.crt")
     kube_context: str | None = Field(None, description="Context of the kubeconfig (unset: its current one)")
     identity_history_s: float = Field(
         3600.0, ge=60, le=7 * 86400,

@@ -31,6 +31,7 @@ from typing import Any
 import orjson
 from kubernetes import client, config
 from kubernetes.client.exceptions import ApiException
+from kubernetes.config import incluster_config
 from kubernetes.watch.watch import iter_resp_lines
 from prometheus_client import Counter
 
@@ -73,17 +74,32 @@ class Gone(Exception):
     """The server no longer has the version we watch from (410): relist."""
 
 
+class ClusterAccessError(Exception):
+    """The API server's address or credentials could not be read (says from where)."""
+
+
 def api_client(settings: WatcherSettings) -> client.ApiClient:
     """An API client from the kubeconfig setting, the pod's service account, or the default
-    kubeconfig (in that order)."""
+    kubeconfig (in that order); :class:`ClusterAccessError` names the source that failed."""
     configuration = client.Configuration()
-    if settings.kubeconfig is not None:
-        config.load_kube_config(config_file=str(settings.kubeconfig), context=settings.kube_context,
-                                client_configuration=configuration)
-    elif os.environ.get("KUBERNETES_SERVICE_HOST"):
-        config.load_incluster_config(client_configuration=configuration)
-    else:
-        config.load_kube_config(context=settings.kube_context, client_configuration=configuration)
+    try:
+        if settings.kubeconfig is not None:
+            source = f"kubeconfig {settings.kubeconfig}"
+            config.load_kube_config(config_file=str(settings.kubeconfig), context=settings.kube_context,
+                                    client_configuration=configuration)
+        elif os.environ.get("KUBERNETES_SERVICE_HOST"):
+            sa = settings.service_account_dir
+            source = f"service account in {sa} (KUBERNETES_SERVICE_HOST is set)"
+            # The loader re-reads the token file as it expires: projected service account tokens
+            # are rotated by the kubelet (hourly), and a watcher runs for months.
+            incluster_config.InClusterConfigLoader(
+                token_filename=str(sa / "token"), cert_filename=str(sa / "ca.crt"),
+            ).load_and_set(configuration)
+        else:
+            source = "the default kubeconfig ($KUBECONFIG or ~/.kube/config)"
+            config.load_kube_config(context=settings.kube_context, client_configuration=configuration)
+    except (config.ConfigException, OSError, ValueError) as exc:
+        raise ClusterAccessError(f"cannot reach the Kubernetes API through {source}: {exc}") from exc
     # No retries inside urllib3: the watch loop retries with its own backoff and counts them.
     configuration.retries = 0
     return client.ApiClient(configuration)
@@ -227,9 +243,10 @@ def _describe(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {exc}"
 
 
-def start_watchers(settings: WatcherSettings, emit: Callable[[Item], None]) -> list[ResourceWatcher]:
-    """A started watcher per resource, all feeding ``emit`` (called from their threads)."""
-    functions = list_functions(api_client(settings))
+def start_watchers(settings: WatcherSettings, functions: dict[str, Callable[..., Any]],
+                   emit: Callable[[Item], None]) -> list[ResourceWatcher]:
+    """A started watcher per resource (``functions``: :func:`list_functions`), all feeding
+    ``emit`` (called from their threads)."""
     watchers = [ResourceWatcher(r, functions[r], settings, emit) for r in RESOURCES]
     for w in watchers:
         w.start()

@@ -29,7 +29,7 @@ from flowtally.settings import KafkaSettings
 from flowtally.wire import decode_batch, encode_batch
 from sensors.schema import SCHEMA_NAME as RAW
 from sensors.schema import address16, address_text, build_raw_table
-from tests.fake_apiserver import RESOURCES, FakeApiServer
+from tests.fake_apiserver import RESOURCES, FakeApiServer, self_signed_cert
 
 Topic = dict[str, list[Version] | None]
 
@@ -112,11 +112,14 @@ def fake() -> Iterator[FakeApiServer]:
 class Watcher:
     """`flowtally watch-k8s` subprocesses sharing one topic prefix and kubeconfig."""
 
-    def __init__(self, bootstrap: str, fake: FakeApiServer, tmp: Path) -> None:
+    def __init__(self, bootstrap: str, fake: FakeApiServer, tmp: Path,
+                 access: dict[str, str] | None = None) -> None:
+        """``access``: the environment that tells the watcher where the API server is (default:
+        a kubeconfig written for ``fake``)."""
         self.bootstrap = bootstrap
         self.prefix = f"t{uuid.uuid4().hex[:10]}"
         self.topic = f"{self.prefix}.k8s.identity"
-        self.kubeconfig = fake.write_kubeconfig(tmp / "kubeconfig")
+        self.access = access or {"FLOWTALLY_KUBECONFIG": str(fake.write_kubeconfig(tmp / "kubeconfig"))}
         self.tmp = tmp
         self.runs = 0
 
@@ -125,7 +128,7 @@ class Watcher:
         port = free_port()
         env = {
             "FLOWTALLY_KAFKA_BOOTSTRAP": self.bootstrap, "FLOWTALLY_KAFKA_TOPIC_PREFIX": self.prefix,
-            "FLOWTALLY_KUBECONFIG": str(self.kubeconfig), "FLOWTALLY_FLUSH_INTERVAL_S": "0.1",
+            **self.access, "FLOWTALLY_FLUSH_INTERVAL_S": "0.1",
             "FLOWTALLY_BACKOFF_INITIAL_S": "0.2", "FLOWTALLY_BACKOFF_MAX_S": "1",
             "FLOWTALLY_LIST_PAGE_SIZE": "2",  # several pages per list
         }
@@ -290,6 +293,50 @@ def test_watch_k8s_against_the_fake_api_server(kafka_bootstrap: str, fake: FakeA
         assert stage.stop() == 0
     finally:
         stage.stop()
+
+
+def test_watch_k8s_in_cluster_through_its_service_account(kafka_bootstrap: str, tmp_path: Path) -> None:
+    """In a pod there is no kubeconfig: KUBERNETES_SERVICE_HOST/PORT and the mounted token and CA
+    lead to an HTTPS API server. With the right CA the watcher lists and writes the cluster; with
+    another CA it refuses the server (TLS verified) and stays unhealthy; without a token it says
+    which directory it read and exits 1."""
+    with FakeApiServer(tls=self_signed_cert(tmp_path)) as fake:
+        t0 = int(time.time() * 1000) - 600_000
+        expected = seed(fake, t0)
+        in_cluster = {"KUBERNETES_SERVICE_HOST": "127.0.0.1", "KUBERNETES_SERVICE_PORT": str(fake.port)}
+        account = fake.write_service_account(tmp_path / "serviceaccount")
+        w = Watcher(kafka_bootstrap, fake, tmp_path,
+                    access=in_cluster | {"FLOWTALLY_SERVICE_ACCOUNT_DIR": str(account)})
+        stage = w.start()
+        try:
+            stage.wait_healthy(60)
+            assert w.topic_now() == expected
+            lists = [r for r in fake.requests if not r.watch]
+            assert lists and all(r.status == 200 for r in lists)  # the token was sent
+        finally:
+            assert stage.stop() == 0
+
+        # a CA that did not sign the server's certificate: no request gets through
+        other = tmp_path / "other"
+        other.mkdir()
+        stranger = FakeApiServer(tls=self_signed_cert(other)).write_service_account(other / "serviceaccount")
+        served = len(fake.requests)
+        w = Watcher(kafka_bootstrap, fake, tmp_path, access=in_cluster | {"FLOWTALLY_SERVICE_ACCOUNT_DIR": str(stranger)})
+        stage = w.start()
+        try:
+            wait_for("failed attempts", lambda: stage.metric("flowtally_watcher_reconnects_total") >= 3, stage)
+            assert not stage.healthy()
+            assert len(fake.requests) == served
+            assert "CERTIFICATE_VERIFY_FAILED" in stage.log_path.read_text()
+        finally:
+            assert stage.stop() == 0
+
+        # no token mounted: a clear error and exit 1
+        (account / "token").unlink()
+        w.access["FLOWTALLY_SERVICE_ACCOUNT_DIR"] = str(account)
+        stage = w.start()
+        assert stage.process is not None and stage.process.wait(60) == 1
+        assert f"cannot reach the Kubernetes API through service account in {account}" in stage.log_path.read_text()
 
 
 def test_enricher_names_flows_from_the_watchers_topic(kafka_bootstrap: str, fake: FakeApiServer,
