@@ -10,7 +10,7 @@ IPFIX records with variable-length fields are repacked into that shape first (se
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -289,3 +289,111 @@ def common_columns(buf: bytes, n: int, size: int, where: Where, group: Group, co
         "in_if": uint_or_zero(np.uint32, INPUT_IF),
         "out_if": uint_or_zero(np.uint32, OUTPUT_IF),
     }
+
+
+#: Below this many datagrams per call the per-datagram walk is as cheap as the bulk one.
+MIN_BULK = 8
+
+
+class BulkScan:
+    """Where the usual datagrams of a batch keep their one data set (see :func:`bulk_scan`).
+
+    ``head`` is one record per datagram of the protocol's header dtype (its last two fields are
+    the first set's ID and length); ``data_at`` is the offset of the data set's header in the
+    datagram (-1: not the usual shape), ``data_id`` / ``data_len`` its set ID and length, and
+    ``joined`` the template records of unchanged refreshes taken into the bulk (filled by
+    :func:`bulk_runs`).
+    """
+
+    __slots__ = ("buf", "data_at", "data_id", "data_len", "head", "joined", "starts")
+
+    def __init__(self, buf: bytes, head: np.ndarray, starts: np.ndarray, data_at: np.ndarray,
+                 data_id: np.ndarray, data_len: np.ndarray) -> None:
+        self.buf = buf
+        self.head = head
+        self.starts = starts
+        self.data_at = data_at
+        self.data_id = data_id
+        self.data_len = data_len
+        self.joined = np.zeros(len(starts), dtype=np.int64)
+
+
+def bulk_scan(payloads: Sequence[bytes], head: np.dtype[Any], version: int, template_set: int,
+              first_data_set: int, length_field: str | None = None) -> BulkScan | None:
+    """Parse the fixed headers of a batch of v9 or IPFIX datagrams with numpy, or None when the
+    batch is too small (or has a datagram too short) for the bulk path to pay.
+
+    ``head`` is the header dtype followed by the first set's ID and length (its itemsize is the
+    header length + 4). The usual datagram is the header and one data set (ID >=
+    ``first_data_set``) filling it exactly, or a template set (ID ``template_set``) followed by
+    such a data set: a refresh, taken into the bulk only if :func:`bulk_runs` finds it unchanged.
+    ``length_field``: a header field that must equal the datagram's length (IPFIX's).
+    """
+    n = len(payloads)
+    header_length = head.itemsize - 4
+    lengths = np.fromiter(map(len, payloads), dtype=np.int64, count=n)
+    if n < MIN_BULK or int(lengths.min()) < header_length + 4:
+        return None
+    buf = b"".join(payloads)
+    raw = np.frombuffer(buf, dtype=np.uint8)
+    starts = np.zeros(n, dtype=np.int64)
+    np.cumsum(lengths[:-1], out=starts[1:])
+    heads = raw[starts[:, None] + np.arange(head.itemsize)].view(head).ravel()
+    assert head.names is not None
+    set_field, len_field = head.names[-2], head.names[-1]
+    usual = heads["version"] == version
+    if length_field is not None:
+        usual &= heads[length_field] == lengths
+    set_id, set_len = heads[set_field].astype(np.int64), heads[len_field].astype(np.int64)
+    whole = usual & (set_id >= first_data_set) & (set_len >= 4) & (set_len + header_length == lengths)
+    data_at = np.where(whole, header_length, -1)
+    data_id, data_len = set_id.copy(), set_len.copy()
+    refresh = np.flatnonzero(usual & (set_id == template_set) & (set_len >= 4)
+                             & (header_length + set_len + 4 <= lengths))
+    if len(refresh):
+        second = (starts[refresh] + header_length + set_len[refresh])[:, None] + np.arange(4)
+        pair = raw[second].view(">u2").astype(np.int64)
+        ok = (pair[:, 0] >= first_data_set) & (pair[:, 1] >= 4) & (
+            header_length + set_len[refresh] + pair[:, 1] == lengths[refresh])
+        refresh, pair = refresh[ok], pair[ok]
+        data_id[refresh], data_len[refresh] = pair[:, 0], pair[:, 1]
+        # A refresh datagram's data set is found but not taken yet: data_at stays -1.
+    return BulkScan(buf, heads, starts, data_at, data_id, data_len)
+
+
+def bulk_runs(scan: BulkScan, payloads: Sequence[bytes], domain_field: str,
+              applied: Callable[[int], tuple[bytes, int] | None], pending: Callable[[], bool],
+              bulk: Callable[[int, int], None], one: Callable[[int], None]) -> None:
+    """Hand the datagrams of ``scan`` over in order: runs of usual ones to ``bulk(a, b)``
+    (datagrams a..b-1), every other one to ``one(i)`` (the per-datagram walk).
+
+    A template refresh whose template set repeats byte for byte the last one applied in the
+    call for its domain (``applied(domain)``: (set body, template records counted) or None)
+    changes nothing, so it joins the bulk (its template records counted in ``scan.joined``);
+    not while a data set waits for a template (``pending()``), which a refresh would release.
+    """
+    head = scan.head
+    names = head.dtype.names
+    assert names is not None
+    header_length = head.dtype.itemsize - 4
+    data_at = scan.data_at
+    irregular = np.flatnonzero(data_at < 0)
+    # Refresh datagrams: bulk_scan found a data set after their template set.
+    refresh = (scan.data_id[irregular] != head[names[-2]][irregular]).tolist()
+    domains = head[domain_field][irregular].tolist()
+    first_len = head[names[-1]][irregular].tolist()
+    a = 0
+    for k, i in enumerate(irregular.tolist()):
+        if refresh[k] and not pending():
+            last = applied(domains[k])
+            end = header_length + first_len[k]
+            if last is not None and last[0] == payloads[i][header_length + 4 : end]:
+                data_at[i] = end
+                scan.joined[i] = last[1]
+                continue
+        if a < i:
+            bulk(a, i)
+        one(i)
+        a = i + 1
+    if a < len(data_at):
+        bulk(a, len(data_at))

@@ -78,11 +78,8 @@ START_DELTA_US, END_DELTA_US = 158, 159
 _OPTION_FIELDS = F.OPTIONS_OF_INTEREST | {F.SAMPLER_ID, F.SELECTOR_ID}
 #: The first 20 bytes of the usual message: the header and the first set's header.
 _HEAD = np.dtype([("version", ">u2"), ("length", ">u2"), ("export", ">u4"), ("sequence", ">u4"),
-                  ("domain", ">u4"), ("sid", ">u2"), ("slen", ">u2")])
-_HEAD_BYTES = np.arange(HEADER_LENGTH + 4)
-_SET_BYTES = np.arange(4)
-#: Below this many messages per call the message-by-message walk is as cheap as the bulk one.
-MIN_BULK = 8
+                  ("domain", ">u4"), ("set_id", ">u2"), ("set_len", ">u2")])
+MIN_BULK = F.MIN_BULK
 
 
 def _is_zero(payload: bytes | memoryview, start: int, end: int) -> bool:
@@ -224,61 +221,25 @@ class IpfixBatch:
         set that repeats the last one applied (while nothing waits for a template), is parsed
         with numpy over the whole batch; every other message is handed to ``one(index)``, in
         order. Same records, counters, sequence checks and template state as message by message."""
-        n = len(payloads)
-        lengths = np.fromiter(map(len, payloads), dtype=np.int64, count=n)
-        if n < MIN_BULK or int(lengths.min()) < HEADER_LENGTH + 4:
-            for i in range(n):
+        scan = F.bulk_scan(payloads, _HEAD, VERSION, TEMPLATE_SET, FIRST_DATA_SET, length_field="length")
+        if scan is None:
+            for i in range(len(payloads)):
                 one(i)
             return
-        buf = b"".join(payloads)
-        raw = np.frombuffer(buf, dtype=np.uint8)
-        starts = np.zeros(n, dtype=np.int64)
-        np.cumsum(lengths[:-1], out=starts[1:])
-        head = raw[starts[:, None] + _HEAD_BYTES].view(_HEAD).ravel()
-        usual = (head["version"] == VERSION) & (head["length"] == lengths)
-        sid, slen = head["sid"].astype(np.int64), head["slen"].astype(np.int64)
-        data_at = np.where(usual & (sid >= FIRST_DATA_SET) & (slen >= 4) & (slen + HEADER_LENGTH == lengths),
-                           HEADER_LENGTH, -1)
-        data_id, data_len = sid.copy(), slen.copy()
-        refresh = np.flatnonzero(usual & (sid == TEMPLATE_SET) & (slen >= 4)
-                                 & (HEADER_LENGTH + slen + 4 <= lengths))
-        candidates: set[int] = set()
-        if len(refresh):
-            pair = raw[(starts[refresh] + HEADER_LENGTH + slen[refresh])[:, None] + _SET_BYTES].view(">u2")
-            pair = pair.astype(np.int64)
-            ok = (pair[:, 0] >= FIRST_DATA_SET) & (pair[:, 1] >= 4) & (
-                HEADER_LENGTH + slen[refresh] + pair[:, 1] == lengths[refresh])
-            refresh, pair = refresh[ok], pair[ok]
-            data_id[refresh], data_len[refresh] = pair[:, 0], pair[:, 1]
-            candidates = set(refresh.tolist())
-        domains = head["domain"].tolist()
-        slens = slen.tolist()
-        joined = np.zeros(n, dtype=np.int64)
-        a = 0
-        for i in np.flatnonzero(data_at < 0).tolist():
-            if i in candidates and not templates.has_pending():
-                applied = self._applied.get((exporter, domains[i]))
-                wire = payloads[i][HEADER_LENGTH + 4 : HEADER_LENGTH + slens[i]]
-                if applied is not None and applied[0] == wire:
-                    data_at[i] = HEADER_LENGTH + slens[i]
-                    joined[i] = applied[1]
-                    continue
-            if a < i:
-                self._bulk(a, i, received, buf, head, starts, data_at, data_id, data_len, joined, exporter,
-                           exporter_index, templates, counts, one)
-            one(i)
-            a = i + 1
-        if a < n:
-            self._bulk(a, n, received, buf, head, starts, data_at, data_id, data_len, joined, exporter,
-                       exporter_index, templates, counts, one)
 
-    def _bulk(self, a: int, b: int, received: Sequence[int], buf: bytes, head: np.ndarray, starts: np.ndarray,
-              data_at: np.ndarray, data_id: np.ndarray, data_len: np.ndarray, joined: np.ndarray,
-              exporter: bytes, exporter_index: int, templates: TemplateStore, counts: ExporterStats,
+        def bulk(a: int, b: int) -> None:
+            self._bulk(a, b, received, scan, exporter, exporter_index, templates, counts, one)
+
+        F.bulk_runs(scan, payloads, "domain", lambda domain: self._applied.get((exporter, domain)),
+                    templates.has_pending, bulk, one)
+
+    def _bulk(self, a: int, b: int, received: Sequence[int], scan: F.BulkScan, exporter: bytes,
+              exporter_index: int, templates: TemplateStore, counts: ExporterStats,
               one: Callable[[int], None]) -> None:
         """Messages a..b-1, all of the usual shape, decoded together."""
+        head = scan.head
         domain = head["domain"][a:b].astype(np.int64)
-        keys = domain << 16 | data_id[a:b]
+        keys = domain << 16 | scan.data_id[a:b]
         plan: list[tuple[int, Template, np.ndarray]] = []
         for key in np.unique(keys).tolist():
             template = templates.get(VERSION, exporter, key >> 16, key & 0xFFFF)
@@ -287,10 +248,10 @@ class IpfixBatch:
                     one(i)
                 return
             plan.append((key >> 16, template, np.flatnonzero(keys == key)))
-        counts.templates += int(joined[a:b].sum())
-        view = memoryview(buf)
+        counts.templates += int(scan.joined[a:b].sum())
+        view = memoryview(scan.buf)
         export_ms = head["export"][a:b].astype(np.int64) * 1000
-        body = starts[a:b] + data_at[a:b] + 4
+        body = scan.starts[a:b] + scan.data_at[a:b] + 4
         records = np.zeros(b - a, dtype=np.int64)
         deferred: list[tuple[int, Group, int]] = []
         for dom, template, rows in plan:
@@ -300,7 +261,7 @@ class IpfixBatch:
             if entry is None:
                 entry = self._groups[id(layout)] = (layout, Group(), [], [])
             group = entry[1]
-            lengths = data_len[a:b][rows] - 4
+            lengths = scan.data_len[a:b][rows] - 4
             if template.varlen:  # records found at the end of the call (_walk_sets)
                 first = len(group.counts)
                 spans = zip(body[rows].tolist(), lengths.tolist(), strict=True)

@@ -60,12 +60,10 @@ def _is_zero_padding(payload: bytes, start: int, end: int) -> bool:
 
 #: The first 24 bytes of the usual v9 datagram: the header and the first flowset's header.
 _HEAD = np.dtype([("version", ">u2"), ("count", ">u2"), ("uptime", ">u4"), ("secs", ">u4"),
-                  ("sequence", ">u4"), ("source", ">u4"), ("fsid", ">u2"), ("flen", ">u2")])
-_HEAD_BYTES = np.arange(HEADER_LENGTH + 4)
-_FLOWSET_BYTES = np.arange(4)
+                  ("sequence", ">u4"), ("source", ">u4"), ("set_id", ">u2"), ("set_len", ">u2")])
 _MOD = 1 << 32
 #: Below this many datagrams per call the per-datagram walk is as cheap as the vectorised one.
-MIN_VECTORISED = 8
+MIN_VECTORISED = F.MIN_BULK
 
 
 class V9Batch:
@@ -90,61 +88,25 @@ class V9Batch:
         whole batch. Every other datagram is handed to ``one(index)`` (the per-datagram walk),
         in order, and the bulk parts between them see exactly the state a per-datagram walk
         would have left: same records, counters, sequence checks and template state."""
-        n = len(payloads)
-        lengths = np.fromiter(map(len, payloads), dtype=np.int64, count=n)
-        if n < MIN_VECTORISED or int(lengths.min()) < HEADER_LENGTH + 4:
-            for i in range(n):
+        scan = F.bulk_scan(payloads, _HEAD, VERSION, TEMPLATE_FLOWSET, FIRST_DATA_FLOWSET)
+        if scan is None:
+            for i in range(len(payloads)):
                 one(i)
             return
-        buf = b"".join(payloads)
-        raw = np.frombuffer(buf, dtype=np.uint8)
-        starts = np.zeros(n, dtype=np.int64)
-        np.cumsum(lengths[:-1], out=starts[1:])
-        head = raw[starts[:, None] + _HEAD_BYTES].view(_HEAD).ravel()
-        version, fsid, flen = head["version"], head["fsid"].astype(np.int64), head["flen"].astype(np.int64)
-        # Where each datagram's data flowset starts (-1: not the usual shape), its ID and length.
-        data_at = np.where((version == VERSION) & (fsid >= FIRST_DATA_FLOWSET) & (flen >= 4)
-                           & (flen + HEADER_LENGTH == lengths), HEADER_LENGTH, -1)
-        data_id, data_len = fsid.copy(), flen.copy()
-        refresh = np.flatnonzero((version == VERSION) & (fsid == TEMPLATE_FLOWSET) & (flen >= 4)
-                                 & (HEADER_LENGTH + flen + 4 <= lengths))
-        candidates: set[int] = set()
-        if len(refresh):
-            second = (starts[refresh] + HEADER_LENGTH + flen[refresh])[:, None] + _FLOWSET_BYTES
-            pair = raw[second].view(">u2").astype(np.int64)
-            ok = (pair[:, 0] >= FIRST_DATA_FLOWSET) & (pair[:, 1] >= 4) & (
-                HEADER_LENGTH + flen[refresh] + pair[:, 1] == lengths[refresh])
-            refresh, pair = refresh[ok], pair[ok]
-            data_id[refresh], data_len[refresh] = pair[:, 0], pair[:, 1]
-            candidates = set(refresh.tolist())
-        sources = head["source"].tolist()
-        flens = flen.tolist()
-        joined = np.zeros(n, dtype=np.int64)  # template records of refreshes taken into the bulk
-        a = 0
-        for i in np.flatnonzero(data_at < 0).tolist():
-            if i in candidates:
-                applied = self._applied.get((exporter, sources[i]))
-                wire = payloads[i][HEADER_LENGTH + 4 : HEADER_LENGTH + flens[i]]
-                if applied is not None and applied[0] == wire:
-                    data_at[i] = HEADER_LENGTH + flens[i]
-                    joined[i] = applied[1]
-                    continue
-            if a < i:
-                self._bulk(a, i, payloads, received, buf, head, starts, data_at, data_id, data_len, joined,
-                           exporter, exporter_index, templates, counts, one)
-            one(i)
-            a = i + 1
-        if a < n:
-            self._bulk(a, n, payloads, received, buf, head, starts, data_at, data_id, data_len, joined,
-                       exporter, exporter_index, templates, counts, one)
 
-    def _bulk(self, a: int, b: int, payloads: Sequence[bytes], received: Sequence[int], buf: bytes,
-              head: np.ndarray, starts: np.ndarray, data_at: np.ndarray, data_id: np.ndarray,
-              data_len: np.ndarray, joined: np.ndarray, exporter: bytes, exporter_index: int,
-              templates: TemplateStore, counts: ExporterStats, one: Callable[[int], None]) -> None:
+        def bulk(a: int, b: int) -> None:
+            self._bulk(a, b, received, scan, exporter, exporter_index, templates, counts, one)
+
+        F.bulk_runs(scan, payloads, "source", lambda domain: self._applied.get((exporter, domain)),
+                    templates.has_pending, bulk, one)
+
+    def _bulk(self, a: int, b: int, received: Sequence[int], scan: F.BulkScan, exporter: bytes,
+              exporter_index: int, templates: TemplateStore, counts: ExporterStats,
+              one: Callable[[int], None]) -> None:
         """Datagrams a..b-1, all of the usual shape, decoded together."""
+        head = scan.head
         source = head["source"][a:b]
-        fid = data_id[a:b]
+        fid = scan.data_id[a:b]
         keys = source.astype(np.int64) << 16 | fid
         distinct = np.unique(keys).tolist()
         plan: list[tuple[int, Template, np.ndarray]] = []
@@ -157,7 +119,7 @@ class V9Batch:
                     one(i)
                 return
             plan.append((key >> 16, template, np.flatnonzero(keys == key)))
-        counts.templates += int(joined[a:b].sum())
+        counts.templates += int(scan.joined[a:b].sum())
         sequence = head["sequence"][a:b].astype(np.int64)
         for domain in np.unique(source).tolist():
             seqs = sequence[source == domain]
@@ -169,13 +131,13 @@ class V9Batch:
                     track(templates, key3, value, 1, True, counts)
             else:
                 templates.sequences[key3] = (int(seqs[-1]) + 1) % _MOD
-        view = memoryview(buf)
+        view = memoryview(scan.buf)
         export_ms = (head["secs"][a:b].astype(np.int64) * 1000)
         uptime = head["uptime"][a:b].astype(np.int64)
-        body = starts[a:b] + data_at[a:b] + 4
+        body = scan.starts[a:b] + scan.data_at[a:b] + 4
         for domain, template, rows in plan:
             size = template.record_length
-            records = (data_len[a:b][rows] - 4) // size
+            records = (scan.data_len[a:b][rows] - 4) // size
             keep = records > 0
             rows, records = rows[keep], records[keep]
             if not len(rows):

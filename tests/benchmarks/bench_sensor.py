@@ -81,6 +81,12 @@ def run_nfcapd(flows: int, rate: float, workdir: Path, fmt: str = "v9") -> dict[
     return {"cpu": used, "stored": stored, "sent": sent["flows"], "elapsed": elapsed}
 
 
+def process_counters(pid: int) -> dict[str, float]:
+    """User and system CPU seconds and minor page faults of a process, from /proc/PID/stat."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return {"user": int(fields[11]) / TICKS, "system": int(fields[12]) / TICKS, "faults": float(fields[7])}
+
+
 def thread_cpu(pid: int) -> dict[str, float]:
     """CPU seconds per thread name of a process (threads of one name summed), from /proc."""
     out: dict[str, float] = {}
@@ -115,6 +121,7 @@ def run_sensor(flows: int, rate: float, workdir: Path, bootstrap: str, env: dict
         pid = stage.process.pid
         before = cpu_seconds(pid)
         threads_before = thread_cpu(pid)
+        counters_before = process_counters(pid)
         t0 = time.monotonic()
         sent = generate(udp, flows, rate, fmt)
         deadline = time.monotonic() + max(60.0, flows / 5000)
@@ -130,6 +137,7 @@ def run_sensor(flows: int, rate: float, workdir: Path, bootstrap: str, env: dict
         used = cpu_seconds(pid) - before
         elapsed = time.monotonic() - t0
         threads = {name: cpu - threads_before.get(name, 0.0) for name, cpu in thread_cpu(pid).items()}
+        counters = {name: value - counters_before[name] for name, value in process_counters(pid).items()}
         text = stage.metrics()
         wire_bytes = scrape(text, "flowtally_sensor_message_bytes_published_total")
         dropped = scrape(text, "flowtally_sensor_flows_dropped_total")
@@ -141,7 +149,7 @@ def run_sensor(flows: int, rate: float, workdir: Path, bootstrap: str, env: dict
         _print_profile(profile / "sensor.prof")
     return {"cpu": used, "decoded": decoded, "published": published, "sent": sent["flows"],
             "elapsed": elapsed, "wire_bytes": wire_bytes, "dropped": dropped, "kernel_drops": kernel,
-            "exit": code, "payload_bytes": sent["payload_bytes"], "threads": threads}
+            "exit": code, "payload_bytes": sent["payload_bytes"], "threads": threads, "counters": counters}
 
 
 _SITECUSTOMIZE = """
@@ -233,6 +241,10 @@ def main() -> int:
     print(f"  {s_per_m:.3f} CPU-s per million flows; {sent / max(sensor['cpu'], 1e-9):,.0f} flows/s per core; "
           f"Kafka {sensor['wire_bytes'] / max(sent, 1):.1f} bytes/flow "
           f"(NetFlow {sensor['payload_bytes'] / max(sent, 1):.1f} bytes/flow)")
+    counters = sensor["counters"]
+    print(f"  user {counters['user'] * 1_000_000 / max(sent, 1):.3f} + system "
+          f"{counters['system'] * 1_000_000 / max(sent, 1):.3f} CPU-s per million flows; "
+          f"{counters['faults'] * 1_000_000 / max(sent, 1):,.0f} minor page faults per million flows")
     per_thread = sorted(sensor["threads"].items(), key=lambda kv: -kv[1])
     print("  CPU by thread: " + ", ".join(f"{name} {cpu * 1_000_000 / max(sent, 1):.3f}"
                                           for name, cpu in per_thread if cpu > 0))
