@@ -2,7 +2,19 @@
 
 The header comment of each file documents it; a line ``-- params: name Type = default, …``
 declares its parameters and their defaults, so ``flowtally query NAME`` needs no arguments for
-the common case and Grafana panels can use the same files.
+the common case.
+
+Besides ClickHouse's ``{param:Type}`` parameters, a file may use placeholders without a type,
+rendered here before the query is sent (:func:`render`), so the choice of table by window is
+written once instead of in every file:
+
+* ``{rollup}``: the rollup rows of the window ``minutes`` (a subquery with the columns of
+  ``flows_1m``; see :func:`rollup_rows`): a window is read from the coarsest rollups that cover it
+  exactly, the per-minute one only for the partial hour at its start, the per-hour one for the
+  partial day, the per-day one for the rest; all time reads the per-day rollup alone.
+* ``{window_start}``: the start of that window as the rollup rows cover it (a DateTime expression).
+* ``{pod_traffic}``: the per-pod rows of the window (see :func:`pod_rows`).
+* ``{NAME}`` for a file ``sql/queries/fragments/NAME.sql``: that file's text (shared parts).
 """
 
 from __future__ import annotations
@@ -20,6 +32,13 @@ import orjson
 from clickhouse_connect.driver.client import Client
 
 QUERIES_DIR = Path(__file__).with_name("queries")
+FRAGMENTS_DIR = QUERIES_DIR / "fragments"
+
+#: A placeholder rendered by :func:`render`: a name without a type (``{param:Type}`` has a colon).
+_PLACEHOLDER = re.compile(r"\{([a-z_]+)\}")
+#: Windows up to this many minutes start at a minute boundary, longer ones at an hour boundary
+#: (the per-minute rollup's TTL is at least a day).
+MINUTE_PRECISION_MAX = 1440
 
 _PARAM = re.compile(r"(\w+)\s+(\w+)\s*=\s*([^,()]+?)\s*(?:\([^)]*\))?\s*(?:,|$)")
 
@@ -55,6 +74,107 @@ def load(name: str) -> NamedQuery:
     return NamedQuery(name, sql, defaults, " ".join(description))
 
 
+def _minutes(values: dict[str, str]) -> int:
+    try:
+        minutes = int(values.get("minutes", "0"))
+    except ValueError as exc:
+        raise QueryError(f"minutes must be a whole number, not {values['minutes']!r}") from exc
+    if minutes < 0:
+        raise QueryError("minutes must be >= 0")
+    return minutes
+
+
+def window_start(minutes: int) -> str:
+    """The start of the last ``minutes`` minutes as the rollups cover it: the minute for windows
+    up to :data:`MINUTE_PRECISION_MAX` minutes, the hour beyond, the epoch for 0 (all time)."""
+    if minutes == 0:
+        return "toDateTime(0, 'UTC')"
+    bucket = "toStartOfMinute" if minutes <= MINUTE_PRECISION_MAX else "toStartOfHour"
+    return f"{bucket}(now() - toIntervalMinute({minutes}))"
+
+
+def rollup_rows(minutes: int) -> str:
+    """A subquery with the rollup rows (columns of ``flows_1m``) of the last ``minutes`` minutes
+    (0 = all time), from the coarsest rollups that cover the window exactly: ``flows_1m`` from
+    :func:`window_start` to the next full hour, ``flows_1h`` from there to the next full day,
+    ``flows_1d`` for the rest (the chained views keep the three equal to the raw totals, so the
+    union is exact). A 7-day window reads ~7 daily rows per key instead of 168 hourly ones."""
+    if minutes == 0:
+        return "(SELECT * FROM flows_1d)"
+    start = window_start(minutes)
+    parts = []
+    if minutes <= MINUTE_PRECISION_MAX:
+        # The next full hour at or after the window's (minute-aligned) start.
+        hour = f"toStartOfHour({start} + toIntervalMinute(59))"
+        parts.append(f"SELECT * FROM flows_1m WHERE time >= {start} AND time < {hour}")
+    else:
+        hour = start
+    day = f"toStartOfDay({hour} + toIntervalHour(23))"  # the next full day at or after that hour
+    parts.append(f"SELECT * FROM flows_1h WHERE time >= {hour} AND time < {day}")
+    parts.append(f"SELECT * FROM flows_1d WHERE time >= {day}")
+    return "(\n    " + "\n    UNION ALL\n    ".join(parts) + "\n)"
+
+
+#: One row per named end of a raw flow, in the columns of ``pod_traffic_1h`` (migration 0009
+#: builds that table with the same expressions).
+_RAW_POD_ROWS = """SELECT side.1 AS namespace, side.2 AS name, side.3 AS pod_uid,
+        toStartOfHour(flow_end) AS time, side.4 AS direction, side.5 AS peer, side.6 AS peer_workload,
+        proto, dst_port,
+        bytes, packets, toUInt64(1) AS flows, bytes * sampling_rate AS scaled_bytes,
+        packets * sampling_rate AS scaled_packets, flow_start AS first_seen, flow_end AS last_seen
+    FROM flows
+    ARRAY JOIN [
+        (CAST(src_namespace, 'String'), src_name, src_pod_uid, 'outbound',
+         if(dst_name != '', concat(dst_namespace, '/', dst_name), toString(dst_addr)),
+         CAST(if(dst_workload != '', dst_workload, dst_kind), 'String')),
+        (CAST(dst_namespace, 'String'), dst_name, dst_pod_uid, 'inbound',
+         if(src_name != '', concat(src_namespace, '/', src_name), toString(src_addr)),
+         CAST(if(src_workload != '', src_workload, src_kind), 'String'))
+    ] AS side
+    WHERE {window}
+      AND (side.2 != '' OR side.3 != '')
+      AND NOT (side.4 = 'inbound' AND src_namespace = dst_namespace AND src_name = dst_name
+               AND src_pod_uid = dst_pod_uid)"""
+
+
+def pod_rows(minutes: int) -> str:
+    """A subquery with the per-pod rows (columns of ``pod_traffic_1h``) of flows that ended in the
+    last ``minutes`` minutes (0 = all time), to the millisecond: the raw flows of the partial hour
+    at the window's start (a window of an hour reads at most an hour of flows, which ``flows``'
+    time-first order finds quickly), ``pod_traffic_1h`` from the next full hour on."""
+    if minutes == 0:
+        return "(SELECT * FROM pod_traffic_1h)"
+    start = f"(now64(3) - toIntervalMinute({minutes}))"
+    hour = f"(toStartOfHour({start}) + toIntervalHour(toStartOfHour({start}) < {start}))"
+    raw = _RAW_POD_ROWS.format(window=f"flow_end >= {start} AND flow_end < {hour}")
+    return f"(\n    {raw}\n    UNION ALL\n    SELECT * FROM pod_traffic_1h WHERE time >= {hour}\n)"
+
+
+def render(query: NamedQuery, values: dict[str, str]) -> str:
+    """``query``'s SQL with its untyped placeholders rendered for the parameter ``values`` (the
+    ClickHouse ``{param:Type}`` ones are left for the server)."""
+    minutes = _minutes(values) if "minutes" in query.defaults else 0
+
+    def fill(match: re.Match[str], depth: int = 0) -> str:
+        name = match[1]
+        if name == "rollup":
+            return rollup_rows(minutes)
+        if name == "window_start":
+            return window_start(minutes)
+        if name == "pod_traffic":
+            return pod_rows(minutes)
+        fragment = FRAGMENTS_DIR / f"{name}.sql"
+        if not fragment.is_file() or depth > 3:
+            raise QueryError(f"query {query.name} uses unknown placeholder {{{name}}}")
+        lines = fragment.read_text().splitlines()
+        text = "\n".join(line for line in lines if not line.lstrip().startswith("--"))
+        return _PLACEHOLDER.sub(lambda m: fill(m, depth + 1), text.strip())
+
+    # Comment lines are left out: a placeholder named in a comment is not rendered into it.
+    code = "\n".join(line for line in query.sql.splitlines() if not line.lstrip().startswith("--"))
+    return _PLACEHOLDER.sub(fill, code)
+
+
 def names() -> list[str]:
     """Every named query."""
     return sorted(p.stem for p in QUERIES_DIR.glob("*.sql"))
@@ -78,8 +198,11 @@ def execute(
     unknown = set(params or {}) - set(query.defaults)
     if unknown:
         raise QueryError(f"query {name} has no parameter {', '.join(sorted(unknown))}")
-    sql = on_cluster(query.sql) if distributed else query.sql
-    result = client.query(sql, parameters=query.defaults | (params or {}))
+    values = query.defaults | (params or {})
+    sql = render(query, values)
+    if distributed:
+        sql = on_cluster(sql)
+    result = client.query(sql, parameters=values)
     return list(result.column_names), [tuple(r) for r in result.result_rows]
 
 

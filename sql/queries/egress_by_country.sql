@@ -1,22 +1,44 @@
 -- Traffic leaving the cluster (destination kind `external`) by destination country (ISO code;
--- '' = unknown) over the last `minutes` minutes of flow end time (0 = all retained raw flows),
--- sampling-scaled, with the number of distinct destination addresses. `per_workload` = 1 splits
--- each country by source namespace/workload; `namespace` / `workload` narrow it ('*' = all).
--- From `flows`.
+-- '' = unknown) over the last `minutes` minutes of flow end time (0 = all time), sampling-scaled,
+-- from the rollups (minute-aligned windows up to a day, hour-aligned beyond), with the number of
+-- distinct destination addresses the workloads opened connections to in that window (from the
+-- first-seen table, whose last_seen says whether a destination was seen since the window's start;
+-- replies to connections opened from outside are in the bytes, not in the destinations).
+-- `per_workload` = 1 splits each country by source namespace/workload; `namespace` / `workload`
+-- narrow it ('*' = all).
 -- params: minutes UInt32 = 60 (0 = all time), per_workload UInt8 = 0, namespace String = *, workload String = *, limit UInt32 = 50
-SELECT
-    if({per_workload:UInt8} = 1, src_namespace, '*')                                   AS namespace,
-    if({per_workload:UInt8} = 1, if(src_workload != '', src_workload, src_kind), '*') AS workload,
-    dst_country                  AS country,
-    sum(bytes * sampling_rate)   AS bytes,
-    sum(packets * sampling_rate) AS packets,
-    count()                      AS flows,
-    uniqExact(dst_addr)          AS destinations
-FROM flows
-WHERE dst_kind = 'external'
-  AND ({minutes:UInt32} = 0 OR flow_end >= now64(3) - toIntervalMinute({minutes:UInt32}))
-  AND ({namespace:String} = '*' OR src_namespace = {namespace:String})
-  AND ({workload:String} = '*' OR src_workload = {workload:String})
-GROUP BY namespace, workload, country
-ORDER BY bytes DESC, namespace, workload, country
+SELECT t.namespace, t.workload, t.country, t.bytes, t.packets, t.flows, d.destinations
+FROM
+(
+    SELECT
+        if({per_workload:UInt8} = 1, src_namespace, '*')                                   AS namespace,
+        if({per_workload:UInt8} = 1, if(src_workload != '', src_workload, src_kind), '*') AS workload,
+        dst_country         AS country,
+        sum(scaled_bytes)   AS bytes,
+        sum(scaled_packets) AS packets,
+        sum(flows)          AS flows
+    FROM {rollup}
+    WHERE dst_kind = 'external'
+      AND ({namespace:String} = '*' OR src_namespace = {namespace:String})
+      AND ({workload:String} = '*' OR src_workload = {workload:String})
+    GROUP BY namespace, workload, country
+) AS t
+LEFT JOIN
+(
+    SELECT namespace, workload, country, toUInt64(uniqExact(dst_addr)) AS destinations
+    FROM
+    (
+        SELECT
+            if({per_workload:UInt8} = 1, src_namespace, '*')                                   AS namespace,
+            if({per_workload:UInt8} = 1, if(src_workload != '', src_workload, src_kind), '*') AS workload,
+            dst_addr, anyLast(dst_country) AS country, max(last_seen) AS seen
+        FROM first_seen_external
+        WHERE ({namespace:String} = '*' OR src_namespace = {namespace:String})
+          AND ({workload:String} = '*' OR src_workload = {workload:String})
+        GROUP BY src_namespace, src_workload, src_kind, dst_addr
+    )
+    WHERE seen >= {window_start}
+    GROUP BY namespace, workload, country
+) AS d ON t.namespace = d.namespace AND t.workload = d.workload AND t.country = d.country
+ORDER BY t.bytes DESC, t.namespace, t.workload, t.country
 LIMIT {limit:UInt32}

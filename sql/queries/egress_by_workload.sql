@@ -9,14 +9,7 @@ SELECT
     sum(scaled_packets) AS packets,
     sum(flows)          AS flows
 FROM
-(
-    SELECT * FROM flows_1m
-    WHERE {minutes:UInt32} BETWEEN 1 AND 1440 AND time >= toStartOfMinute(now() - toIntervalMinute({minutes:UInt32}))
-    UNION ALL
-    SELECT * FROM flows_1h
-    WHERE ({minutes:UInt32} = 0 OR {minutes:UInt32} > 1440)
-      AND ({minutes:UInt32} = 0 OR time >= toStartOfHour(now() - toIntervalMinute({minutes:UInt32})))
-)
+{rollup}
 WHERE dst_kind = 'external'
 GROUP BY namespace, workload
 ORDER BY bytes DESC, namespace, workload

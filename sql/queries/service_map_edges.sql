@@ -14,13 +14,6 @@ SELECT
                         greatest(dateDiff('second', min(min(time)) OVER (), max(max(time)) OVER ()) + 60, 60),
                         {minutes:UInt32} * 60), 3) AS secondarystat
 FROM
-(
-    SELECT * FROM flows_1m
-    WHERE {minutes:UInt32} BETWEEN 1 AND 1440 AND time >= toStartOfMinute(now() - toIntervalMinute({minutes:UInt32}))
-    UNION ALL
-    SELECT * FROM flows_1h
-    WHERE ({minutes:UInt32} = 0 OR {minutes:UInt32} > 1440)
-      AND ({minutes:UInt32} = 0 OR time >= toStartOfHour(now() - toIntervalMinute({minutes:UInt32})))
-)
+{rollup}
 GROUP BY source, target
 ORDER BY mainstat DESC, id

@@ -1,6 +1,6 @@
 -- One service's peers: who sends to it (inbound) and whom it sends to (outbound) over the last
 -- `minutes` minutes (0 = all time), per peer and destination port bucket (ports >= 32768 are 0),
--- from the rollups (per-minute up to a day, per-hour beyond). `service` matches the service, or
+-- from the rollups (minute-aligned windows up to a day, hour-aligned beyond). `service` matches the service, or
 -- the workload when the service is empty. Bytes and packets are sampling-scaled.
 -- params: namespace String = default, service String = kubernetes, minutes UInt32 = 60 (0 = all time)
 SELECT direction, peer, proto, dst_port, sum(scaled_bytes) AS bytes, sum(scaled_packets) AS packets,
@@ -17,14 +17,7 @@ FROM
               if(dst_workload != '', concat(dst_namespace, '/', dst_workload), dst_kind))) AS peer,
         proto, dst_port, scaled_bytes, scaled_packets, flows
     FROM
-    (
-        SELECT * FROM flows_1m
-        WHERE {minutes:UInt32} BETWEEN 1 AND 1440 AND time >= toStartOfMinute(now() - toIntervalMinute({minutes:UInt32}))
-        UNION ALL
-        SELECT * FROM flows_1h
-        WHERE ({minutes:UInt32} = 0 OR {minutes:UInt32} > 1440)
-          AND ({minutes:UInt32} = 0 OR time >= toStartOfHour(now() - toIntervalMinute({minutes:UInt32})))
-    )
+    {rollup}
     WHERE (dst_namespace = {namespace:String} AND (dst_service = {service:String} OR dst_workload = {service:String}))
        OR (src_namespace = {namespace:String} AND (src_service = {service:String} OR src_workload = {service:String}))
 )

@@ -17,7 +17,7 @@ from sql import migrate, queries
 from tests.oracle import DATA
 
 SCHEMA_DUMPS = sorted((DATA / "schema").glob("*.sql"))
-ROLLUPS = ("flows_1m", "flows_1h")
+ROLLUPS = ("flows_1m", "flows_1h", "flows_1d")
 
 OWNERS = [
     Owner(ip="10.244.1.7", namespace="shop", name="cart-1", workload="cart", workload_kind="Deployment"),
@@ -102,14 +102,37 @@ def _totals(client: Client, table: str) -> tuple[int, ...]:
     return tuple(int(v) for v in client.query(sql).result_rows[0])
 
 
-#: The rollup key besides the time bucket (migrations 0002 and 0006), as the views group it.
+def _pod_totals(client: Client) -> dict[tuple[str, ...], tuple[int, ...]]:
+    """(namespace, name, pod_uid, direction) -> (flows, bytes, scaled bytes) of pod_traffic_1h."""
+    rows = client.query("SELECT namespace, name, pod_uid, direction, sum(flows), sum(bytes), sum(scaled_bytes) "
+                        "FROM pod_traffic_1h GROUP BY ALL").result_rows
+    return {tuple(r[:4]): tuple(int(v) for v in r[4:]) for r in rows}
+
+
+def _pod_totals_raw(client: Client) -> dict[tuple[str, ...], tuple[int, ...]]:
+    """The same from the raw flows: each named end's outbound (as source) and inbound (as
+    destination) flows; a flow from an end to itself counts once, outbound."""
+    rows = client.query("""
+        SELECT src_namespace, src_name, src_pod_uid, 'outbound', count(), sum(bytes), sum(bytes * sampling_rate)
+        FROM flows WHERE src_name != '' OR src_pod_uid != '' GROUP BY ALL
+        UNION ALL
+        SELECT dst_namespace, dst_name, dst_pod_uid, 'inbound', count(), sum(bytes), sum(bytes * sampling_rate)
+        FROM flows WHERE (dst_name != '' OR dst_pod_uid != '')
+          AND (src_namespace, src_name, src_pod_uid) != (dst_namespace, dst_name, dst_pod_uid)
+        GROUP BY ALL""").result_rows
+    return {tuple(r[:4]): tuple(int(v) for v in r[4:]) for r in rows}
+
+
+#: The rollup key besides the time bucket (migrations 0002, 0006 and 0009), as the views group it.
 ROLLUP_KEYS = ("src_namespace, src_workload, src_service, src_kind, dst_namespace, dst_workload, dst_service, "
-               "dst_kind, proto, {port}, direction, src_asn, src_country, dst_asn, dst_country")
+               "dst_kind, proto, {port}, direction, src_asn, src_country, dst_asn, dst_country, src_as_org, dst_as_org")
+BUCKETS = {"flows": "toStartOfMinute", "flows_1m": "toStartOfMinute", "flows_1h": "toStartOfHour",
+           "flows_1d": "toStartOfDay"}
 
 
 def _grouped(client: Client, table: str) -> dict[tuple[object, ...], tuple[int, ...]]:
     """Totals per rollup key (the raw table grouped the way the views group it)."""
-    bucket = "toStartOfMinute" if table != "flows_1h" else "toStartOfHour"
+    bucket = BUCKETS[table]
     if table == "flows":
         keys = ROLLUP_KEYS.format(port="if(dst_port < 32768, dst_port, 0) AS p")
         sql = (f"SELECT toStartOfMinute(flow_end) AS t, {keys}, "
@@ -122,14 +145,17 @@ def _grouped(client: Client, table: str) -> dict[tuple[object, ...], tuple[int, 
 
 
 def _with_geo(batch: pa.Table, rng: np.random.Generator) -> pa.Table:
-    """External ends get an ASN and a country (what MaxMind would give them), so the rollup keys
-    that carry them (migration 0006) are exercised; cluster ends keep 0 and ''."""
+    """External ends get an ASN, its organisation and a country (what MaxMind would give them), so
+    the rollup keys that carry them (migrations 0006, 0009) are exercised; cluster ends keep 0 and ''."""
+    orgs = {0: "", 3320: "Deutsche Telekom AG", 15169: "GOOGLE", 16509: "AMAZON-02"}
     for side in ("src", "dst"):
         external = np.array(batch[f"{side}_kind"].to_pylist()) == "external"
         asn = np.where(external, rng.choice([3320, 15169, 16509], batch.num_rows), 0).astype(np.uint32)
         country = np.where(external, rng.choice(["DE", "US", "IE"], batch.num_rows), "")
+        org = np.array([orgs[int(a)] for a in asn], dtype=object)
         for name, values in ((f"{side}_asn", pa.array(asn)),
-                             (f"{side}_country", pa.array(country).dictionary_encode())):
+                             (f"{side}_country", pa.array(country).dictionary_encode()),
+                             (f"{side}_as_org", pa.array(org, pa.string()).dictionary_encode())):
             if name in batch.column_names:
                 i = batch.column_names.index(name)
                 batch = batch.set_column(i, batch.schema.field(i), values.cast(batch.schema.field(i).type))
@@ -142,8 +168,8 @@ def _load_dump(client: Client, name: str) -> None:
         client.command(statement)
 
 
-def _known_traffic(client: Client, batches: int = 6, seed: int = 7) -> tuple[int, int, int]:
-    """Insert ``batches`` batches of varied flows over the last two hours; their totals."""
+def _known_traffic(client: Client, batches: int = 6, seed: int = 7, span_ms: int = 7_200_000) -> tuple[int, int, int]:
+    """Insert ``batches`` batches of varied flows over the last ``span_ms`` (two hours); their totals."""
     rng = np.random.default_rng(seed)
     writer = Writer(client, "flows")
     now = _now_ms(client)
@@ -159,7 +185,7 @@ def _known_traffic(client: Client, batches: int = 6, seed: int = 7) -> tuple[int
         dst = [pods[i] for i in rng.integers(0, 4, n)]
         nbytes = rng.integers(40, 1_000_000, n)
         packets = rng.integers(1, 1000, n)
-        ends = now - rng.integers(0, 7_200_000, n)
+        ends = now - rng.integers(0, span_ms, n)
         batch = _rows(src, dst, list(nbytes), 0, packets=packets, end=ends, start=ends - 1000,
                       dst_port=rng.choice([53, 80, 443, 5432, 40000, 61000], n),
                       sampling_rate=rng.choice([1, 1, 10], n), proto=rng.choice([6, 17], n))
@@ -182,21 +208,24 @@ def test_migrations_from_empty_database(clickhouse: Client) -> None:
     assert "TTL toDateTime(inserted_at) + toIntervalDay(15)" in tables["flows"]
     assert "TTL time + toIntervalDay(30)" in tables["flows_1m"]
     assert "TTL time + toIntervalDay(730)" in tables["flows_1h"]
-    for name in ("flows", *ROLLUPS):
+    assert "TTL time + toIntervalDay(3650)" in tables["flows_1d"]
+    assert "TTL time + toIntervalDay(730)" in tables["pod_traffic_1h"]
+    for name in ("flows", *ROLLUPS, "pod_traffic_1h"):
         assert "non_replicated_deduplication_window = 10000" in tables[name]
-    # Both rollups have the same columns in the same order (queries read them with SELECT * …
-    # UNION ALL) and the keys of migration 0006 at the end of the sort key.
+    # The rollups have the same columns in the same order (queries read them with SELECT * …
+    # UNION ALL) and the keys of migrations 0006 and 0009 at the end of the sort key.
     layout = {t: clickhouse.query(f"SELECT name, type FROM system.columns WHERE database = currentDatabase() "
                                   f"AND table = '{t}' ORDER BY position").result_rows for t in ROLLUPS}
-    assert layout["flows_1m"] == layout["flows_1h"]
+    assert layout["flows_1m"] == layout["flows_1h"] == layout["flows_1d"]
     for name in ROLLUPS:
-        assert "dst_port, direction, src_asn, src_country, dst_asn, dst_country)" in tables[name]
-    assert "FROM flowtally_test.flows_1m" in clickhouse.query(
-        "SELECT create_table_query FROM system.tables WHERE database = currentDatabase() AND name = 'flows_1h_mv'"
-    ).result_rows[0][0]
-    # 0006 re-run (a crash before its ledger row) changes nothing
-    rollup_keys = next(m for m in migrate.available() if m.version == 6)
-    for statement in rollup_keys.statements():
+        assert "dst_port, direction, src_asn, src_country, dst_asn, dst_country, src_as_org, dst_as_org)" in tables[name]
+    views = {r[0]: r[1] for r in clickhouse.query(
+        "SELECT name, create_table_query FROM system.tables WHERE database = currentDatabase()").result_rows}
+    assert "FROM flowtally_test.flows_1m" in views["flows_1h_mv"]  # chained: 1m -> 1h -> 1d
+    assert "FROM flowtally_test.flows_1h" in views["flows_1d_mv"]
+    # The newest migration re-run (a crash before its ledger row) changes nothing (with data:
+    # test_migrations_from_each_older_version)
+    for statement in migrate.available()[-1].statements():
         clickhouse.command(statement)
     again = {r[0]: r[1] for r in clickhouse.query(
         "SELECT name, engine_full FROM system.tables WHERE database = currentDatabase()").result_rows}
@@ -259,9 +288,16 @@ def test_migrations_from_each_older_version(clickhouse: Client, version: int) ->
     assert raw[:3] == expected
     for table in ROLLUPS:
         assert _totals(clickhouse, table) == raw, table
+    # A crash after the newest migration's statements, before its ledger row: re-running them
+    # (backfills included: their tokens) changes nothing.
+    for statement in migrate.available()[-1].statements():
+        clickhouse.command(statement)
+    for table in ROLLUPS:
+        assert _totals(clickhouse, table) == raw, table
     more = _known_traffic(clickhouse, batches=2, seed=8)
     raw = _totals(clickhouse, "flows")
     assert raw[:3] == tuple(a + b for a, b in zip(expected, more, strict=True))
+    assert _pod_totals(clickhouse) == _pod_totals_raw(clickhouse)  # backfilled by 0009, then its view
     for table in ROLLUPS:
         assert _totals(clickhouse, table) == raw, table
         # Rows rolled up before 0006 are kept with direction '' (unknown); rows after have it.
@@ -282,6 +318,12 @@ def test_rollups_equal_raw_totals_with_and_without_merges(clickhouse: Client) ->
         acc = by_hour.setdefault(hour, [0, 0, 0, 0])
         for i, v in enumerate(values):
             acc[i] += v
+    by_day: dict[tuple[object, ...], list[int]] = {}
+    for key, values in by_minute.items():
+        day = (key[0].replace(hour=0, minute=0), *key[1:])  # type: ignore[attr-defined]
+        acc = by_day.setdefault(day, [0, 0, 0, 0])
+        for i, v in enumerate(values):
+            acc[i] += v
     for final in (False, True):
         if final:
             for table in ROLLUPS:
@@ -290,6 +332,12 @@ def test_rollups_equal_raw_totals_with_and_without_merges(clickhouse: Client) ->
             assert _totals(clickhouse, table) == raw, (table, final)
         assert _grouped(clickhouse, "flows_1m") == by_minute
         assert _grouped(clickhouse, "flows_1h") == {k: tuple(v) for k, v in by_hour.items()}
+        assert _grouped(clickhouse, "flows_1d") == {k: tuple(v) for k, v in by_day.items()}
+        pods = _pod_totals_raw(clickhouse)
+        assert _pod_totals(clickhouse) == pods, final
+        assert any(k[3] == "inbound" for k in pods) and any(k[3] == "outbound" for k in pods)
+        if final:
+            clickhouse.command("OPTIMIZE TABLE pod_traffic_1h FINAL")
     # ephemeral destination ports are bucketed as 0, well-known ones kept
     ports = {r[0] for r in clickhouse.query("SELECT DISTINCT dst_port FROM flows_1m").result_rows}
     assert ports == {0, 53, 80, 443, 5432}
@@ -300,7 +348,52 @@ def test_rollups_equal_raw_totals_with_and_without_merges(clickhouse: Client) ->
         ).result_rows[0]
         assert set(asns) == {0, 3320, 15169, 16509}, table
         assert set(countries) == {"", "DE", "US", "IE"}, table
+        orgs = clickhouse.query(f"SELECT DISTINCT dst_asn, dst_as_org FROM {table}").result_rows
+        assert sorted(orgs) == [(0, ""), (3320, "Deutsche Telekom AG"), (15169, "GOOGLE"), (16509, "AMAZON-02")]
         assert {"pod-to-pod", "egress", "ingress"} <= set(directions), table
+
+
+_POD_TOTALS = """SELECT arraySort(groupArray(t)) FROM (
+    SELECT tuple(namespace, name, pod_uid, direction, sum(flows), sum(bytes), sum(scaled_packets),
+                 min(first_seen), max(last_seen)) AS t
+    FROM {rows} GROUP BY namespace, name, pod_uid, direction)"""
+_POD_TOTALS_RAW = """SELECT arraySort(groupArray(t)) FROM (
+    SELECT tuple(src_namespace, src_name, src_pod_uid, 'outbound', count(), sum(bytes),
+                 sum(packets * sampling_rate), min(flow_start), max(flow_end)) AS t
+    FROM flows WHERE (src_name != '' OR src_pod_uid != '') AND flow_end >= {start}
+    GROUP BY src_namespace, src_name, src_pod_uid
+    UNION ALL
+    SELECT tuple(dst_namespace, dst_name, dst_pod_uid, 'inbound', count(), sum(bytes),
+                 sum(packets * sampling_rate), min(flow_start), max(flow_end)) AS t
+    FROM flows WHERE (dst_name != '' OR dst_pod_uid != '') AND flow_end >= {start}
+      AND (src_namespace, src_name, src_pod_uid) != (dst_namespace, dst_name, dst_pod_uid)
+    GROUP BY dst_namespace, dst_name, dst_pod_uid)"""
+
+
+def test_windows_read_from_the_rollups_equal_the_raw_window(clickhouse: Client) -> None:
+    """``{rollup}`` (sql/queries.py) reads a window from flows_1m for its partial first hour,
+    flows_1h for its partial first day and flows_1d for the rest: over four days of flows, every
+    window's totals equal the raw flows' from the window's start, and ``{pod_traffic}`` (raw flows
+    for the partial first hour, pod_traffic_1h after) equals the raw flows to the millisecond.
+    Each comparison is one query, so both sides see the same now()."""
+    migrate.migrate(clickhouse)
+    _known_traffic(clickhouse, batches=4, span_ms=4 * 86_400_000)
+    seen = set()
+    for minutes in (1, 59, 60, 61, 90, 1439, 1440, 1441, 1500, 2 * 1440 + 7, 3 * 1440, 5 * 1440, 0):
+        rows = queries.rollup_rows(minutes)
+        assert ("flows_1m" in rows) == (0 < minutes <= 1440) and ("flows_1h" in rows) == (minutes > 0), minutes
+        got, expected = clickhouse.query(f"""SELECT
+            (SELECT (sum(flows), sum(bytes), sum(packets), sum(scaled_bytes), sum(scaled_packets)) FROM {rows}),
+            (SELECT (count(), sum(bytes), sum(packets), sum(bytes * sampling_rate), sum(packets * sampling_rate))
+             FROM flows WHERE flow_end >= {queries.window_start(minutes)})""").result_rows[0]
+        assert got == expected, minutes
+        seen.add(expected[0])
+        start = "toDateTime64(0, 3)" if minutes == 0 else f"now64(3) - toIntervalMinute({minutes})"
+        pods, pods_raw = clickhouse.query(
+            f"SELECT ({_POD_TOTALS.format(rows=queries.pod_rows(minutes))}), "
+            f"({_POD_TOTALS_RAW.format(start=start)})").result_rows[0]
+        assert pods == pods_raw, minutes
+    assert len(seen) >= 10  # the windows really differ
 
 
 def test_replays_never_double_the_rollups(clickhouse: Client) -> None:
@@ -314,15 +407,17 @@ def test_replays_never_double_the_rollups(clickhouse: Client) -> None:
     writer.insert(batch, "raw/0/1")
     for table in ("flows", *ROLLUPS):
         assert _totals(clickhouse, table)[:3] == (2, 350, 2), table
-    # flows_1h is fed from flows_1m (a chained view, migration 0006). Each table checks the token
-    # on its own: whichever of the three parts a crash left unwritten, the replay writes exactly
-    # that one — also when the block it descends from is skipped as a duplicate.
-    for lost in (["flows_1m"], ["flows_1h"], ["flows_1m", "flows_1h"]):
+    # flows_1h is fed from flows_1m (a chained view, migration 0006), flows_1d from flows_1h (0009).
+    # Each table checks the token on its own: whichever of the parts a crash left unwritten, the
+    # replay writes exactly that one — also when the block it descends from is skipped as a duplicate.
+    for lost in (["flows_1m"], ["flows_1h"], ["flows_1d"], ["flows_1m", "flows_1h"], ["flows_1h", "flows_1d"],
+                 ["flows_1m", "flows_1d"], ["pod_traffic_1h"]):
         for table in lost:
             clickhouse.command(f"TRUNCATE TABLE {table}")  # that rollup insert "never happened"
         writer.insert(batch, "raw/0/1")
         for table in ("flows", *ROLLUPS):
             assert _totals(clickhouse, table)[:3] == (2, 350, 2), (lost, table)
+        assert _pod_totals(clickhouse) == _pod_totals_raw(clickhouse), lost
     writer.insert(batch, "raw/0/2")  # a new token still counts, through the chain
     for table in ("flows", *ROLLUPS):
         assert _totals(clickhouse, table)[:3] == (4, 700, 4), table

@@ -15,12 +15,14 @@ from sql import migrate, queries
 
 CLUSTER = "flow_cluster"
 VARIABLES = {"flows_ttl_days": 3, "rollup_1m_ttl_days": 7, "rollup_1h_ttl_days": 400}
-ENGINES = {  # the data tables of migrations 0001-0007 and their engines on a cluster
+ENGINES = {  # the data tables of migrations 0001-0009 and their engines on a cluster
     "flows": "ReplicatedMergeTree",
     "flows_1m": "ReplicatedSummingMergeTree",
     "flows_1h": "ReplicatedSummingMergeTree",
     "completeness": "ReplicatedSummingMergeTree",
     "first_seen_external": "ReplicatedAggregatingMergeTree",
+    "flows_1d": "ReplicatedSummingMergeTree",
+    "pod_traffic_1h": "ReplicatedAggregatingMergeTree",
 }
 
 
@@ -90,10 +92,12 @@ def test_render_for_cluster_cases() -> None:
 
 def test_named_queries_read_distributed_tables(clickhouse: Client) -> None:
     for name in queries.names():
-        sql = queries.on_cluster(queries.load(name).sql)
-        read = set(re.findall(r"\b(?:FROM|JOIN)\s+(\w+)", sql))
-        assert read and all(t.endswith("_dist") for t in read), (name, read)
-        _parse(clickhouse, sql)
+        query = queries.load(name)
+        for minutes in ("60", "1440", "1441", "10080", "0"):  # every rollup choice
+            sql = queries.on_cluster(queries.render(query, query.defaults | {"minutes": minutes}))
+            read = set(re.findall(r"\b(?:FROM|JOIN)\s+(\w+)", sql))
+            assert read and all(t.endswith("_dist") for t in read), (name, read)
+            _parse(clickhouse, sql)
     assert queries.on_cluster("SELECT sum(flows) AS flows FROM flows_1m") == "SELECT sum(flows) AS flows FROM flows_1m_dist"
 
 
