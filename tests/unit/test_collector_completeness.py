@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import numpy as np
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from sensors.completeness import (
     COMPLETENESS_SCHEMA,
@@ -11,7 +13,7 @@ from sensors.completeness import (
     domain_of,
     group_counts,
 )
-from sensors.netflow.collector import Allowlist, _sequence_lost
+from sensors.netflow.collector import Allowlist, _sequence_lost, header_domains
 from sensors.netflow.decoder import ExporterStats
 from sensors.schema import address16
 
@@ -40,6 +42,17 @@ def test_domain_of_headers() -> None:
     ipfix = b"\x00\x0a\x00\x10" + b"\x00" * 8 + (99).to_bytes(4, "big")
     v5 = b"\x00\x05\x00\x01" + b"\x00" * 16 + b"\x02\x03" + b"\x00" * 2
     assert (domain_of(v9), domain_of(ipfix), domain_of(v5), domain_of(b"\x00")) == (1234, 99, 0x0203, 0)
+
+
+_HEADER_STARTS = st.sampled_from([b"\x00\x09", b"\x00\x0a", b"\x00\x05", b"\x01\x09", b""])
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.tuples(_HEADER_STARTS, st.binary(max_size=30)), min_size=1, max_size=12))
+def test_header_domains_equals_domain_of(parts: list[tuple[bytes, bytes]]) -> None:
+    """The batch version reads every header as domain_of does, short payloads included."""
+    payloads = [start + rest for start, rest in parts]
+    assert header_domains(payloads).tolist() == [domain_of(p) for p in payloads]
 
 
 def test_group_counts() -> None:
