@@ -23,15 +23,13 @@ import time
 from collections.abc import Callable
 
 import pyarrow as pa
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord, TopicPartition
-from clickhouse_connect.driver.client import Client
+from aiokafka import ConsumerRecord, TopicPartition
 from prometheus_client import Counter, Gauge, Histogram
 
-from flowtally import kafka
 from flowtally.clickhouse import connect
 from flowtally.wire import decode_batch
 from sensors.completeness import COMPLETENESS_SCHEMA, SCHEMA_NAME, with_additive_defaults
-from sink.delivery import Delivery, FeedMetrics, Retry
+from sink.delivery import Delivery, FeedMetrics, FeedWorker, Retry
 from sink.settings import SinkSettings
 from sink.writer import Writer
 
@@ -74,21 +72,14 @@ def all_healthy(*checks: Health) -> Health:
     return check
 
 
-class CompletenessWorker:
+class CompletenessWorker(FeedWorker):
     """The consume -> insert -> commit loop of the completeness topic."""
 
     name = "sink-completeness"
 
     def __init__(self, settings: SinkSettings) -> None:
-        self._settings = settings
-        self._topic = settings.kafka.topic("completeness")
-        self._group_id = f"{settings.group_id}-completeness"
-        self._consumer: AIOKafkaConsumer | None = None
-        self._dlq: AIOKafkaProducer | None = None
-        self._client: Client | None = None
+        super().__init__(settings)
         self._delivery: Delivery | None = None
-        self._task: asyncio.Task[None] | None = None
-        self._stopping = asyncio.Event()
 
     def health(self) -> tuple[bool, str]:
         """Unhealthy while completeness inserts have been failing for longer than allowed."""
@@ -102,34 +93,14 @@ class CompletenessWorker:
     async def start(self) -> None:
         s = self._settings
         # The topics exist: the flows consumer (or the test) created them before this starts.
-        self._client = await asyncio.to_thread(connect, s.clickhouse)
-        self._dlq = kafka.producer(s.kafka)
-        await self._dlq.start()
+        client = await asyncio.to_thread(connect, s.clickhouse)
+        self._clients.append(client)
         self._delivery = Delivery(
-            schema_name=SCHEMA_NAME, decode=completeness_rows, writer=Writer(self._client, TABLE),
-            dlq=self._dlq, dlq_topic=s.kafka.topic("dlq"), metrics=METRICS,
+            schema_name=SCHEMA_NAME, decode=completeness_rows, writer=Writer(client, TABLE),
+            dlq=await self._open_dlq(), dlq_topic=s.kafka.topic("dlq"), metrics=METRICS,
             retry=Retry(s.retry_initial_s, s.retry_max_s), stopping=self._stopping,
         )
-        self._consumer = kafka.consumer(s.kafka, self._topic, group_id=self._group_id, **s.group_kwargs())
-        await self._consumer.start()
-        self._task = asyncio.create_task(self._run())
-
-    async def wait(self) -> None:
-        assert self._task is not None
-        await self._task
-
-    async def stop(self) -> None:
-        """Finish the poll in hand (insert + commit), then close everything."""
-        self._stopping.set()
-        if self._task is not None:
-            await asyncio.wait([self._task])
-        if self._consumer is not None:
-            await self._consumer.stop()
-        if self._dlq is not None:
-            await self._dlq.stop()
-        if self._client is not None:
-            await asyncio.to_thread(self._client.close)
-            self._client = None
+        await self._consume(s.kafka.topic("completeness"), f"{s.group_id}-completeness")
 
     async def _run(self) -> None:
         assert self._consumer is not None and self._delivery is not None

@@ -1,24 +1,28 @@
 """`flowtally sink`: consume enriched batches, insert them into ClickHouse, then commit.
 
-Order per poll (the exact-totals rule): insert every message of a partition in offset order,
-one message per insert, each with a deduplication token naming the raw message it came from;
-only after the inserts succeeded, commit the partition's next offset. A crash anywhere replays
-from the last commit and the tokens turn the replayed inserts into no-ops (in ``flows`` and in
-every rollup). The enricher re-emitting a batch after its own crash gives the same token again.
+The exact-totals rule: consecutive messages of one partition are inserted as one **group**
+(:mod:`sink.groups`: bounded by ``group_max_rows``, ``group_max_bytes`` and ``group_max_wait_s``).
+Per group, in this order: record its intent in ``sink_groups`` (offsets, token, the raw origins
+it holds), insert it with its deduplication token, commit ``last + 1``. A crash anywhere resumes
+at the committed offset; a recorded intent starting there is re-formed exactly (same messages,
+same token), so ClickHouse turns an insert that had landed into a no-op, in ``flows`` and in
+every view. The enricher re-emitting a batch after its own crash gives a message whose raw origin
+is already in a recorded group of the partition: it is skipped and counted
+(``flowtally_sink_messages_total{outcome="duplicate"}``).
 
-Throughput (measured with ``python -m tests.benchmarks.bench_sink``): each insert pays a roughly
-fixed cost in ClickHouse (planning, one part per table and view, the token bookkeeping), so the
-loop keeps ClickHouse busy instead of waiting on Python: the next message of a partition is
-decoded in a thread while the current one is being inserted, and with ``insert_concurrency`` > 1
-several partitions of a poll are inserted at once, each over its own connection (each partition
-still in offset order, each message still one insert with its own token, each partition
-committed only after its inserts — so the exactly-once rule is unchanged).
+Throughput (``python -m tests.benchmarks.bench_sink``): each insert pays a roughly fixed cost per
+table and materialized view (planning, one part each, the token bookkeeping), so inserts are
+groups of hundreds of thousands of rows instead of one message each; messages are decoded in a
+thread while the previous group of their partition is inserted, and with ``insert_concurrency``
+> 1 several partitions insert at once, each over its own connection (each partition still in
+offset order, one group at a time, committed only after its insert).
 
-Failures (see :mod:`sink.writer` for the rule): a message that is not a valid batch, or a batch
-ClickHouse *rejects* (constraint, unconvertible value…), goes to the DLQ with the reason and is
-committed — retrying cannot help. ClickHouse *unavailable* (any other error) is retried with
-backoff; nothing after it is committed and the partition's consumption stops meanwhile (the loop
-does not poll again), so memory stays bounded by one poll.
+Failures (see :mod:`sink.writer` for the rule): a message that is not a valid batch goes to the
+DLQ with the reason. A group ClickHouse *rejects* (constraint, unconvertible value…) is inserted
+again message by message (tokens derived from the group's), and the messages rejected alone go to
+the DLQ — retrying cannot help them. ClickHouse *unavailable* (any other error) is retried with
+backoff; nothing after it is committed, and a partition whose next group is full while its
+insert is failing is paused, so memory stays bounded by about two groups per partition.
 """
 
 from __future__ import annotations
@@ -26,10 +30,12 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import math
 import time
+from dataclasses import dataclass
 
-import pyarrow as pa
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord
+from aiokafka import ConsumerRecord, TopicPartition
+from aiokafka.abc import ConsumerRebalanceListener
 from clickhouse_connect.driver.client import Client
 from prometheus_client import Counter, Gauge, Histogram
 
@@ -41,7 +47,8 @@ from flowtally.lifecycle import run_components
 from flowtally.metrics import MetricsServer
 from flowtally.settings import load_settings
 from flowtally.wire import ORIGIN_HEADER, WireError, decode_batch, header
-from sink.delivery import Delivery, FeedMetrics, Retry
+from sink.delivery import Delivery, FeedMetrics, FeedWorker, Retry, Stopped
+from sink.groups import Consumed, Group, Intent, PartitionGroups
 from sink.rows import flow_rows
 from sink.settings import SinkSettings
 from sink.writer import Writer
@@ -52,33 +59,84 @@ log = logging.getLogger(__name__)
 MESSAGES = Counter("flowtally_sink_messages_total", "Enriched messages consumed", ["outcome"])
 ROWS = Counter("flowtally_sink_rows_inserted_total", "Flow rows inserted into ClickHouse")
 INSERT_ERRORS = Counter("flowtally_sink_insert_errors_total", "Failed insert attempts", ["reason"])
-INSERT_SECONDS = Histogram("flowtally_sink_insert_seconds", "Duration of one batch insert")
+INSERT_SECONDS = Histogram("flowtally_sink_insert_seconds", "Duration of one insert (a group of messages)")
 COMMITTED = Gauge("flowtally_sink_committed_offset", "Last committed offset", ["partition"])
+GROUPS = Counter("flowtally_sink_groups_total", "Insert groups committed", ["kind"])
+GROUP_MESSAGES = Histogram("flowtally_sink_group_messages", "Messages per insert group",
+                           buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512))
+
+#: The recorded insert groups (migration 0010).
+GROUPS_TABLE = "sink_groups"
 
 
-def dedup_token(msg: ConsumerRecord) -> str:
+def origin_of(msg: ConsumerRecord) -> str:
     """The raw message a batch came from (set by the enricher), else this message itself."""
     origin = header(msg.headers, ORIGIN_HEADER)
     return origin.decode() if origin else f"{msg.topic}/{msg.partition}/{msg.offset}"
 
 
-class SinkWorker:
-    """The consume -> insert -> commit loop."""
+def decode(msg: ConsumerRecord) -> Consumed:
+    """One enriched message as flow rows (or why it is not a batch), with its origin."""
+    try:
+        rows = flow_rows(decode_batch(msg.value, msg.headers, ENRICHED_SCHEMA, ENRICHED))
+    except WireError as exc:
+        return Consumed(msg.offset, origin_of(msg), None, exc, msg)
+    return Consumed(msg.offset, origin_of(msg), rows, None, msg)
+
+
+def decode_all(messages: list[ConsumerRecord]) -> list[Consumed]:
+    """:func:`decode` over one poll's messages of a partition (run in a thread)."""
+    return [decode(msg) for msg in messages]
+
+
+def record_intent(client: Client, intent: Intent) -> None:
+    """Write a group's intent (before its insert)."""
+    row = [intent.topic, intent.partition, intent.first_offset, intent.last_offset, intent.token,
+           list(intent.origins)]
+    client.insert(GROUPS_TABLE, [row], column_names=[
+        "topic", "kafka_partition", "first_offset", "last_offset", "token", "origins"])
+
+
+def recorded_intents(client: Client, topic: str, partition: int, start: int, window: int) -> list[Intent]:
+    """The partition's intents that matter when it resumes at ``start``: those ending within
+    ``window`` offsets before it and those starting there, oldest recorded first."""
+    result = client.query(
+        f"SELECT first_offset, last_offset, token, origins FROM {GROUPS_TABLE} "
+        "WHERE topic = %(topic)s AND kafka_partition = %(partition)s "
+        "AND last_offset >= %(low)s AND first_offset <= %(start)s ORDER BY recorded_at, first_offset",
+        parameters={"topic": topic, "partition": partition, "low": max(0, start - window), "start": start},
+    )
+    return [Intent(topic, partition, int(first), int(last), str(token), tuple(origins))
+            for first, last, token, origins in result.result_rows]
+
+
+@dataclass
+class Lane:
+    """One assigned partition: its forming groups and the insert in flight."""
+
+    tp: TopicPartition
+    groups: PartitionGroups
+    flushing: asyncio.Task[bool] | None = None
+
+
+class SinkWorker(FeedWorker, ConsumerRebalanceListener):
+    """The consume -> group -> record -> insert -> commit loop."""
 
     name = "sink"
 
     def __init__(self, settings: SinkSettings) -> None:
-        self._settings = settings
+        super().__init__(settings)
         self._topic = settings.kafka.topic("enriched")
-        self._consumer: AIOKafkaConsumer | None = None
-        self._dlq: AIOKafkaProducer | None = None
-        self._clients: list[Client] = []
-        self._task: asyncio.Task[None] | None = None
-        self._stopping = asyncio.Event()
         #: one per concurrent partition insert, each over its own connection
         self._deliveries: list[Delivery] = []
-        #: messages decoded ahead of their insert: (partition, offset) -> rows and token, or the error
-        self._decoded: dict[tuple[int, int], tuple[pa.Table, str] | WireError] = {}
+        self._free: asyncio.Queue[Delivery] = asyncio.Queue()
+        self._lanes: dict[TopicPartition, Lane] = {}
+        #: bumped on every rebalance: a poll that straddles one is dropped (refetched)
+        self._generation = 0
+        #: no new group is started meanwhile (a rebalance is waiting for the inserts in flight)
+        self._holding = False
+        self._draining = False
+        self._failure: BaseException | None = None
 
     def health(self) -> tuple[bool, str]:
         """Unhealthy while inserts have been failing for longer than allowed."""
@@ -86,8 +144,7 @@ class SinkWorker:
             return False, "starting"
         since = [d.failing_since for d in self._deliveries if d.failing_since is not None]
         if since:
-            failing_since = min(since)
-            failing = time.monotonic() - failing_since
+            failing = time.monotonic() - min(since)
             if failing > self._settings.unhealthy_after_s:
                 return False, f"inserts failing for {failing:.0f}s"
         return True, "ok"
@@ -101,102 +158,208 @@ class SinkWorker:
             await asyncio.to_thread(migrate, client, s.migration_variables(), s.clickhouse.cluster)
         for _ in range(s.insert_concurrency - 1):
             self._clients.append(await asyncio.to_thread(connect, s.clickhouse))
-        self._dlq = kafka.producer(s.kafka)
-        await self._dlq.start()
+        dlq = await self._open_dlq()
         self._deliveries = [
             Delivery(
-                schema_name=ENRICHED, decode=self._take_decoded, writer=Writer(c, s.table), dlq=self._dlq,
-                dlq_topic=s.kafka.topic("dlq"), stopping=self._stopping,
+                schema_name=ENRICHED, writer=Writer(c, s.table), dlq=dlq, dlq_topic=s.kafka.topic("dlq"),
+                stopping=self._stopping,
                 metrics=FeedMetrics(MESSAGES, ROWS, INSERT_ERRORS, INSERT_SECONDS),
                 retry=Retry(s.retry_initial_s, s.retry_max_s),
             )
             for c in self._clients
         ]
-        self._consumer = kafka.consumer(s.kafka, self._topic, group_id=s.group_id, **s.group_kwargs())
-        await self._consumer.start()
-        self._task = asyncio.create_task(self._run())
-
-    async def wait(self) -> None:
-        assert self._task is not None
-        await self._task
+        for delivery in self._deliveries:
+            self._free.put_nowait(delivery)
+        await self._consume(self._topic, s.group_id, listener=self)
 
     async def stop(self) -> None:
-        """Finish the poll in hand (insert + commit), then close everything."""
-        self._stopping.set()
-        if self._task is not None:
-            await asyncio.wait([self._task])
-        if self._consumer is not None:
-            await self._consumer.stop()
-        if self._dlq is not None:
-            await self._dlq.stop()
-        for client in self._clients:
-            await asyncio.to_thread(client.close)
-        self._clients, self._deliveries = [], []
+        await super().stop()
+        self._deliveries = []
+
+    # -- rebalances (aiokafka calls these while the loop runs) --------------------------------
+
+    async def on_partitions_revoked(self, revoked: list[TopicPartition]) -> None:
+        """Let the inserts in flight land and commit while this member still owns their
+        partitions; then forget every lane (the new assignment resumes from the commits)."""
+        self._holding = True
+        try:
+            await self._settle()
+        finally:
+            self._lanes.clear()
+            self._generation += 1
+            self._holding = False
+
+    async def on_partitions_assigned(self, assigned: list[TopicPartition]) -> None:
+        self._generation += 1
+
+    # -- the loop ------------------------------------------------------------------------------
 
     async def _run(self) -> None:
         assert self._consumer is not None
-        # Partitions are independent: up to insert_concurrency of them at once, each on a free
-        # delivery (connection); a partition is committed up to what landed in it.
-        free: asyncio.Queue[Delivery] = asyncio.Queue()
-        for delivery in self._deliveries:
-            free.put_nowait(delivery)
-        while not self._stopping.is_set():
-            polled = await self._consumer.getmany(
-                timeout_ms=500, max_records=self._settings.max_messages_per_poll
+        try:
+            while not self._stopping.is_set():
+                if self._failure is not None:
+                    raise self._failure
+                polled = await self._consumer.getmany(
+                    timeout_ms=self._poll_timeout_ms(), max_records=self._settings.max_messages_per_poll
+                )
+                # aiokafka returns records of the current assignment only; a rebalance during the
+                # awaits below resets the positions to the commits, so that poll is dropped.
+                generation = self._generation
+                for tp, messages in polled.items():
+                    lane = self._lanes.get(tp)
+                    if lane is None and generation == self._generation:
+                        lane = await self._open_lane(tp, messages[0].offset)
+                    consumed = await asyncio.to_thread(decode_all, messages)
+                    if lane is None or generation != self._generation or self._lanes.get(tp) is not lane:
+                        break  # a rebalance happened meanwhile: whoever owns it refetches from the commit
+                    now = time.monotonic()
+                    for item in consumed:
+                        lane.groups.add(item, now)
+                self._dispatch_all()
+            # SIGTERM: insert and commit what is in hand (each lane's forming groups).
+            self._draining = True
+            self._dispatch_all()
+            await self._settle()
+        except BaseException:
+            self._stopping.set()  # an insert retrying in flight gives up (uncommitted: replayed)
+            await self._settle()
+            raise
+
+    async def _settle(self) -> None:
+        """Wait until no insert is in flight (a finished one may start its lane's next group)."""
+        while True:
+            flushing = [lane.flushing for lane in self._lanes.values() if lane.flushing is not None]
+            if not flushing:
+                return
+            await asyncio.wait(flushing)
+            await asyncio.sleep(0)  # let the done-callbacks run
+
+    def _poll_timeout_ms(self) -> int:
+        deadlines = [d for lane in self._lanes.values() if lane.flushing is None
+                     and (d := lane.groups.deadline()) is not None]
+        if not deadlines:
+            return 500
+        return max(1, min(500, math.ceil((min(deadlines) - time.monotonic()) * 1000)))
+
+    async def _open_lane(self, tp: TopicPartition, start: int) -> Lane:
+        """A lane for a partition resuming at ``start``, with its recorded intents."""
+        s = self._settings
+        delivery = await self._free.get()
+        try:
+            intents = await delivery.retrying(
+                lambda: asyncio.to_thread(recorded_intents, delivery.client, tp.topic, tp.partition, start,
+                                          s.duplicate_window_messages),
+                f"the recorded groups of {tp.topic}/{tp.partition}", rejectable=False,
             )
-            tps = list(polled)
-            landed = await asyncio.gather(*(self._on_free(free, polled[tp]) for tp in tps))
-            commits = {tp: offset for tp, offset in zip(tps, landed, strict=True) if offset is not None}
-            if commits:
-                await self._consumer.commit(commits)
-                for tp, offset in commits.items():
-                    COMMITTED.labels(str(tp.partition)).set(offset - 1)
-
-    async def _on_free(self, free: asyncio.Queue[Delivery], messages: list[ConsumerRecord]) -> int | None:
-        """:meth:`_drain` on the next free delivery."""
-        delivery = await free.get()
-        try:
-            return await self._drain(delivery, messages)
         finally:
-            free.put_nowait(delivery)
+            self._free.put_nowait(delivery)
+        groups = PartitionGroups(tp.topic, tp.partition, s.group_limits(), s.duplicate_window_messages)
+        groups.resume(start, intents)
+        if groups.pending is not None:
+            p = groups.pending
+            log.info("partition %s/%d resumes inside recorded group %d-%d (token %s): re-forming it",
+                     tp.topic, tp.partition, p.first_offset, p.last_offset, p.token)
+        lane = Lane(tp, groups)
+        self._lanes[tp] = lane
+        return lane
 
-    async def _drain(self, delivery: Delivery, messages: list[ConsumerRecord]) -> int | None:
-        """Insert one partition's messages in offset order, decoding each next message in a thread
-        while the current one is inserted; the offset to commit (None if nothing landed)."""
-        landed = None
-        ahead = asyncio.create_task(asyncio.to_thread(self._decode_ahead, messages[0]))
+    def _dispatch_all(self) -> None:
+        for lane in list(self._lanes.values()):
+            self._dispatch(lane)
+        self._pause_full()
+
+    def _dispatch(self, lane: Lane) -> None:
+        """Start the lane's next group if it is due and nothing of the lane is in flight."""
+        if lane.flushing is not None or self._holding or self._lanes.get(lane.tp) is not lane:
+            return
+        if self._stopping.is_set() and not self._draining:
+            return
+        now = math.inf if self._draining else time.monotonic()
+        if not lane.groups.ready(now):
+            return
+        group = lane.groups.take()
+        if group is None:
+            return
+        lane.flushing = asyncio.create_task(self._flush(lane, group))
+        lane.flushing.add_done_callback(lambda task: self._flushed(lane, task))
+
+    def _flushed(self, lane: Lane, task: asyncio.Task[bool]) -> None:
+        lane.flushing = None
+        if task.cancelled():
+            return
+        if (exc := task.exception()) is not None:
+            self._failure = self._failure or exc
+            return
+        if task.result():  # landed: the next group may go at once
+            self._dispatch(lane)
+            self._pause_full()
+
+    def _pause_full(self) -> None:
+        """Pause a partition whose next group is full while its insert is in flight (bounded
+        memory while ClickHouse is slow or down); resume it otherwise."""
+        if self._consumer is None:
+            return
+        assigned = self._consumer.assignment()
+        paused = self._consumer.paused()
+        for tp, lane in self._lanes.items():
+            if tp not in assigned:
+                continue
+            full = lane.flushing is not None and lane.groups.full()
+            if full and tp not in paused:
+                self._consumer.pause(tp)
+            elif not full and tp in paused:
+                self._consumer.resume(tp)
+
+    async def _flush(self, lane: Lane, group: Group) -> bool:
+        """Record, insert and commit one group; False if the sink stopped before it landed."""
+        assert self._consumer is not None
+        intent = group.intent
+        delivery = await self._free.get()
         try:
-            for i, msg in enumerate(messages):
-                await ahead
-                if i + 1 < len(messages):
-                    ahead = asyncio.create_task(asyncio.to_thread(self._decode_ahead, messages[i + 1]))
-                if not await delivery.deliver(msg):
-                    break  # stopping during retries: commit what landed, replay the rest
-                landed = msg.offset + 1
+            for item in group.undecodable:
+                assert item.error is not None
+                await delivery.to_dlq(item.record, item.error)
+            if group.duplicates:
+                MESSAGES.labels("duplicate").inc(len(group.duplicates))
+                log.info("dropped %d re-emitted message(s) of %s/%d (origins already inserted): %s",
+                         len(group.duplicates), intent.topic, intent.partition,
+                         ", ".join(c.origin for c in group.duplicates[:5]))
+            table = await asyncio.to_thread(group.table)
+            if table is not None:
+                if not group.recorded:
+                    await delivery.retrying(lambda: asyncio.to_thread(record_intent, delivery.client, intent),
+                                            f"the intent of {intent.token}", rejectable=False)
+                failure = await delivery.insert(table, intent.token)
+                del table
+                if failure is None:
+                    MESSAGES.labels("inserted").inc(len(group.included))
+                else:
+                    await self._one_by_one(delivery, group)
+            await self._consumer.commit({lane.tp: intent.last_offset + 1})
+        except Stopped:
+            return False
         finally:
-            await asyncio.wait([ahead])
-            for msg in messages:
-                self._decoded.pop((msg.partition, msg.offset), None)
-        return landed
+            self._free.put_nowait(delivery)
+        COMMITTED.labels(str(intent.partition)).set(intent.last_offset)
+        GROUPS.labels("reformed" if group.recorded else "new").inc()
+        GROUP_MESSAGES.observe(len(group.included))
+        lane.groups.landed(group)
+        return True
 
-    def _decode(self, msg: ConsumerRecord) -> tuple[pa.Table, str]:
-        """The flow rows of one enriched message and their deduplication token."""
-        table = decode_batch(msg.value, msg.headers, ENRICHED_SCHEMA, ENRICHED)
-        return flow_rows(table), dedup_token(msg)
+    async def _one_by_one(self, delivery: Delivery, group: Group) -> None:
+        """ClickHouse rejected the group: insert its messages alone (tokens derived from the
+        group's, so a replay of this too is a no-op); those rejected alone go to the DLQ."""
+        log.warning("ClickHouse rejected group %s: inserting its %d messages one by one",
+                    group.intent.token, len(group.included))
+        for item in group.included:
+            assert item.rows is not None
+            failure = await delivery.insert(item.rows, f"{group.intent.token}/{item.offset}")
+            if failure is None:
+                MESSAGES.labels("inserted").inc()
+            else:
+                await delivery.to_dlq(item.record, failure)
 
-    def _decode_ahead(self, msg: ConsumerRecord) -> None:
-        """Decode ``msg`` before its turn (in a worker thread); the delivery picks it up."""
-        try:
-            self._decoded[(msg.partition, msg.offset)] = self._decode(msg)
-        except WireError as exc:
-            self._decoded[(msg.partition, msg.offset)] = exc
-
-    def _take_decoded(self, msg: ConsumerRecord) -> tuple[pa.Table, str]:
-        """The delivery's decoder: the result decoded ahead (or its WireError), else decode now."""
-        done = self._decoded.pop((msg.partition, msg.offset), None)
-        if isinstance(done, WireError):
-            raise done
-        return done if done is not None else self._decode(msg)
 
 def run(args: argparse.Namespace) -> int:
     """`flowtally sink`."""

@@ -6,6 +6,7 @@ from pydantic import Field
 
 from flowtally.kafka import TopicSettings
 from flowtally.settings import ClickHouseSettings, KafkaSettings, StageSettings
+from sink.groups import GroupLimits
 
 
 class SinkSettings(StageSettings):
@@ -23,6 +24,23 @@ class SinkSettings(StageSettings):
         1, ge=1, le=16,
         description="Partitions of a poll inserted at once, each over its own ClickHouse connection",
     )
+    # Insert groups (sink/groups.py): consecutive messages of a partition inserted as one insert.
+    group_max_rows: int = Field(
+        500_000, ge=1, le=10_000_000,
+        description="Rows of one insert (a group of consecutive messages of one partition) at most",
+    )
+    group_max_bytes: int = Field(
+        256 * 1024 * 1024, ge=1024 * 1024, le=4 * 1024**3,
+        description="Decoded (Arrow) bytes of one insert at most (memory: about two groups per partition)",
+    )
+    group_max_wait_s: float = Field(
+        2.0, gt=0, le=300,
+        description="Longest a message waits for its group to fill before it is inserted",
+    )
+    duplicate_window_messages: int = Field(
+        10_000, ge=0, le=10_000_000,
+        description="Offsets back (per partition) within which a re-emitted raw batch is dropped",
+    )
     retry_initial_s: float = Field(0.5, gt=0)
     retry_max_s: float = Field(30.0, gt=0)
     unhealthy_after_s: float = Field(60.0, gt=0, description="Failing inserts this long = unhealthy")
@@ -36,6 +54,10 @@ class SinkSettings(StageSettings):
     flows_ttl_days: int = Field(15, ge=1, le=3650, description="TTL of raw flows (days)")
     rollup_1m_ttl_days: int = Field(30, ge=1, le=3650, description="TTL of the per-minute rollup (days)")
     rollup_1h_ttl_days: int = Field(730, ge=1, le=3650, description="TTL of the per-hour rollup (days)")
+
+    def group_limits(self) -> GroupLimits:
+        """When a forming insert group is flushed."""
+        return GroupLimits(self.group_max_rows, self.group_max_bytes, self.group_max_wait_s)
 
     def group_kwargs(self) -> dict[str, int]:
         """Consumer-group timing for every feed the sink consumes (aiokafka keyword arguments)."""

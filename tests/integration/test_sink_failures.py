@@ -115,15 +115,17 @@ def test_a_batch_clickhouse_rejects_goes_to_the_dlq_and_the_sink_moves_on(kafka_
     good = [_enriched(300, 100, seed=1), _enriched(300, 200, seed=2)]
     bad = _enriched(5, 10**13, seed=3)
     port = free_port()
+    # The four messages form one insert group (produced well within the wait): the group is
+    # rejected, then its messages are inserted one by one and only the bad one is rejected.
     sink = Stage("sink", ["sink", "--metrics-listen", f"127.0.0.1:{port}"],
                  {"FLOWTALLY_KAFKA_BOOTSTRAP": kafka_bootstrap, "FLOWTALLY_KAFKA_TOPIC_PREFIX": prefix,
-                  "FLOWTALLY_CLICKHOUSE_PATH": str(tmp_path / "chdb"), "FLOWTALLY_GROUP_ID": f"{prefix}-sink"},
+                  "FLOWTALLY_CLICKHOUSE_PATH": str(tmp_path / "chdb"), "FLOWTALLY_GROUP_ID": f"{prefix}-sink",
+                  "FLOWTALLY_GROUP_MAX_WAIT_S": "5"},
                  tmp_path / "sink.log", port)
     sink.start()
 
     async def produce_and_read_dlq() -> list[tuple[bytes, dict[str, bytes]]]:
-        # the sink decodes each next message while inserting the current one: a message that
-        # is not a batch, right after a rejected one, must still reach the DLQ in its turn
+        # a message that is not a batch, right after a rejected one, reaches the DLQ too
         await _produce(settings, [good[0], bad, b"not an arrow stream", good[1]])
         consumer = kafka.consumer(settings, settings.topic("dlq"), group_id=f"{prefix}-dlq-reader")
         await consumer.start()
@@ -145,14 +147,17 @@ def test_a_batch_clickhouse_rejects_goes_to_the_dlq_and_the_sink_moves_on(kafka_
             time.sleep(0.3)
         assert sink.metric("flowtally_sink_rows_inserted_total") == 600
         assert sink.metric("flowtally_sink_messages_total", {"outcome": "dlq_VIOLATED_CONSTRAINT"}) == 1
-        assert sink.metric("flowtally_sink_insert_errors_total", {"reason": "VIOLATED_CONSTRAINT"}) == 1
+        # the group's insert, then the bad message's own
+        assert sink.metric("flowtally_sink_insert_errors_total", {"reason": "VIOLATED_CONSTRAINT"}) == 2
+        assert sink.metric("flowtally_sink_groups_total", {"kind": "new"}) == 1
         assert sink.metric("flowtally_sink_messages_total", {"outcome": "dlq_not-arrow"}) == 1
         assert asyncio.run(committed_total(settings, f"{prefix}-sink")) == 4
     finally:
         assert sink.stop() == 0
     assert len(dlq) == 2
-    assert dlq[1][0] == b"not an arrow stream" and dlq[1][1][ORIGIN_HEADER] == b"raw/0/2"
-    value, headers = dlq[0]
+    by_origin = {headers[ORIGIN_HEADER]: (value, headers) for value, headers in dlq}
+    assert by_origin[b"raw/0/2"][0] == b"not an arrow stream"
+    value, headers = by_origin[b"raw/0/1"]
     assert value == encode_batch(bad, ENRICHED)[0]
     assert headers["flowtally-stage"] == b"sink"
     assert headers["flowtally-error"].startswith(b"clickhouse-rejected VIOLATED_CONSTRAINT")

@@ -1,0 +1,156 @@
+"""Insert groups (sink/groups.py): bounds, duplicate origins, and the exact re-forming of a
+recorded group after a restart."""
+
+from __future__ import annotations
+
+import pyarrow as pa
+import pytest
+
+from sink.groups import Consumed, GroupLimits, Intent, PartitionGroups
+
+
+def _item(offset: int, origin: str, rows: int = 10) -> Consumed:
+    return Consumed(offset, origin, pa.table({"bytes": pa.array(range(offset * 1000, offset * 1000 + rows),
+                                                                 pa.uint64())}))
+
+
+def _groups(max_rows: int = 1000, window: int = 100) -> PartitionGroups:
+    tokens = iter(f"t{i}" for i in range(100))
+    return PartitionGroups("enriched", 3, GroupLimits(max_rows, 1 << 30, 2.0), window,
+                           token=lambda *_: next(tokens))
+
+
+def test_a_group_is_a_prefix_within_the_row_limit_and_a_larger_message_goes_alone() -> None:
+    g = _groups(max_rows=25)
+    for offset, rows in [(0, 10), (1, 10), (2, 10), (3, 100), (4, 5)]:
+        g.add(_item(offset, f"raw/0/{offset}", rows), now=0.0)
+    assert g.full() and g.ready(0.0)
+    first = g.take()
+    assert first is not None
+    assert (first.intent.first_offset, first.intent.last_offset) == (0, 1)
+    assert first.intent.origins == ("raw/0/0", "raw/0/1") and not first.recorded
+    second = g.take()
+    assert second is not None and second.intent.origins == ("raw/0/2",)
+    third = g.take()
+    assert third is not None and third.intent.origins == ("raw/0/3",) and third.num_rows == 100
+    fourth = g.take()
+    assert fourth is not None and fourth.intent.origins == ("raw/0/4",)
+    assert g.take() is None and len(g) == 0
+
+
+def test_the_table_of_a_group_is_one_record_batch_with_every_row() -> None:
+    g = _groups()
+    for offset in range(4):
+        g.add(_item(offset, f"raw/0/{offset}"), now=0.0)
+    group = g.take()
+    assert group is not None
+    table = group.table()
+    assert table is not None and table.num_rows == 40 and len(table.to_batches()) == 1
+    assert table["bytes"].to_pylist() == [v for o in range(4) for v in range(o * 1000, o * 1000 + 10)]
+
+
+def test_a_group_waits_for_rows_or_the_maximum_wait() -> None:
+    g = _groups(max_rows=1000)
+    g.add(_item(0, "raw/0/0"), now=10.0)
+    g.add(_item(1, "raw/0/1"), now=11.0)
+    assert not g.ready(11.9) and g.deadline() == 12.0
+    assert g.ready(12.0)
+
+
+def test_duplicate_origins_in_a_group_and_after_a_committed_group_are_skipped() -> None:
+    g = _groups()
+    g.add(_item(0, "raw/0/0"), 0.0)
+    g.add(_item(1, "raw/0/1"), 0.0)
+    g.add(_item(2, "raw/0/0"), 0.0)  # the enricher re-emitted raw/0/0 right away
+    first = g.take()
+    assert first is not None
+    assert [c.offset for c in first.included] == [0, 1] and [c.offset for c in first.duplicates] == [2]
+    g.landed(first)
+    g.add(_item(3, "raw/0/1"), 0.0)  # ... and raw/0/1 after the group was committed
+    g.add(_item(4, "raw/0/4"), 0.0)
+    second = g.take()
+    assert second is not None
+    assert [c.offset for c in second.duplicates] == [3] and second.intent.origins == ("raw/0/4",)
+    assert (second.intent.first_offset, second.intent.last_offset) == (3, 4)
+
+
+def test_an_undecodable_message_is_set_aside_and_does_not_end_the_group() -> None:
+    g = _groups()
+    g.add(_item(0, "raw/0/0"), 0.0)
+    g.add(Consumed(1, "raw/0/1", None, ValueError("not arrow")), 0.0)
+    g.add(_item(2, "raw/0/2"), 0.0)
+    group = g.take()
+    assert group is not None
+    assert [c.offset for c in group.undecodable] == [1] and group.intent.origins == ("raw/0/0", "raw/0/2")
+
+
+def test_the_duplicate_memory_forgets_groups_past_the_window() -> None:
+    g = _groups(window=10)
+    g.add(_item(0, "raw/0/0"), 0.0)
+    first = g.take()
+    assert first is not None
+    g.landed(first)
+    g.add(_item(20, "raw/0/20"), 0.0)
+    second = g.take()
+    assert second is not None
+    g.landed(second)  # offset 21 next: group [0, 0] ended more than 10 offsets ago
+    g.add(_item(21, "raw/0/0"), 0.0)
+    third = g.take()
+    assert third is not None and third.intent.origins == ("raw/0/0",)
+
+
+def test_a_recorded_group_at_the_committed_offset_is_re_formed_exactly() -> None:
+    """The sink crashed after recording (and maybe inserting) group [10, 14] but before its
+    commit: the replay takes the same messages, skips the same duplicate, keeps the same token."""
+    recorded = [
+        Intent("enriched", 3, 4, 9, "old", ("raw/0/4", "raw/0/5")),  # committed earlier
+        Intent("enriched", 3, 10, 14, "tok-A", ("raw/0/10", "raw/0/11", "raw/0/13", "raw/0/14")),
+    ]
+    g = _groups(max_rows=20)  # smaller than the group: a re-formed group keeps its recorded shape
+    g.resume(10, recorded)
+    assert g.pending == recorded[1]
+    for offset, origin in [(10, "raw/0/10"), (11, "raw/0/11"), (12, "raw/0/5"), (13, "raw/0/13")]:
+        g.add(_item(offset, origin), 0.0)
+    assert not g.ready(1e9) and g.take() is None  # offset 14 not fetched yet
+    g.add(_item(14, "raw/0/14"), 0.0)
+    g.add(_item(15, "raw/0/15"), 0.0)
+    assert g.ready(0.0)
+    group = g.take()
+    assert group is not None and group.recorded and group.intent.token == "tok-A"
+    assert [c.offset for c in group.included] == [10, 11, 13, 14]
+    assert [c.offset for c in group.duplicates] == [12]
+    g.landed(group)
+    nxt = g.take()
+    assert nxt is not None and not nxt.recorded and nxt.intent.first_offset == 15 and nxt.intent.token == "t0"
+
+
+def test_intents_that_never_landed_do_not_hide_messages() -> None:
+    """A stale intent past the committed offset (recorded, never inserted, superseded) must not
+    feed the duplicate memory; of two intents at the committed offset the latest is re-formed."""
+    recorded = [
+        Intent("enriched", 3, 10, 12, "stale", ("raw/0/10", "raw/0/11", "raw/0/12")),
+        Intent("enriched", 3, 10, 11, "latest", ("raw/0/10", "raw/0/11")),
+        Intent("enriched", 3, 12, 13, "never", ("raw/0/12", "raw/0/13")),
+    ]
+    g = _groups()
+    g.resume(10, recorded)
+    assert g.pending is not None and g.pending.token == "latest"
+    for offset in range(10, 14):
+        g.add(_item(offset, f"raw/0/{offset}"), 0.0)
+    group = g.take()
+    assert group is not None and [c.offset for c in group.included] == [10, 11]
+    g.landed(group)
+    rest = g.take()
+    assert rest is not None and [c.offset for c in rest.included] == [12, 13] and not rest.duplicates
+
+
+@pytest.mark.parametrize("start", [0, 5])
+def test_resume_without_a_recorded_group_forms_fresh_ones(start: int) -> None:
+    g = _groups()
+    g.resume(start, [Intent("enriched", 3, 0, 4, "done", ("raw/0/0",))] if start else [])
+    assert g.pending is None
+    g.add(_item(start, "raw/0/0"), 0.0)
+    g.add(_item(start + 1, "raw/0/x"), 0.0)
+    group = g.take()
+    assert group is not None
+    assert group.intent.origins == (("raw/0/x",) if start else ("raw/0/0", "raw/0/x"))
