@@ -91,9 +91,11 @@ class NetflowSettings(StageSettings):
     drain_timeout_s: float = Field(10.0, ge=0.1, le=300, description="On stop, how long to wait for Kafka "
                                    "to take queued batches; what is left is counted as dropped")
     receive_buffer_bytes: int = Field(32 * 1024 * 1024, ge=65536, le=2**31 - 1)
-    receive_coalesce_ms: float = Field(10.0, ge=0, le=100, description="After draining the socket, wait "
-                                       "this long before reading again, so one wakeup takes many datagrams "
-                                       "(the receive buffer holds them meanwhile); 0 = read on every wakeup")
+    receive_coalesce_ms: float = Field(50.0, ge=0, le=100, description="After draining the socket, read "
+                                       "again this long after, so one wakeup takes many datagrams (the receive "
+                                       "buffer holds them meanwhile; shorter when it would fill beyond half); "
+                                       "0 = read on every wakeup. A wakeup costs ~0.5 ms of CPU: 10 ms spent "
+                                       "0.45, 50 ms 0.17 CPU-s per million flows on receiving")
     workers: int = Field(1, ge=1, le=256, description="Processes receiving on the same port with "
                          "SO_REUSEPORT (one exporter always reaches the same worker)")
     reuse_port: bool = Field(False, description="Bind with SO_REUSEPORT (implied by workers > 1)")
@@ -219,6 +221,7 @@ class NetflowReceiver:
         self._completeness = CompletenessAccumulator(settings.observer)
         self._completeness_topic = completeness_topic if settings.completeness else None
         self._kernel_drops_seen = 0
+        self._closed_before = 0  # the minute the last per-minute take closed
         self._reuse_port = settings.reuse_port or settings.workers > 1
         self.bound: tuple[str, int] | None = None
         self.denied = 0
@@ -393,6 +396,13 @@ class NetflowReceiver:
             setattr(row, counter, getattr(row, counter) + n)
 
     def _publish_completeness(self, before_ms: int | None) -> None:
+        """Publish the rows of the minutes before ``before_ms`` (all if None): once per minute
+        boundary (each take builds a table even when nothing is due; a row that comes for a
+        minute already closed waits for the next boundary)."""
+        if before_ms is not None:
+            if before_ms <= self._closed_before:
+                return
+            self._closed_before = before_ms
         if self._completeness_topic is None or not len(self._completeness):
             return
         table = self._completeness.take(before_ms)

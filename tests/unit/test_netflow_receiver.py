@@ -1,0 +1,78 @@
+"""The UDP receiver on a real loopback socket: coalesced reads, timer polling while datagrams keep
+coming, back to waiting on the socket when idle, and pauses bounded by the receive buffer."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+
+from sensors.netflow.receiver import UdpReceiver, open_udp_socket, source_address
+
+
+async def _exchange(coalesce_ms: float, bursts: int, per_burst: int) -> tuple[list[bytes], UdpReceiver, bool]:
+    """Send ``bursts`` bursts of numbered datagrams, 20 ms apart; returns what the receiver
+    handed over (in order), the receiver, and whether it was back on the socket when idle."""
+    got: list[bytes] = []
+    sources: set[bytes] = set()
+
+    def on_datagrams(runs: list[tuple[bytes, list[bytes]]], received_ms: int) -> None:
+        assert received_ms > 0
+        for source, payloads in runs:
+            sources.add(source)
+            got.extend(payloads)
+
+    sock = open_udp_socket("127.0.0.1", 0, receive_buffer=4 << 20)
+    receiver = UdpReceiver(sock, on_datagrams, coalesce_ms=coalesce_ms)
+    receiver.start()
+    sender = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    try:
+        sender.bind(("127.0.0.1", 0))
+        for b in range(bursts):
+            for i in range(per_burst):
+                sender.sendto(f"{b}:{i}".encode(), receiver.address)
+            await asyncio.sleep(0.02)
+        for _ in range(100):  # bounded wait: 2 s
+            if len(got) == bursts * per_burst:
+                break
+            await asyncio.sleep(0.02)
+        await asyncio.sleep(3 * coalesce_ms / 1000 + 0.05)  # an empty timer read: back on the socket
+        loop = asyncio.get_running_loop()
+        waiting = loop.remove_reader(sock.fileno())  # True only if it was registered
+        if waiting:
+            loop.add_reader(sock.fileno(), receiver._readable)
+    finally:
+        sender.close()
+        receiver.stop()
+    assert sources == {source_address("127.0.0.1")}
+    return got, receiver, waiting
+
+
+def test_coalesced_reads_keep_order_and_return_to_the_socket() -> None:
+    got, receiver, waiting = asyncio.run(_exchange(coalesce_ms=50, bursts=10, per_burst=30))
+    assert got == [f"{b}:{i}".encode() for b in range(10) for i in range(30)]
+    assert waiting
+    # 10 bursts 20 ms apart, read every 50 ms: far fewer reads than bursts.
+    assert 1 <= receiver.wakeups <= 7
+    assert receiver.kernel_drops == 0
+
+
+def test_without_coalescing_every_burst_is_read() -> None:
+    got, receiver, waiting = asyncio.run(_exchange(coalesce_ms=0, bursts=5, per_burst=10))
+    assert got == [f"{b}:{i}".encode() for b in range(5) for i in range(10)]
+    assert waiting and receiver.wakeups >= 5
+
+
+def test_pause_is_bounded_by_the_receive_buffer() -> None:
+    sock = open_udp_socket("127.0.0.1", 0, receive_buffer=65536)
+    try:
+        receiver = UdpReceiver(sock, lambda runs, ms: None, coalesce_ms=100)
+        limit = sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF)
+        receiver._last_read -= 0.010
+        receiver._read_bytes = limit  # a buffer's worth read in 10 ms
+        pause = receiver._pause()
+        assert 0.002 < pause < 0.004  # half the buffer at twice that rate: 2.5 ms, not 100
+        receiver._last_read -= 1.0
+        receiver._read_bytes = 1000  # a trickle: the full pause
+        assert receiver._pause() == 0.1
+    finally:
+        sock.close()
