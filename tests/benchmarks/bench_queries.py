@@ -1,6 +1,7 @@
 """Query latency benchmark: every named query in sql/queries/ over N synthetic flows in chDB.
 
     .venv/bin/python -m tests.benchmarks.bench_queries [--flows 100000000] [--runs 20] [--keep]
+    .venv/bin/python -m tests.benchmarks.bench_queries --data DIR   # generate into DIR once, reuse after
 
 1. A fresh chDB database with the real migrations (so the rollup views run as they do for the
    sink), then N flows generated inside ClickHouse (``INSERT INTO flows … SELECT … FROM
@@ -17,7 +18,9 @@
    existing namespace/service/pod), after one warm-up run: p50 and p95 per query and window, and
    the tables the rendered SQL reads. The goal is p95 <= 300 ms; queries that read raw flows say so.
 
-The data directory is deleted after the run unless --keep (it holds several GB at 100 M flows);
+The data directory is deleted after the run unless --keep or --data (a directory kept between runs:
+the flows are generated into it when it holds none, and reused, migrated to the newest schema, when
+it does, so queries can be iterated on without regenerating; it holds several GB at 100 M flows);
 the benchmark refuses to start when the disk cannot hold an estimate of it.
 """
 
@@ -189,21 +192,33 @@ def main() -> int:
     parser.add_argument("--dir", type=Path, default=Path("/work"),
                         help="where the temporary data directory goes (default /work)")
     parser.add_argument("--keep", action="store_true")
+    parser.add_argument("--only", default="", help="comma-separated query names to run (default: all)")
+    parser.add_argument("--data", type=Path, default=None,
+                        help="a data directory kept between runs (generated into when empty, else reused)")
     args = parser.parse_args()
 
-    free = shutil.disk_usage(args.dir).free
+    reuse = args.data is not None and (args.data / "chdb").exists()
+    free = shutil.disk_usage(args.data.parent if args.data else args.dir).free
     need = args.flows * ESTIMATE_BYTES_PER_FLOW
     print(f"disk free at {args.dir}: {free / 1e9:.1f} GB; estimate for {args.flows:,} flows: {need / 1e9:.1f} GB")
-    if need > free * 0.5:
+    if need > free * 0.5 and not reuse:
         print("not enough disk for that many flows (keeping half the disk free); use --flows", file=sys.stderr)
         return 2
-    work = Path(tempfile.mkdtemp(prefix="flowtally-bench-queries-", dir=args.dir))
+    if args.data is not None:
+        args.data.mkdir(parents=True, exist_ok=True)
+        work = args.data
+    else:
+        work = Path(tempfile.mkdtemp(prefix="flowtally-bench-queries-", dir=args.dir))
     client = connect(ClickHouseSettings(path=work / "chdb"))
     try:
         migrate(client)
-        print(f"generating {args.flows:,} flows through the migrations' views")
-        rate = generate(client, args.flows)
-        print(f"generated at {rate:,.0f} flows/s (INSERT … SELECT FROM numbers(), views included)")
+        if reuse:
+            args.flows = int(client.query("SELECT count() FROM flows").result_rows[0][0])
+            print(f"reusing the {args.flows:,} flows in {work}")
+        else:
+            print(f"generating {args.flows:,} flows through the migrations' views")
+            rate = generate(client, args.flows)
+            print(f"generated at {rate:,.0f} flows/s (INSERT … SELECT FROM numbers(), views included)")
         totals = [client.query(sql).result_rows[0] for sql in (
             "SELECT count(), sum(bytes), sum(bytes * sampling_rate) FROM flows",
             "SELECT sum(flows), sum(bytes), sum(scaled_bytes) FROM flows_1m",
@@ -219,7 +234,10 @@ def main() -> int:
         print(f"\nquery latency over {args.flows:,} flows, {args.runs} runs each after a warm-up (ms)")
         print(f"  {'query':22s} {'params':42s} {'reads':28s} {'rows':>6s} {'runs':>4s} {'p50':>8s} {'p95':>8s}")
         worst_rollup = worst = 0.0
+        only = {n for n in args.only.split(",") if n}
         for name, sets in parameter_sets(client).items():
+            if only and name not in only:
+                continue
             for params in sets:
                 _, result = queries.execute(client, name, params)  # warm-up
                 times: list[float] = []
@@ -239,7 +257,7 @@ def main() -> int:
               "(goal <= 300 ms)")
     finally:
         client.close()
-        if args.keep:
+        if args.keep or args.data is not None:
             print(f"kept {work}")
         else:
             shutil.rmtree(work, ignore_errors=True)
