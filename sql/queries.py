@@ -62,7 +62,11 @@ def load(name: str) -> NamedQuery:
     path = QUERIES_DIR / f"{name}.sql"
     if not path.is_file():
         raise QueryError(f"no query named {name!r}; known: {', '.join(names())}")
-    sql = path.read_text()
+    return parse(name, path.read_text())
+
+
+def parse(name: str, sql: str) -> NamedQuery:
+    """Query ``name`` from the text of its file."""
     defaults: dict[str, str] = {}
     description = []
     for line in sql.splitlines():

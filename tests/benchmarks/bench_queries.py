@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import re
 import shutil
+import subprocess
 import sys
 import tempfile
 import time
@@ -183,6 +184,15 @@ def source(name: str, params: dict[str, str]) -> str:
     return "+".join(tables) or "?"
 
 
+def baseline_query(revision: str, name: str) -> queries.NamedQuery | None:
+    """Query ``name`` as it was at git ``revision`` (None if it did not exist or needs rendering)."""
+    shown = subprocess.run(["git", "show", f"{revision}:sql/queries/{name}.sql"], capture_output=True, text=True,
+                           cwd=Path(__file__).resolve().parents[2], check=False)
+    if shown.returncode != 0 or re.search(r"\{[a-z_]+\}", shown.stdout):
+        return None
+    return queries.parse(name, shown.stdout)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--flows", type=int, default=100_000_000)
@@ -192,6 +202,8 @@ def main() -> int:
     parser.add_argument("--dir", type=Path, default=Path("/work"),
                         help="where the temporary data directory goes (default /work)")
     parser.add_argument("--keep", action="store_true")
+    parser.add_argument("--baseline", default="",
+                        help="a git revision: also run its version of each query, interleaved, and compare")
     parser.add_argument("--only", default="", help="comma-separated query names to run (default: all)")
     parser.add_argument("--data", type=Path, default=None,
                         help="a data directory kept between runs (generated into when empty, else reused)")
@@ -232,27 +244,44 @@ def main() -> int:
         for table, stored, size, per_flow in storage(client):
             print(f"  {table:20s} {stored:14,} rows {size / 1e6:10,.1f} MB  {per_flow:6.2f} B per flow")
         print(f"\nquery latency over {args.flows:,} flows, {args.runs} runs each after a warm-up (ms)")
-        print(f"  {'query':22s} {'params':42s} {'reads':28s} {'rows':>6s} {'runs':>4s} {'p50':>8s} {'p95':>8s}")
+        head = f"  {'query':22s} {'params':42s} {'reads':28s} {'rows':>6s} {'runs':>4s} {'p50':>8s} {'p95':>8s}"
+        if args.baseline:
+            head += f"  {'base p50':>8s} {'base p95':>8s} {'p95 ratio':>9s} same rows"
+        print(head)
         worst_rollup = worst = 0.0
         only = {n for n in args.only.split(",") if n}
         for name, sets in parameter_sets(client).items():
             if only and name not in only:
                 continue
+            base = baseline_query(args.baseline, name) if args.baseline else None
             for params in sets:
                 _, result = queries.execute(client, name, params)  # warm-up
+                base_params = {k: v for k, v in params.items() if base and k in base.defaults}
+                if base:
+                    base_rows = [tuple(r) for r in client.query(
+                        base.sql, parameters=base.defaults | base_params).result_rows]
                 times: list[float] = []
+                base_times: list[float] = []
                 budget = time.monotonic() + args.budget_s
                 while len(times) < args.runs and (len(times) < 3 or time.monotonic() < budget):
                     started = time.perf_counter()
                     queries.execute(client, name, params)
                     times.append((time.perf_counter() - started) * 1000)
+                    if base:  # interleaved, so both see the same load
+                        started = time.perf_counter()
+                        client.query(base.sql, parameters=base.defaults | base_params)
+                        base_times.append((time.perf_counter() - started) * 1000)
                 p50, p95 = np.percentile(times, [50, 95])
                 reads = source(name, params)
                 worst = max(worst, float(p95))
                 if "raw" not in reads:
                     worst_rollup = max(worst_rollup, float(p95))
                 shown = ",".join(f"{k}={v}" for k, v in params.items())[:42]
-                print(f"  {name:22s} {shown:42s} {reads:28s} {len(result):6d} {len(times):4d} {p50:8.1f} {p95:8.1f}", flush=True)
+                line = f"  {name:22s} {shown:42s} {reads:28s} {len(result):6d} {len(times):4d} {p50:8.1f} {p95:8.1f}"
+                if base:
+                    b50, b95 = np.percentile(base_times, [50, 95])
+                    line += f"  {b50:8.1f} {b95:8.1f} {p95 / b95:9.2f} {'yes' if base_rows == result else 'no'}"
+                print(line, flush=True)
         print(f"\nworst p95: {worst:.1f} ms; of the runs that read no raw flows: {worst_rollup:.1f} ms "
               "(goal <= 300 ms)")
     finally:
