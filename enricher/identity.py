@@ -58,6 +58,7 @@ from dataclasses import dataclass
 import numpy as np
 import pyarrow as pa
 
+from enricher import uids
 from enricher.inventory import Owner
 from enricher.schema import ALL_IDENTITY_FIELDS
 
@@ -74,6 +75,8 @@ DEFAULT_HISTORY_MS = 3_600_000
 
 #: Fields with about one distinct value per version: stored per row, not deduplicated.
 _PER_ROW_FIELDS = frozenset({"name", "pod_uid"})
+#: The field whose per-row column holds 16-byte keys (:mod:`enricher.uids`), not int32 codes.
+_UID = "pod_uid"
 _NF = len(ALL_IDENTITY_FIELDS)
 
 # (network, prefix length) of IPv4 space that is never on the public internet.
@@ -224,6 +227,9 @@ class _Dictionary:
     def value(self, code: int) -> str:
         return self.values[code]
 
+    def __len__(self) -> int:
+        return len(self.values)
+
 
 class _PerRowStrings:
     """Strings with about one distinct value per row (pod names, UIDs), in Arrow chunks: no
@@ -333,29 +339,52 @@ class _PerRowStrings:
 class _Timeline:
     """Rows of (key, valid_from, valid_to, master row), looked up by (key, time).
 
-    ``keys`` is an ``S<k>`` array sorted together with ``valid_from``; overlapping rows of one key
-    must already be cut. A key's rows are one run; a lookup finds the key (``searchsorted`` over
-    the distinct keys), then the last row of its run starting at or before the time with a
-    vectorised binary search bounded by the longest run (a few steps: an address has a handful
-    of versions), which touches far less memory than searching all rows."""
+    Each distinct key (:attr:`unique`, sorted) has a run of rows ``[first, stop)`` sorted by
+    ``valid_from``; overlapping rows of one key must already be cut. A lookup finds the key
+    (``searchsorted`` over the distinct keys), then the last row of its run starting at or before
+    the time with a vectorised binary search bounded by the longest run (a few steps: an address
+    has a handful of versions), which touches far less memory than searching all rows.
 
-    def __init__(self, keys: np.ndarray, valid_from: np.ndarray, valid_to: np.ndarray,
-                 rows: np.ndarray) -> None:
+    ``rows`` maps the timeline's rows to master rows; None means they *are* the master rows
+    (:meth:`of_master`: ``valid_from``/``valid_to`` are the index's own arrays, not copies)."""
+
+    def __init__(self, unique: np.ndarray, first: np.ndarray, stop: np.ndarray, valid_from: np.ndarray,
+                 valid_to: np.ndarray, rows: np.ndarray | None) -> None:
+        self.unique, self.first, self.stop = unique, first.astype(np.int64), stop.astype(np.int64)
+        self.valid_from, self.valid_to, self.rows = valid_from, valid_to, rows
+        longest = int((self.stop - self.first).max()) if len(unique) else 0
+        self.steps = longest.bit_length()
+        self.search = _AddressSearch(unique) if unique.dtype == np.dtype("S16") else None
+        self.size = int((self.stop - self.first).sum())
+
+    @classmethod
+    def of_sorted(cls, keys: np.ndarray, valid_from: np.ndarray, valid_to: np.ndarray,
+                  rows: np.ndarray) -> _Timeline:
+        """Over ``keys`` (``S<k>``) sorted together with ``valid_from``, each a master row."""
         n = len(keys)
-        self.rows = rows.astype(np.int32 if n < 2**31 else np.int64)
-        self.valid_from, self.valid_to = valid_from, valid_to
         starts = np.ones(n, dtype=bool)
         if n > 1:
             starts[1:] = keys[1:] != keys[:-1]
-        self.unique = keys[starts]
-        #: First row of each key's run, and n at the end.
-        self.first = np.append(np.flatnonzero(starts), n).astype(np.int64)
-        longest = int(np.diff(self.first).max()) if len(self.unique) else 0
-        self.steps = longest.bit_length()
-        self.search = _AddressSearch(self.unique) if keys.dtype == np.dtype("S16") else None
+        first = np.flatnonzero(starts)
+        return cls(keys[first], first, np.append(first[1:], n), valid_from, valid_to,
+                   rows.astype(np.int32 if n < 2**31 else np.int64))
+
+    @classmethod
+    def of_master(cls, addr: np.ndarray, valid_from: np.ndarray, valid_to: np.ndarray,
+                  main: np.ndarray) -> _Timeline:
+        """Over the master rows selected by ``main`` (sorted by address, then by ``main`` (False
+        first), then by ``valid_from``: an address's selected rows are its last, one run)."""
+        n = len(addr)
+        start, end = main.copy(), main.copy()
+        if n > 1:
+            same = addr[1:] == addr[:-1]
+            start[1:] &= ~(same & main[:-1])
+            end[:-1] &= ~(same & main[1:])
+        first = np.flatnonzero(start)
+        return cls(addr[first], first, np.flatnonzero(end) + 1, valid_from, valid_to, None)
 
     def __len__(self) -> int:
-        return len(self.rows)
+        return self.size
 
     def find(self, queries: np.ndarray, times: np.ndarray, open_only: bool) -> tuple[np.ndarray, np.ndarray]:
         """(master row or -1, key known) per query (``S<k>`` keys)."""
@@ -371,7 +400,7 @@ class _Timeline:
         if len(self.unique) == 0 or len(pos) == 0:
             return np.full(len(pos), -1, dtype=np.int64)
         first = self.first[pos]
-        lo, hi = first.copy(), self.first[pos + 1]
+        lo, hi = first.copy(), self.stop[pos]
         last = len(self.valid_from) - 1
         for _ in range(self.steps):  # lo: first row of the run starting after the time
             mid = (lo + hi) >> 1
@@ -382,7 +411,7 @@ class _Timeline:
         hit = known & (lo > first) & (times < self.valid_to[row])
         if open_only:
             hit &= self.valid_to[row] == OPEN
-        return np.where(hit, self.rows[row], -1)
+        return np.where(hit, row if self.rows is None else self.rows[row], -1)
 
 
 class _AddressSearch:
@@ -438,19 +467,73 @@ def _cut_overlaps(keys: np.ndarray, valid_from: np.ndarray, valid_to: np.ndarray
 
 def _cut_overlaps_rows(keys: np.ndarray, valid_from: np.ndarray, valid_to: np.ndarray, rows: np.ndarray,
                        chunk: int = 1 << 16) -> None:
-    """:func:`_cut_overlaps` of the master rows ``rows`` (ascending), in place and a chunk at a
-    time: the same result without full-size copies of the rows (the replay's peak memory)."""
-    for start in range(0, len(rows) - 1, chunk):
-        r = rows[start:start + chunk + 1]
-        a, b = r[:-1], r[1:]
-        cut = np.flatnonzero((keys[a] == keys[b]) & (valid_from[b] < valid_to[a]))
-        valid_to[a[cut]] = valid_from[b[cut]]
+    """:func:`_cut_overlaps` among the master rows selected by the mask ``rows`` (an address's
+    selected rows adjacent), in place and a chunk at a time: the same result without full-size
+    copies of the rows (the replay's peak memory)."""
+    n = len(keys)
+    for start in range(0, n - 1, chunk):
+        end = min(start + chunk, n - 1)
+        a, b = slice(start, end), slice(start + 1, end + 1)
+        cut = np.flatnonzero((keys[a] == keys[b]) & rows[a] & rows[b] & (valid_from[b] < valid_to[a])) + start
+        valid_to[cut] = valid_from[cut + 1]
 
 
-def _sort_order(addr: np.ndarray, valid_from: np.ndarray) -> np.ndarray:
-    """Order of rows by (address, valid_from): integer sort keys, much faster than sorting S16."""
+def _sort_order(addr: np.ndarray, valid_from: np.ndarray, main: np.ndarray) -> np.ndarray:
+    """Order of rows by (address, main, valid_from): integer sort keys, much faster than sorting
+    S16. ``main`` is False for host-network rows: they go first, so an address's other rows
+    are its last (one run of :meth:`_Timeline.of_master`)."""
     words = addr.view(">u8").reshape(-1, 2).astype(np.uint64)
-    return np.lexsort((valid_from, words[:, 1], words[:, 0]))
+    return np.lexsort((valid_from, main, words[:, 1], words[:, 0]))
+
+
+def _distinct_codes(codes: np.ndarray, size: int) -> tuple[np.ndarray, np.ndarray]:
+    """(index of each code in the distinct codes, distinct codes ascending) of codes < ``size``.
+    A dictionary small next to the batch (kinds, namespaces, workloads…) is marked in a mask,
+    a few linear passes; a large one (per-row names: a million codes) is sorted instead."""
+    if size > 8 * len(codes) + 4096:
+        distinct, index = np.unique(codes, return_inverse=True)
+        return index, distinct
+    used = np.zeros(size, dtype=bool)
+    used[codes] = True
+    distinct = np.flatnonzero(used)
+    position = np.empty(size, dtype=np.int32)
+    position[distinct] = np.arange(len(distinct), dtype=np.int32)
+    return position[codes], distinct
+
+
+#: Staged rows merged into one block (:meth:`IdentityIndex._stage`): its int32 columns are
+#: 128 KiB, glibc's mmap threshold.
+_STAGE_BLOCK_ROWS = 32_768
+
+
+def _fold(staged: list[dict[str, np.ndarray]], changed: list[np.ndarray],
+          start: int = 0) -> tuple[dict[str, list[np.ndarray]], np.ndarray]:
+    """The rows of the staged chunks ``start:`` that count, per column a list of parts (of an
+    address changed by several chunks, the last chunk's rows), and the distinct addresses those
+    chunks changed (sorted). The chunks are removed from ``staged`` as their parts are taken
+    (``changed`` is left as it is)."""
+    gens = [np.full(len(c), i, dtype=np.int32) for i, c in enumerate(changed[start:])]
+    addresses = np.concatenate(changed[start:])
+    gen = np.concatenate(gens)
+    order = np.lexsort((gen, *reversed(_words(addresses.view(np.uint8).reshape(-1, 16)))))
+    addresses, gen = addresses[order], gen[order]
+    last = np.ones(len(addresses), dtype=bool)
+    last[:-1] = addresses[1:] != addresses[:-1]
+    last_addr, last_gen = addresses[last], gen[last]
+    parts: dict[str, list[np.ndarray]] = {}
+    chunks = staged[start:]
+    del staged[start:]
+    for i in range(len(chunks)):
+        chunk = chunks[i]
+        chunks[i] = {}  # a chunk's arrays go as soon as its parts are taken (peak memory)
+        if not len(chunk["addr"]):
+            continue
+        pos = np.searchsorted(last_addr, chunk["addr"])
+        rows = last_gen[pos] == i
+        whole = bool(rows.all())  # the usual case (a replay): no copy
+        for k, v in chunk.items():
+            parts.setdefault(k, []).append(v if whole else v[rows])
+    return parts, last_addr
 
 
 class IdentityIndex:
@@ -473,7 +556,7 @@ class IdentityIndex:
         kinds = self._dicts["kind"]
         assert isinstance(kinds, _Dictionary)
         self._kinds = kinds
-        self._extra = {f: np.zeros(2, dtype=np.int32) for f in ALL_IDENTITY_FIELDS}
+        self._extra = {f: np.zeros(2, dtype=uids.KEY if f == _UID else np.int32) for f in ALL_IDENTITY_FIELDS}
         self._extra["kind"] = np.array([kinds.code(PRIVATE), kinds.code(EXTERNAL)], dtype=np.int32)
         self.ignored_code = kinds.code(IGNORED)
         self.service_code = kinds.code(SERVICE)
@@ -487,6 +570,7 @@ class IdentityIndex:
         #: Per field: int32 codes of the master rows, then the two "no owner" slots.
         self._codes = {f: self._extra[f].copy() for f in ALL_IDENTITY_FIELDS}
         self._staged: list[dict[str, np.ndarray]] = []
+        self._staged_merged = 0  # chunks before this index are merged blocks
         self._staged_changed: list[np.ndarray] = []
         self._master_keep: np.ndarray | None = None
         self._rebuild()
@@ -517,8 +601,11 @@ class IdentityIndex:
         starts: list[int] = []
         ends: list[int] = []
         ports: list[int] = []
-        codes: list[list[int]] = [[] for _ in ALL_IDENTITY_FIELDS]
-        dicts = [self._dicts[f] for f in ALL_IDENTITY_FIELDS]
+        codes: list[list[int] | list[bytes]] = [[] for _ in ALL_IDENTITY_FIELDS]
+        uid_store = self._dicts[_UID]
+        coders: list[Callable[[str], int] | Callable[[str], bytes]] = [
+            (lambda value: uids.key_of(value, uid_store)) if f == _UID else self._dicts[f].code
+            for f in ALL_IDENTITY_FIELDS]
         for address, versions in changes.items():
             if len(address) != 16:
                 raise ValueError(f"address must be 16 bytes, got {len(address)}")
@@ -529,8 +616,8 @@ class IdentityIndex:
                 starts.append(v.valid_from_ms)
                 ends.append(v.valid_to_ms)
                 owner = v.owner
-                for column, d, value in zip(codes, dicts, owner.values(), strict=True):
-                    column.append(d.code(value))
+                for column, coder, value in zip(codes, coders, owner.values(), strict=True):
+                    column.append(coder(value))  # type: ignore[arg-type]
                 hp = owner.host_ports
                 if hp:
                     code = self._port_codes.get(hp)
@@ -543,12 +630,12 @@ class IdentityIndex:
         new = {"addr": np.array(addrs, dtype="S16"), "from": np.array(starts, dtype=np.int64),
                "to": np.array(ends, dtype=np.int64), "ports": np.array(ports, dtype=np.int32)}
         for f, column in zip(ALL_IDENTITY_FIELDS, codes, strict=True):
-            new[f] = np.array(column, dtype=np.int32)
+            new[f] = np.array(column, dtype=uids.KEY if f == _UID else np.int32)
             store = self._dicts[f]
             if isinstance(store, _PerRowStrings):
                 remap = store.resolve()
                 if remap is not None:
-                    new[f] = remap[new[f]]
+                    new[f] = uids.remap_fallback(new[f], remap) if f == _UID else remap[new[f]]
         if self._staged or not rebuild:
             self._stage(changed, keep, new)
             if rebuild:
@@ -560,7 +647,7 @@ class IdentityIndex:
             old[f] = self._codes[f][:n_rows][keep]
         # Merge instead of sorting everything: the kept rows are sorted and the changed
         # addresses have no rows left among them, so each address's new rows go in as a block.
-        order = _sort_order(new["addr"], new["from"])
+        order = _sort_order(new["addr"], new["from"], new["kind"] != self.host_network_code)
         at = np.searchsorted(old["addr"], new["addr"][order])
         self._addr = np.insert(old.pop("addr"), at, new["addr"][order])
         self._from = np.insert(old.pop("from"), at, new["from"][order])
@@ -572,34 +659,30 @@ class IdentityIndex:
 
     def _stage(self, changed: np.ndarray, keep: np.ndarray, new: dict[str, np.ndarray]) -> None:
         """Hold a change for :meth:`rebuild`: the sorted rows only get a "removed" mark, the new
-        rows wait in a list (one concatenation and one sort at the end, whatever the chunks)."""
+        rows wait in a list (one concatenation and one sort at the end, whatever the chunks).
+
+        Small chunks are merged into blocks of :data:`_STAGE_BLOCK_ROWS` rows as they come: a
+        replay chunk's arrays are below glibc's mmap threshold, so thousands of them held until
+        the rebuild fragmented the heap (measured on 1M versions: ~80 MB freed by the rebuild
+        in holes that the enricher's batches then touched back into the resident set); a
+        block's arrays are mmapped and given back whole, and the small chunks' heap space is
+        reused by the next ones."""
         self._master_keep = keep if self._master_keep is None else self._master_keep & keep
         self._staged.append(new)
         self._staged_changed.append(changed)
+        tail = self._staged[self._staged_merged:]
+        if len(tail) > 1 and sum(len(c["addr"]) for c in tail) >= _STAGE_BLOCK_ROWS:
+            parts, addresses = _fold(self._staged, self._staged_changed, self._staged_merged)
+            block = {k: np.concatenate(v) for k, v in parts.items()} if parts else \
+                {k: v[:0] for k, v in new.items()}
+            self._staged[self._staged_merged:] = [block]
+            self._staged_changed[self._staged_merged:] = [addresses]
+            self._staged_merged = len(self._staged)
 
     def _rebuild_staged(self) -> None:
         """Fold the staged changes in: of an address changed by several, only the last counts."""
-        gens = [np.full(len(c), i, dtype=np.int32) for i, c in enumerate(self._staged_changed)]
-        changed = np.concatenate(self._staged_changed)
-        gen = np.concatenate(gens)
-        order = np.lexsort((gen, *reversed(_words(changed.view(np.uint8).reshape(-1, 16)))))
-        changed, gen = changed[order], gen[order]
-        last = np.ones(len(changed), dtype=bool)
-        last[:-1] = changed[1:] != changed[:-1]
-        last_addr, last_gen = changed[last], gen[last]
-        parts: dict[str, list[np.ndarray]] = {}
-        staged: list[dict[str, np.ndarray] | None] = list(self._staged)
-        self._staged = []
-        for i, chunk in enumerate(staged):
-            staged[i] = None  # a chunk's arrays go as soon as its parts are taken (peak memory)
-            assert chunk is not None
-            if not len(chunk["addr"]):
-                continue
-            pos = np.searchsorted(last_addr, chunk["addr"])
-            rows = last_gen[pos] == i
-            whole = bool(rows.all())  # the usual case (a replay): no copy
-            for k, v in chunk.items():
-                parts.setdefault(k, []).append(v if whole else v[rows])
+        parts, _ = _fold(self._staged, self._staged_changed)
+        self._staged, self._staged_merged = [], 0
         n = len(self._addr)
         keep = self._master_keep if self._master_keep is not None else np.ones(n, dtype=bool)
         self._staged_changed, self._master_keep = [], None
@@ -652,23 +735,23 @@ class IdentityIndex:
 
     def _rebuild(self, sort: bool = True) -> None:
         if sort:
-            self._select(_sort_order(self._addr, self._from))
+            self._select(_sort_order(self._addr, self._from,
+                                     self._codes["kind"][: len(self._addr)] != self.host_network_code))
             self._released()
-        host = self._codes["kind"][: len(self._addr)] == self.host_network_code
-        main = np.flatnonzero(~host)
+        main = self._codes["kind"][: len(self._addr)] != self.host_network_code
         # A newer version of an address ends the older one (host-network versions overlap the
         # node's by design and are cut only among themselves, per port, below).
         _cut_overlaps_rows(self._addr, self._from, self._to, main)
         nonempty = self._to > self._from
         if not nonempty.all():
             self._select(nonempty)
-            host = host[nonempty]
-            main = np.flatnonzero(~host)
+            main = main[nonempty]
+        host = ~main
         self._compact_strings()
         for store in self._dicts.values():
             store.arrow()  # per-row strings: one Arrow array now rather than in the first batch
             self._released()
-        self._main = _Timeline(self._addr[main], self._from[main], self._to[main], main)
+        self._main = _Timeline.of_master(self._addr, self._from, self._to, main)
         self._hosts = self._host_timeline(np.flatnonzero(host & (self._ports > 0)))
         host_addresses = np.unique(self._addr[np.flatnonzero(host)])
         self._host_addresses = _AddressSearch(host_addresses)
@@ -692,13 +775,18 @@ class IdentityIndex:
         skeys, expanded = skeys[order], expanded[order]
         valid_from = self._from[expanded]
         valid_to = _cut_overlaps(skeys, valid_from, self._to[expanded])
-        return _Timeline(skeys, valid_from, valid_to, expanded)
+        return _Timeline.of_sorted(skeys, valid_from, valid_to, expanded)
 
     def _compact_strings(self) -> None:
         n = len(self._addr)
         for f in _PER_ROW_FIELDS:
             store = self._dicts[f]
             assert isinstance(store, _PerRowStrings)
+            if f == _UID:
+                remap = store.compact(uids.fallback_codes(self._codes[f][:n]))
+                if remap is not None:
+                    self._codes[f] = uids.remap_fallback(self._codes[f], remap)
+                continue
             remap = store.compact(self._codes[f][:n])
             if remap is not None:
                 self._codes[f] = remap[self._codes[f]]
@@ -718,9 +806,11 @@ class IdentityIndex:
     def versions_of(self, address: bytes) -> list[Version]:
         """The versions of one address, oldest first (for tests and debugging)."""
         rows = np.flatnonzero(self._addr == np.bytes_(address))
+        rows = rows[np.argsort(self._from[rows], kind="stable")]
         out = []
         for r in rows:
-            values = {f: self._dicts[f].value(int(self._codes[f][r])) for f in ALL_IDENTITY_FIELDS}
+            values = {f: uids.uid_key_string(bytes(self._codes[f][r]), self._dicts[f]) if f == _UID
+                      else self._dicts[f].value(int(self._codes[f][r])) for f in ALL_IDENTITY_FIELDS}
             owner = OwnerInfo(**values, host_ports=self._port_sets[int(self._ports[r])])
             out.append(Version(owner, int(self._from[r]), int(self._to[r])))
         return out
@@ -817,18 +907,16 @@ class IdentityIndex:
             override = overrides.get(f) if overrides is not None else None
             codes = self._codes[f][uniq] if override is None else override
             store = self._dicts[f]
-            if isinstance(store, _PerRowStrings):
+            if f == _UID:
+                index, values = uids.dictionary(codes, store)
+            else:
                 # Equal strings share one code, so distinct codes are distinct strings:
                 # ClickHouse refuses a dictionary with duplicates.
-                distinct, index = np.unique(codes, return_inverse=True)
+                index, distinct = _distinct_codes(codes, len(store))
                 values = store.arrow().take(pa.array(distinct))
-            else:
-                # Few distinct values: Arrow's hash is cheaper than a sort here.
-                encoded = pa.array(codes).dictionary_encode()
-                values = store.arrow().take(encoded.dictionary)
-                index = encoded.indices.to_numpy()
             indices = index if override is not None else index[inverse]
-            out[f] = pa.DictionaryArray.from_arrays(pa.array(indices.astype(np.int32, copy=False)), values)
+            out[f] = pa.DictionaryArray.from_arrays(pa.array(indices.astype(np.int32, copy=False)), values,
+                                                    safe=False)  # indices < len(values) by construction
         return out
 
     def columns(self, addresses: np.ndarray, times_ms: np.ndarray | None = None,

@@ -75,7 +75,7 @@ def identity_table(pods: int, versions: int, now_ms: int) -> dict[bytes, list[Ve
             start = now_ms - HOUR + k * span
             owner = OwnerInfo(kind="pod", namespace=ns, name=f"{workload}-{i:06x}{k:02x}", workload=workload,
                               workload_kind="Deployment", service=f"svc-{i % N_SERVICES}", node=node,
-                              pod_uid=f"{uuid.UUID(int=(i << 16) | k)}")
+                              pod_uid=str(uuid.UUID(int=(i << 16) | k, version=4)))  # as Kubernetes: v4
             vs.append(Version(owner, start, start + span - 1000 if k < per - 1 else 2**63 - 1))
         table[addresses[i].tobytes()] = vs
     for s in range(N_SERVICES):
