@@ -58,6 +58,8 @@ log = logging.getLogger(__name__)
 
 MESSAGES = Counter("flowtally_sink_messages_total", "Enriched messages consumed", ["outcome"])
 ROWS = Counter("flowtally_sink_rows_inserted_total", "Flow rows inserted into ClickHouse")
+RECEIVED = Counter("flowtally_sink_rows_received_total",
+                   "Flow rows consumed and decoded (minus inserted: in hand, duplicates, DLQ)")
 INSERT_ERRORS = Counter("flowtally_sink_insert_errors_total", "Failed insert attempts", ["reason"])
 INSERT_SECONDS = Histogram("flowtally_sink_insert_seconds", "Duration of one insert (a group of messages)")
 COMMITTED = Gauge("flowtally_sink_committed_offset", "Last committed offset", ["partition"])
@@ -208,14 +210,17 @@ class SinkWorker(FeedWorker, ConsumerRebalanceListener):
                 generation = self._generation
                 for tp, messages in polled.items():
                     lane = self._lanes.get(tp)
-                    if lane is None and generation == self._generation:
+                    if lane is None:
                         lane = await self._open_lane(tp, messages[0].offset)
+                        if generation == self._generation:
+                            self._lanes[tp] = lane
                     consumed = await asyncio.to_thread(decode_all, messages)
-                    if lane is None or generation != self._generation or self._lanes.get(tp) is not lane:
+                    if generation != self._generation or self._lanes.get(tp) is not lane:
                         break  # a rebalance happened meanwhile: whoever owns it refetches from the commit
                     now = time.monotonic()
                     for item in consumed:
                         lane.groups.add(item, now)
+                        RECEIVED.inc(item.num_rows)
                 self._dispatch_all()
             # SIGTERM: insert and commit what is in hand (each lane's forming groups).
             self._draining = True
@@ -243,7 +248,8 @@ class SinkWorker(FeedWorker, ConsumerRebalanceListener):
         return max(1, min(500, math.ceil((min(deadlines) - time.monotonic()) * 1000)))
 
     async def _open_lane(self, tp: TopicPartition, start: int) -> Lane:
-        """A lane for a partition resuming at ``start``, with its recorded intents."""
+        """A lane for a partition resuming at ``start``, with its recorded intents (the caller
+        keeps it unless a rebalance happened meanwhile)."""
         s = self._settings
         delivery = await self._free.get()
         try:
@@ -260,9 +266,7 @@ class SinkWorker(FeedWorker, ConsumerRebalanceListener):
             p = groups.pending
             log.info("partition %s/%d resumes inside recorded group %d-%d (token %s): re-forming it",
                      tp.topic, tp.partition, p.first_offset, p.last_offset, p.token)
-        lane = Lane(tp, groups)
-        self._lanes[tp] = lane
-        return lane
+        return Lane(tp, groups)
 
     def _dispatch_all(self) -> None:
         for lane in list(self._lanes.values()):
@@ -327,10 +331,15 @@ class SinkWorker(FeedWorker, ConsumerRebalanceListener):
                          ", ".join(c.origin for c in group.duplicates[:5]))
             table = await asyncio.to_thread(group.table)
             if table is not None:
+                started = time.monotonic()
                 if not group.recorded:
                     await delivery.retrying(lambda: asyncio.to_thread(record_intent, delivery.client, intent),
                                             f"the intent of {intent.token}", rejectable=False)
+                recorded = time.monotonic()
                 failure = await delivery.insert(table, intent.token)
+                log.info("group %s: %d messages, %d rows; intent %.3fs, insert %.3fs", intent.token,
+                         len(group.included), table.num_rows, recorded - started,
+                         time.monotonic() - recorded)
                 del table
                 if failure is None:
                     MESSAGES.labels("inserted").inc(len(group.included))
