@@ -43,7 +43,7 @@ from flowtally.settings import KafkaSettings, StageSettings, load_settings, pars
 from sensors.completeness import SCHEMA_NAME as COMPLETENESS_SCHEMA
 from sensors.completeness import CompletenessAccumulator, group_counts
 from sensors.netflow.decoder import DecodeStats, ExporterStats, decode_payloads, flush_pending
-from sensors.netflow.receiver import UdpReceiver, open_udp_socket
+from sensors.netflow.receiver import Run, UdpReceiver, open_udp_socket
 from sensors.netflow.templates import TemplateStore
 from sensors.publisher import Publisher, encode_messages
 from sensors.schema import address16, address_text, build_raw_table, with_observer
@@ -91,11 +91,11 @@ class NetflowSettings(StageSettings):
     drain_timeout_s: float = Field(10.0, ge=0.1, le=300, description="On stop, how long to wait for Kafka "
                                    "to take queued batches; what is left is counted as dropped")
     receive_buffer_bytes: int = Field(32 * 1024 * 1024, ge=65536, le=2**31 - 1)
-    receive_coalesce_ms: float = Field(50.0, ge=0, le=100, description="After draining the socket, read "
-                                       "again this long after, so one wakeup takes many datagrams (the receive "
-                                       "buffer holds them meanwhile; shorter when it would fill beyond half); "
-                                       "0 = read on every wakeup. A wakeup costs ~0.5 ms of CPU: 10 ms spent "
-                                       "0.45, 50 ms 0.17 CPU-s per million flows on receiving")
+    receive_coalesce_ms: float = Field(
+        50.0, ge=0, le=100, description="After draining the socket, read again this long after, so one "
+        "wakeup takes many datagrams (the receive buffer holds them meanwhile; shorter when it would fill "
+        "beyond half); 0 = read on every wakeup. A wakeup costs ~0.5 ms of CPU: 10 ms spent 0.45, 50 ms "
+        "0.17 CPU-s per million flows on receiving")
     workers: int = Field(1, ge=1, le=256, description="Processes receiving on the same port with "
                          "SO_REUSEPORT (one exporter always reaches the same worker)")
     reuse_port: bool = Field(False, description="Bind with SO_REUSEPORT (implied by workers > 1)")
@@ -150,17 +150,6 @@ class Allowlist:
         if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
             ip = ip.ipv4_mapped
         return any(ip.version == net.version and ip in net for net in self._networks)
-
-
-def _estimate_records(payload: bytes) -> int:
-    """Header record count (v5 flows; v9 records incl. templates; IPFIX: by length)."""
-    if len(payload) >= 4:
-        version = (payload[0] << 8) | payload[1]
-        if version in (5, 9):
-            return max(1, (payload[2] << 8) | payload[3])
-        if version == 10:
-            return max(1, ((payload[2] << 8) | payload[3]) // 50)
-    return 1
 
 
 _HEADER_BYTES = np.arange(22)
@@ -273,11 +262,12 @@ class NetflowReceiver:
                         label, sum(counts.errors.values()))
 
     # The hot path: one call per socket wakeup, one step per run of datagrams from one source.
-    def _on_datagrams(self, runs: list[tuple[bytes, list[bytes]]], received_ms: int) -> None:
+    def _on_datagrams(self, runs: list[Run], received_ms: int) -> None:
         exporters = self._exporters
         pending_of = self._pending
         max_flows = self._settings.batch_max_flows
-        for source, payloads in runs:
+        for run in runs:
+            source, payloads = run.source, run.payloads
             exporter = exporters.get(source, b"")
             if not exporter:
                 exporter = self._learn(source) if exporter is not None else None
@@ -290,7 +280,7 @@ class NetflowReceiver:
                 pending = pending_of[exporter] = _Pending(time.monotonic())
             pending.payloads.extend(payloads)
             pending.received.extend([received_ms] * len(payloads))
-            pending.records += sum(map(_estimate_records, payloads))
+            pending.records += run.records
             if pending.records >= max_flows:
                 self._flush(exporter)
 

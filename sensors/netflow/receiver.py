@@ -6,7 +6,8 @@ be out of reach. :class:`UdpReceiver` instead registers the socket with ``loop.a
 on each wakeup, drains it with ``recvmmsg(2)`` (through ctypes on libc: up to :data:`VLEN`
 datagrams per system call, into one preallocated buffer) until ``EAGAIN`` or a per-wakeup budget
 (so the loop still serves timers and the Kafka producer), then hands the whole batch to its
-callback grouped by source address: a list of (16-byte source address, payloads) runs and one
+callback grouped by source address: a list of :class:`Run` (16-byte source address, payloads,
+the flow records their headers announce, read for all datagrams of a call at once) and one
 receive time for the wakeup. Where libc has no ``recvmmsg`` it falls back to one ``recvmsg`` per
 datagram, with the same result.
 
@@ -63,9 +64,48 @@ _OVERHEAD = 768
 VLEN = 64
 _V4_MAPPED_PREFIX = b"\x00" * 10 + b"\xff\xff"
 
-#: Called once per wakeup with runs of (16-byte source address, IPv4-mapped for IPv4, payloads),
-#: consecutive datagrams of one source in one run, and the receive time in UTC ms.
-OnDatagrams = Callable[[list[tuple[bytes, list[bytes]]], int], None]
+
+
+class Run:
+    """Consecutive datagrams of one source address in one wakeup: the 16-byte address (IPv4
+    mapped), the payloads and the flow records their headers announce (:func:`estimate_records`)."""
+
+    __slots__ = ("payloads", "records", "source")
+
+    def __init__(self, source: bytes) -> None:
+        self.source = source
+        self.payloads: list[bytes] = []
+        self.records = 0
+
+
+#: Called once per wakeup with the runs and the receive time in UTC ms.
+OnDatagrams = Callable[[list[Run], int], None]
+
+
+def estimate_records(payload: bytes) -> int:
+    """The flow records a NetFlow datagram's header announces, at least 1: v5 flows, v9 records
+    (templates included), IPFIX by length (about 50 bytes a record); 1 for anything else."""
+    if len(payload) >= 4:
+        version = (payload[0] << 8) | payload[1]
+        if version in (5, 9):
+            return max(1, (payload[2] << 8) | payload[3])
+        if version == 10:
+            return max(1, ((payload[2] << 8) | payload[3]) // 50)
+    return 1
+
+
+def estimate_records_many(heads: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+    """:func:`estimate_records` of many datagrams at once, from their first 4 bytes (an (n, 4)
+    uint8 array; bytes past a datagram's length are ignored) and their lengths."""
+    version = heads[:, 0].astype(np.int64) << 8 | heads[:, 1]
+    count = heads[:, 2].astype(np.int64) << 8 | heads[:, 3]
+    out = np.ones(len(heads), dtype=np.int64)
+    whole = lengths >= 4
+    counted = whole & ((version == 5) | (version == 9))
+    out[counted] = np.maximum(1, count[counted])
+    ipfix = whole & (version == 10)
+    out[ipfix] = np.maximum(1, count[ipfix] // 50)
+    return out
 
 
 def source_address(host: str) -> bytes:
@@ -140,6 +180,11 @@ class _MultiReader:
         self.fields = np.frombuffer(memoryview(self.headers).cast("B"), dtype=_MMSG)
         names_view = np.frombuffer(memoryview(self.names).cast("B"), dtype=np.uint8)
         self.name_bytes = names_view.reshape(VLEN, _NAME_SIZE)
+        # The first 4 bytes of every slot (version and count of a NetFlow header), and the
+        # fields read back after every call, as views made once.
+        self.heads = np.frombuffer(self.view, dtype=np.uint8).reshape(VLEN, MAX_DATAGRAM)[:, :4]
+        self.namelen, self.controllen = self.fields["namelen"], self.fields["controllen"]
+        self.flags, self.lengths = self.fields["flags"], self.fields["len"]
         self.ptr = ctypes.addressof(self.headers)
 
 
@@ -258,7 +303,7 @@ class UdpReceiver:
 
     def _read_batch(self) -> int:
         """Up to ``budget`` datagrams from the socket, handed over in one call; how many."""
-        runs: list[tuple[bytes, list[bytes]]] = []
+        runs: list[Run] = []
         self._read_bytes = 0
         try:
             count = self._read_multi(runs) if self._multi is not None else self._read_single(runs)
@@ -266,26 +311,27 @@ class UdpReceiver:
             if exc.errno not in (errno.ECONNREFUSED, errno.EHOSTUNREACH, errno.ENETUNREACH):
                 log.warning("UDP receive error: %s", exc)
             self.errors += 1
-            count = sum(len(p) for _, p in runs)
+            count = sum(len(r.payloads) for r in runs)
         if runs:
             self.wakeups += 1
             self._on_datagrams(runs, time.time_ns() // 1_000_000)
         return count
 
-    def _read_single(self, runs: list[tuple[bytes, list[bytes]]]) -> int:
+    def _read_single(self, runs: list[Run]) -> int:
         """One recvmsg per datagram (where libc has no recvmmsg)."""
         recvmsg = self._sock.recvmsg
         count = 0
         last_host = None
-        payloads: list[bytes] = []
+        run = Run(b"")
         try:
             for _ in range(self._budget):
                 data, anc, flags, addr = recvmsg(MAX_DATAGRAM, _ANC_SIZE)
                 if addr[0] != last_host:
                     last_host = addr[0]
-                    payloads = []
-                    runs.append((source_address(last_host), payloads))
-                payloads.append(data)
+                    run = Run(source_address(last_host))
+                    runs.append(run)
+                run.payloads.append(data)
+                run.records += estimate_records(data)
                 count += 1
                 self._read_bytes += len(data) + _OVERHEAD
                 if anc:
@@ -296,17 +342,16 @@ class UdpReceiver:
             pass
         return count
 
-    def _read_multi(self, runs: list[tuple[bytes, list[bytes]]]) -> int:
+    def _read_multi(self, runs: list[Run]) -> int:
         """recvmmsg calls until EAGAIN or the budget; each call's datagrams copied out at once."""
         reader = self._multi
         assert reader is not None and _RECVMMSG is not None
-        fields = reader.fields
         view = reader.view
         count = 0
         while count < self._budget:
             want = min(VLEN, self._budget - count)
-            fields["namelen"][:want] = _NAME_SIZE  # in/out fields: the kernel overwrote them
-            fields["controllen"][:want] = _ANC_SIZE
+            reader.namelen[:want] = _NAME_SIZE  # in/out fields: the kernel overwrote them
+            reader.controllen[:want] = _ANC_SIZE
             n = _RECVMMSG(reader.fd, reader.ptr, want, socket.MSG_DONTWAIT, None)
             if n < 0:
                 err = ctypes.get_errno()
@@ -316,20 +361,23 @@ class UdpReceiver:
             if n == 0:
                 break
             count += n
-            lengths = fields["len"][:n].tolist()
+            sizes = reader.lengths[:n]
+            lengths = sizes.tolist()
             self._read_bytes += sum(lengths) + _OVERHEAD * n
             payloads = [bytes(view[i * MAX_DATAGRAM : i * MAX_DATAGRAM + ln]) for i, ln in enumerate(lengths)]
-            if (fields["flags"][:n] & _MSG_TRUNC).any():
-                self.truncated += int(np.count_nonzero(fields["flags"][:n] & _MSG_TRUNC))
-            if fields["controllen"][n - 1]:  # cumulative: the newest datagram has the newest count
+            truncated = reader.flags[:n] & _MSG_TRUNC
+            if truncated.any():
+                self.truncated += int(np.count_nonzero(truncated))
+            if reader.controllen[n - 1]:  # cumulative: the newest datagram has the newest count
                 self._control(reader, n - 1)
-            self._split_by_source(reader, n, payloads, runs)
+            records = estimate_records_many(reader.heads[:n], sizes)
+            self._split_by_source(reader, n, payloads, records, runs)
             if n < want:
                 break  # the socket is drained: a further call would only say EAGAIN
         return count
 
-    def _split_by_source(self, reader: _MultiReader, n: int, payloads: list[bytes],
-                         runs: list[tuple[bytes, list[bytes]]]) -> None:
+    def _split_by_source(self, reader: _MultiReader, n: int, payloads: list[bytes], records: np.ndarray,
+                         runs: list[Run]) -> None:
         """Runs of consecutive datagrams from one source address (usually one run per call)."""
         # sockaddr_in6.sin6_addr (IPv4 arrives mapped on a dual-stack socket), or sockaddr_in.sin_addr
         addrs = reader.name_bytes[:n, 8:24] if reader.v6 else reader.name_bytes[:n, 4:8]
@@ -341,10 +389,11 @@ class UdpReceiver:
         for a, b in itertools.pairwise(bounds):
             raw = addrs[a].tobytes()
             source = raw if reader.v6 else _V4_MAPPED_PREFIX + raw
-            if runs and runs[-1][0] == source:
-                runs[-1][1].extend(payloads[a:b])
-            else:
-                runs.append((source, payloads[a:b]))
+            if not runs or runs[-1].source != source:
+                runs.append(Run(source))
+            run = runs[-1]
+            run.payloads.extend(payloads[a:b])
+            run.records += int(records[a:b].sum())
 
     def _control(self, reader: _MultiReader, i: int) -> None:
         """The SO_RXQ_OVFL count in datagram ``i``'s ancillary data, if there."""

@@ -6,7 +6,18 @@ from __future__ import annotations
 import asyncio
 import socket
 
-from sensors.netflow.receiver import UdpReceiver, open_udp_socket, source_address
+import numpy as np
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from sensors.netflow.receiver import (
+    Run,
+    UdpReceiver,
+    estimate_records,
+    estimate_records_many,
+    open_udp_socket,
+    source_address,
+)
 
 
 async def _exchange(coalesce_ms: float, bursts: int, per_burst: int) -> tuple[list[bytes], UdpReceiver, bool]:
@@ -15,11 +26,12 @@ async def _exchange(coalesce_ms: float, bursts: int, per_burst: int) -> tuple[li
     got: list[bytes] = []
     sources: set[bytes] = set()
 
-    def on_datagrams(runs: list[tuple[bytes, list[bytes]]], received_ms: int) -> None:
+    def on_datagrams(runs: list[Run], received_ms: int) -> None:
         assert received_ms > 0
-        for source, payloads in runs:
-            sources.add(source)
-            got.extend(payloads)
+        for run in runs:
+            sources.add(run.source)
+            got.extend(run.payloads)
+            assert run.records == len(run.payloads)  # not NetFlow: 1 each
 
     sock = open_udp_socket("127.0.0.1", 0, receive_buffer=4 << 20)
     receiver = UdpReceiver(sock, on_datagrams, coalesce_ms=coalesce_ms)
@@ -76,3 +88,19 @@ def test_pause_is_bounded_by_the_receive_buffer() -> None:
         assert receiver._pause() == 0.1
     finally:
         sock.close()
+
+
+_STARTS = st.sampled_from([b"\x00\x05", b"\x00\x09", b"\x00\x0a", b"\x00\x63", b"\x01\x09", b"", b"\x00"])
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.tuples(_STARTS, st.binary(max_size=6)), min_size=1, max_size=20))
+def test_estimate_records_many_equals_estimate_records(parts: list[tuple[bytes, bytes]]) -> None:
+    """The per-call estimate reads the headers as the per-datagram one does (short ones too,
+    with stale bytes after them as in the receive buffer's slots)."""
+    payloads = [start + rest for start, rest in parts]
+    heads = np.full((len(payloads), 4), 0xEE, dtype=np.uint8)
+    for i, p in enumerate(payloads):
+        heads[i, : min(4, len(p))] = list(p[:4])
+    lengths = np.array([len(p) for p in payloads], dtype=np.uint32)
+    assert estimate_records_many(heads, lengths).tolist() == [estimate_records(p) for p in payloads]
