@@ -73,7 +73,10 @@ def decode_batch(value: bytes | None, headers: Headers | dict[str, bytes] | None
         raise WireError("not-arrow", str(exc)) from exc
     if fill_additive is not None:
         table = fill_additive(table)
-    missing = [f.name for f in schema if f.name not in table.column_names]
+    if table.schema.equals(schema):
+        return table  # the usual case, a single comparison (the checks below cost ~0.5 ms a batch)
+    present = set(table.column_names)
+    missing = [f.name for f in schema if f.name not in present]
     if missing:
         raise WireError("missing-columns", ", ".join(missing))
     for field in schema:
