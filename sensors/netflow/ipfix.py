@@ -462,98 +462,115 @@ def _walk_sets(plan: _Plan, group: Group) -> tuple[list[int], list[int], list[in
     the rules of :func:`_walk`. Fills ``group.counts``, counts records, enterprise fields and
     ``bad_data_record`` in each set's ExporterStats, and returns the record starts (offsets in
     the group's joined buffer) and the bytes each variable-length field took, record by record
-    in set order, as :func:`_repack` wants them, and the records of each set as it was added
-    (sets without records are then removed from the group)."""
+    in set order, as :func:`_repack` wants them, and the records of each set as it was added.
+    The group's chunks are replaced by their join (one chunk: joined once, not again for the
+    columns); sets without records then leave the group's per-set lists (not its bytes)."""
     sizes = np.fromiter(map(len, group.chunks), dtype=np.int64, count=len(group.chunks))
     ends = np.cumsum(sizes)
-    buf = np.frombuffer(b"".join(group.chunks), dtype=np.uint8)
-    padded = np.concatenate((buf, np.zeros(3, dtype=np.uint8)))  # reads past the end stay in bounds
+    joined = b"".join(group.chunks)
+    buf = np.frombuffer(joined, dtype=np.uint8)
     k = len(plan.segments)
     pos = ends - sizes
-    sets = np.arange(len(sizes))
+    sets = np.arange(len(sizes) if len(buf) else 0)  # no bytes at all: no records
     found_sets: list[np.ndarray] = []
     found_starts: list[np.ndarray] = []
     found_lengths: list[np.ndarray] = []
     stops = ends.copy()
     while len(sets):
         end = ends[sets]
-        p = pos.copy()
+        p = pos
         ok = p < end
         lengths = np.empty((len(sets), k), dtype=np.int64)
         for j, gap in enumerate(plan.segments):
             p = p + gap
             ok &= p < end
-            q = np.minimum(p, len(buf))
-            first = padded[q].astype(np.int64)
+            # Clipped reads past the buffer only happen where ok is already False.
+            first = buf.take(p, mode="clip").astype(np.int64)
             wide = first == 255
-            ok &= ~wide | (p + 3 <= end)
-            long_len = (padded[q + 1].astype(np.int64) << 8 | padded[q + 2]) + 3
-            lengths[:, j] = np.where(wide, long_len, first + 1)
+            if wide.any():
+                ok &= ~wide | (p + 3 <= end)
+                high = buf.take(p + 1, mode="clip").astype(np.int64)
+                long_len = (high << 8 | buf.take(p + 2, mode="clip")) + 3
+                lengths[:, j] = np.where(wide, long_len, first + 1)
+            else:
+                lengths[:, j] = first + 1
             p = p + lengths[:, j]
         p = p + plan.tail
         ok &= p <= end
-        if ok.any():
-            found_sets.append(sets[ok])
-            found_starts.append(pos[ok])
-            found_lengths.append(lengths[ok])
-        # A set ends where a record does not fit (padding or a truncated record), or at its end.
-        done = ~ok | (p >= end)
-        stops[sets[~ok]] = pos[~ok]
-        keep = ~done
+        if ok.all():
+            found_sets.append(sets)
+            found_starts.append(pos)
+            found_lengths.append(lengths)
+            keep = p < end
+        else:
+            if ok.any():
+                found_sets.append(sets[ok])
+                found_starts.append(pos[ok])
+                found_lengths.append(lengths[ok])
+            # A set ends where a record does not fit (padding or a truncated record), or at its end.
+            stops[sets[~ok]] = pos[~ok]
+            keep = ok & (p < end)
         sets, pos = sets[keep], p[keep]
-    set_of = np.zeros(0, dtype=np.int64)
     if found_sets:
-        order = np.argsort(np.concatenate(found_sets), kind="stable")
-        set_of = np.concatenate(found_sets)[order]
+        all_sets = np.concatenate(found_sets)
+        order = np.argsort(all_sets, kind="stable")
         starts = np.concatenate(found_starts)[order]
         consumed = np.concatenate(found_lengths)[order].ravel()
-        per_set = np.bincount(set_of, minlength=len(sizes))
+        per_set = np.bincount(all_sets, minlength=len(sizes))
     else:
         starts = consumed = np.zeros(0, dtype=np.int64)
         per_set = np.zeros(len(sizes), dtype=np.int64)
     added = per_set.tolist()
     group.counts[:] = added
-    for i, (n, stop, end) in enumerate(zip(group.counts, stops.tolist(), ends.tolist(), strict=True)):
-        stats = group.stats[i]
+    # Counters per ExporterStats object (usually one for the whole group).
+    by_stats: dict[int, tuple[object, list[int]]] = {}
+    for i, stats in enumerate(group.stats):
+        by_stats.setdefault(id(stats), (stats, []))[1].append(i)
+    for stats, members in by_stats.values():
+        n = int(per_set[members].sum()) if len(members) < len(added) else int(per_set.sum())
         stats.records += n  # type: ignore[attr-defined]
         if plan.enterprise:
             stats.enterprise_fields += n * plan.enterprise  # type: ignore[attr-defined]
-        if stop < end and buf[stop:end].any():
-            stats.error("bad_data_record")  # type: ignore[attr-defined]
+    for i in np.flatnonzero(stops < ends).tolist():
+        if buf[stops[i] : ends[i]].any():
+            group.stats[i].error("bad_data_record")  # type: ignore[attr-defined]
+    group.chunks[:] = [joined]
     empty = per_set == 0
     if empty.any():
-        # Sets without records leave the group (a biflow's per-set sums need every set to have
-        # one); the records after them move back by their bytes.
-        shift = np.cumsum(np.where(empty, sizes, 0))
-        starts = starts - shift[set_of]
+        # Sets without records leave the per-set lists (a biflow's per-set sums need every set
+        # to have one); the joined bytes stay as they are, so the starts need no change.
         kept = np.flatnonzero(~empty).tolist()
         for name in Group.__slots__:
-            values = getattr(group, name)
-            setattr(group, name, [values[i] for i in kept])
+            if name != "chunks":
+                values = getattr(group, name)
+                setattr(group, name, [values[i] for i in kept])
     return starts.tolist(), consumed.tolist(), added
 
 
 def _repack(buf: bytes, plan: _Plan, starts: list[int], consumed: list[int]) -> bytes:
     """Fixed-size records (only the fixed-length fields) gathered out of variable-length ones:
     each run of fixed-length fields between the variable ones is copied row by row out of a
-    sliding-window view of the buffer (no index per byte)."""
+    view of the buffer's windows (no index per byte) into its columns of the output."""
     n = len(starts)
     k = len(plan.segments)
     shift = np.zeros((n, k + 1), dtype=np.int64)
     if k:
         np.cumsum(np.asarray(consumed, dtype=np.int64).reshape(n, k), axis=1, out=shift[:, 1:])
     first = np.asarray(starts, dtype=np.int64)
-    raw = np.frombuffer(buf, dtype=np.uint8)
-    parts: list[np.ndarray] = []
-    offset = 0
+    size = plan.fixed.record_length
+    out = np.empty(n * size, dtype=np.uint8)
+    offset = column = 0
     for r, length in enumerate((*plan.segments, plan.tail)):
-        if length:
-            windows = np.lib.stride_tricks.sliding_window_view(raw, length)
-            parts.append(windows[first + offset + shift[:, r]])
+        if length and len(buf) >= length:
+            # Every `length`-byte window of the buffer as one opaque item: gathering items copies
+            # each run in one piece (faster than rows of a (windows, length) uint8 view).
+            windows = np.ndarray((len(buf) - length + 1,), dtype=np.dtype((np.void, length)), buffer=buf,
+                                 strides=(1,))
+            target = np.ndarray((n,), dtype=windows.dtype, buffer=out, offset=column, strides=(size,))
+            target[:] = windows[first + offset + shift[:, r]]
+            column += length
         offset += length
-    if not parts:
-        return b""
-    return (parts[0] if len(parts) == 1 else np.concatenate(parts, axis=1)).tobytes()
+    return out.tobytes()
 
 
 def _learn(view: memoryview, body: int, n: int, template: Template, starts: list[int] | None,

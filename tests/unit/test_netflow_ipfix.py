@@ -467,14 +467,31 @@ def test_lockstep_walk_equals_record_walk(layout: list[tuple[int, int]]) -> None
             assert counts.records == len(s)
             bad = stop < len(body) and not ipfix._is_zero(body, stop, len(body))
             assert counts.errors == ({"bad_data_record": 1} if bad else {})
-            if s:  # sets without a record leave the group
-                want_starts += [offset + x for x in s]
-                want_consumed += c
-                offset += len(body)
+            want_starts += [offset + x for x in s]
+            want_consumed += c
+            offset += len(body)
         assert (starts, consumed) == (want_starts, want_consumed)
+        # Sets without a record leave the per-set lists; the bytes stay joined as they were.
         assert group.counts == [n for n in (st.records for st in stats) if n]
-        assert b"".join(bytes(c) for c in group.chunks) == b"".join(b for b, st in zip(sets, stats, strict=True)
-                                                                   if st.records)
+        assert len(group.export_ms) == len(group.counts)
+        assert b"".join(bytes(c) for c in group.chunks) == b"".join(sets)
+
+
+def test_lockstep_walk_of_empty_sets() -> None:
+    """Data sets with no bytes at all (a bare set header): no records, nothing read."""
+    from sensors.netflow import ipfix
+    from sensors.netflow.decoder import ExporterStats
+    from sensors.netflow.fields import Group
+    from sensors.netflow.templates import Field, Template
+
+    plan = ipfix._Plan(Template(fields=(Field(7, 2), Field(82, 0xFFFF))))
+    group = Group()
+    stats = ExporterStats()
+    for _ in range(2):
+        group.add(b"", 0, 0, -1, 0, 0, 0, 1, None)
+        group.stats.append(stats)
+    assert ipfix._walk_sets(plan, group) == ([], [], [0, 0])
+    assert stats.records == 0 and not stats.errors and group.counts == []
 
 
 # --- the bulk path (decode_payloads of many messages) equals the message-by-message walk -------
