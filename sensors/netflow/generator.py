@@ -28,7 +28,7 @@ import socket
 import struct
 import sys
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -654,6 +654,54 @@ class EncodedPackets:
     next_sequence: int
 
 
+_RECORD_COLUMNS = ("src_port", "dst_port", "proto", "tcp_flags", "in_if", "out_if", "bytes", "packets")
+
+
+def _family_records(columns: Mapping[str, np.ndarray], src: np.ndarray, dst: np.ndarray, v4: np.ndarray,
+                    dtypes: tuple[np.dtype[Any], np.dtype[Any]],
+                    times: Mapping[str, np.ndarray]) -> Iterator[tuple[int, np.ndarray, np.ndarray]]:
+    """The flows of each address family as records of its template (v9 and IPFIX alike):
+    (template ID, the flows' indexes, the records in ``dtypes``' IPv4 or IPv6 layout); the
+    time fields are named by ``times``, the others by the columns."""
+    for template_id, mask, dtype, addr in ((TEMPLATE_V4, v4, dtypes[0], slice(12, 16)),
+                                           (TEMPLATE_V6, ~v4, dtypes[1], slice(0, 16))):
+        idx = np.flatnonzero(mask)
+        if not len(idx):
+            continue
+        rec = np.empty(len(idx), dtype=dtype)
+        rec["src"] = src[idx, addr]
+        rec["dst"] = dst[idx, addr]
+        for name in _RECORD_COLUMNS:
+            rec[name] = np.asarray(columns[name])[idx]
+        for name, values in times.items():
+            rec[name] = values[idx]
+        yield template_id, idx, rec
+
+
+class _PacketTotals:
+    """Records, bytes and packets per datagram, gathered family by family for EncodedPackets."""
+
+    def __init__(self) -> None:
+        self.counts: list[np.ndarray] = []
+        self.byte_sums: list[np.ndarray] = []
+        self.pkt_sums: list[np.ndarray] = []
+
+    def add(self, rec: np.ndarray, per: int) -> np.ndarray:
+        """Account for ``rec`` sent ``per`` records a datagram; returns each datagram's first record."""
+        starts = np.arange(0, len(rec), per)
+        self.counts.append(np.diff(np.append(starts, len(rec))))
+        self.byte_sums.append(np.add.reduceat(rec["bytes"].astype(np.uint64), starts))
+        self.pkt_sums.append(np.add.reduceat(rec["packets"].astype(np.uint64), starts))
+        return starts
+
+    def encoded(self, packets: list[bytes], seq: int) -> EncodedPackets:
+        def cat(parts: list[np.ndarray]) -> np.ndarray:
+            return np.concatenate(parts) if parts else np.zeros(0, dtype=np.uint64)
+
+        return EncodedPackets(packets, cat(self.counts), cat(self.byte_sums), cat(self.pkt_sums),
+                              seq & 0xFFFFFFFF)
+
+
 def encode_packets(
     columns: Mapping[str, np.ndarray],
     *,
@@ -690,31 +738,14 @@ def encode_packets(
             raise ValueError(f"{name} does not fit the 2-byte SNMP index field")
 
     packets: list[bytes] = []
-    counts: list[np.ndarray] = []
-    byte_sums: list[np.ndarray] = []
-    pkt_sums: list[np.ndarray] = []
+    totals = _PacketTotals()
     seq = sequence
-    for template_id, mask, dtype, addr in (
-        (TEMPLATE_V4, v4_src, _DTYPE_V4, slice(12, 16)),
-        (TEMPLATE_V6, ~v4_src, _DTYPE_V6, slice(0, 16)),
-    ):
-        idx = np.flatnonzero(mask)
-        if not len(idx):
-            continue
-        rec = np.empty(len(idx), dtype=dtype)
-        rec["src"] = src[idx, addr]
-        rec["dst"] = dst[idx, addr]
-        for name in ("src_port", "dst_port", "proto", "tcp_flags", "in_if", "out_if", "bytes", "packets"):
-            rec[name] = np.asarray(columns[name])[idx]
-        rec["first"] = first[idx]
-        rec["last"] = last[idx]
+    for template_id, idx, rec in _family_records(columns, src, dst, v4_src, (_DTYPE_V4, _DTYPE_V6),
+                                                 {"first": first, "last": last}):
         data = rec.tobytes()
-        size = dtype.itemsize
+        size = rec.dtype.itemsize
         per = _records_per_packet(size, records_per_packet)
-        starts = np.arange(0, len(idx), per)
-        counts.append(np.diff(np.append(starts, len(idx))))
-        byte_sums.append(np.add.reduceat(rec["bytes"].astype(np.uint64), starts))
-        pkt_sums.append(np.add.reduceat(rec["packets"].astype(np.uint64), starts))
+        starts = totals.add(rec, per)
         for a in starts.tolist():
             k = min(per, len(idx) - a)
             with_template = (template_first and not packets) or seq % template_every == 0
@@ -736,11 +767,7 @@ def encode_packets(
                 )
             )
             seq += 1
-
-    def cat(parts: list[np.ndarray]) -> np.ndarray:
-        return np.concatenate(parts) if parts else np.zeros(0, dtype=np.uint64)
-
-    return EncodedPackets(packets, cat(counts), cat(byte_sums), cat(pkt_sums), seq & 0xFFFFFFFF)
+    return totals.encoded(packets, seq)
 
 
 def encode_v9(
@@ -885,25 +912,11 @@ def encode_ipfix_packets(
     tail_len = np.array([len(t) for t in tails], dtype=np.int64)
 
     packets: list[bytes] = []
-    counts: list[np.ndarray] = []
-    byte_sums: list[np.ndarray] = []
-    pkt_sums: list[np.ndarray] = []
+    totals = _PacketTotals()
     seq = sequence
-    for template_id, mask, dtype, addr in (
-        (TEMPLATE_V4, v4_src, _IPFIX_DTYPE_V4, slice(12, 16)),
-        (TEMPLATE_V6, ~v4_src, _IPFIX_DTYPE_V6, slice(0, 16)),
-    ):
-        idx = np.flatnonzero(mask)
-        if not len(idx):
-            continue
-        rec = np.empty(len(idx), dtype=dtype)
-        rec["src"] = src[idx, addr]
-        rec["dst"] = dst[idx, addr]
-        for name in ("src_port", "dst_port", "proto", "tcp_flags", "in_if", "out_if", "bytes", "packets"):
-            rec[name] = np.asarray(columns[name])[idx]
-        rec["start"] = start[idx]
-        rec["end"] = end[idx]
-        size = dtype.itemsize
+    layouts, times = (_IPFIX_DTYPE_V4, _IPFIX_DTYPE_V6), {"start": start, "end": end}
+    for template_id, idx, rec in _family_records(columns, src, dst, v4_src, layouts, times):
+        size = rec.dtype.itemsize
         # Lay the records out with their variable-length tails: fixed part, then the tail.
         kind = which[idx]
         lengths = size + tail_len[kind]
@@ -917,10 +930,7 @@ def encode_ipfix_packets(
         data = wire.tobytes()
         room = MAX_DATAGRAM - _IPFIX_HEADER.size - len(_IPFIX_TEMPLATE_SET) - 4
         per = max(1, min(records_per_packet, room // (size + int(tail_len.max()))))
-        starts = np.arange(0, len(idx), per)
-        counts.append(np.diff(np.append(starts, len(idx))))
-        byte_sums.append(np.add.reduceat(rec["bytes"].astype(np.uint64), starts))
-        pkt_sums.append(np.add.reduceat(rec["packets"].astype(np.uint64), starts))
+        starts = totals.add(rec, per)
         bounds = offsets.tolist()
         for a in starts.tolist():
             k = min(per, len(idx) - a)
@@ -932,11 +942,7 @@ def encode_ipfix_packets(
             header = _IPFIX_HEADER.pack(IPFIX_VERSION, length, export_secs, seq & 0xFFFFFFFF, domain)
             packets.append(b"".join((header, tset, struct.pack("!HH", template_id, 4 + len(body)), body)))
             seq += k
-
-    def cat(parts: list[np.ndarray]) -> np.ndarray:
-        return np.concatenate(parts) if parts else np.zeros(0, dtype=np.uint64)
-
-    return EncodedPackets(packets, cat(counts), cat(byte_sums), cat(pkt_sums), seq & 0xFFFFFFFF)
+    return totals.encoded(packets, seq)
 
 
 # ---------------------------------------------------------------------------------------------
