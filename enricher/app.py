@@ -21,9 +21,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import importlib.abc
 import logging
-import sys
 import time
 from typing import Any
 
@@ -36,6 +34,7 @@ from enricher.geo import GeoIP
 from enricher.identity import IdentityIndex
 from enricher.identity_feed import IdentityFeed
 from enricher.inventory import load_inventory
+from enricher.memory import lean_process, release_free_memory
 from enricher.schema import SCHEMA_NAME as ENRICHED
 from enricher.settings import EnricherSettings
 from flowtally import kafka
@@ -220,78 +219,15 @@ def _pairs(headers: Any) -> list[tuple[str, bytes]]:
     return list(headers)
 
 
-def _release_free_memory() -> None:
-    """Give the free pages inside glibc's heap back to the OS (``malloc_trim``): the identity
-    rebuild calls it after folding in the replay's staged chunks, small arrays whose holes would
-    otherwise stay resident beside the full-size arrays (measured on 1M versions: ~70 MB).
-    No-op without glibc."""
-    if _LIBC is not None:
-        _LIBC.malloc_trim(0)
-
-
-def _load_libc() -> Any:
-    import ctypes
-    import ctypes.util
-
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        libc.malloc_trim  # noqa: B018 (absent outside glibc)
-    except (OSError, AttributeError):
-        return None
-    return libc
-
-
-_LIBC: Any = None
-
-
-def _fixed_mmap_threshold() -> None:
-    """Ask glibc to serve allocations of 128 KiB and more (the index's arrays, Arrow buffers)
-    with mmap, always: by default it raises that threshold after the first large free, and the
-    identity rebuild's big temporaries then stay in a fragmented heap that is never given back
-    (measured: 550 -> 473 MB resident after a 1M-version replay). No-op without glibc."""
-    import ctypes
-    import ctypes.util
-
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        libc.mallopt(-3, 128 * 1024)  # M_MMAP_THRESHOLD
-    except (OSError, AttributeError):
-        pass
-
-
-class _NoPandas(importlib.abc.MetaPathFinder):
-    """Refuses to import pandas. pyarrow imports it on the first ``pa.array()`` of a Python
-    list (only to ask whether the list is a pandas object), which costs the enricher ~40 MB
-    resident and a CPU-second for a library it never uses; pyarrow treats the ImportError as
-    "pandas not installed"."""
-
-    def find_spec(self, name: str, path: Any = None, target: Any = None) -> None:
-        if name == "pandas" or name.startswith("pandas."):
-            raise ModuleNotFoundError("pandas is kept out of the enricher's process", name=name)
-
-
-def _lean_process() -> None:
-    """Memory settings of the enricher's process (not of tests importing this module):
-    glibc's mmap threshold fixed (:func:`_fixed_mmap_threshold`), Arrow buffers from the system
-    allocator (mimalloc, Arrow's default, keeps freed pages: the identity rebuild's temporary
-    string arrays stayed resident, ~90 MB after a 1M-version replay), no pandas."""
-    global _LIBC
-    _LIBC = _load_libc()
-    _fixed_mmap_threshold()
-    pa.set_memory_pool(pa.system_memory_pool())
-    if "pandas" not in sys.modules:
-        sys.meta_path.insert(0, _NoPandas())
-
-
 def run(args: argparse.Namespace) -> int:
     """`flowtally enrich`: create topics, load identity, run the Faust worker until SIGTERM."""
-    _lean_process()
+    lean_process()
     settings = load_settings(
         EnricherSettings, args.config, inventory=args.inventory, metrics_listen=args.metrics_listen
     )
     owners = load_inventory(settings.inventory).owners if settings.inventory else ()
     index = IdentityIndex(owners, history_ms=int(settings.identity_history_s * 1000),
-                          release_memory=_release_free_memory)
+                          release_memory=release_free_memory)
     OWNERS.set(index.size)
     VERSIONS.set(index.versions)
     log.info("identity: %d owners from %s", index.size, settings.inventory or "(none)")

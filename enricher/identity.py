@@ -652,9 +652,12 @@ class IdentityIndex:
         self._addr = np.insert(old.pop("addr"), at, new["addr"][order])
         self._from = np.insert(old.pop("from"), at, new["from"][order])
         self._to = np.insert(old.pop("to"), at, new["to"][order])
-        self._ports = np.insert(old.pop("ports"), at, new["ports"][order])
+        # np.insert casts the new codes to the old column's dtype: widen a narrowed column first
+        self._ports = np.insert(old.pop("ports").astype(np.int32, copy=False), at, new["ports"][order])
         for f in ALL_IDENTITY_FIELDS:
-            self._codes[f] = np.concatenate([np.insert(old.pop(f), at, new[f][order]), self._extra[f]])
+            column = old.pop(f)
+            column = column.astype(new[f].dtype, copy=False)
+            self._codes[f] = np.concatenate([np.insert(column, at, new[f][order]), self._extra[f]])
         self._rebuild(sort=False)
 
     def _stage(self, changed: np.ndarray, keep: np.ndarray, new: dict[str, np.ndarray]) -> None:
@@ -731,7 +734,9 @@ class IdentityIndex:
         self._addr, self._from, self._to = self._addr[rows], self._from[rows], self._to[rows]
         self._ports = self._ports[rows]
         for f in ALL_IDENTITY_FIELDS:
-            self._codes[f] = np.concatenate([self._codes[f][:n][rows], self._extra[f]])
+            column = self._codes[f]
+            extra = self._extra[f].astype(column.dtype, copy=False)
+            self._codes[f] = np.concatenate([column[:n][rows], extra])
 
     def _rebuild(self, sort: bool = True) -> None:
         if sort:
@@ -748,6 +753,7 @@ class IdentityIndex:
             main = main[nonempty]
         host = ~main
         self._compact_strings()
+        self._narrow_codes()
         for store in self._dicts.values():
             store.arrow()  # per-row strings: one Arrow array now rather than in the first batch
             self._released()
@@ -776,6 +782,20 @@ class IdentityIndex:
         valid_from = self._from[expanded]
         valid_to = _cut_overlaps(skeys, valid_from, self._to[expanded])
         return _Timeline.of_sorted(skeys, valid_from, valid_to, expanded)
+
+    def _narrow_codes(self) -> None:
+        """Code columns as uint16 while their dictionary has at most 65,536 values (all the
+        low-cardinality fields in practice): 2 bytes a row instead of 4, ~12 MB on 1M versions.
+        A change adding values beyond that widens the column again (:meth:`apply`)."""
+        for f in ALL_IDENTITY_FIELDS:
+            if f == _UID:
+                continue
+            column = self._codes[f]
+            dtype = np.dtype(np.uint16) if len(self._dicts[f]) <= 1 << 16 else np.dtype(np.int32)
+            if column.dtype != dtype:
+                self._codes[f] = column.astype(dtype)
+        if self._ports.dtype != np.uint16 and len(self._port_sets) <= 1 << 16:
+            self._ports = self._ports.astype(np.uint16)
 
     def _compact_strings(self) -> None:
         n = len(self._addr)

@@ -58,3 +58,26 @@ def test_staged_replay_across_merged_blocks_equals_the_final_state() -> None:
         versions = final[address16(f"10.{a >> 16}.{(a >> 8) & 255}.{a & 255}")] or []
         expect = [v.owner.name for v in versions if v.valid_from_ms <= t < v.valid_to_ms]
         assert [name] == (expect or [""])
+
+
+def test_code_columns_narrowed_then_widened_past_65536_values() -> None:
+    # 60,000 workloads (uint16 codes), then 10,000 more through each path: a merge of a
+    # small change and a staged chunk; every code still names its own workload
+    def versions(lo: int, hi: int) -> dict[bytes, list[Version] | None]:
+        return {address16(f"10.{i >> 16}.{(i >> 8) & 255}.{i & 255}"): [Version(OwnerInfo(workload=f"w{i}"), T)]
+                for i in range(lo, hi)}
+
+    merged, staged = IdentityIndex(), IdentityIndex()
+    for index in (merged, staged):
+        index.apply(versions(0, 60_000))
+        assert index._codes["workload"].dtype == np.uint16
+    merged.apply(versions(60_000, 70_000))
+    staged.apply(versions(60_000, 70_000), rebuild=False)
+    staged.rebuild()
+    probes = [*range(0, 70_000, 97), 65_535, 65_536, 65_537, 69_999]
+    queries = np.frombuffer(b"".join(address16(f"10.{i >> 16}.{(i >> 8) & 255}.{i & 255}") for i in probes),
+                            dtype=np.uint8).reshape(-1, 16)
+    for index in (merged, staged):
+        assert index._codes["workload"].dtype == np.int32
+        got = index.columns(queries, np.full(len(probes), T + 1))["workload"].to_pylist()
+        assert got == [f"w{i}" for i in probes]
