@@ -2,18 +2,23 @@
 while both stages are SIGKILLed at random moments and restarted with the same group / app id.
 
 What makes it exact (and what this test proves): every enriched message carries the raw message's
-coordinates (``flowtally-origin``); the sink inserts one message per insert with that as the
-ClickHouse deduplication token, in ``flows`` and (``deduplicate_blocks_in_dependent_materialized_views``)
-in each rollup, and commits its offsets only after the insert. So
+coordinates (``flowtally-origin``). The sink inserts consecutive messages of a partition as one
+group (sink/groups.py): it records the group (offsets, token, origins) in ``sink_groups``, inserts
+it with that ClickHouse deduplication token, in ``flows`` and
+(``deduplicate_blocks_in_dependent_materialized_views``) in each view, and commits only after. So
 
-* a sink killed after an insert but before the commit replays the message: same token, no-op;
+* a sink killed after recording a group, or after its insert, but before the commit resumes at
+  the group's first offset and re-forms exactly that group: same token, a no-op where it landed;
 * an enricher killed after producing but before Faust committed re-emits the batch (a duplicate
-  in the enriched topic) with the same origin: same token, no-op;
+  in the enriched topic, same origin, new offset): the sink drops it, the origin being in a group
+  it recorded (in the same group, or an earlier one, also across a sink restart);
 * a sink killed inside an insert leaves either nothing (replayed) or the flows part and maybe
-  flows_1m (then the replay is skipped where it landed and fills what is missing, through the
-  chained flows_1m -> flows_1h view too, see test_clickhouse.py);
+  some views' parts (then the replay is skipped where it landed and fills what is missing, through
+  the chained views too, see test_clickhouse.py);
 * the sink inserts two partitions at once (insert_concurrency 2, two connections), each in offset
   order and committed only up to what landed in it.
+
+tests/integration/test_sink_groups.py reproduces each of those crash states deterministically.
 
 At the end the totals in ``flows`` and in every rollup equal the source exactly.
 """
