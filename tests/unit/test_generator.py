@@ -16,6 +16,7 @@ import sys
 import threading
 import time
 from collections import Counter
+from collections.abc import Sequence
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
@@ -85,38 +86,53 @@ def _ms(seconds: str) -> int:
     return int(Decimal(seconds) * 1000)
 
 
-def _tshark(payloads: list[bytes], tmp_path: Path) -> list[dict[str, Any]]:
-    """Decode v9 payloads with tshark. One dict per datagram: header fields, templates, records."""
+def _run_tshark(payloads: list[bytes], tmp_path: Path, fields: Sequence[str], what: str,
+                separator: str = ",") -> list[tuple[dict[str, str], dict[str, list[str]]]]:
+    """Decode NetFlow payloads with tshark (the independent decoder): per datagram, the fields'
+    raw text and their lists of values (occurrences joined with ``separator``)."""
     tshark = shutil.which("tshark")
     if tshark is None:
-        pytest.fail("tshark is required (Debian package tshark): it is the independent v9 decoder")
-    pcap = tmp_path / "v9.pcap"
+        pytest.fail(f"tshark is required (Debian package tshark): it is the independent {what} decoder")
+    pcap = tmp_path / f"{what}.pcap"
     _write_pcap(pcap, payloads)
-    cmd = [tshark, "-r", str(pcap), "-d", f"udp.port=={NF_PORT},cflow", "-T", "fields"]
-    for f in _TSHARK_FIELDS:
+    cmd = [tshark, "-r", str(pcap), "-d", f"udp.port=={NF_PORT},cflow", "-T", "fields", "-E",
+           f"aggregator={separator}"]
+    for f in fields:
         cmd += ["-e", f]
     out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
-    datagrams = []
+    rows = []
     for line in out.splitlines():
-        values = dict(zip(_TSHARK_FIELDS, line.split("\t"), strict=True))
-        multi = {k: (v.split(",") if v else []) for k, v in values.items()}
-        v4, v6 = multi["cflow.srcaddr"], multi["cflow.srcaddrv6"]
-        assert not (v4 and v6), "a datagram mixes IPv4 and IPv6 data records"
-        src = v4 or v6
-        dst = multi["cflow.dstaddr"] or multi["cflow.dstaddrv6"]
+        values = dict(zip(fields, line.split("\t"), strict=True))
+        rows.append((values, {k: (v.split(separator) if v else []) for k, v in values.items()}))
+    assert len(rows) == len(payloads), f"tshark did not decode every {what} datagram"
+    return rows
+
+
+#: The flow fields both encoders carry, in the order of _expected_records.
+_FLOW_FIELDS = ("srcport", "dstport", "protocol", "octets", "packets", "tcpflags", "inputint", "outputint")
+
+
+def _flow_records(multi: dict[str, list[str]], times: tuple[list[int], list[int]],
+                  *extra: list[str]) -> list[tuple[Any, ...]]:
+    """A datagram's records as _expected_records has them (plus ``extra`` columns), IPv4 or IPv6."""
+    src = multi["cflow.srcaddr"] or multi["cflow.srcaddrv6"]
+    dst = multi["cflow.dstaddr"] or multi["cflow.dstaddrv6"]
+    return [
+        (s, d, int(sp), int(dp), int(pr), int(o), int(p), int(fl, 16), int(i), int(o2), *rest)
+        for s, d, sp, dp, pr, o, p, fl, i, o2, *rest in zip(
+            src, dst, *(multi[f"cflow.{k}"] for k in _FLOW_FIELDS), *times, *extra, strict=True)
+    ]
+
+
+def _tshark(payloads: list[bytes], tmp_path: Path) -> list[dict[str, Any]]:
+    """Decode v9 payloads with tshark. One dict per datagram: header fields, templates, records."""
+    datagrams = []
+    for values, multi in _run_tshark(payloads, tmp_path, _TSHARK_FIELDS, "v9"):
+        assert not (multi["cflow.srcaddr"] and multi["cflow.srcaddrv6"]), \
+            "a datagram mixes IPv4 and IPv6 data records"
         unix_secs, uptime = int(values["cflow.unix_secs"]), _ms(values["cflow.sysuptime"])
         boot = unix_secs * 1000 - uptime  # absolute time = boot + switched
-        records = [
-            (s, d, int(sp), int(dp), int(pr), int(o), int(p), int(fl, 16), int(i), int(o2),
-             boot + _ms(ts), boot + _ms(te))
-            for s, d, sp, dp, pr, o, p, fl, i, o2, ts, te in zip(
-                src, dst, *(multi[f"cflow.{k}"] for k in (
-                    "srcport", "dstport", "protocol", "octets", "packets", "tcpflags",
-                    "inputint", "outputint", "timestart", "timeend",
-                )),
-                strict=True,
-            )
-        ]
+        times = ([boot + _ms(t) for t in multi["cflow.timestart"]], [boot + _ms(t) for t in multi["cflow.timeend"]])
         datagrams.append(
             {
                 "version": int(values["cflow.version"]),
@@ -126,10 +142,9 @@ def _tshark(payloads: list[bytes], tmp_path: Path) -> list[dict[str, Any]]:
                 "unix_secs": unix_secs,
                 "uptime_ms": uptime,
                 "templates": [int(t) for t in multi["cflow.template_id"]],
-                "records": records,
+                "records": _flow_records(multi, times),
             }
         )
-    assert len(datagrams) == len(payloads), "tshark did not decode every datagram"
     return datagrams
 
 
@@ -564,33 +579,10 @@ def _abs_ms(text: str) -> int:
 def _tshark_ipfix(payloads: list[bytes], tmp_path: Path) -> list[dict[str, Any]]:
     """Decode IPFIX payloads with tshark: one dict per message (header, templates, records with
     the interfaceName last)."""
-    tshark = shutil.which("tshark")
-    if tshark is None:
-        pytest.fail("tshark is required (Debian package tshark): it is the independent IPFIX decoder")
-    pcap = tmp_path / "ipfix.pcap"
-    _write_pcap(pcap, payloads)
-    # Lists are joined with "|": absolute times contain commas.
-    cmd = [tshark, "-r", str(pcap), "-d", f"udp.port=={NF_PORT},cflow", "-T", "fields", "-E", "aggregator=|"]
-    for f in _IPFIX_TSHARK_FIELDS:
-        cmd += ["-e", f]
-    out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
     messages = []
-    for line in out.splitlines():
-        values = dict(zip(_IPFIX_TSHARK_FIELDS, line.split("\t"), strict=True))
-        multi = {k: v.split("|") for k, v in values.items()}
-        src = multi["cflow.srcaddr"] if values["cflow.srcaddr"] else multi["cflow.srcaddrv6"]
-        dst = multi["cflow.dstaddr"] if values["cflow.dstaddr"] else multi["cflow.dstaddrv6"]
-        records = [
-            (s, d, int(sp), int(dp), int(pr), int(o), int(p), int(fl, 16), int(i), int(o2), _abs_ms(ts),
-             _abs_ms(te), name)
-            for s, d, sp, dp, pr, o, p, fl, i, o2, ts, te, name in zip(
-                src, dst, *(multi[f"cflow.{k}"] for k in (
-                    "srcport", "dstport", "protocol", "octets", "packets", "tcpflags", "inputint",
-                    "outputint", "abstimestart", "abstimeend", "if_name",
-                )),
-                strict=True,
-            )
-        ]
+    # Lists are joined with "|": absolute times contain commas.
+    for values, multi in _run_tshark(payloads, tmp_path, _IPFIX_TSHARK_FIELDS, "ipfix", separator="|"):
+        times = ([_abs_ms(t) for t in multi["cflow.abstimestart"]], [_abs_ms(t) for t in multi["cflow.abstimeend"]])
         messages.append({
             "version": int(values["cflow.version"]),
             "length": int(values["cflow.len"]),
@@ -598,9 +590,9 @@ def _tshark_ipfix(payloads: list[bytes], tmp_path: Path) -> list[dict[str, Any]]
             "sequence": int(values["cflow.sequence"]),
             "domain": int(values["cflow.od_id"]),
             "templates": [int(t) for t in multi["cflow.template_id"] if t],
-            "records": records,
+            # An empty interfaceName is a value too (split() of "" drops it).
+            "records": _flow_records(multi, times, values["cflow.if_name"].split("|") if times[0] else []),
         })
-    assert len(messages) == len(payloads), "tshark did not decode every message"
     return messages
 
 
