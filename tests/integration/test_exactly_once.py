@@ -195,8 +195,14 @@ def test_sigkill_enricher_and_sink_repeatedly_totals_stay_exact(kafka_bootstrap:
     try:
         flows = client.query("SELECT count(), sum(bytes), sum(packets), sum(bytes * sampling_rate) FROM flows").result_rows[0]
         assert tuple(int(v) for v in flows) == expected
-        for table in ("flows_1m", "flows_1h"):
+        for table in ("flows_1m", "flows_1h", "flows_1d"):
             got = client.query(f"SELECT sum(flows), sum(bytes), sum(packets), sum(scaled_bytes) FROM {table}").result_rows[0]
             assert tuple(int(v) for v in got) == expected, table
+        # the per-pod rollup (migration 0009): each named source's flows once, as outbound
+        named = client.query("SELECT count(), sum(bytes), sum(packets), sum(bytes * sampling_rate) FROM flows "
+                             "WHERE src_name != '' OR src_pod_uid != ''").result_rows[0]
+        got = client.query("SELECT sum(flows), sum(bytes), sum(packets), sum(scaled_bytes) FROM pod_traffic_1h "
+                           "WHERE direction = 'outbound'").result_rows[0]
+        assert got == named and int(named[0]) > 0, (got, named)
     finally:
         client.close()
