@@ -47,6 +47,9 @@ def test_the_table_of_a_group_is_one_record_batch_with_every_row() -> None:
     table = group.table()
     assert table is not None and table.num_rows == 40 and len(table.to_batches()) == 1
     assert table["bytes"].to_pylist() == [v for o in range(4) for v in range(o * 1000, o * 1000 + 10)]
+    # each message's rows are now a slice of that table (for inserting them one by one)
+    assert [c.rows["bytes"].to_pylist() for c in group.included if c.rows is not None] == [
+        list(range(o * 1000, o * 1000 + 10)) for o in range(4)]
 
 
 def test_a_group_waits_for_rows_or_the_maximum_wait() -> None:
