@@ -25,19 +25,17 @@ FROM
 ) AS t
 LEFT JOIN
 (
-    SELECT namespace, workload, country, toUInt64(uniqExact(dst_addr)) AS destinations
-    FROM
-    (
-        SELECT
-            if({per_workload:UInt8} = 1, src_namespace, '*')                                   AS namespace,
-            if({per_workload:UInt8} = 1, if(src_workload != '', src_workload, src_kind), '*') AS workload,
-            dst_addr, anyLast(dst_country) AS country, max(last_seen) AS seen
-        FROM first_seen_external
-        WHERE ({namespace:String} = '*' OR src_namespace = {namespace:String})
-          AND ({workload:String} = '*' OR src_workload = {workload:String})
-        GROUP BY src_namespace, src_workload, src_kind, dst_addr
-    )
-    WHERE seen >= {window_start}
+    -- A (workload, destination) seen since the window's start has a row with last_seen after it
+    -- (merged or not), so no grouping per destination is needed first.
+    SELECT
+        if({per_workload:UInt8} = 1, src_namespace, '*')                                   AS namespace,
+        if({per_workload:UInt8} = 1, if(src_workload != '', src_workload, src_kind), '*') AS workload,
+        dst_country                          AS country,
+        toUInt64(uniqExact(dst_addr))        AS destinations
+    FROM first_seen_external
+    WHERE last_seen >= {window_start}
+      AND ({namespace:String} = '*' OR src_namespace = {namespace:String})
+      AND ({workload:String} = '*' OR src_workload = {workload:String})
     GROUP BY namespace, workload, country
 ) AS d ON t.namespace = d.namespace AND t.workload = d.workload AND t.country = d.country
 ORDER BY t.bytes DESC, t.namespace, t.workload, t.country
