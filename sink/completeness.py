@@ -2,9 +2,10 @@
 completeness topic into the ``completeness`` table (migration 0005).
 
 The sensors publish one batch per minute (stage ``sensor-netflow``/``sensor-conntrack``), the
-enricher its own (stage ``enricher``); rows are deltas that the table sums. The rule is the flows
-consumer's (see :mod:`sink.service` and :mod:`sink.delivery`): one message per insert, committed
-only after the insert; a message that is not a completeness batch, or that ClickHouse rejects,
+enricher its own (stage ``enricher``); rows are deltas that the table sums. Unlike the flows
+consumer (:mod:`sink.service`, which groups messages) it inserts one message per insert — a few
+small messages a minute, nothing to amortise — committed only after the insert
+(:mod:`sink.delivery`); a message that is not a completeness batch, or that ClickHouse rejects,
 goes to the DLQ with the reason, counted; ClickHouse unavailable is retried with backoff and
 nothing after it is committed.
 

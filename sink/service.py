@@ -211,7 +211,10 @@ class SinkWorker(FeedWorker, ConsumerRebalanceListener):
                 for tp, messages in polled.items():
                     lane = self._lanes.get(tp)
                     if lane is None:
-                        lane = await self._open_lane(tp, messages[0].offset)
+                        try:
+                            lane = await self._open_lane(tp, messages[0].offset)
+                        except Stopped:  # ClickHouse unavailable and the sink stopping: nothing to do
+                            break
                         if generation == self._generation:
                             self._lanes[tp] = lane
                     consumed = await asyncio.to_thread(decode_all, messages)
