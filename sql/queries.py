@@ -13,6 +13,8 @@ written once instead of in every file:
   exactly, the per-minute one only for the partial hour at its start, the per-hour one for the
   partial day, the per-day one for the rest; all time reads the per-day rollup alone.
 * ``{window_start}``: the start of that window as the rollup rows cover it (a DateTime expression).
+* ``{window_seconds}``: its length in seconds; for all time the span of the data in the rollups
+  (see :func:`window_seconds`).
 * ``{pod_traffic}``: the per-pod rows of the window (see :func:`pod_rows`).
 * ``{NAME}`` for a file ``sql/queries/fragments/NAME.sql``: that file's text (shared parts).
 """
@@ -97,6 +99,19 @@ def window_start(minutes: int) -> str:
     return f"{bucket}(now() - toIntervalMinute({minutes}))"
 
 
+def window_seconds(minutes: int) -> str:
+    """The length of the last ``minutes`` minutes in seconds; for 0 (all time) the span of the data:
+    from the first to the last hour of ``flows_1h`` plus a minute, starting at the first day of
+    ``flows_1d`` when that holds older days (the hourly rollup's TTL is shorter), so a rate over
+    all time does not depend on the daily rollup's coarse buckets."""
+    if minutes:
+        return str(minutes * 60)
+    return """(SELECT greatest(dateDiff('second', if(d.first < toStartOfDay(h.first), d.first, h.first),
+                                    h.last) + 60, 60)
+     FROM (SELECT min(time) AS first, max(time) AS last FROM flows_1h) AS h,
+          (SELECT min(time) AS first FROM flows_1d) AS d)"""
+
+
 def rollup_rows(minutes: int) -> str:
     """A subquery with the rollup rows (columns of ``flows_1m``) of the last ``minutes`` minutes
     (0 = all time), from the coarsest rollups that cover the window exactly: ``flows_1m`` from
@@ -165,6 +180,8 @@ def render(query: NamedQuery, values: dict[str, str]) -> str:
             return rollup_rows(minutes)
         if name == "window_start":
             return window_start(minutes)
+        if name == "window_seconds":
+            return window_seconds(minutes)
         if name == "pod_traffic":
             return pod_rows(minutes)
         fragment = FRAGMENTS_DIR / f"{name}.sql"

@@ -1,7 +1,7 @@
 -- The service map's edges for Grafana's Node Graph panel over the last `minutes` minutes (0 = all
 -- time): one edge per (source, target) node pair (ids as in service_map_nodes), with the bytes
 -- sent (mainstat) and the average rate in bytes/s over the window (secondarystat; over the data's
--- own span when minutes = 0). Bytes are sampling-scaled. From the rollups.
+-- own span in the rollups when minutes = 0). Bytes are sampling-scaled. From the rollups.
 -- params: minutes UInt32 = 60 (0 = all time)
 SELECT
     concat(source, ' -> ', target) AS id,
@@ -10,9 +10,7 @@ SELECT
     if(dst_workload != '', concat(dst_namespace, '/', dst_workload),
        if(dst_service != '', concat(dst_namespace, '/', dst_service), dst_kind)) AS target,
     sum(scaled_bytes) AS mainstat,
-    round(mainstat / if({minutes:UInt32} = 0,
-                        greatest(dateDiff('second', min(min(time)) OVER (), max(max(time)) OVER ()) + 60, 60),
-                        {minutes:UInt32} * 60), 3) AS secondarystat
+    round(mainstat / {window_seconds}, 3) AS secondarystat
 FROM
 {rollup}
 GROUP BY source, target

@@ -107,7 +107,7 @@ def test_first_seen_external_on_sink_data(loaded: tuple[Client, int]) -> None:
 
 
 def test_service_map(loaded: tuple[Client, int]) -> None:
-    client, _ = loaded
+    client, now = loaded
     columns, nodes = queries.execute(client, "service_map_nodes")
     assert columns == ["id", "title", "subtitle", "mainstat", "secondarystat"]
     assert nodes == [("shop/cart", "cart", "shop", 20000 + 300 + 500 + 40, 7), ("web/api", "api", "web", 20070, 3),
@@ -120,6 +120,13 @@ def test_service_map(loaded: tuple[Client, int]) -> None:
     assert edges[0][0] == "web/api -> shop/cart" and edges[0][4] == pytest.approx(20000 / 3600, abs=1e-3)
     ids = {n[0] for n in nodes}
     assert all(e[1] in ids and e[2] in ids for e in edges)
+    # All time: the rate over the data's span in the hourly rollup (first to last hour, plus a
+    # minute), not over the daily rollup's day buckets the bytes come from.
+    _, edges = queries.execute(client, "service_map_edges", {"minutes": "0"})
+    first, last = now - 3 * DAY, now - 2 * MIN  # the oldest and the newest flow's end
+    span_s = ((last - last % HOUR) - (first - first % HOUR)) // 1000 + 60
+    assert edges[0][:4] == ("web/api -> shop/cart", "web/api", "shop/cart", 20000)
+    assert edges[0][4] == pytest.approx(20000 / span_s, abs=1e-3)
 
 
 def test_pod_peers(loaded: tuple[Client, int]) -> None:
