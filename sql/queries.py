@@ -41,6 +41,10 @@ _PLACEHOLDER = re.compile(r"\{([a-z_]+)\}")
 #: Windows up to this many minutes start at a minute boundary, longer ones at an hour boundary
 #: (the per-minute rollup's TTL is at least a day).
 MINUTE_PRECISION_MAX = 1440
+#: Pod windows up to this many minutes read only the raw flows: ``flows`` is ordered by time, so
+#: an hour is a small read, while the per-pod rollup, ordered by pod, costs its skip index's
+#: (fixed) read whatever the window.
+POD_RAW_ONLY_MAX = 60
 
 _PARAM = re.compile(r"(\w+)\s+(\w+)\s*=\s*([^,()]+?)\s*(?:\([^)]*\))?\s*(?:,|$)")
 
@@ -160,10 +164,13 @@ def pod_rows(minutes: int) -> str:
     """A subquery with the per-pod rows (columns of ``pod_traffic_1h``) of flows that ended in the
     last ``minutes`` minutes (0 = all time), to the millisecond: the raw flows of the partial hour
     at the window's start (a window of an hour reads at most an hour of flows, which ``flows``'
-    time-first order finds quickly), ``pod_traffic_1h`` from the next full hour on."""
+    time-first order finds quickly), ``pod_traffic_1h`` from the next full hour on; windows up to
+    :data:`POD_RAW_ONLY_MAX` minutes read the raw flows alone."""
     if minutes == 0:
         return "(SELECT * FROM pod_traffic_1h)"
     start = f"(now64(3) - toIntervalMinute({minutes}))"
+    if minutes <= POD_RAW_ONLY_MAX:
+        return f"(\n    {_RAW_POD_ROWS.format(window=f'flow_end >= {start}')}\n)"
     hour = f"(toStartOfHour({start}) + toIntervalHour(toStartOfHour({start}) < {start}))"
     raw = _RAW_POD_ROWS.format(window=f"flow_end >= {start} AND flow_end < {hour}")
     return f"(\n    {raw}\n    UNION ALL\n    SELECT * FROM pod_traffic_1h WHERE time >= {hour}\n)"

@@ -2,7 +2,7 @@
 -- directions, per peer, protocol and destination port, found by namespace and name (every pod
 -- that had that name: pod_history separates them by UID). Same columns and source as
 -- pod_history: the per-pod rollup pod_traffic_1h, and the raw flows for the partial hour at the
--- window's start.
+-- window's start (windows up to an hour: the raw flows alone).
 -- params: namespace String = default, pod String = none, minutes UInt32 = 60 (0 = all time)
 SELECT {pod_columns}
 FROM {pod_traffic}

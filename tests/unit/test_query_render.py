@@ -22,7 +22,8 @@ def test_rollup_by_window() -> None:
     assert _tables(queries.rollup_rows(0)) == ["flows_1d"]  # all time: the per-day rollup alone
     assert queries.window_start(90) == "toStartOfMinute(now() - toIntervalMinute(90))"
     assert queries.window_start(10080) == "toStartOfHour(now() - toIntervalMinute(10080))"
-    assert _tables(queries.pod_rows(60)) == ["flows", "pod_traffic_1h"]  # raw only for the partial hour
+    assert _tables(queries.pod_rows(61)) == ["flows", "pod_traffic_1h"]  # raw only for the partial hour
+    assert _tables(queries.pod_rows(60)) == ["flows"]  # an hour: the raw flows alone
     assert _tables(queries.pod_rows(0)) == ["pod_traffic_1h"]
 
 
