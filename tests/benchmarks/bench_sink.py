@@ -191,7 +191,6 @@ GROUP BY ALL
 #: Other views on ``flows`` (later migrations) are there in every formulation alike.
 VIEW_FORMULATIONS: dict[str, tuple[bool, list[str]]] = {
     "no rollup views (floor)": (True, ["DROP VIEW flows_1h_mv", "DROP VIEW flows_1m_mv"]),
-    "0005: 1m and 1h over flows, old keys": (False, []),
     "1m and 1h over flows, 0006 keys": (True, ["DROP VIEW flows_1h_mv", _HOURLY_FROM_FLOWS]),
     "0006: 1h chained on 1m": (True, []),
     "1m view only, 0006 keys": (True, ["DROP VIEW flows_1h_mv"]),
