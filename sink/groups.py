@@ -25,6 +25,11 @@ skipped and counted. Only groups that are committed feed that memory (intents at
 committed offset are either the one being re-formed or never inserted), so a recorded intent that
 never landed cannot hide a message. The enricher keys its output like its input, so a re-emit
 lands in the partition of the original; the memory is per partition.
+
+On a ClickHouse cluster ``sink_groups`` is replicated like the other tables; a sink that moves to
+a replica lagging behind the one that recorded a group could miss that intent and form a fresh
+group over messages that had landed. Keep the sink on one replica per shard (or insert with
+``insert_quorum``) there.
 """
 
 from __future__ import annotations
