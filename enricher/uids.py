@@ -29,9 +29,14 @@ KEY = np.dtype("S16")
 _FALLBACK_MARK = 0x01
 #: Byte value -> its two hex digits (as one uint16 in memory order).
 _HEX_PAIRS = np.frombuffer(b"".join(f"{b:02x}".encode() for b in range(256)), dtype=np.uint16)
-#: (text columns, digit columns) of the five groups of the canonical form.
-_GROUPS = ((slice(0, 8), slice(0, 8)), (slice(9, 13), slice(8, 12)), (slice(14, 18), slice(12, 16)),
-           (slice(19, 23), slice(16, 20)), (slice(24, 36), slice(20, 32)))
+#: The five groups of hex digits of a UUID, in the 32 digits and in the 36-character text: a
+#: whole column of them is moved with one record assignment (not five strided 2-D copies).
+_GROUP_NAMES = ["g0", "g1", "g2", "g3", "g4"]
+_GROUP_FORMATS = ["S8", "S4", "S4", "S4", "S12"]
+_DIGITS = np.dtype({"names": _GROUP_NAMES, "formats": _GROUP_FORMATS, "offsets": [0, 8, 12, 16, 20],
+                    "itemsize": 32})
+_TEXT = np.dtype({"names": _GROUP_NAMES, "formats": _GROUP_FORMATS, "offsets": [0, 9, 14, 19, 24],
+                  "itemsize": 36})
 
 
 class FallbackStore(Protocol):
@@ -111,10 +116,8 @@ def uuid_text(keys: np.ndarray) -> pa.Array:
     """Canonical UUID strings of UUID keys, vectorised (one 36-byte text per key)."""
     m = _matrix(keys)
     n = len(m)
-    text = np.full((n, 36), ord("-"), dtype=np.uint8)
-    digits = _HEX_PAIRS[m].view(np.uint8)  # (n, 32)
-    for to, source in _GROUPS:
-        text[:, to] = digits[:, source]
+    text = np.full((n, 36), ord("-"), dtype=np.uint8)  # the dashes stay where no group goes
+    text.view(_TEXT).ravel()[...] = _HEX_PAIRS[m].view(_DIGITS).ravel()  # (n, 32) hex digits
     offsets = np.arange(0, 36 * (n + 1), 36, dtype=np.int32)
     return pa.Array.from_buffers(pa.string(), n, [None, pa.py_buffer(offsets), pa.py_buffer(text)])
 
@@ -157,4 +160,4 @@ def dictionary(keys: np.ndarray, fallback: FallbackStore) -> tuple[np.ndarray, p
         index = binary.indices.to_numpy()
         first = np.empty(len(binary.dictionary), dtype=np.int64)
         first[index[::-1]] = np.arange(len(index) - 1, -1, -1)
-    return index, strings(m[first], fallback)
+    return index, strings(np.ascontiguousarray(keys, dtype=KEY)[first], fallback)
