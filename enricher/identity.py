@@ -56,6 +56,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
+import orjson
 import pyarrow as pa
 
 from enricher import uids
@@ -124,6 +125,14 @@ def is_private(addresses: np.ndarray) -> np.ndarray:
     return _is_private_words(*_words(addresses))
 
 
+def labels_text(labels: Mapping[str, str]) -> str:
+    """The one text form of a label set: a JSON object with sorted keys, "" for no labels (equal
+    sets give equal strings, so the column stays dictionary-encoded and comparable)."""
+    if not labels:
+        return ""
+    return orjson.dumps({str(k): str(v) for k, v in labels.items()}, option=orjson.OPT_SORT_KEYS).decode()
+
+
 @dataclass(frozen=True, slots=True)
 class OwnerInfo:
     """Who holds an address (the time-independent part of a version)."""
@@ -136,6 +145,8 @@ class OwnerInfo:
     service: str = ""
     node: str = ""
     pod_uid: str = ""
+    #: The pod's chosen labels as :func:`labels_text` writes them ("" without labels).
+    labels: str = ""
     #: For a host-network pod (kind ``host-network``, sharing its node's address): the
     #: (protocol, port) pairs it listens on, so a flow to one of them is attributed to the pod
     #: and other flows on that address to the node.

@@ -11,7 +11,8 @@ address, so compaction keeping the last record per key keeps everything an enric
         {"from": 1700000120000, "to": null, …}]}
 
 A host-network pod's version also lists the ports it serves: ``"host_ports": [[6, 10250], …]``
-(protocol number, port).
+(protocol number, port). A pod's version carries its chosen labels (the watcher's ``pod_labels``)
+as ``"labels": {"app": "cart", …}``.
 
 ``to: null`` means the version is open. Empty fields may be left out. A record with no value (a
 tombstone) forgets the address. JSON rather than Arrow: identity changes are few (pods starting
@@ -26,7 +27,7 @@ from typing import Any
 
 import orjson
 
-from enricher.identity import OPEN, OwnerInfo, Version
+from enricher.identity import OPEN, OwnerInfo, Version, labels_text
 from sensors.schema import address16, address_text
 
 FORMAT_VERSION = 1
@@ -55,10 +56,20 @@ def encode_versions(versions: Sequence[Version] | None) -> bytes | None:
             value = getattr(v.owner, f)
             if value:
                 item[f] = value
+        if v.owner.labels:
+            item["labels"] = orjson.Fragment(v.owner.labels)  # already JSON (labels_text)
         if v.owner.host_ports:
             item["host_ports"] = [list(p) for p in v.owner.host_ports]
         out.append(item)
     return orjson.dumps({"v": FORMAT_VERSION, "versions": out})
+
+
+def _labels(value: Any) -> str:
+    if value is None:
+        return ""
+    if not isinstance(value, dict) or not all(isinstance(v, str) for v in value.values()):
+        raise IdentityRecordError(f"labels must be an object of strings, not {value!r}")
+    return labels_text(value)
 
 
 def decode_record(key: bytes | None, value: bytes | None) -> tuple[bytes, list[Version] | None]:
@@ -77,6 +88,7 @@ def decode_record(key: bytes | None, value: bytes | None) -> tuple[bytes, list[V
             raise IdentityRecordError(f"unknown identity record version {data.get('v')!r}")
         versions = [
             Version(OwnerInfo(**{f: str(item.get(f, "") or "") for f in _FIELDS},
+                              labels=_labels(item.get("labels")),
                               host_ports=tuple((int(p), int(n)) for p, n in item.get("host_ports", ()))),
                     int(item["from"]), OPEN if item.get("to") is None else int(item["to"]))
             for item in data["versions"]

@@ -19,6 +19,9 @@ defaults so older rows read as empty):
   (``nat_addr``'s owner when it is a ClusterIP service; "" when not translated or not a service),
   migration 0008. See :mod:`enricher.enrich` for how it also sets the service side's
   ``*_service``.
+- ``*_labels``: the pod's chosen labels (the watcher's ``pod_labels`` setting) as a JSON object
+  with sorted keys (``{"app":"cart","team":"shop"}``; "" without labels), migration 0011. One
+  string per label set keeps the column dictionary-encoded (a cluster has few distinct sets).
 """
 
 from __future__ import annotations
@@ -32,7 +35,7 @@ SCHEMA_NAME = "enriched.v1"
 #: Per side of the flow (``src_…``, ``dst_…``), in this order.
 IDENTITY_FIELDS = ("kind", "namespace", "name", "workload", "workload_kind", "service", "node")
 #: Identity fields added after the walking skeleton (kept after the geo columns' predecessors).
-EXTRA_IDENTITY_FIELDS = ("pod_uid",)
+EXTRA_IDENTITY_FIELDS = ("pod_uid", "labels")
 ALL_IDENTITY_FIELDS = IDENTITY_FIELDS + EXTRA_IDENTITY_FIELDS
 SIDES = ("src", "dst")
 
@@ -60,6 +63,7 @@ EXTRA_COLUMNS = (
     *(pa.field(f"{side}_{name}", typ, nullable=False) for side in SIDES for name, typ in GEO_FIELDS.items()),
     pa.field("direction", _STRING, nullable=False),
     *(pa.field(f"nat_{name}", _STRING, nullable=False) for name in NAT_FIELDS),
+    *(pa.field(f"{side}_labels", _STRING, nullable=False) for side in SIDES),
 )
 
 ENRICHED_SCHEMA = pa.schema(

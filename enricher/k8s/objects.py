@@ -50,7 +50,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from enricher.identity import IGNORED, OPEN, OwnerInfo, Version
+from enricher.identity import IGNORED, OPEN, OwnerInfo, Version, labels_text
 
 #: The resources the watcher lists and watches (also the order of the initial lists: owners
 #: and namespaces before the pods that refer to them).
@@ -136,6 +136,7 @@ class Pod:
     ports: tuple[tuple[int, int], ...]
     since_ms: int | None
     created_ms: int
+    labels: str = ""  # the chosen labels (labels_text); "" when none is chosen or set
 
 
 @dataclass(frozen=True, slots=True)
@@ -188,8 +189,8 @@ def _container_ports(spec: Mapping[str, Any]) -> tuple[tuple[int, int], ...]:
     return tuple(sorted(ports))
 
 
-def parse_pod(obj: Mapping[str, Any]) -> Pod:
-    """The :class:`Pod` record of a Pod object."""
+def parse_pod(obj: Mapping[str, Any], label_keys: Sequence[str] = ()) -> Pod:
+    """The :class:`Pod` record of a Pod object, keeping the labels named in ``label_keys``."""
     meta, spec, status = _meta(obj), obj.get("spec") or {}, obj.get("status") or {}
     ips = _ips([p.get("ip") for p in status.get("podIPs") or ()] or [status.get("podIP")])
     since = None
@@ -206,7 +207,15 @@ def parse_pod(obj: Mapping[str, Any]) -> Pod:
         ignored=_ignored(meta), controller=_controller(meta),
         ports=_container_ports(spec) if host_network else (), since_ms=since,
         created_ms=parse_time(meta.get("creationTimestamp")) or 0,
+        labels=_chosen_labels(meta, label_keys),
     )
+
+
+def _chosen_labels(meta: Mapping[str, Any], keys: Sequence[str]) -> str:
+    # Only chosen keys: labels like pod-template-hash or a version would multiply the distinct
+    # label sets (and the stored strings) without answering a traffic question.
+    labels = meta.get("labels") or {}
+    return labels_text({k: str(labels[k]) for k in keys if k in labels})
 
 
 def parse_namespace(obj: Mapping[str, Any]) -> Namespace:
@@ -279,11 +288,15 @@ class ClusterState:
     through indexes by address, so a flush costs what changed, not the size of the cluster.
     """
 
-    def __init__(self, *, history_ms: int, history: Mapping[str, Sequence[Version]] | None = None) -> None:
-        """``history``: version lists to continue (read back from the identity topic)."""
+    def __init__(self, *, history_ms: int, history: Mapping[str, Sequence[Version]] | None = None,
+                 pod_labels: Sequence[str] = ()) -> None:
+        """``history``: version lists to continue (read back from the identity topic);
+        ``pod_labels``: the label keys a pod's versions carry."""
         if history_ms <= 0:
             raise ValueError("history_ms must be positive")
         self.history_ms = history_ms
+        keys = tuple(pod_labels)
+        self._parsers = PARSERS | {"pods": lambda obj: parse_pod(obj, keys)}
         self._objects: dict[str, dict[str, Record]] = {r: {} for r in RESOURCES}
         self._history: dict[str, list[Version]] = {
             a: sorted(v, key=lambda x: x.valid_from_ms) for a, v in (history or {}).items() if v}
@@ -305,13 +318,13 @@ class ClusterState:
         if event_type == "DELETED":
             self._store(resource, object_key(obj), None)
         elif event_type in ("ADDED", "MODIFIED"):
-            self._store(resource, object_key(obj), PARSERS[resource](obj))
+            self._store(resource, object_key(obj), self._parsers[resource](obj))
         else:
             raise ValueError(f"not an object event: {event_type}")
 
     def replace(self, resource: str, objects: Iterable[Mapping[str, Any]]) -> None:
         """A full list of ``resource``: objects missing from it are gone (reconcile after a relist)."""
-        parse = PARSERS[resource]
+        parse = self._parsers[resource]
         fresh = {object_key(o): parse(o) for o in objects}
         for key in [k for k in self._objects[resource] if k not in fresh]:
             self._store(resource, key, None)
@@ -432,7 +445,8 @@ class ClusterState:
                 owner = OwnerInfo(
                     kind="host-network" if p.host_network else "pod", namespace=p.namespace,
                     name=p.name, workload=workload, workload_kind=workload_kind,
-                    service=",".join(services), node=p.node, pod_uid=p.uid, host_ports=p.ports)
+                    service=",".join(services), node=p.node, pod_uid=p.uid, labels=p.labels,
+                    host_ports=p.ports)
             wants.append(_Want(owner, p.since_ms, p.host_network, (3, p.created_ms, p.name)))
         for key in self._services_at.get(ip, ()):
             s = objs["services"][key]

@@ -123,7 +123,8 @@ class WatchStage:
         await kafka.ensure_topics(s.kafka, s.topics)
         history = await read_history(s.kafka, self._topic) if s.continue_history else {}
         log.info("continuing %d addresses from %s", len(history), self._topic)
-        self._state = ClusterState(history_ms=int(s.identity_history_s * 1000), history=history)
+        self._state = ClusterState(history_ms=int(s.identity_history_s * 1000), history=history,
+                                   pod_labels=s.pod_labels)
         self._producer = kafka.producer(s.kafka)
         await self._producer.start()
         loop = asyncio.get_running_loop()

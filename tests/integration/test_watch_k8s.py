@@ -46,9 +46,9 @@ def secs(ms: int) -> int:
 
 def pod(name: str, ip: str, started_ms: int, *, ns: str = "shop", owner: tuple[str, str] | None = None,
         host_network: bool = False, ports: list[dict[str, Any]] | None = None,
-        annotations: dict[str, str] | None = None) -> dict[str, Any]:
+        annotations: dict[str, str] | None = None, labels: dict[str, str] | None = None) -> dict[str, Any]:
     meta: dict[str, Any] = {"name": name, "namespace": ns, "uid": f"uid-{name}",
-                            "creationTimestamp": iso(started_ms)}
+                            "creationTimestamp": iso(started_ms), "labels": labels or {}}
     if owner:
         meta["ownerReferences"] = [{"apiVersion": "apps/v1", "kind": owner[0], "name": owner[1],
                                     "uid": f"uid-{owner[1]}", "controller": True, "blockOwnerDeletion": True}]
@@ -353,7 +353,8 @@ def test_enricher_names_flows_from_the_watchers_topic(kafka_bootstrap: str, fake
         fake.delete("pods", "cart-7d9c6-a", "shop")
         wait_for("the deleted pod's version", lambda: not (w.topic_now()["10.244.1.5"] or [])[-1].open, watcher)
         time.sleep(1.1)  # the next pod's start (whole seconds) after the release
-        fake.put("pods", pod("db-0", "10.244.1.5", int(time.time() * 1000), owner=("StatefulSet", "db")))
+        fake.put("pods", pod("db-0", "10.244.1.5", int(time.time() * 1000), owner=("StatefulSet", "db"),
+                             labels={"app": "db", "team": "data", "controller-revision-hash": "db-7f"}))
         wait_for("the reused IP", lambda: len(w.topic_now()["10.244.1.5"] or ()) == 2, watcher)
         assert watcher.stop() == 0
     finally:
@@ -400,7 +401,7 @@ def test_enricher_names_flows_from_the_watchers_topic(kafka_bootstrap: str, fake
         finally:
             await consumer.stop()
         return {k: [r[k] for r in rows] for k in ("src_name", "src_kind", "dst_name", "dst_kind",
-                                                   "src_workload", "dst_service", "bytes")}
+                                                   "src_workload", "dst_service", "src_labels", "bytes")}
 
     port = free_port()
     enricher = Stage("enricher", ["enrich", "--metrics-listen", f"127.0.0.1:{port}"],
@@ -418,6 +419,8 @@ def test_enricher_names_flows_from_the_watchers_topic(kafka_bootstrap: str, fake
     assert new.owner.name == "db-0"
     assert out["bytes"] == [100, 200, 300, 400, 500]
     assert out["src_name"] == ["cart-7d9c6-a", "db-0", "cart-7d9c6-b", "cart-7d9c6-b", ""]
+    # the watcher's default pod_labels chose app and team, not the revision hash
+    assert out["src_labels"] == ["", '{"app":"db","team":"data"}', "", "", ""]
     assert out["src_workload"] == ["cart", "db", "cart", "cart", ""]
     assert out["src_kind"] == ["pod", "pod", "pod", "pod", "ignored"]
     assert out["dst_name"] == ["cart", "cart", "node-exporter-q", "node-1", "cart-7d9c6-b"]

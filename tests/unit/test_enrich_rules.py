@@ -17,7 +17,7 @@ MIN = 60_000
 TCP, UDP = 6, 17
 
 CLIENT = OwnerInfo(kind="pod", namespace="shop", name="web-1", pod_uid="u-web", workload="web",
-                   workload_kind="Deployment", node="node-a")
+                   workload_kind="Deployment", node="node-a", labels='{"app":"web","team":"shop"}')
 BACKEND = OwnerInfo(kind="pod", namespace="shop", name="api-1", pod_uid="u-api", workload="api",
                     workload_kind="Deployment", service="api,api-v2", node="node-b")
 FAR = OwnerInfo(kind="pod", namespace="batch", name="job-1", workload="job", node="node-c")
@@ -84,6 +84,9 @@ def test_dnat_service_goes_to_the_service_side_and_the_pod_stays_the_backend() -
     out = enrich_batch(raw, _index(), stats=stats).to_pydict()
     assert out["dst_name"] == ["api-1", "web-1", "api-1", "api-1", "api"]
     assert out["dst_pod_uid"] == ["u-api", "u-web", "u-api", "u-api", ""]
+    web = '{"app":"web","team":"shop"}'
+    assert out["src_labels"] == [web, "", web, web, web]
+    assert out["dst_labels"] == ["", web, "", "", ""]
     assert out["dst_service"] == ["api", "", "api,api-v2", "api,api-v2", "api"]
     assert out["src_name"] == ["web-1", "api-1", "web-1", "web-1", "web-1"]
     assert out["src_service"] == ["", "api", "", "", ""]

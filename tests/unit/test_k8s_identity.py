@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from datetime import UTC, datetime
 from typing import Any
 
@@ -296,3 +297,23 @@ def test_settings(tmp_path: Any, monkeypatch: pytest.MonkeyPatch) -> None:
     with pytest.raises(SettingsError) as err:
         load_settings(WatcherSettings, bad)
     assert "FLOWTALLY_FLUSH_INTERVAL_S" in str(err.value) and "kubeconfg" in str(err.value)
+
+
+def test_chosen_labels_and_a_label_change() -> None:
+    """Only the chosen label keys are kept (one sorted JSON text); a pod whose chosen labels
+    change gets a new version from then on, so earlier flows keep the earlier labels."""
+    state = ClusterState(history_ms=H, pod_labels=["app", "team"])
+    p = pod("cart-a", "10.244.1.7", started="09:00")
+    p["metadata"]["labels"] = {"team": "shop", "app": "cart", "pod-template-hash": "7d9c6"}
+    state.replace("pods", [p])
+    labelled = replace(pod_owner("cart-a"), labels='{"app":"cart","team":"shop"}')
+    assert state.flush(ms("09:30")) == {"10.244.1.7": [Version(labelled, ms("09:00"))]}
+    p["metadata"]["labels"] = {"app": "cart", "team": "payments", "pod-template-hash": "other"}
+    state.apply("pods", "MODIFIED", p)
+    moved = replace(labelled, labels='{"app":"cart","team":"payments"}')
+    assert state.flush(ms("10:00")) == {
+        "10.244.1.7": [Version(labelled, ms("09:00"), ms("10:00")), Version(moved, ms("10:00"))]}
+    # an unchosen label changing is no change at all
+    p["metadata"]["labels"] = {"app": "cart", "team": "payments", "pod-template-hash": "third"}
+    state.apply("pods", "MODIFIED", p)
+    assert state.flush(ms("10:05")) == {}
