@@ -53,7 +53,9 @@ class SinkSettings(StageSettings):
     # At most 10 years: a TTL reaching past 2106 overflows DateTime and expires every row.
     flows_ttl_days: int = Field(15, ge=1, le=3650, description="TTL of raw flows (days)")
     rollup_1m_ttl_days: int = Field(30, ge=1, le=3650, description="TTL of the per-minute rollup (days)")
-    rollup_1h_ttl_days: int = Field(730, ge=1, le=3650, description="TTL of the per-hour rollup (days)")
+    rollup_1h_ttl_days: int = Field(
+        730, ge=1, le=3650, description="TTL of the per-hour rollup and the per-pod hourly table (days)")
+    rollup_1d_ttl_days: int = Field(3650, ge=1, le=3650, description="TTL of the per-day rollup (days)")
 
     def group_limits(self) -> GroupLimits:
         """When a forming insert group is flushed."""
@@ -73,4 +75,5 @@ class SinkSettings(StageSettings):
             "flows_ttl_days": self.flows_ttl_days,
             "rollup_1m_ttl_days": self.rollup_1m_ttl_days,
             "rollup_1h_ttl_days": self.rollup_1h_ttl_days,
+            "rollup_1d_ttl_days": self.rollup_1d_ttl_days,
         }

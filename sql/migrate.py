@@ -60,8 +60,6 @@ DEFAULT_VARIABLES: dict[str, int | str] = {
     "flows_ttl_days": 15,
     "rollup_1m_ttl_days": 30,
     "rollup_1h_ttl_days": 730,
-    # The per-day rollup (migration 0009). Not a sink setting yet: change it with
-    # ALTER TABLE flows_1d MODIFY TTL … (at most 10 years: later dates overflow DateTime).
     "rollup_1d_ttl_days": 3650,
 }
 

@@ -250,13 +250,14 @@ def test_migrations_from_empty_database(clickhouse: Client) -> None:
 def test_ttls_come_from_settings(clickhouse: Client) -> None:
     from sink.settings import SinkSettings
 
-    settings = SinkSettings(flows_ttl_days=3, rollup_1m_ttl_days=7, rollup_1h_ttl_days=400)
+    settings = SinkSettings(flows_ttl_days=3, rollup_1m_ttl_days=7, rollup_1h_ttl_days=400, rollup_1d_ttl_days=1000)
     migrate.migrate(clickhouse, settings.migration_variables())
     engines = {r[0]: r[1] for r in clickhouse.query(
         "SELECT name, engine_full FROM system.tables WHERE database = currentDatabase()").result_rows}
     assert "toIntervalDay(3)" in engines["flows"]
     assert "toIntervalDay(7)" in engines["flows_1m"]
     assert "toIntervalDay(400)" in engines["flows_1h"]
+    assert "toIntervalDay(1000)" in engines["flows_1d"]
     with pytest.raises(migrate.MigrationError, match="unknown variable"):
         migrate.Migration(9, "x", "SELECT {nope}").statements()
 
