@@ -142,7 +142,12 @@ def build_raw_table(columns: Mapping[str, Any], observer: str | None = None) -> 
         if name in ADDRESS_COLUMNS:
             if value is None:
                 value = np.zeros((n, 16), dtype=np.uint8)
-            arrays.append(address_array(value))
+            value = np.ascontiguousarray(value, dtype=np.uint8)
+            if value.shape != (n, 16):
+                raise ValueError(f"{name} must have shape (n, 16), got {value.shape}")
+            # Wrapped without a copy, like the numeric columns below (address_array's tobytes
+            # copied each address column once more: ~0.05 CPU-s per million NetFlow flows).
+            arrays.append(pa.FixedSizeBinaryArray.from_buffers(ADDRESS, n, [None, pa.py_buffer(value)]))
         elif name in STRING_COLUMNS:
             if value is None:
                 arrays.append(_constant_string(n, observer or "" if name == "observer" else ""))
