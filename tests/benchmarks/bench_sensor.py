@@ -14,6 +14,11 @@ sensor's code is unchanged; timed in process CPU time), writes DIR/sensor.prof a
 overhead per Python call: read it for shares, not for the ratio); ``--encode-study`` times Arrow IPC encoding of one
 decoded batch with each compression codec (CPU vs bytes on the wire).
 
+``--spy DIR`` samples the running sensor with py-spy (a separate process, so the sensor runs at
+full speed; DIR/sensor.raw) from healthy to the end of the stream, and prints the sensor's CPU per
+million flows split by what the sampled stacks were doing (receiving, decoding, completeness
+accounting, Arrow IPC, Kafka, ...; each share of the non-idle samples times the measured CPU).
+
 ``--format ipfix`` sends IPFIX instead (templates with fixed-length fields, a reduced-size one
 and the variable-length interfaceName; absolute millisecond times): nfcapd decodes it too.
 
@@ -101,7 +106,7 @@ def thread_cpu(pid: int) -> dict[str, float]:
 
 
 def run_sensor(flows: int, rate: float, workdir: Path, bootstrap: str, env: dict[str, str],
-               profile: Path | None, fmt: str) -> dict[str, Any]:
+               profile: Path | None, fmt: str, spy: Path | None = None) -> dict[str, Any]:
     """The sensor receiving the stream and publishing to Kafka: CPU seconds from healthy to the
     moment every decoded flow is acknowledged by Kafka."""
     udp = free_port(socket.SOCK_DGRAM)
@@ -122,6 +127,7 @@ def run_sensor(flows: int, rate: float, workdir: Path, bootstrap: str, env: dict
         before = cpu_seconds(pid)
         threads_before = thread_cpu(pid)
         counters_before = process_counters(pid)
+        sampler = _start_spy(pid, spy, flows / rate + 3) if spy is not None else None
         t0 = time.monotonic()
         sent = generate(udp, flows, rate, fmt)
         deadline = time.monotonic() + max(60.0, flows / 5000)
@@ -136,6 +142,8 @@ def run_sensor(flows: int, rate: float, workdir: Path, bootstrap: str, env: dict
             time.sleep(0.5)  # scrapes cost the sensor CPU: not too often
         used = cpu_seconds(pid) - before
         elapsed = time.monotonic() - t0
+        if sampler is not None:
+            sampler.wait(60)
         threads = {name: cpu - threads_before.get(name, 0.0) for name, cpu in thread_cpu(pid).items()}
         counters = {name: value - counters_before[name] for name, value in process_counters(pid).items()}
         text = stage.metrics()
@@ -179,6 +187,58 @@ def _print_profile(path: Path, top: int = 30) -> None:
     pstats.Stats(str(path)).sort_stats("tottime").print_stats(top)
 
 
+def _start_spy(pid: int, spy: Path, seconds: float) -> subprocess.Popen[bytes]:
+    """py-spy sampling ``pid`` for ``seconds`` into ``spy/sensor.raw`` (collapsed stacks)."""
+    exe = shutil.which("py-spy", path=os.pathsep.join([str(Path(sys.executable).parent),
+                                                       os.environ.get("PATH", "")]))
+    if exe is None:
+        raise SystemExit("--spy needs py-spy (pip install py-spy)")
+    spy.mkdir(parents=True, exist_ok=True)
+    return subprocess.Popen([exe, "record", "--pid", str(pid), "--rate", "250", "--duration",
+                             str(int(seconds) + 1), "--format", "raw", "--nonblocking", "--output",
+                             str(spy / "sensor.raw")], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+#: What a sampled stack was doing: the first rule (in this order) that names one of its frames.
+#: Samples waiting in the selector are idle (py-spy --nonblocking cannot always tell).
+_SPY_RULES = (
+    ("select (selectors", "idle: waiting in the event loop's selector"),
+    ("encode_messages (", "Arrow IPC + lz4 (encode_messages)"),
+    ("header_domains (", "completeness: datagram headers"),
+    ("_account_rows (", "completeness: decoded rows"),
+    ("_account (", "completeness: datagrams"),
+    ("decode_payloads (", "decode (incl. build_raw_table)"),
+    ("with_observer (", "observer column"),
+    ("_export (", "Prometheus counters"),
+    ("_flush (", "flush: other"),
+    ("_read_multi (", "receive: recvmmsg and payload slices"),
+    ("_on_datagrams (", "receive: filing per exporter"),
+    ("UdpReceiver", "receive: other"),
+    ("aiokafka", "Kafka: aiokafka"),
+    ("publisher.py", "Kafka: publisher"),
+    ("_tick (", "ticker"),
+    ("metrics.py", "metrics server"),
+    ("asyncio", "event loop"),
+)
+
+
+def spy_shares(raw: Path, cpu_per_million: float) -> list[tuple[str, float, float]]:
+    """(what, share of the non-idle samples, CPU-s per million flows) from py-spy's collapsed
+    stacks, the measured CPU split by the shares; idle samples get share and CPU 0."""
+    counts: dict[str, int] = {}
+    for line in raw.read_text().splitlines():
+        stack, _, n = line.rpartition(" ")
+        frames = stack.split(";")
+        what = next((name for key, name in _SPY_RULES if any(key in f for f in frames)),
+                    "other: " + frames[-1])
+        counts[what] = counts.get(what, 0) + int(n)
+    idle = _SPY_RULES[0][1]
+    busy = sum(n for what, n in counts.items() if what != idle) or 1
+    rows = [(what, 0.0 if what == idle else n / busy, 0.0 if what == idle else n / busy * cpu_per_million)
+            for what, n in counts.items()]
+    return sorted(rows, key=lambda r: -r[2])
+
+
 def encode_study(flows: int) -> None:
     """CPU and bytes of Arrow IPC encoding of one decoded 8192-flow batch, per codec."""
     import pyarrow as pa
@@ -214,6 +274,8 @@ def main() -> int:
     parser.add_argument("--rate", type=float, default=100_000, help="flows/s the generator sends")
     parser.add_argument("--format", choices=["v9", "ipfix"], default="v9", help="what the generator sends")
     parser.add_argument("--profile", type=Path, help="profile the sensor with cProfile into this directory")
+    parser.add_argument("--spy", type=Path, help="sample the sensor with py-spy into this directory and "
+                        "print its CPU per flow split by activity")
     parser.add_argument("--encode-study", action="store_true", help="also time Arrow encoding per codec")
     parser.add_argument("--skip-nfcapd", action="store_true", help="only the sensor (for profiling)")
     parser.add_argument("--env", action="append", default=[], metavar="FLOWTALLY_X=V",
@@ -226,7 +288,7 @@ def main() -> int:
     broker = LocalKafka(work / "kafka")
     bootstrap = broker.start()
     try:
-        sensor = run_sensor(args.flows, args.rate, work, bootstrap, env, args.profile, args.format)
+        sensor = run_sensor(args.flows, args.rate, work, bootstrap, env, args.profile, args.format, args.spy)
         nf = None if args.skip_nfcapd else run_nfcapd(args.flows, args.rate, work, args.format)
     finally:
         broker.stop()
@@ -249,6 +311,11 @@ def main() -> int:
     per_thread = sorted(sensor["threads"].items(), key=lambda kv: -kv[1])
     print("  CPU by thread: " + ", ".join(f"{name} {cpu * 1_000_000 / max(sent, 1):.3f}"
                                           for name, cpu in per_thread if cpu > 0))
+    if args.spy is not None and (args.spy / "sensor.raw").exists():
+        print(f"  CPU by activity (py-spy samples, {args.spy / 'sensor.raw'}):")
+        for what, share, cpu in spy_shares(args.spy / "sensor.raw", s_per_m):
+            if cpu >= 0.005 or share == 0.0:
+                print(f"    {cpu:6.3f} CPU-s/M ({share:5.1%})  {what}")
     ok = sent == int(sensor["published"]) and sensor["exit"] == 0
     if nf is not None:
         n_sent = int(nf["sent"])
