@@ -12,9 +12,10 @@ the identity topic to its end before the agent handles its first batch, then kee
 changes while the stream runs. MaxMind files (if configured) are re-checked between batches.
 
 Second observations of a connection are dropped (``dedup_connections``, the rule in
-:mod:`enricher.enrich`), and the batch's counts go to metrics and to per-minute completeness rows
-(stage ``enricher``), published to ``<prefix>.sensor.completeness`` once their minute has passed
-and at shutdown.
+:mod:`enricher.enrich`; the nodes whose sensors report are learnt from the raw stream and, shared
+by every enricher, from the sensors' completeness rows: :mod:`enricher.observer_feed`), and the
+batch's counts go to metrics and to per-minute completeness rows (stage ``enricher``), published to
+``<prefix>.sensor.completeness`` once their minute has passed and at shutdown.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ from enricher.identity import IdentityIndex
 from enricher.identity_feed import IdentityFeed
 from enricher.inventory import load_inventory
 from enricher.memory import lean_process, release_free_memory
+from enricher.observer_feed import ObserverFeed
 from enricher.schema import SCHEMA_NAME as ENRICHED
 from enricher.settings import EnricherSettings
 from flowtally import kafka
@@ -67,6 +69,8 @@ NAT_SERVICE = Counter("flowtally_enricher_nat_service_total",
 FLOW_COUNTS = Counter("flowtally_enricher_flow_counts_total",
                       "Flows with an unknown private address, an ignored end or a late end", ["what"])
 GEO_RELOADS = Counter("flowtally_enricher_geoip_reloads_total", "mmdb reloads", ["outcome"])
+OBSERVED = Gauge("flowtally_enricher_observed_nodes",
+                 "Nodes whose sensors reported within the observer window (from completeness rows)")
 
 
 def encode_enriched(table: pa.Table, compression: str) -> tuple[bytes, list[tuple[str, bytes]]]:
@@ -82,8 +86,10 @@ class EnricherState:
 
     def __init__(self, index: IdentityIndex, geo: GeoIP | None = None,
                  feed: IdentityFeed | None = None, observers: ObservedNodes | None = None,
-                 completeness: CompletenessAccumulator | None = None) -> None:
+                 completeness: CompletenessAccumulator | None = None,
+                 observer_feed: ObserverFeed | None = None) -> None:
         self.index = index
+        self.observer_feed = observer_feed
         self.geo = geo
         self.feed = feed
         self.observers = observers
@@ -94,6 +100,8 @@ class EnricherState:
     def health(self) -> tuple[bool, str]:
         if self.feed is not None and not self.feed.ready.is_set():
             return False, "replaying the identity topic"
+        if self.observer_feed is not None and not self.observer_feed.ready.is_set():
+            return False, "reading the observing nodes from the completeness topic"
         return (True, "ok") if self.running else (False, "starting")
 
 
@@ -176,10 +184,19 @@ def create_app(settings: EnricherSettings, state: EnricherState) -> faust.App:
         async def follow_identity() -> None:
             await feed.run()  # cancelled by Faust at shutdown; run() closes its consumer
 
+    if state.observer_feed is not None:
+        observer_feed = state.observer_feed
+
+        @app.task
+        async def follow_observers() -> None:
+            await observer_feed.run()  # cancelled by Faust at shutdown; run() closes its consumer
+
     @app.agent(raw_topic)
     async def enrich(stream: Any) -> None:
         if state.feed is not None:
             await state.feed.ready.wait()
+        if state.observer_feed is not None:
+            await state.observer_feed.ready.wait()
         state.running = True
         async for event in stream.events():
             message = event.message
@@ -245,9 +262,18 @@ def run(args: argparse.Namespace) -> int:
 
         feed = IdentityFeed(settings.kafka, settings.kafka.topic("identity"), index,
                             apply_interval_s=settings.identity_apply_interval_s, on_apply=applied)
-    observers = ObservedNodes(int(settings.observer_window_s * 1000)) if settings.dedup_connections else None
+    observers = observer_feed = None
+    if settings.dedup_connections:
+        observers = ObservedNodes(int(settings.observer_window_s * 1000))
+        nodes = observers
+
+        def noted(_: int) -> None:
+            OBSERVED.set(len(nodes.active(int(time.time() * 1000))))
+
+        observer_feed = ObserverFeed(settings.kafka, settings.kafka.topic("completeness"), observers,
+                                     on_note=noted)
     completeness = CompletenessAccumulator(observer="", stage="enricher") if settings.completeness else None
-    state = EnricherState(index, geo, feed, observers, completeness)
+    state = EnricherState(index, geo, feed, observers, completeness, observer_feed)
     asyncio.run(kafka.ensure_topics(settings.kafka, settings.topics))
     app = create_app(settings, state)
     metrics = MetricsServer(settings.metrics_listen, state.health)

@@ -22,11 +22,11 @@ the server's node both report a connection between two nodes. The rule: keep the
 made at the initiator's node. A record is dropped when its ``observer`` (the reporting node) is
 not empty, its ``initiator`` is known (1 or 2), the initiator's end has a node (pod,
 hostNetwork pod or node owner), that node is not the observer, and that node is itself observed
-(its sensor sent records within ``window_ms``, tracked from the observers in the stream), so a
-connection whose initiator's node has no sensor keeps the other node's record. Records without
-an observer (NetFlow from routers) or without a known initiator are never dropped. Known limit:
-the set of observed nodes is what *this* enricher saw; enrichers that split the raw partitions
-between them each see only their nodes.
+(its sensor reported within ``window_ms``: tracked from the observers in the stream and, in the
+stage, from the sensors' completeness rows, which every enricher reads whole, so enrichers that
+split the raw partitions share one view: :mod:`enricher.observer_feed`), so a connection whose
+initiator's node has no sensor keeps the other node's record. Records without an observer
+(NetFlow from routers) or without a known initiator are never dropped.
 
 Direction (per flow record, from the two kinds; NetFlow records are one-way, so a reply is
 labelled by where *its* packets go):

@@ -24,7 +24,7 @@ from flowtally.kafka import TopicSettings
 from flowtally.localstack import Stage, free_port
 from flowtally.settings import KafkaSettings
 from flowtally.wire import decode_batch, encode_batch
-from sensors.completeness import COMPLETENESS_SCHEMA
+from sensors.completeness import COMPLETENESS_SCHEMA, minute_of
 from sensors.completeness import SCHEMA_NAME as COMPLETENESS
 from sensors.completeness import with_additive_defaults as completeness_defaults
 from sensors.schema import SCHEMA_NAME as RAW
@@ -157,3 +157,88 @@ def test_enrich_stage_dnat_and_one_observation_per_connection(kafka_bootstrap: s
                                completeness_defaults)).to_pylist()
     assert [(r["stage"], r["exporter"], r["duplicates_dropped"], r["unknown_addresses"]) for r in rows] == [
         ("enricher", address16(ips["node-b"]), 2, 1)]
+
+
+def test_enrichers_share_the_observed_nodes_through_completeness_rows(kafka_bootstrap: str,
+                                                                      tmp_path: Path) -> None:
+    """An enricher given only node-b's records (node-a's went to another enricher's partitions)
+    still drops node-b's records of connections node-a's pods opened, because node-a's sensor
+    wrote completeness rows; a connection opened on node-c, whose sensor is silent, keeps them."""
+    prefix = f"t{uuid.uuid4().hex[:10]}"
+    settings = KafkaSettings(bootstrap=kafka_bootstrap, topic_prefix=prefix)
+    now = int(time.time() * 1000)
+    ips = {"client": "10.244.1.5", "far": "10.244.3.3", "backend": "10.244.2.7", "node-a": "10.0.0.1",
+           "node-b": "10.0.0.2"}
+    identities = {
+        "client": OwnerInfo(namespace="shop", name="web-1", node="node-a"),
+        "far": OwnerInfo(namespace="batch", name="job-1", node="node-c"),
+        "backend": OwnerInfo(namespace="shop", name="api-1", node="node-b"),
+    }
+    # node-b's records: both directions of client -> backend, both of far -> backend
+    records = [("client", "backend", 1), ("backend", "client", 2), ("far", "backend", 1), ("backend", "far", 2)]
+
+    def a(names: list[str]) -> np.ndarray:
+        return np.frombuffer(b"".join(address16(ips[n]) for n in names), np.uint8).reshape(-1, 16)
+
+    raw = build_raw_table({
+        "src_addr": a([r[0] for r in records]), "dst_addr": a([r[1] for r in records]),
+        "exporter": a(["node-b"] * len(records)), "initiator": np.array([r[2] for r in records]),
+        "observer": ["node-b"] * len(records), "end": np.full(len(records), now - 1000),
+        "proto": np.full(len(records), 6), "bytes": np.arange(1, len(records) + 1) * 100,
+    })
+    # node-a's sensor reported a minute ago (its completeness row), as did an enricher naming
+    # node-c as an observer key: only sensor rows count
+    reported = pa.Table.from_pylist([
+        {"minute": minute_of(now) - 60_000, "exporter": address16(ips["node-a"]), "observation_domain": 0,
+         "observer": "node-a", "stage": "sensor-conntrack", "records": 10},
+        {"minute": minute_of(now) - 60_000, "exporter": address16(ips["node-a"]), "observation_domain": 0,
+         "observer": "node-c", "stage": "enricher", "records": 0},
+    ], schema=COMPLETENESS_SCHEMA)
+
+    async def produce() -> None:
+        await kafka.ensure_topics(settings, TopicSettings())
+        producer = kafka.producer(settings)
+        await producer.start()
+        try:
+            for name, owner in identities.items():
+                await producer.send_and_wait(settings.topic("identity"), encode_versions(
+                    [Version(owner, now - 600_000)]), key=encode_key(ips[name]))
+            value, headers = encode_batch(reported, COMPLETENESS)
+            await producer.send_and_wait(settings.topic("completeness"), value, key=b"node-a", headers=list(headers))
+            value, headers = encode_batch(raw, RAW)
+            await producer.send_and_wait(settings.topic("raw"), value, key=b"k", headers=list(headers))
+        finally:
+            await producer.stop()
+
+    async def consume() -> pa.Table:
+        consumer = kafka.consumer(settings, settings.topic("enriched"), group_id=f"{prefix}-check")
+        await consumer.start()
+        tables: list[pa.Table] = []
+        try:
+            deadline = time.monotonic() + 60
+            while not tables and time.monotonic() < deadline:
+                for messages in (await consumer.getmany(timeout_ms=500)).values():
+                    tables += [decode_batch(m.value, m.headers, ENRICHED_SCHEMA, ENRICHED) for m in messages]
+        finally:
+            await consumer.stop()
+        return pa.concat_tables(tables) if tables else ENRICHED_SCHEMA.empty_table()
+
+    asyncio.run(produce())
+    port = free_port()
+    stage = Stage("enricher", ["enrich", "--metrics-listen", f"127.0.0.1:{port}"],
+                  {"FLOWTALLY_KAFKA_BOOTSTRAP": kafka_bootstrap, "FLOWTALLY_KAFKA_TOPIC_PREFIX": prefix,
+                   "FLOWTALLY_APP_ID": f"{prefix}-enricher", "FLOWTALLY_SESSION_TIMEOUT_S": "10"},
+                  tmp_path / "enricher.log", port)
+    stage.start()
+    try:
+        stage.wait_healthy(90)
+        out = asyncio.run(consume()).to_pydict()
+        dropped = stage.metric("flowtally_enricher_duplicates_dropped_total")
+        observed = stage.metric("flowtally_enricher_observed_nodes")
+        assert stage.stop() == 0, stage.log_tail()
+    finally:
+        stage.stop()
+    assert out["bytes"] == [300, 400]  # far -> backend and its reply: node-c has no sensor
+    assert out["src_name"] == ["job-1", "api-1"]
+    assert dropped == 2
+    assert observed == 1  # node-a (node-b is noted from the stream, not from completeness rows)
