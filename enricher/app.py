@@ -147,7 +147,9 @@ def create_app(settings: EnricherSettings, state: EnricherState) -> faust.App:
         # Per partition: one message's worth (a batch is one message); more is memory held in
         # fetch buffers while the identity replay blocks the agent.
         consumer_max_fetch_size=kafka.MAX_MESSAGE_BYTES + 64_000,
-        stream_buffer_maxsize=16,  # each event is a whole batch: a few in flight is plenty
+        # Each event is a whole batch (up to 1 MB): a few in flight is plenty, and each buffered
+        # one is resident memory.
+        stream_buffer_maxsize=4,
     )
     raw_topic = app.topic(settings.kafka.topic("raw"), value_type=bytes, key_type=bytes,
                           value_serializer="raw", key_serializer="raw")
