@@ -7,17 +7,14 @@
 -- narrow it to one namespace or workload ('*' = all).
 -- params: minutes UInt32 = 60 (0 = all time), per_workload UInt8 = 0, namespace String = *, workload String = *, limit UInt32 = 20
 SELECT
-    if({per_workload:UInt8} = 1, src_namespace, '*')                                   AS namespace,
-    if({per_workload:UInt8} = 1, if(src_workload != '', src_workload, src_kind), '*') AS workload,
+    {source_columns},
     dst_asn             AS asn,
     max(dst_as_org)     AS organisation,
     sum(scaled_bytes)   AS bytes,
     sum(scaled_packets) AS packets,
     sum(flows)          AS flows
 FROM {rollup}
-WHERE dst_kind = 'external'
-  AND ({namespace:String} = '*' OR src_namespace = {namespace:String})
-  AND ({workload:String} = '*' OR src_workload = {workload:String})
+WHERE dst_kind = 'external' AND {source_filter}
 GROUP BY namespace, workload, asn
 ORDER BY bytes DESC, namespace, workload, asn
 LIMIT {limit:UInt32}

@@ -11,16 +11,13 @@ SELECT t.namespace, t.workload, t.country, t.bytes, t.packets, t.flows, d.destin
 FROM
 (
     SELECT
-        if({per_workload:UInt8} = 1, src_namespace, '*')                                   AS namespace,
-        if({per_workload:UInt8} = 1, if(src_workload != '', src_workload, src_kind), '*') AS workload,
+        {source_columns},
         dst_country         AS country,
         sum(scaled_bytes)   AS bytes,
         sum(scaled_packets) AS packets,
         sum(flows)          AS flows
     FROM {rollup}
-    WHERE dst_kind = 'external'
-      AND ({namespace:String} = '*' OR src_namespace = {namespace:String})
-      AND ({workload:String} = '*' OR src_workload = {workload:String})
+    WHERE dst_kind = 'external' AND {source_filter}
     GROUP BY namespace, workload, country
 ) AS t
 LEFT JOIN
@@ -28,14 +25,11 @@ LEFT JOIN
     -- A (workload, destination) seen since the window's start has a row with last_seen after it
     -- (merged or not), so no grouping per destination is needed first.
     SELECT
-        if({per_workload:UInt8} = 1, src_namespace, '*')                                   AS namespace,
-        if({per_workload:UInt8} = 1, if(src_workload != '', src_workload, src_kind), '*') AS workload,
+        {source_columns},
         dst_country                          AS country,
         toUInt64(uniqExact(dst_addr))        AS destinations
     FROM first_seen_external
-    WHERE last_seen >= {window_start}
-      AND ({namespace:String} = '*' OR src_namespace = {namespace:String})
-      AND ({workload:String} = '*' OR src_workload = {workload:String})
+    WHERE last_seen >= {window_start} AND {source_filter}
     GROUP BY namespace, workload, country
 ) AS d ON t.namespace = d.namespace AND t.workload = d.workload AND t.country = d.country
 ORDER BY t.bytes DESC, t.namespace, t.workload, t.country

@@ -68,6 +68,33 @@ def test_feed_replays_then_follows(kafka_bootstrap: str) -> None:
     assert second == ["cart-old", "db-new"]
 
 
+async def _consume(settings: KafkaSettings, topic: str, schema: pa.Schema, name: str, rows: int,
+                   fill: Callable[[pa.Table], pa.Table] | None = None) -> pa.Table:
+    """At least ``rows`` rows of ``topic`` (bounded wait), read by a group of their own."""
+    consumer = kafka.consumer(settings, topic, group_id=f"{settings.topic_prefix}-{topic}")
+    await consumer.start()
+    tables: list[pa.Table] = []
+    try:
+        deadline = time.monotonic() + 60
+        while sum(t.num_rows for t in tables) < rows and time.monotonic() < deadline:
+            for messages in (await consumer.getmany(timeout_ms=500)).values():
+                tables += [decode_batch(m.value, m.headers, schema, name, fill) for m in messages]
+    finally:
+        await consumer.stop()
+    return pa.concat_tables(tables) if tables else schema.empty_table()
+
+
+def _enricher(kafka_bootstrap: str, prefix: str, tmp_path: Path) -> Stage:
+    """A started `flowtally enrich` process on the topics of ``prefix``."""
+    port = free_port()
+    stage = Stage("enricher", ["enrich", "--metrics-listen", f"127.0.0.1:{port}"],
+                  {"FLOWTALLY_KAFKA_BOOTSTRAP": kafka_bootstrap, "FLOWTALLY_KAFKA_TOPIC_PREFIX": prefix,
+                   "FLOWTALLY_APP_ID": f"{prefix}-enricher", "FLOWTALLY_SESSION_TIMEOUT_S": "10"},
+                  tmp_path / "enricher.log", port)
+    stage.start()
+    return stage
+
+
 def test_enrich_stage_dnat_and_one_observation_per_connection(kafka_bootstrap: str, tmp_path: Path) -> None:
     """Through the real `flowtally enrich` process: identities from the topic, a raw batch of
     conntrack records reported by two nodes with DNAT, the enriched batch and the enricher's
@@ -115,30 +142,11 @@ def test_enrich_stage_dnat_and_one_observation_per_connection(kafka_bootstrap: s
         finally:
             await producer.stop()
 
-    async def consume(topic: str, schema: pa.Schema, name: str, rows: int,
-                      fill: Callable[[pa.Table], pa.Table] | None = None) -> pa.Table:
-        consumer = kafka.consumer(settings, topic, group_id=f"{prefix}-{topic}")
-        await consumer.start()
-        tables: list[pa.Table] = []
-        try:
-            deadline = time.monotonic() + 60
-            while sum(t.num_rows for t in tables) < rows and time.monotonic() < deadline:
-                for messages in (await consumer.getmany(timeout_ms=500)).values():
-                    tables += [decode_batch(m.value, m.headers, schema, name, fill) for m in messages]
-        finally:
-            await consumer.stop()
-        return pa.concat_tables(tables) if tables else schema.empty_table()
-
     asyncio.run(produce())
-    port = free_port()
-    stage = Stage("enricher", ["enrich", "--metrics-listen", f"127.0.0.1:{port}"],
-                  {"FLOWTALLY_KAFKA_BOOTSTRAP": kafka_bootstrap, "FLOWTALLY_KAFKA_TOPIC_PREFIX": prefix,
-                   "FLOWTALLY_APP_ID": f"{prefix}-enricher", "FLOWTALLY_SESSION_TIMEOUT_S": "10"},
-                  tmp_path / "enricher.log", port)
-    stage.start()
+    stage = _enricher(kafka_bootstrap, prefix, tmp_path)
     try:
         stage.wait_healthy(90)
-        enriched = asyncio.run(consume(settings.topic("enriched"), ENRICHED_SCHEMA, ENRICHED, 3))
+        enriched = asyncio.run(_consume(settings, settings.topic("enriched"), ENRICHED_SCHEMA, ENRICHED, 3))
         dropped = stage.metric("flowtally_enricher_duplicates_dropped_total")
         assert stage.stop() == 0, stage.log_tail()
     finally:
@@ -153,8 +161,8 @@ def test_enrich_stage_dnat_and_one_observation_per_connection(kafka_bootstrap: s
     assert out["nat_service"] == ["api", "api", ""]
     assert out["src_kind"] == ["pod", "pod", "private"]
     assert dropped == 2
-    rows = asyncio.run(consume(settings.topic("completeness"), COMPLETENESS_SCHEMA, COMPLETENESS, 1,
-                               completeness_defaults)).to_pylist()
+    rows = asyncio.run(_consume(settings, settings.topic("completeness"), COMPLETENESS_SCHEMA, COMPLETENESS, 1,
+                                completeness_defaults)).to_pylist()
     assert [(r["stage"], r["exporter"], r["duplicates_dropped"], r["unknown_addresses"]) for r in rows] == [
         ("enricher", address16(ips["node-b"]), 2, 1)]
 
@@ -210,29 +218,11 @@ def test_enrichers_share_the_observed_nodes_through_completeness_rows(kafka_boot
         finally:
             await producer.stop()
 
-    async def consume() -> pa.Table:
-        consumer = kafka.consumer(settings, settings.topic("enriched"), group_id=f"{prefix}-check")
-        await consumer.start()
-        tables: list[pa.Table] = []
-        try:
-            deadline = time.monotonic() + 60
-            while not tables and time.monotonic() < deadline:
-                for messages in (await consumer.getmany(timeout_ms=500)).values():
-                    tables += [decode_batch(m.value, m.headers, ENRICHED_SCHEMA, ENRICHED) for m in messages]
-        finally:
-            await consumer.stop()
-        return pa.concat_tables(tables) if tables else ENRICHED_SCHEMA.empty_table()
-
     asyncio.run(produce())
-    port = free_port()
-    stage = Stage("enricher", ["enrich", "--metrics-listen", f"127.0.0.1:{port}"],
-                  {"FLOWTALLY_KAFKA_BOOTSTRAP": kafka_bootstrap, "FLOWTALLY_KAFKA_TOPIC_PREFIX": prefix,
-                   "FLOWTALLY_APP_ID": f"{prefix}-enricher", "FLOWTALLY_SESSION_TIMEOUT_S": "10"},
-                  tmp_path / "enricher.log", port)
-    stage.start()
+    stage = _enricher(kafka_bootstrap, prefix, tmp_path)
     try:
         stage.wait_healthy(90)
-        out = asyncio.run(consume()).to_pydict()
+        out = asyncio.run(_consume(settings, settings.topic("enriched"), ENRICHED_SCHEMA, ENRICHED, 2)).to_pydict()
         dropped = stage.metric("flowtally_enricher_duplicates_dropped_total")
         observed = stage.metric("flowtally_enricher_observed_nodes")
         assert stage.stop() == 0, stage.log_tail()
