@@ -15,18 +15,42 @@ from __future__ import annotations
 import contextvars
 import os
 from pathlib import Path
-from typing import Any, ClassVar, TypeVar
+from typing import Annotated, Any, ClassVar, TypeVar
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+)
 from pydantic_settings import (
     BaseSettings,
+    NoDecode,
     PydanticBaseSettingsSource,
     SettingsConfigDict,
     YamlConfigSettingsSource,
 )
 
 ENV_PREFIX = "FLOWTALLY_"
+
+
+def _comma_separated(value: object) -> object:
+    if isinstance(value, str):
+        return [v.strip() for v in value.split(",") if v.strip()]
+    if isinstance(value, int):
+        return [value]
+    return value
+
+
+#: A list setting written comma-separated in the environment (``a,b``; not JSON, which Helm and
+#: shell users get wrong) and as a list in YAML.
+CommaList = Annotated[list[str], NoDecode, BeforeValidator(_comma_separated)]
+#: The same for whole numbers.
+CommaIntList = Annotated[list[int], NoDecode, BeforeValidator(_comma_separated)]
 _yaml_file: contextvars.ContextVar[Path | None] = contextvars.ContextVar("flowtally_yaml", default=None)
 
 

@@ -7,7 +7,7 @@ from pathlib import Path
 from pydantic import Field, model_validator
 
 from flowtally.kafka import TopicSettings
-from flowtally.settings import KafkaSettings, StageSettings
+from flowtally.settings import CommaList, KafkaSettings, StageSettings
 
 
 class WatcherSettings(StageSettings):
@@ -37,10 +37,11 @@ class WatcherSettings(StageSettings):
     backoff_initial_s: float = Field(0.5, gt=0, le=60, description="First wait after a failed request")
     backoff_max_s: float = Field(30.0, gt=0, le=600, description="Cap of the doubling wait")
     list_page_size: int = Field(500, ge=1, le=100_000, description="Objects per list page (limit)")
-    pod_labels: list[str] = Field(
+    pod_labels: CommaList = Field(
         ["app.kubernetes.io/name", "app.kubernetes.io/component", "app", "team"],
-        description="Label keys a pod's identity carries into every flow (``src_labels``/``dst_labels``); "
-                    "keep them few and stable: each distinct set of values is stored per flow")
+        description="Label keys a pod's identity carries into every flow (``src_labels``/``dst_labels``; "
+                    "comma-separated in the environment); keep them few and stable: each distinct set of "
+                    "values is stored per flow")
     continue_history: bool = Field(
         True, description="Read the identity topic back at start and continue its version lists")
 

@@ -5,13 +5,12 @@ from __future__ import annotations
 import ipaddress
 import os
 import socket
-from typing import Annotated, Literal
+from typing import Literal
 
 from pydantic import Field, field_validator
-from pydantic_settings import NoDecode
 
 from flowtally.kafka import TopicSettings
-from flowtally.settings import KafkaSettings, StageSettings
+from flowtally.settings import CommaIntList, CommaList, KafkaSettings, StageSettings
 
 
 def _default_observer() -> str:
@@ -52,20 +51,11 @@ class ConntrackSettings(StageSettings):
     ignore_loopback: bool = Field(True, description="Skip connections from or to 127.0.0.0/8 and ::1")
     ignore_kafka: bool = Field(True, description="Skip the sensor's own connections to the Kafka "
                                "bootstrap addresses")
-    ignore_cidrs: Annotated[list[str], NoDecode] = Field(
+    ignore_cidrs: CommaList = Field(
         default_factory=list, description="Skip connections with either end in these CIDRs "
         "(comma-separated in the environment)")
-    ignore_ports: Annotated[list[int], NoDecode] = Field(
+    ignore_ports: CommaIntList = Field(
         default_factory=list, description="Skip TCP/UDP/SCTP connections with either end on these ports")
-
-    @field_validator("ignore_cidrs", "ignore_ports", mode="before")
-    @classmethod
-    def _split(cls, value: object) -> object:
-        if isinstance(value, str):
-            return [v.strip() for v in value.split(",") if v.strip()]
-        if isinstance(value, int):
-            return [value]
-        return value
 
     @field_validator("ignore_cidrs")
     @classmethod

@@ -27,20 +27,19 @@ import subprocess
 import sys
 import time
 from collections.abc import Sequence
-from typing import Annotated, Literal
+from typing import Literal
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 from prometheus_client import Counter, Gauge
 from pydantic import Field, field_validator
-from pydantic_settings import NoDecode
 
 from flowtally import kafka
 from flowtally.kafka import TopicSettings
 from flowtally.lifecycle import run_components
 from flowtally.metrics import MetricsServer
-from flowtally.settings import KafkaSettings, StageSettings, load_settings, parse_hostport
+from flowtally.settings import CommaList, KafkaSettings, StageSettings, load_settings, parse_hostport
 from sensors.completeness import SCHEMA_NAME as COMPLETENESS_SCHEMA
 from sensors.completeness import CompletenessAccumulator, group_counts
 from sensors.netflow.decoder import DecodeStats, ExporterStats, decode_payloads, flush_pending
@@ -100,7 +99,7 @@ class NetflowSettings(StageSettings):
     workers: int = Field(1, ge=1, le=256, description="Processes receiving on the same port with "
                          "SO_REUSEPORT (one exporter always reaches the same worker)")
     reuse_port: bool = Field(False, description="Bind with SO_REUSEPORT (implied by workers > 1)")
-    allow_exporters: Annotated[list[str], NoDecode] = Field(
+    allow_exporters: CommaList = Field(
         default_factory=list, description="Exporter CIDRs to accept (comma-separated in the environment); "
         "empty = any")
     compression: Literal["none", "lz4", "zstd"] = Field(
@@ -117,12 +116,6 @@ class NetflowSettings(StageSettings):
                                     "a data set waits for its template before it is dropped and counted as "
                                     "missing_template_expired")
 
-    @field_validator("allow_exporters", mode="before")
-    @classmethod
-    def _split(cls, value: object) -> object:
-        if isinstance(value, str):
-            return [v.strip() for v in value.split(",") if v.strip()]
-        return value
 
     @field_validator("allow_exporters")
     @classmethod

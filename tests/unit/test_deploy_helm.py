@@ -180,6 +180,7 @@ def test_configmap_settings_are_accepted_by_the_stages(monkeypatch: pytest.Monke
     ["--set", "sensor.netflow.port=70000"],
     ["--set", "image.pullPolicy=Sometimes"],
     ["--set", "sensor.netflow.allowExporters={not-a-cidr}"],
+    ["--set", "watcher.podLabels={has space}"],
     ["--set", "extraEnv.NOT_OURS=1"],
     ["--set", "unknownKey=1"],
     ["--set", "clickhouse.url=ftp://x"],
