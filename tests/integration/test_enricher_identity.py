@@ -68,6 +68,24 @@ def test_feed_replays_then_follows(kafka_bootstrap: str) -> None:
     assert second == ["cart-old", "db-new"]
 
 
+async def _produce(settings: KafkaSettings, owners: dict[str, OwnerInfo], now: int,
+                   batches: list[tuple[str, pa.Table, str]]) -> None:
+    """Create the topics, write each address's owner (since 10 minutes before ``now``) to the
+    identity topic, then each (topic, table, schema name) batch in order."""
+    await kafka.ensure_topics(settings, TopicSettings())
+    producer = kafka.producer(settings)
+    await producer.start()
+    try:
+        for address, owner in owners.items():
+            await producer.send_and_wait(settings.topic("identity"), encode_versions(
+                [Version(owner, now - 600_000)]), key=encode_key(address))
+        for topic, table, name in batches:
+            value, headers = encode_batch(table, name)
+            await producer.send_and_wait(settings.topic(topic), value, key=b"k", headers=list(headers))
+    finally:
+        await producer.stop()
+
+
 async def _consume(settings: KafkaSettings, topic: str, schema: pa.Schema, name: str, rows: int,
                    fill: Callable[[pa.Table], pa.Table] | None = None) -> pa.Table:
     """At least ``rows`` rows of ``topic`` (bounded wait), read by a group of their own."""
@@ -128,21 +146,7 @@ def test_enrich_stage_dnat_and_one_observation_per_connection(kafka_bootstrap: s
         "proto": np.full(len(records), 6), "bytes": np.arange(1, len(records) + 1) * 100,
     })
 
-    async def produce() -> None:
-        await kafka.ensure_topics(settings, TopicSettings())
-        producer = kafka.producer(settings)
-        await producer.start()
-        try:
-            for name, owner in identities.items():
-                await producer.send_and_wait(settings.topic("identity"), encode_versions(
-                    [Version(owner, now - 600_000)]), key=encode_key(ips[name]))
-            value, headers = encode_batch(raw, RAW)
-            await producer.send_and_wait(settings.topic("raw"), value, key=b"k",
-                                         headers=[(k, v) for k, v in headers])
-        finally:
-            await producer.stop()
-
-    asyncio.run(produce())
+    asyncio.run(_produce(settings, {ips[n]: o for n, o in identities.items()}, now, [("raw", raw, RAW)]))
     stage = _enricher(kafka_bootstrap, prefix, tmp_path)
     try:
         stage.wait_healthy(90)
@@ -203,22 +207,8 @@ def test_enrichers_share_the_observed_nodes_through_completeness_rows(kafka_boot
          "observer": "node-c", "stage": "enricher", "records": 0},
     ], schema=COMPLETENESS_SCHEMA)
 
-    async def produce() -> None:
-        await kafka.ensure_topics(settings, TopicSettings())
-        producer = kafka.producer(settings)
-        await producer.start()
-        try:
-            for name, owner in identities.items():
-                await producer.send_and_wait(settings.topic("identity"), encode_versions(
-                    [Version(owner, now - 600_000)]), key=encode_key(ips[name]))
-            value, headers = encode_batch(reported, COMPLETENESS)
-            await producer.send_and_wait(settings.topic("completeness"), value, key=b"node-a", headers=list(headers))
-            value, headers = encode_batch(raw, RAW)
-            await producer.send_and_wait(settings.topic("raw"), value, key=b"k", headers=list(headers))
-        finally:
-            await producer.stop()
-
-    asyncio.run(produce())
+    asyncio.run(_produce(settings, {ips[n]: o for n, o in identities.items()}, now,
+                         [("completeness", reported, COMPLETENESS), ("raw", raw, RAW)]))
     stage = _enricher(kafka_bootstrap, prefix, tmp_path)
     try:
         stage.wait_healthy(90)
