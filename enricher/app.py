@@ -246,7 +246,7 @@ def run(args: argparse.Namespace) -> int:
     )
     owners = load_inventory(settings.inventory).owners if settings.inventory else ()
     index = IdentityIndex(owners, history_ms=int(settings.identity_history_s * 1000),
-                          release_memory=release_free_memory)
+                          release_memory=release_free_memory, private_networks=settings.private_cidrs)
     OWNERS.set(index.size)
     VERSIONS.set(index.versions)
     log.info("identity: %d owners from %s", index.size, settings.inventory or "(none)")

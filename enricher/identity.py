@@ -52,6 +52,7 @@ Rules:
 
 from __future__ import annotations
 
+import ipaddress
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
@@ -115,6 +116,31 @@ def _is_private_words(hi: np.ndarray, lo: np.ndarray) -> np.ndarray:
     # ::1 and :: (unspecified: what a record that reports no address carries).
     loopback = (hi == 0) & (lo <= 1)
     return np.where(is_v4, private_v4, ula | link_local | loopback)
+
+
+def network_bounds(networks: Iterable[str]) -> np.ndarray:
+    """(n, 4) uint64: the first and last address of each CIDR as (hi, lo) words of the 16-byte
+    form (IPv4 networks in IPv4-mapped form), for :func:`in_networks`. Raises ValueError."""
+    out = []
+    for text in networks:
+        net = ipaddress.ip_network(text, strict=False)
+        if isinstance(net, ipaddress.IPv4Network):
+            first = int(ipaddress.IPv6Address(f"::ffff:{net.network_address}"))
+            last = int(ipaddress.IPv6Address(f"::ffff:{net.broadcast_address}"))
+        else:
+            first, last = int(net.network_address), int(net.broadcast_address)
+        out.append((first >> 64, first & (2**64 - 1), last >> 64, last & (2**64 - 1)))
+    return np.array(out, dtype=np.uint64).reshape(-1, 4)
+
+
+def in_networks(hi: np.ndarray, lo: np.ndarray, bounds: np.ndarray) -> np.ndarray:
+    """Mask of the addresses (as :func:`_words`) inside any of ``bounds`` (:func:`network_bounds`)."""
+    inside = np.zeros(len(hi), dtype=bool)
+    for s_hi, s_lo, e_hi, e_lo in bounds:
+        after_start = (hi > s_hi) | ((hi == s_hi) & (lo >= s_lo))
+        before_end = (hi < e_hi) | ((hi == e_hi) & (lo <= e_lo))
+        inside |= after_start & before_end
+    return inside
 
 
 def is_private(addresses: np.ndarray) -> np.ndarray:
@@ -551,10 +577,14 @@ class IdentityIndex:
     """Versioned owners indexed by (address, time)."""
 
     def __init__(self, owners: Iterable[Owner] = (), *, history_ms: int = DEFAULT_HISTORY_MS,
-                 release_memory: Callable[[], None] | None = None) -> None:
+                 release_memory: Callable[[], None] | None = None,
+                 private_networks: Iterable[str] = ()) -> None:
+        """``private_networks``: CIDRs labelled ``private`` (not looked up in GeoIP) besides the
+        RFC 1918/6598/ULA/link-local ranges, e.g. a VPC or node range in public address space."""
         if history_ms <= 0:
             raise ValueError("history_ms must be positive")
         self.history_ms = history_ms
+        self._private_bounds = network_bounds(private_networks)
         #: Called when a rebuild has freed a large part of its temporaries: the process shell
         #: gives the allocator's free pages back to the OS there (the staged chunks of a replay
         #: are small allocations in the heap, whose holes are otherwise kept resident while the
@@ -908,6 +938,8 @@ class IdentityIndex:
         hi, lo = _words(addresses)
         row, known = self._lookup_words(addresses, hi, lo, times_ms, ports, protos)
         private = _is_private_words(hi, lo)
+        if len(self._private_bounds):
+            private |= in_networks(hi, lo, self._private_bounds)
         owned = row >= 0
         slot = np.where(owned, row, np.where(private, self.versions, self.versions + 1))
         return SideLookup(slot, owned, private, known)

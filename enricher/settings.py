@@ -5,10 +5,11 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, field_validator
 
+from enricher.identity import network_bounds
 from flowtally.kafka import TopicSettings
-from flowtally.settings import KafkaSettings, StageSettings
+from flowtally.settings import CommaList, KafkaSettings, StageSettings
 
 
 class EnricherSettings(StageSettings):
@@ -31,6 +32,10 @@ class EnricherSettings(StageSettings):
                                       description="How long ended identity versions are kept for late flows")
     identity_apply_interval_s: float = Field(0.5, gt=0, le=60,
                                              description="Identity changes are applied in batches this often")
+    private_cidrs: CommaList = Field(
+        default_factory=list, description="Ranges labelled private when no cluster object owns the address, "
+        "besides RFC 1918/6598, ULA and link-local (e.g. node or VPC ranges in public space; comma-separated "
+        "in the environment)")
     geoip_asn_path: Path | None = Field(None, description="GeoLite2-ASN (or GeoIP2-ISP) mmdb file")
     geoip_city_path: Path | None = Field(None, description="GeoLite2-City or -Country mmdb file")
     geoip_check_interval_s: float = Field(30.0, ge=0, le=86400,
@@ -45,3 +50,9 @@ class EnricherSettings(StageSettings):
     compression: Literal["lz4", "zstd"] = Field(
         "lz4", description="Arrow buffer compression of enriched batches: lz4 costs about half of zstd's "
         "CPU for twice the bytes (one message per batch either way)")
+
+    @field_validator("private_cidrs")
+    @classmethod
+    def _check_cidrs(cls, value: list[str]) -> list[str]:
+        network_bounds(value)  # raises ValueError naming the bad one
+        return value

@@ -12,6 +12,8 @@ from enricher.enrich import enrich_batch
 from enricher.identity import IdentityIndex, is_private
 from enricher.inventory import InventoryError, Owner, load_inventory
 from enricher.schema import ENRICHED_SCHEMA
+from enricher.settings import EnricherSettings
+from flowtally.settings import SettingsError, load_settings
 from sensors.schema import address16, build_raw_table
 
 OWNERS = [
@@ -46,6 +48,29 @@ def test_private_and_external_classification() -> None:
     }
     mask = is_private(_addresses(*cases))
     assert dict(zip(cases, mask.tolist(), strict=True)) == cases
+
+
+def test_configured_private_ranges() -> None:
+    """Node or VPC ranges in public space are labelled private when unowned (and so never looked
+    up in GeoIP); an owned address in them is still its owner; the edges of each range count."""
+    index = IdentityIndex(OWNERS, private_networks=["203.0.113.0/24", "2001:db8::/32", "10.0.0.1/32"])
+    probes = {"203.0.113.0": "private", "203.0.113.255": "private", "203.0.114.0": "external",
+              "203.0.112.255": "external", "2001:db8::": "private", "2001:db8:ffff:ffff:ffff:ffff:ffff:ffff": "private",
+              "2001:db9::": "external", "10.0.0.1": "node", "8.8.8.8": "external", "10.9.9.9": "private"}
+    raw = build_raw_table({"src_addr": _addresses(*probes), "dst_addr": _addresses(*probes),
+                           "end": np.full(len(probes), 1_700_000_000_000)})
+    out = enrich_batch(raw, index)
+    assert dict(zip(probes, out.column("src_kind").to_pylist(), strict=True)) == probes
+    with pytest.raises(ValueError, match="does not appear to be"):
+        IdentityIndex(private_networks=["not-a-cidr"])
+
+
+def test_private_cidrs_setting(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("FLOWTALLY_PRIVATE_CIDRS", "203.0.113.0/24, 2001:db8::/32")
+    assert load_settings(EnricherSettings).private_cidrs == ["203.0.113.0/24", "2001:db8::/32"]
+    monkeypatch.setenv("FLOWTALLY_PRIVATE_CIDRS", "203.0.113.0/24,nope")
+    with pytest.raises(SettingsError, match="FLOWTALLY_PRIVATE_CIDRS"):
+        load_settings(EnricherSettings)
 
 
 def test_enrich_batch_labels_both_sides() -> None:
