@@ -156,7 +156,8 @@ def test_configmap_settings_are_accepted_by_the_stages(monkeypatch: pytest.Monke
     pods: dict[str, tuple[dict[str, Any], type[StageSettings]]] = {
             "netflow": (docs["DaemonSet", "ft-flowtally-sensor"], NetflowSettings),
             "conntrack": (docs["DaemonSet", "ft-flowtally-sensor"], ConntrackSettings),
-            "watcher": (docs["Deployment", "ft-flowtally-watcher"], WatcherSettings)}
+            "watcher": (docs["Deployment", "ft-flowtally-watcher"], WatcherSettings),
+            "enricher": (docs["Deployment", "ft-flowtally-enricher"], EnricherSettings)}
     stand_ins = {"status.hostIP": "10.0.0.11", "spec.nodeName": "node-1"}
     for container, (doc, model) in pods.items():
         (spec,) = [c for c in doc["spec"]["template"]["spec"]["containers"] if c["name"] == container]
@@ -181,6 +182,7 @@ def test_configmap_settings_are_accepted_by_the_stages(monkeypatch: pytest.Monke
     ["--set", "image.pullPolicy=Sometimes"],
     ["--set", "sensor.netflow.allowExporters={not-a-cidr}"],
     ["--set", "watcher.podLabels={has space}"],
+    ["--set", "enricher.privateCidrs={not-a-cidr}"],
     ["--set", "extraEnv.NOT_OURS=1"],
     ["--set", "unknownKey=1"],
     ["--set", "clickhouse.url=ftp://x"],
