@@ -389,19 +389,20 @@ FROM {rollup(crossing)}
 GROUP BY time, workload
 ORDER BY time, workload"""
     raw_crossing = f"$__timeFilter(flow_end) AND {crossing}"
+    # By ASN and country from the rollups (their keys since migration 0009), so these two panels
+    # cover the rollups' retention (2 years) rather than the raw flows' 15 days; rows rolled up
+    # before 0009 have no organisation (''), hence max() per ASN.
     by_asn = f"""
-SELECT {outside('asn')} AS asn, if({outside('as_org')} != '', {outside('as_org')}, 'unknown') AS organisation,
-       sum(bytes * sampling_rate) AS bytes, count() AS flows,
-       uniqExact({outside('addr')}) AS addresses, round(bytes / {RANGE_S}, 3) AS bytes_per_s
-FROM flows
-WHERE {raw_crossing}
-GROUP BY asn, organisation
-ORDER BY bytes DESC, asn, organisation"""
+SELECT {outside('asn')} AS asn,
+       if(max({outside('as_org')}) != '', max({outside('as_org')}), 'unknown') AS organisation,
+       sum(scaled_bytes) AS bytes, sum(flows) AS flows, round(bytes / {RANGE_S}, 3) AS bytes_per_s
+FROM {rollup(crossing)}
+GROUP BY asn
+ORDER BY bytes DESC, asn"""
     by_country = f"""
 SELECT if({outside('country')} != '', {outside('country')}, 'unknown') AS country,
-       sum(bytes * sampling_rate) AS bytes, count() AS flows, uniqExact({outside('addr')}) AS addresses
-FROM flows
-WHERE {raw_crossing}
+       sum(scaled_bytes) AS bytes, sum(flows) AS flows
+FROM {rollup(crossing)}
 GROUP BY country
 ORDER BY bytes DESC, country"""
     # Grafana's Geomap finds numeric fields named latitude/longitude (the layer below names them
@@ -454,16 +455,17 @@ LIMIT 100"""
                       "controls": {"showZoom": True, "mouseWheelZoom": True, "showAttribution": True},
                       "basemap": {"type": "default", "name": "basemap"}, "layers": [geo_layer],
                       "tooltip": {"mode": "details"}}
+    rollup_note = "From the rollups, GeoIP/ASN as the enricher resolved them (MaxMind)."
     raw_note = "From raw flows (TTL 15 days by default), GeoIP/ASN as the enricher resolved them (MaxMind)."
     panels = [
         table(lo, "Bytes by workload ($direction)", by_workload, unit="decbytes",
               description="The in-cluster end of traffic to (egress) or from (ingress) external addresses."),
         timeseries(lo, "Bytes/s by workload ($direction)", by_workload_ts, unit="Bps"),
         table(lo, "By ASN / organisation ($direction)", by_asn, unit="decbytes",
-              description=raw_note + " ASN 0: the ASN database does not know the address (or none is "
+              description=rollup_note + " ASN 0: the ASN database does not know the address (or none is "
                                      "mounted)."),
         panel(lo, "barchart", "By country ($direction)", [target(by_country)], unit="decbytes",
-              description=raw_note + " 'unknown': no country in the GeoIP database (or none mounted).",
+              description=rollup_note + " 'unknown': no country in the GeoIP database (or none mounted).",
               options={"xField": "country", "orientation": "horizontal", "showValue": "auto",
                        "legend": {"showLegend": False, "displayMode": "list", "placement": "bottom"}}),
         panel(lo, "geomap", "Where it goes / comes from ($direction)", [target(geomap)], w=24, h=12,
@@ -476,9 +478,9 @@ LIMIT 100"""
     ]
     return dashboard("flowtally-egress", "flowtally / Leaving the cluster",
                      "Traffic between workloads and addresses no cluster object owns (kind external): per "
-                     "workload from the rollups; per ASN, organisation, country and on a map from the raw "
-                     "flows' GeoIP columns. Direction: egress (workload -> outside) or ingress (outside -> "
-                     "workload).",
+                     "workload, ASN, organisation and country from the rollups; on a map and per address "
+                     "from the raw flows' GeoIP columns. Direction: egress (workload -> outside) or ingress "
+                     "(outside -> workload).",
                      panels, [namespace_var(), custom_var("direction", "Direction", ["egress", "ingress"])])
 
 

@@ -308,6 +308,13 @@ def test_geo_panels_match_the_data(dashboard_db: tuple[Client, int]) -> None:
     asn = {r["asn"]: r for r in run("By ASN / organisation ($direction)", ALL, "egress")}
     assert {a: r["bytes"] for a, r in asn.items()} == {29518: 2000, 209: 800, 1221: 300, 0: 570}
     assert asn[1221]["organisation"] == "Telstra Pty Ltd" and asn[0]["organisation"] == "unknown"
+    # Both read the rollups (their retention, not the raw flows'), and count the same flows as raw.
+    for title in (country, "By ASN / organisation ($direction)"):
+        (p,) = [p for p in board["panels"] if p["title"] == title]
+        assert "FROM flows_1m" in p["targets"][0]["rawSql"] and "FROM flows\n" not in p["targets"][0]["rawSql"]
+    raw_flows = client.command(f"SELECT count() FROM flows WHERE dst_kind = 'external' AND flow_end "
+                               f"BETWEEN '{s6:%Y-%m-%d %H:%M:%S}' AND '{e6:%Y-%m-%d %H:%M:%S}'")
+    assert raw_flows > 0 and sum(r["flows"] for r in asn.values()) == raw_flows
     where = run("Where it goes / comes from ($direction)", ALL, "egress")
     assert sorted((r["place"], r["bytes"]) for r in where) == [("Linköping, SE", 2000), ("Milton, US", 800)]
     assert all(isinstance(r["latitude"], float) and isinstance(r["longitude"], float) for r in where)
