@@ -200,7 +200,8 @@ class DecodeStats:
         }
 
 
-def decode_datagrams(datagrams: Sequence[Datagram], templates: TemplateStore, stats: DecodeStats) -> pa.Table:
+def decode_datagrams(datagrams: Sequence[Datagram], templates: TemplateStore, stats: DecodeStats,
+                     compiled: bool = True) -> pa.Table:
     """Decode NetFlow v5, v9 and IPFIX datagrams into one `raw.v1` table.
 
     Templates found in the datagrams are stored in ``templates`` as the datagrams are walked in
@@ -211,18 +212,21 @@ def decode_datagrams(datagrams: Sequence[Datagram], templates: TemplateStore, st
     Data sets held for a missing template that are older than the store's
     ``max_pending_age_ms`` relative to the newest receive time in this call are dropped at the
     end of the call and counted.
+
+    ``compiled=False`` builds every column with the numpy reference code instead of the
+    compiled kernel (:mod:`sensors.netflow.kernel`): same table, slower.
     """
-    batch = _Batch(templates, stats)
+    batch = _Batch(templates, stats, compiled)
     for datagram in datagrams:
         batch.walk(datagram.exporter, (datagram.payload,), (datagram.received_ms,))
     return batch.table()
 
 
 def decode_payloads(exporter: bytes, payloads: Sequence[bytes], received_ms: Sequence[int],
-                    templates: TemplateStore, stats: DecodeStats) -> pa.Table:
+                    templates: TemplateStore, stats: DecodeStats, compiled: bool = True) -> pa.Table:
     """:func:`decode_datagrams` for datagrams of one exporter given as parallel lists of payloads
     and receive times (UTC ms): what a collector has at hand, without a Datagram per payload."""
-    batch = _Batch(templates, stats)
+    batch = _Batch(templates, stats, compiled)
     batch.walk(exporter, payloads, received_ms)
     return batch.table()
 
@@ -232,12 +236,12 @@ class _Batch:
 
     __slots__ = ("exporter_index", "ipfix", "latest_ms", "per_exporter", "stats", "templates", "v5", "v9")
 
-    def __init__(self, templates: TemplateStore, stats: DecodeStats) -> None:
+    def __init__(self, templates: TemplateStore, stats: DecodeStats, compiled: bool) -> None:
         self.templates = templates
         self.stats = stats
         self.v5 = V5Batch()
-        self.v9 = V9Batch()
-        self.ipfix = IpfixBatch()
+        self.v9 = V9Batch(compiled)
+        self.ipfix = IpfixBatch(compiled)
         self.latest_ms: int | None = None
         self.exporter_index: dict[bytes, int] = {}
         self.per_exporter: dict[bytes, ExporterStats] = {}

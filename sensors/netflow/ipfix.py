@@ -49,6 +49,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from sensors.netflow import fields as F
+from sensors.netflow import kernel
 from sensors.netflow.fields import Group
 from sensors.netflow.sequence import track
 from sensors.netflow.templates import (
@@ -133,9 +134,12 @@ class _Plan:
 class IpfixBatch:
     """The IPFIX messages of one decode call: templates applied as they come, data grouped."""
 
-    __slots__ = ("_applied", "_groups", "_plans", "_tracks")
+    __slots__ = ("_applied", "_compiled", "_groups", "_plans", "_tracks")
 
-    def __init__(self) -> None:
+    def __init__(self, compiled: bool = True) -> None:
+        #: Columns of fixed-length layouts from the compiled kernel (:mod:`sensors.netflow.kernel`)
+        #: where the layout allows; False: the numpy reference code for every layout.
+        self._compiled = compiled
         self._groups: dict[int, tuple[_Plan, Group, list[int], list[int]]] = {}
         self._plans: dict[int, tuple[Template, _Plan]] = {}
         #: Sequence checks, in message order, run once the records of every message are known:
@@ -395,11 +399,18 @@ class IpfixBatch:
     def columns(self, exporters: np.ndarray) -> list[dict[str, np.ndarray]]:
         """Column dicts for every layout seen in this call (two for biflow layouts); call
         :meth:`finish` first."""
-        out: list[dict[str, np.ndarray]] = []
-        for plan, group, starts, consumed in self._groups.values():
-            if group.counts and sum(group.counts):
-                out.extend(_group_columns(plan, group, starts, consumed, exporters))
-        return out
+        entries = list(self._groups.values())
+        if not self._compiled:
+            out: list[dict[str, np.ndarray]] = []
+            for plan, group, starts, consumed in entries:
+                if group.counts and sum(group.counts):
+                    out.extend(_group_columns(plan, group, starts, consumed, exporters))
+            return out
+        layouts = [(group, _kernel_layout(plan, group)) for plan, group, _, _ in entries]
+        for (plan, group, _, _), (_, layout) in zip(entries, layouts, strict=True):
+            if layout is not None:
+                _count_missing_init(plan.where, group)
+        return kernel.grouped_columns(layouts, lambda i: _group_columns(*entries[i], exporters), exporters)
 
 
 def _track_many(templates: TemplateStore, stream: tuple[int, bytes, int], sequences: list[int],
@@ -709,6 +720,37 @@ _START = (START_MS, START_NS, START_US, START_S, START_DELTA_US, F.START_UPTIME)
 _END = (END_MS, END_NS, END_US, END_S, END_DELTA_US, F.END_UPTIME)
 
 
+def _count_missing_init(where: dict[int, tuple[int, int]], group: Group) -> None:
+    """Count ``missing_system_init_time`` for each set of a group with uptime-relative times
+    whose exporter had not announced systemInitTimeMilliseconds."""
+    if F.START_UPTIME in where or F.END_UPTIME in where:
+        for stats, base in zip(group.stats, group.base, strict=True):
+            if base < 0:
+                stats.error("missing_system_init_time")  # type: ignore[attr-defined]
+
+
+def _kernel_ids(ids: tuple[int, ...]) -> tuple[tuple[int, int], ...]:
+    """:data:`_START` / :data:`_END` with the compiled kernel's time modes, same order."""
+    modes = (kernel.TIME_MS, kernel.TIME_NTP, kernel.TIME_NTP, kernel.TIME_S, kernel.TIME_DELTA_US,
+             kernel.TIME_SYSUPTIME)
+    return tuple(zip(ids, modes, strict=True))
+
+
+_KERNEL_START = _kernel_ids(_START)
+_KERNEL_END = _kernel_ids(_END)
+
+
+def _kernel_layout(plan: _Plan, group: Group) -> np.ndarray | None:
+    """The compiled kernel's layout for a group of fixed-length records without a reverse
+    direction and per-sampler rates, else None (the numpy code)."""
+    where = plan.where
+    if plan.gather is not None or plan.has_reverse or not group.counts or not sum(group.counts):
+        return None
+    if (F.SAMPLER_ID in where or F.SELECTOR_ID in where) and any(group.samplers):
+        return None
+    return kernel.layout_of(where, plan.fixed.record_length, VERSION, _KERNEL_START, _KERNEL_END)
+
+
 def _group_columns(plan: _Plan, group: Group, starts: list[int], consumed: list[int],
                    exporters: np.ndarray) -> list[dict[str, np.ndarray]]:
     buf = b"".join(group.chunks)
@@ -720,10 +762,7 @@ def _group_columns(plan: _Plan, group: Group, starts: list[int], consumed: list[
     where = plan.where
     export_ms = np.repeat(np.asarray(group.export_ms, dtype=np.int64), counts)
     sys_init = np.repeat(np.asarray(group.base, dtype=np.int64), counts)
-    if F.START_UPTIME in where or F.END_UPTIME in where:
-        for stats, base in zip(group.stats, group.base, strict=True):
-            if base < 0:
-                stats.error("missing_system_init_time")  # type: ignore[attr-defined]
+    _count_missing_init(where, group)
     start, end = _times(buf, n, size, where, export_ms, sys_init, _START, _END)
     if start is None:
         start = export_ms if end is None else end

@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from sensors.netflow import fields as F
+from sensors.netflow import kernel
 from sensors.netflow.fields import Group
 from sensors.netflow.sequence import track
 from sensors.netflow.templates import Field, PendingSet, Template, TemplateStore, hold_unknown
@@ -69,9 +70,12 @@ MIN_VECTORISED = F.MIN_BULK
 class V9Batch:
     """The v9 packets of one decode call: templates applied as they come, data grouped by layout."""
 
-    __slots__ = ("_applied", "_groups")
+    __slots__ = ("_applied", "_compiled", "_groups")
 
-    def __init__(self) -> None:
+    def __init__(self, compiled: bool = True) -> None:
+        #: Columns from the compiled kernel (:mod:`sensors.netflow.kernel`) where the layout allows;
+        #: False: the numpy reference code for every layout.
+        self._compiled = compiled
         # Keyed by the template object's identity: the store hands out the same object for as
         # long as a template is in force, and hashing a layout per flowset would cost more.
         self._groups: dict[int, tuple[Template, Group]] = {}
@@ -260,8 +264,14 @@ class V9Batch:
         return sum(sum(g.counts) for _, g in self._groups.values())
 
     def columns(self, exporters: np.ndarray) -> list[dict[str, np.ndarray]]:
-        """One column dict per template layout seen in this call (see :func:`group_columns`)."""
-        return [group_columns(t, g, exporters) for t, g in self._groups.values()]
+        """Column dicts for the records of this call, layout by layout in the order first seen
+        (see :func:`group_columns`); consecutive layouts the compiled kernel handles come out
+        as one dict."""
+        if not self._compiled:
+            return [group_columns(t, g, exporters) for t, g in self._groups.values()]
+        groups = list(self._groups.values())
+        return kernel.grouped_columns([(g, kernel_layout(t, g)) for t, g in groups],
+                                      lambda i: [group_columns(*groups[i], exporters)], exporters)
 
 
 def _parse_templates(
@@ -352,6 +362,21 @@ def _options_offsets(template: Template) -> dict[int, tuple[int, int]]:
             where[f.type] = (offset, f.length)
         offset += f.length
     return where
+
+
+_START_TIMES = ((FLOW_START_MILLISECONDS, kernel.TIME_MS), (FLOW_START_SECONDS, kernel.TIME_S),
+                (F.START_UPTIME, kernel.TIME_SWITCHED))
+_END_TIMES = ((FLOW_END_MILLISECONDS, kernel.TIME_MS), (FLOW_END_SECONDS, kernel.TIME_S),
+              (F.END_UPTIME, kernel.TIME_SWITCHED))
+
+
+def kernel_layout(template: Template, group: Group) -> np.ndarray | None:
+    """The compiled kernel's layout for the records of ``group``, or None when they need
+    :func:`group_columns` (time fields tried in its order)."""
+    where = template.offsets()
+    if F.SAMPLER_ID in where and any(group.samplers):
+        return None  # rates per sampler ID: numpy
+    return kernel.layout_of(where, template.record_length, VERSION, _START_TIMES, _END_TIMES)
 
 
 def group_columns(template: Template, group: Group, exporters: np.ndarray) -> dict[str, np.ndarray]:

@@ -1,0 +1,427 @@
+"""The compiled (numba) kernel of the NetFlow v9/IPFIX decoder: template records to `raw.v1` columns.
+
+:func:`sensors.netflow.v9.group_columns` and the IPFIX equivalent build each output column with
+a few numpy steps over strided views of the records (a byte-swapping ``astype`` per field, a
+``repeat`` per header value, address assembly, time conversion): about twenty passes over the
+data and as many temporary arrays per template layout. :func:`decode_records` does the same in
+one compiled pass that reads every field big-endian where it lies and writes each output column
+once, for all the records of several layouts (so one decode call gives one column set, without
+a concatenation).
+
+It only covers the usual layouts (:func:`layout_of` says which); the numpy code stays the
+reference implementation, and the fallback for the rest: options data, IPFIX biflows and
+variable-length fields, sampling fields in the flow records, per-sampler-ID rates. Tests hold
+the two equal (tests/unit/test_netflow_v9.py, test_netflow_ipfix.py, test_netflow_kernel.py).
+
+The kernel is compiled on first use, in-process (no on-disk cache: the sensor's container has a
+read-only root filesystem, and compiling costs about a second); the sensor calls
+:func:`warm_up` before it reports ready so no datagram waits for the compiler.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+
+import numpy as np
+from numba import njit
+
+from sensors.netflow import fields as F
+
+#: Time sources of a layout's start or end (first one the layout has, in the numpy code's order).
+TIME_NONE, TIME_MS, TIME_S, TIME_SWITCHED, TIME_NTP, TIME_DELTA_US, TIME_SYSUPTIME = range(7)
+
+# Slots of a layout row (int64): where each field the columns come from is, as (offset, length);
+# length -1 when the template has no such field (0 is a field sent in zero bytes: read as 0).
+_SIZE, _VERSION, _START_MODE, _END_MODE = 0, 1, 2, 3
+_START, _END, _SRC_PORT, _DST_PORT, _PROTO, _BYTES, _PACKETS, _FLAGS, _IN_IF, _OUT_IF = (
+    4, 6, 8, 10, 12, 14, 16, 18, 20, 22)
+_SRC4, _DST4, _SRC6, _DST6 = 24, 26, 28, 30
+LAYOUT_WIDTH = 32
+
+#: Record fields that state a sampling rate (:func:`sensors.netflow.fields.record_rates`): layouts
+#: with any of them stay on the numpy path.
+_RECORD_RATE_FIELDS = frozenset({F.SAMPLER_RANDOM_INTERVAL, F.SAMPLING_INTERVAL, F.SAMPLING_SIZE,
+                                 F.SAMPLING_POPULATION, F.SAMPLING_PACKET_INTERVAL, F.SAMPLING_PACKET_SPACE})
+
+COLUMNS = ("time_received", "exporter", "observation_domain", "version", "start", "end", "src_addr",
+           "dst_addr", "src_port", "dst_port", "proto", "bytes", "packets", "sampling_rate", "tcp_flags",
+           "in_if", "out_if")
+
+
+def layout_of(where: Mapping[int, tuple[int, int]], size: int, version: int,
+              start_ids: Sequence[tuple[int, int]], end_ids: Sequence[tuple[int, int]]) -> np.ndarray | None:
+    """The kernel's description of a fixed-size record layout (``where``: field type -> (offset,
+    length), first occurrence, enterprise 0), or None when the layout needs the numpy path.
+
+    ``start_ids`` / ``end_ids``: (field type, time mode) in order of preference, as the
+    protocol's numpy code tries them (a TIME_NTP field only counts when it is 8 bytes long).
+    """
+    if _RECORD_RATE_FIELDS.intersection(where):
+        return None
+    row = np.full(LAYOUT_WIDTH, -1, dtype=np.int64)
+    row[_SIZE], row[_VERSION] = size, version
+    for mode_slot, slot, ids in ((_START_MODE, _START, start_ids), (_END_MODE, _END, end_ids)):
+        row[mode_slot] = TIME_NONE
+        for field_type, mode in ids:
+            if field_type in where and (mode != TIME_NTP or where[field_type][1] == 8):
+                row[mode_slot] = mode
+                row[slot : slot + 2] = where[field_type]
+                break
+    for slot, choices in ((_SRC_PORT, (F.SRC_PORT,)), (_DST_PORT, (F.DST_PORT,)), (_PROTO, (F.PROTOCOL,)),
+                          (_BYTES, (F.OCTET_DELTA, F.POST_OCTET_DELTA, F.OCTET_TOTAL)),
+                          (_PACKETS, (F.PACKET_DELTA, F.POST_PACKET_DELTA, F.PACKET_TOTAL)),
+                          (_FLAGS, (F.TCP_FLAGS,)), (_IN_IF, (F.INPUT_IF,)), (_OUT_IF, (F.OUTPUT_IF,)),
+                          (_SRC4, (F.SRC_V4,)), (_DST4, (F.DST_V4,)), (_SRC6, (F.SRC_V6,)),
+                          (_DST6, (F.DST_V6,))):
+        for field_type in choices:
+            if field_type in where:
+                row[slot : slot + 2] = where[field_type]
+                break
+    return row
+
+
+@njit(cache=False, nogil=True, inline="always")
+def _uint(buf: np.ndarray, pos: int, length: int) -> np.uint64:
+    """A big-endian unsigned field of any length (0 bytes or absent: 0; more than 8: its low 64
+    bits)."""
+    value = np.uint64(0)
+    if length <= 0:
+        return value
+    if length > 8:
+        pos += length - 8
+        length = 8
+    for k in range(length):
+        value = (value << np.uint64(8)) | np.uint64(buf[pos + k])
+    return value
+
+
+@njit(cache=False, nogil=True, inline="always")
+def _read(buf: np.ndarray, pos: int, length: int) -> np.uint64:
+    """:func:`_uint` with the usual lengths (4, 8, 2, 1) unrolled."""
+    if length == 4:
+        return np.uint64((np.uint32(buf[pos]) << np.uint32(24)) | (np.uint32(buf[pos + 1]) << np.uint32(16))
+                         | (np.uint32(buf[pos + 2]) << np.uint32(8)) | np.uint32(buf[pos + 3]))
+    if length == 8:
+        high = ((np.uint32(buf[pos]) << np.uint32(24)) | (np.uint32(buf[pos + 1]) << np.uint32(16))
+                | (np.uint32(buf[pos + 2]) << np.uint32(8)) | np.uint32(buf[pos + 3]))
+        low = ((np.uint32(buf[pos + 4]) << np.uint32(24)) | (np.uint32(buf[pos + 5]) << np.uint32(16))
+               | (np.uint32(buf[pos + 6]) << np.uint32(8)) | np.uint32(buf[pos + 7]))
+        return (np.uint64(high) << np.uint64(32)) | np.uint64(low)
+    if length == 2:
+        return np.uint64((np.uint32(buf[pos]) << np.uint32(8)) | np.uint32(buf[pos + 1]))
+    if length == 1:
+        return np.uint64(buf[pos])
+    return _uint(buf, pos, length)
+
+
+# The kernel works column by column: each helper below fills one output column (or two) for
+# every record of every data set, with the layout's choices (field length, time source) made
+# once per data set, outside the loop over its records. Helpers are separate compiled functions
+# taking arrays, called a few times per batch: numba would count references to the arrays at
+# every call, so they are never called per record.
+
+
+@njit(cache=False, nogil=True)
+def _uint_column(buf: np.ndarray, chunk_start: np.ndarray, chunk_count: np.ndarray, chunk_layout: np.ndarray,
+                 layouts: np.ndarray, slot: int, out: np.ndarray) -> None:
+    """out[row] = the field at ``slot`` of each record, big-endian, cast to out's type (the low
+    bits, as numpy's astype); 0 where the layout has no such field."""
+    row = 0
+    for c in range(len(chunk_start)):
+        lay = layouts[chunk_layout[c]]
+        size, at, n = lay[_SIZE], chunk_start[c] + lay[slot], chunk_count[c]
+        length = lay[slot + 1]
+        # One loop per usual length, so that the length test is not made per record.
+        if length == 1:
+            for r in range(n):
+                out[row + r] = buf[at + r * size]
+        elif length == 2:
+            for r in range(n):
+                out[row + r] = _read(buf, at + r * size, 2)
+        elif length == 4:
+            for r in range(n):
+                out[row + r] = _read(buf, at + r * size, 4)
+        elif length == 8:
+            for r in range(n):
+                out[row + r] = _read(buf, at + r * size, 8)
+        else:
+            for r in range(n):
+                out[row + r] = _uint(buf, at + r * size, length)
+        row += n
+
+
+@njit(cache=False, nogil=True)
+def _time_column(buf: np.ndarray, chunk_start: np.ndarray, chunk_count: np.ndarray, chunk_layout: np.ndarray,
+                 layouts: np.ndarray, chunk_export_ms: np.ndarray, chunk_base: np.ndarray, mode_slot: int,
+                 slot: int, out: np.ndarray) -> None:
+    """The start (or end) of every record in UTC ms from the layout's time field, exactly as the
+    numpy code converts it (same integer wrap-around); the export time where there is none."""
+    row = 0
+    for c in range(len(chunk_start)):
+        lay = layouts[chunk_layout[c]]
+        n, export_ms, base = chunk_count[c], chunk_export_ms[c], chunk_base[c]
+        mode, size, length = lay[mode_slot], lay[_SIZE], lay[slot + 1]
+        at = chunk_start[c] + lay[slot]
+        if mode == TIME_NONE:
+            for r in range(n):
+                out[row + r] = export_ms
+        elif mode == TIME_SWITCHED:  # v9 FIRST/LAST_SWITCHED, relative to the header's sysUptime
+            for r in range(n):
+                age = base - np.int64(_read(buf, at + r * size, length))
+                out[row + r] = export_ms - (((age + 0x7FFFFFFF) & 0xFFFFFFFF) - 0x7FFFFFFF)
+        elif mode == TIME_MS:
+            for r in range(n):
+                out[row + r] = np.int64(_read(buf, at + r * size, length))
+        elif mode == TIME_S:
+            for r in range(n):
+                out[row + r] = np.int64(_read(buf, at + r * size, length)) * 1000
+        elif mode == TIME_NTP:
+            for r in range(n):
+                raw = _read(buf, at + r * size, length)
+                secs = np.int64(raw >> np.uint64(32)) - 2_208_988_800
+                frac = np.int64(raw & np.uint64(0xFFFFFFFF))
+                out[row + r] = secs * 1000 + ((frac * 1000) >> 32)
+        elif mode == TIME_DELTA_US:
+            for r in range(n):
+                out[row + r] = export_ms - np.int64(_read(buf, at + r * size, length)) // 1000
+        elif base < 0:  # TIME_SYSUPTIME without a known systemInitTimeMilliseconds
+            for r in range(n):
+                out[row + r] = export_ms
+        else:  # TIME_SYSUPTIME: the 32-bit wrap that puts the time nearest the export time
+            for r in range(n):
+                t = base + np.int64(_read(buf, at + r * size, length))
+                out[row + r] = t + np.int64(np.rint((export_ms - t) / 4294967296.0)) * 4294967296
+        row += n
+
+
+@njit(cache=False, nogil=True)
+def _one_time_for_both(chunk_count: np.ndarray, chunk_layout: np.ndarray, layouts: np.ndarray,
+                       start: np.ndarray, end: np.ndarray) -> None:
+    """A record with only a start or only an end time uses it for both."""
+    row = 0
+    for c in range(len(chunk_count)):
+        n = chunk_count[c]
+        start_mode, end_mode = layouts[chunk_layout[c], _START_MODE], layouts[chunk_layout[c], _END_MODE]
+        if start_mode == TIME_NONE and end_mode != TIME_NONE:
+            start[row : row + n] = end[row : row + n]
+        elif end_mode == TIME_NONE and start_mode != TIME_NONE:
+            end[row : row + n] = start[row : row + n]
+        row += n
+
+
+@njit(cache=False, nogil=True)
+def _nonzero(buf: np.ndarray, at: int, length: int) -> bool:
+    """True when one of the ``length`` bytes at ``at`` is not 0 (a plain loop: numba)."""
+    for k in range(max(length, 0)):  # noqa: SIM110
+        if buf[at + k] != 0:
+            return True
+    return False
+
+
+@njit(cache=False, nogil=True)
+def _address_column(buf: np.ndarray, chunk_start: np.ndarray, chunk_count: np.ndarray,
+                    chunk_layout: np.ndarray, layouts: np.ndarray, slot4: int, slot6: int,
+                    mapped: np.uint64, out: np.ndarray, words: np.ndarray) -> None:
+    """The source (or destination) address, (n, 16) uint8 (``words``: the same memory as (n, 2)
+    uint64): IPv4 in IPv4-mapped form (``mapped``: bytes 8-15 of ::ffff:0.0.0.0 in memory
+    order), IPv6 right-aligned; a record of a template with both families is IPv6 when both its
+    IPv4 addresses are 0.0.0.0 and an IPv6 one is set (:func:`sensors.netflow.fields.addresses`)."""
+    row = 0
+    for c in range(len(chunk_start)):
+        lay = layouts[chunk_layout[c]]
+        size, n = lay[_SIZE], chunk_count[c]
+        s4_o, s4_l, d4_o, d4_l = lay[_SRC4], lay[_SRC4 + 1], lay[_DST4], lay[_DST4 + 1]
+        s6_o, s6_l, d6_o, d6_l = lay[_SRC6], lay[_SRC6 + 1], lay[_DST6], lay[_DST6 + 1]
+        o4, l4, o6, l6 = lay[slot4], lay[slot4 + 1], lay[slot6], lay[slot6 + 1]
+        has4 = s4_l >= 0 or d4_l >= 0
+        has6 = s6_l >= 0 or d6_l >= 0
+        take = min(l6, 16)
+        at = chunk_start[c]
+        for i in range(row, row + n):
+            use6 = has6
+            if has6 and has4:
+                use6 = (np.uint32(_read(buf, at + s4_o, s4_l)) == 0
+                        and np.uint32(_read(buf, at + d4_o, d4_l)) == 0
+                        and (_nonzero(buf, at + s6_o, s6_l) or _nonzero(buf, at + d6_o, d6_l)))
+            words[i, 0] = 0
+            if use6:
+                words[i, 1] = 0
+                if l6 == 16:
+                    out[i, :] = buf[at + o6 : at + o6 + 16]
+                    at += size
+                    continue
+                for k in range(take):
+                    out[i, 16 - take + k] = buf[at + o6 + l6 - take + k]
+            elif l4 == 4:
+                words[i, 1] = mapped
+                out[i, 12] = buf[at + o4]
+                out[i, 13] = buf[at + o4 + 1]
+                out[i, 14] = buf[at + o4 + 2]
+                out[i, 15] = buf[at + o4 + 3]
+            else:
+                words[i, 1] = mapped
+                v4 = np.uint32(_uint(buf, at + o4, l4))
+                out[i, 12] = np.uint8(v4 >> np.uint32(24))
+                out[i, 13] = np.uint8((v4 >> np.uint32(16)) & np.uint32(0xFF))
+                out[i, 14] = np.uint8((v4 >> np.uint32(8)) & np.uint32(0xFF))
+                out[i, 15] = np.uint8(v4 & np.uint32(0xFF))
+            at += size
+        row += n
+
+
+@njit(cache=False, nogil=True)
+def _context_columns(chunk_count: np.ndarray, chunk_layout: np.ndarray, layouts: np.ndarray,
+                     chunk_domain: np.ndarray, chunk_exporter: np.ndarray, chunk_received: np.ndarray,
+                     chunk_rate: np.ndarray, exporters: np.ndarray, time_received: np.ndarray,
+                     exporter: np.ndarray, domain: np.ndarray, version: np.ndarray,
+                     sampling: np.ndarray) -> None:
+    """The columns that come from the data set's context, not its records (``exporters`` and
+    ``exporter``: 16-byte addresses as (m, 2) uint64 words); a sampling rate of 0 reads as 1,
+    rates beyond 32 bits as the largest 32-bit one."""
+    row = 0
+    for c in range(len(chunk_count)):
+        n = chunk_count[c]
+        received = chunk_received[c]
+        dom = np.uint32(chunk_domain[c])
+        rate = np.uint32(min(max(chunk_rate[c], 1), 0xFFFFFFFF))
+        ex0, ex1 = exporters[chunk_exporter[c], 0], exporters[chunk_exporter[c], 1]
+        ver = np.uint16(layouts[chunk_layout[c], _VERSION])
+        time_received[row : row + n] = received
+        domain[row : row + n] = dom
+        version[row : row + n] = ver
+        sampling[row : row + n] = rate
+        for r in range(row, row + n):
+            exporter[r, 0] = ex0
+            exporter[r, 1] = ex1
+        row += n
+
+
+@njit(cache=False, nogil=True)
+def _records(buf: np.ndarray, chunk_start: np.ndarray, chunk_count: np.ndarray, chunk_layout: np.ndarray,
+             chunk_export_ms: np.ndarray, chunk_base: np.ndarray, chunk_domain: np.ndarray,
+             chunk_exporter: np.ndarray, chunk_received: np.ndarray, chunk_rate: np.ndarray,
+             layouts: np.ndarray, exporters: np.ndarray, mapped: np.uint64, time_received: np.ndarray,
+             exporter: np.ndarray, domain: np.ndarray, version: np.ndarray, start: np.ndarray,
+             end: np.ndarray, src_addr: np.ndarray, src_words: np.ndarray, dst_addr: np.ndarray,
+             dst_words: np.ndarray, src_port: np.ndarray, dst_port: np.ndarray, proto: np.ndarray,
+             nbytes: np.ndarray, packets: np.ndarray, sampling: np.ndarray, tcp_flags: np.ndarray,
+             in_if: np.ndarray, out_if: np.ndarray) -> None:
+    where = (chunk_start, chunk_count, chunk_layout, layouts)
+    _context_columns(chunk_count, chunk_layout, layouts, chunk_domain, chunk_exporter, chunk_received,
+                     chunk_rate, exporters, time_received, exporter, domain, version, sampling)
+    _time_column(buf, *where, chunk_export_ms, chunk_base, _START_MODE, _START, start)
+    _time_column(buf, *where, chunk_export_ms, chunk_base, _END_MODE, _END, end)
+    _one_time_for_both(chunk_count, chunk_layout, layouts, start, end)
+    _address_column(buf, *where, _SRC4, _SRC6, mapped, src_addr, src_words)
+    _address_column(buf, *where, _DST4, _DST6, mapped, dst_addr, dst_words)
+    _uint_column(buf, *where, _SRC_PORT, src_port)
+    _uint_column(buf, *where, _DST_PORT, dst_port)
+    _uint_column(buf, *where, _PROTO, proto)
+    _uint_column(buf, *where, _BYTES, nbytes)
+    _uint_column(buf, *where, _PACKETS, packets)
+    _uint_column(buf, *where, _FLAGS, tcp_flags)
+    _uint_column(buf, *where, _IN_IF, in_if)
+    _uint_column(buf, *where, _OUT_IF, out_if)
+
+
+#: Bytes 8-15 of an IPv4-mapped address with its IPv4 part zero, as one word in memory order.
+_MAPPED_HIGH = np.frombuffer(b"\x00\x00\xff\xff\x00\x00\x00\x00", dtype=np.uint64)[0]
+
+
+def decode_records(chunks: Sequence[bytes | memoryview], counts: Sequence[int], layout: Sequence[int],
+                   export_ms: Sequence[int], base: Sequence[int], domain: Sequence[int],
+                   exporter: Sequence[int], received: Sequence[int], rate: Sequence[int],
+                   layouts: np.ndarray, exporters: np.ndarray) -> dict[str, np.ndarray]:
+    """`raw.v1` columns for data sets of fixed-size records, in the order given.
+
+    Per data set (parallel sequences): its record bytes (``counts[i]`` whole records of
+    ``layouts[layout[i]]``), the header's export time in ms, the base of uptime-relative times
+    (v9 sysUptime; IPFIX systemInitTimeMilliseconds or -1), observation domain, index of the
+    exporter's row in ``exporters`` ((m, 16) uint8), receive time (UTC ms) and sampling rate.
+    """
+    n = int(sum(counts))
+    starts = np.zeros(len(chunks), dtype=np.int64)
+    if len(chunks) > 1:
+        np.cumsum(np.fromiter(map(len, chunks[:-1]), dtype=np.int64, count=len(chunks) - 1), out=starts[1:])
+    buf = np.frombuffer(chunks[0] if len(chunks) == 1 else b"".join(chunks), dtype=np.uint8)
+    out: dict[str, np.ndarray] = {
+        "time_received": np.empty(n, dtype=np.int64), "exporter": np.empty((n, 16), dtype=np.uint8),
+        "observation_domain": np.empty(n, dtype=np.uint32), "version": np.empty(n, dtype=np.uint16),
+        "start": np.empty(n, dtype=np.int64), "end": np.empty(n, dtype=np.int64),
+        "src_addr": np.empty((n, 16), dtype=np.uint8), "dst_addr": np.empty((n, 16), dtype=np.uint8),
+        "src_port": np.empty(n, dtype=np.uint16), "dst_port": np.empty(n, dtype=np.uint16),
+        "proto": np.empty(n, dtype=np.uint8), "bytes": np.empty(n, dtype=np.uint64),
+        "packets": np.empty(n, dtype=np.uint64), "sampling_rate": np.empty(n, dtype=np.uint32),
+        "tcp_flags": np.empty(n, dtype=np.uint8), "in_if": np.empty(n, dtype=np.uint32),
+        "out_if": np.empty(n, dtype=np.uint32),
+    }
+
+    def ints(values: Sequence[int]) -> np.ndarray:
+        return np.asarray(values, dtype=np.int64)
+
+    src, dst = out["src_addr"], out["dst_addr"]
+    _records(buf, starts, ints(counts), ints(layout), ints(export_ms), ints(base), ints(domain),
+             ints(exporter), ints(received), ints(rate), layouts,
+             np.ascontiguousarray(exporters, dtype=np.uint8).view(np.uint64), _MAPPED_HIGH,
+             out["time_received"], out["exporter"].view(np.uint64), out["observation_domain"], out["version"],
+             out["start"], out["end"], src, src.view(np.uint64), dst, dst.view(np.uint64),
+             out["src_port"], out["dst_port"], out["proto"], out["bytes"], out["packets"],
+             out["sampling_rate"], out["tcp_flags"], out["in_if"], out["out_if"])
+    return out
+
+
+def grouped_columns(groups: Sequence[tuple[F.Group, np.ndarray | None]],
+                    fallback: Callable[[int], list[dict[str, np.ndarray]]],
+                    exporters: np.ndarray) -> list[dict[str, np.ndarray]]:
+    """Columns of the groups of one decode call, in order: each run of groups with a kernel
+    layout in one :func:`decode_records` call, a group without one (None) by ``fallback(index)``
+    (the numpy code). Groups without records are skipped."""
+    out: list[dict[str, np.ndarray]] = []
+    run: list[tuple[F.Group, np.ndarray]] = []
+
+    def flush() -> None:
+        if not run:
+            return
+        chunks: list[bytes | memoryview] = []
+        counts: list[int] = []
+        which: list[int] = []
+        export_ms: list[int] = []
+        base: list[int] = []
+        domain: list[int] = []
+        exporter: list[int] = []
+        received: list[int] = []
+        rate: list[int] = []
+        for k, (group, _) in enumerate(run):
+            chunks += group.chunks
+            counts += group.counts
+            which += [k] * len(group.counts)
+            export_ms += group.export_ms
+            base += group.base
+            domain += group.domain
+            exporter += group.exporter
+            received += group.received
+            rate += group.sampling
+        if sum(counts):
+            layouts = np.stack([layout for _, layout in run])
+            out.append(decode_records(chunks, counts, which, export_ms, base, domain, exporter, received,
+                                      rate, layouts, exporters))
+        run.clear()
+
+    for i, (group, layout) in enumerate(groups):
+        if layout is None:
+            flush()
+            if sum(group.counts):
+                out.extend(fallback(i))
+        else:
+            run.append((group, layout))
+    flush()
+    return out
+
+
+def warm_up() -> None:
+    """Compile the kernel now (about a second) rather than on the first decoded batch."""
+    where = {F.SRC_V4: (0, 4), F.DST_V4: (4, 4), F.OCTET_DELTA: (8, 4), F.START_UPTIME: (12, 4)}
+    layout = layout_of(where, 16, 9, [(F.START_UPTIME, TIME_SWITCHED)], [])
+    assert layout is not None
+    decode_records([bytes(16)], [1], [0], [0], [0], [0], [0], [0], [1], layout[None, :],
+                   np.zeros((1, 16), dtype=np.uint8))
