@@ -9,6 +9,7 @@ token so a replay anywhere upstream cannot double count.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from typing import TypeAlias
 
 import pyarrow as pa
 
@@ -16,10 +17,13 @@ SCHEMA_HEADER = "flowtally-schema"
 ORIGIN_HEADER = "flowtally-origin"
 
 Headers = Sequence[tuple[str, bytes]]
+#: A message value: bytes, or an Arrow buffer (which Kafka clients take as any bytes-like object;
+#: the sensors hand theirs over without copying it into bytes).
+Value: TypeAlias = bytes | pa.Buffer
 
 # zstd inside the IPC stream (per buffer) rather than Kafka-level compression: no extra Python
 # codec needed by every client, and consumers decompress straight into Arrow buffers.
-_WRITE_OPTIONS = pa.ipc.IpcWriteOptions(compression="zstd")
+WRITE_OPTIONS = pa.ipc.IpcWriteOptions(compression="zstd")
 
 
 class WireError(ValueError):
@@ -30,13 +34,42 @@ class WireError(ValueError):
         self.reason = reason
 
 
+def write_stream(table: pa.Table, options: pa.ipc.IpcWriteOptions = WRITE_OPTIONS,
+                 size: int | None = None) -> pa.Buffer:
+    """``table`` as one Arrow IPC stream (a record batch per chunk), in a buffer of its exact size.
+
+    The stream is written into one allocation of ``size`` bytes (default: the worst case, every
+    buffer stored uncompressed plus framing) and shrunk after: a growing output stream
+    reallocates and copies the message several times on the way to ~0.5 MB (and faults fresh
+    pages in each time), and the shrink gives the unused tail back without moving the bytes.
+    A stream that does not fit ``size`` is written again into a growing stream."""
+    buffer = pa.allocate_buffer(_worst_case_size(table) if size is None else size, resizable=True)
+    sink = pa.FixedSizeBufferWriter(buffer)
+    try:
+        with pa.ipc.new_stream(sink, table.schema, options=options) as writer:
+            writer.write_table(table)
+    except OSError:  # "write out of bounds": the size was short; grow instead
+        stream = pa.BufferOutputStream()
+        with pa.ipc.new_stream(stream, table.schema, options=options) as writer:
+            writer.write_table(table)
+        return stream.getvalue()
+    buffer.resize(sink.tell(), shrink_to_fit=True)
+    return buffer
+
+
+def _worst_case_size(table: pa.Table) -> int:
+    """An upper bound of the IPC stream of ``table``: its buffers (a compressed buffer is at most
+    ~0.4 % bigger than its input, lz4 and zstd alike), per buffer an 8-byte length, padding and
+    a codec frame, and the schema and batch metadata."""
+    data = table.get_total_buffer_size()
+    chunks = table.column(0).num_chunks if table.num_columns else 1
+    buffers = 4 * max(1, table.num_columns) * max(1, chunks)  # at most validity, offsets, data, dictionary
+    return data + data // 128 + 96 * buffers + 16_384 + 256 * table.num_columns
+
+
 def encode_batch(table: pa.Table, schema_name: str) -> tuple[bytes, list[tuple[str, bytes]]]:
     """Serialise ``table`` as one Arrow IPC stream; returns the message value and headers."""
-    sink = pa.BufferOutputStream()
-    with pa.ipc.new_stream(sink, table.schema, options=_WRITE_OPTIONS) as writer:
-        for batch in table.to_batches():
-            writer.write_batch(batch)
-    return sink.getvalue().to_pybytes(), [(SCHEMA_HEADER, schema_name.encode())]
+    return write_stream(table).to_pybytes(), [(SCHEMA_HEADER, schema_name.encode())]
 
 
 def header(headers: Headers | dict[str, bytes] | None, name: str) -> bytes | None:
@@ -51,7 +84,7 @@ def header(headers: Headers | dict[str, bytes] | None, name: str) -> bytes | Non
     return None
 
 
-def decode_batch(value: bytes | None, headers: Headers | dict[str, bytes] | None, schema: pa.Schema,
+def decode_batch(value: Value | None, headers: Headers | dict[str, bytes] | None, schema: pa.Schema,
                  schema_name: str,
                  fill_additive: Callable[[pa.Table], pa.Table] | None = None) -> pa.Table:
     """Parse a message produced by :func:`encode_batch`, checking it carries ``schema_name`` and

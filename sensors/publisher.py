@@ -31,7 +31,7 @@ from aiokafka import AIOKafkaProducer
 from prometheus_client import Counter, Gauge
 
 from flowtally.kafka import MAX_MESSAGE_BYTES
-from flowtally.wire import SCHEMA_HEADER, encode_batch
+from flowtally.wire import SCHEMA_HEADER, WRITE_OPTIONS, Value, write_stream
 from sensors.schema import SCHEMA_NAME
 
 log = logging.getLogger(__name__)
@@ -50,10 +50,14 @@ QUEUED = Gauge("flowtally_sensor_batches_queued", "Messages waiting for Kafka (q
 
 @dataclass(frozen=True, slots=True)
 class Message:
-    """One Kafka message: an encoded batch (``topic`` None = the publisher's default topic)."""
+    """One Kafka message: an encoded batch (``topic`` None = the publisher's default topic).
+
+    ``value`` is the Arrow buffer the batch was written into, handed to the producer as it is
+    (aiokafka copies any bytes-like value into its record batch; a ``bytes`` copy first cost a
+    second pass over every message). It stays referenced here until Kafka acknowledged it."""
 
     key: bytes
-    value: bytes
+    value: Value
     headers: list[tuple[str, bytes]]
     flows: int
     topic: str | None = None
@@ -76,13 +80,8 @@ def encode_messages(table: pa.Table, key: bytes, max_bytes: int = MAX_MESSAGE_BY
     """Encode ``table`` as one message, or split it in halves until each fits ``max_bytes``.
 
     ``compression`` None uses the wire format's default (:func:`flowtally.wire.encode_batch`)."""
-    if compression is None:
-        value, headers = encode_batch(table, schema_name)
-    else:
-        sink = pa.BufferOutputStream()
-        with pa.ipc.new_stream(sink, table.schema, options=_OPTIONS[compression]) as writer:
-            writer.write_table(table)
-        value, headers = sink.getvalue().to_pybytes(), [(SCHEMA_HEADER, schema_name.encode())]
+    value = write_stream(table, WRITE_OPTIONS if compression is None else _OPTIONS[compression])
+    headers = [(SCHEMA_HEADER, schema_name.encode())]
     if len(value) <= max_bytes or table.num_rows <= 1:
         return [Message(key, value, headers, table.num_rows, topic)]
     half = table.num_rows // 2

@@ -6,7 +6,7 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from flowtally.wire import SCHEMA_HEADER, WireError, decode_batch, encode_batch
+from flowtally.wire import SCHEMA_HEADER, WireError, decode_batch, encode_batch, write_stream
 from sensors.publisher import encode_messages
 from sensors.schema import (
     ADDITIVE_COLUMNS,
@@ -79,3 +79,36 @@ def test_big_batches_are_split_to_fit_a_message() -> None:
     assert sum(m.flows for m in messages) == 50_000
     back = pa.concat_tables(decode_batch(m.value, m.headers, RAW_SCHEMA, SCHEMA_NAME) for m in messages)
     assert back.equals(table)
+
+
+@pytest.mark.parametrize("compression", ["none", "lz4", "zstd"])
+def test_write_stream_equals_a_growing_stream(compression: str) -> None:
+    """The presized buffer holds exactly the bytes Arrow's growing output stream would (whole,
+    sliced and multi-chunk tables; a size too small for the stream takes the growing path)."""
+    options = pa.ipc.IpcWriteOptions(compression=None if compression == "none" else compression)
+
+    def growing(table: pa.Table) -> bytes:
+        sink = pa.BufferOutputStream()
+        with pa.ipc.new_stream(sink, table.schema, options=options) as writer:
+            writer.write_table(table)
+        return bytes(sink.getvalue().to_pybytes())
+
+    table = _raw(3000)
+    chunked = pa.concat_tables([table.slice(0, 1000), table.slice(1000)])
+    assert chunked.column(0).num_chunks == 2
+    for t in (table, table.slice(7, 1234), table.slice(2999), chunked, table.slice(0, 0)):
+        expected = growing(t)
+        written = write_stream(t, options)
+        assert written.size == len(expected) and written.to_pybytes() == expected
+        assert write_stream(t, options, size=64).to_pybytes() == expected  # too small: grown instead
+        assert decode_batch(written, [(SCHEMA_HEADER, SCHEMA_NAME.encode())], RAW_SCHEMA, SCHEMA_NAME).equals(t)
+
+
+def test_messages_carry_arrow_buffers_of_the_encoded_batch() -> None:
+    """A sensor's message value is the Arrow buffer itself (no bytes copy), and encode_batch still
+    gives bytes: the same stream."""
+    table = _raw(500)
+    (message,) = encode_messages(table, b"k")
+    assert isinstance(message.value, pa.Buffer)
+    value, _ = encode_batch(table, SCHEMA_NAME)
+    assert isinstance(value, bytes) and message.value.to_pybytes() == value
