@@ -16,17 +16,26 @@ serves its metrics on the metrics port + *i*.
 
 from __future__ import annotations
 
+import os
+
+# Arrow's C++ code allocates from the C++ default pool, which pa.set_memory_pool (in
+# _tune_process) does not change and which is chosen once, when pyarrow loads: the IPC writer's
+# compressed buffers came from mimalloc, which gives freed pages back and faults fresh (huge)
+# pages in for the next batch (0.02-0.03 CPU-s per million flows in the kernel clearing pages,
+# perf in bench_sensor). The CLI imports this module before anything loads pyarrow.
+os.environ.setdefault("ARROW_DEFAULT_MEMORY_POOL", "system")
+
 import argparse
 import asyncio
+import ctypes
+import ctypes.util
 import gc
 import ipaddress
 import logging
-import os
 import signal
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
 from typing import Literal
 
 import numpy as np
@@ -147,37 +156,18 @@ class Allowlist:
         return any(ip.version == net.version and ip in net for net in self._networks)
 
 
-def header_domains(payloads: Sequence[bytes], lengths: np.ndarray | None = None) -> np.ndarray:
-    """:func:`~sensors.completeness.domain_of` of every payload at once (uint32), reading the
-    headers of the joined payloads with numpy; ``lengths`` the payloads' lengths if known."""
-    n = len(payloads)
-    if lengths is None:
-        lengths = np.fromiter(map(len, payloads), dtype=np.int64, count=n)
-    # Only the first 22 bytes of each payload, zero-padded: joining whole payloads copied the
-    # batch twice (and freed it again) per decode, 0.06 CPU-s per million flows measured in the
-    # sensor (py-spy, bench_sensor v9); the header slices cost a few ns each. Zero padding of a
-    # short payload is never read as a domain: the length checks below exclude it.
-    head = np.frombuffer(b"".join([p[:22].ljust(22, b"\0") for p in payloads]),
-                         dtype=np.uint8).reshape(n, 22)
-    zero = head[:, 0] == 0
-    out = np.zeros(n, dtype=np.uint32)
-    v9 = zero & (head[:, 1] == 9) & (lengths >= 20)
-    out[v9] = np.ascontiguousarray(head[v9, 16:20]).view(">u4").ravel()
-    ipfix = zero & (head[:, 1] == 10) & (lengths >= 16)
-    out[ipfix] = np.ascontiguousarray(head[ipfix, 12:16]).view(">u4").ravel()
-    v5 = zero & (head[:, 1] == 5) & (lengths >= 22)
-    out[v5] = head[v5, 20].astype(np.uint32) << 8 | head[v5, 21]
-    return out
-
-
 class _Pending:
-    """One exporter's datagrams waiting to be decoded (parallel lists, no object per datagram)."""
+    """One exporter's datagrams waiting to be decoded (parallel lists, no object per datagram;
+    their lengths and observation domains in the receiver's numpy chunks)."""
 
-    __slots__ = ("payloads", "received", "records", "since")
+    __slots__ = ("domains", "lengths", "payloads", "received", "records", "since", "wakeups")
 
     def __init__(self, since: float) -> None:
         self.payloads: list[bytes] = []
         self.received: list[int] = []
+        self.lengths: list[np.ndarray] = []
+        self.domains: list[np.ndarray] = []
+        self.wakeups: list[int] = []  # the receive times, once per run
         self.records = 0
         self.since = since
 
@@ -272,6 +262,9 @@ class NetflowReceiver:
                 pending = pending_of[exporter] = _Pending(time.monotonic())
             pending.payloads.extend(payloads)
             pending.received.extend([received_ms] * len(payloads))
+            pending.wakeups.append(received_ms)
+            pending.lengths.extend(run.lengths)
+            pending.domains.extend(run.domains)
             pending.records += run.records
             if pending.records >= max_flows:
                 self._flush(exporter)
@@ -321,10 +314,11 @@ class NetflowReceiver:
         if label is None:
             label = self._labels[exporter] = address_text(exporter)
         counts = stats.by_exporter().get(label) or ExporterStats()
-        lengths = np.fromiter(map(len, payloads), dtype=np.int64, count=len(payloads))
+        lengths = _joined(pending.lengths, np.int64)
         _export(label, counts, int(lengths.sum()))
         if self._completeness_topic:
-            self._account(exporter, lengths, payloads, received, counts)
+            self._account(exporter, lengths, _joined(pending.domains, np.uint32), received,
+                          pending.wakeups, counts)
             self._account_rows(exporter, table, "records")
         if table.num_rows:
             offset = 0
@@ -333,18 +327,21 @@ class NetflowReceiver:
                     self._account_rows(exporter, table.slice(offset, message.flows), "dropped_backpressure")
                 offset += message.flows
 
-    def _account(self, exporter: bytes, lengths: np.ndarray, payloads: list[bytes], received: list[int],
-                 counts: ExporterStats) -> None:
+    def _account(self, exporter: bytes, lengths: np.ndarray, domains: np.ndarray, received: list[int],
+                 wakeups: list[int], counts: ExporterStats) -> None:
         """Add a decoded batch to the completeness counts: packets and bytes per (minute,
-        domain) with numpy over the batch (usually one pair), not datagram by datagram."""
-        if not payloads:
+        domain) with numpy over the batch (usually one pair), not datagram by datagram; the
+        datagrams' ``lengths`` and observation ``domains`` as the receiver read them, ``received``
+        their receive times and ``wakeups`` the distinct ones."""
+        if not len(lengths):
             return
         acc = self._completeness
-        domains = header_domains(payloads, lengths)
-        ms = np.asarray(received, dtype=np.int64)
-        if (ms // 60_000 == ms[0] // 60_000).all() and (domains == domains[0]).all():
-            groups = [(int(ms[0]), int(domains[0]), len(payloads), int(lengths.sum()))]
+        # The receive times are a few distinct values (one per wakeup): their extremes decide the
+        # usual one-minute case without an array of them (the clock may step back: not first/last).
+        if min(wakeups) // 60_000 == max(wakeups) // 60_000 and (domains == domains[0]).all():
+            groups = [(received[0], int(domains[0]), len(lengths), int(lengths.sum()))]
         else:
+            ms = np.asarray(received, dtype=np.int64)
             keys = (ms // 60_000) << 32 | domains.astype(np.int64)
             uniq, index = np.unique(keys, return_inverse=True)
             packets = np.bincount(index).tolist()
@@ -358,7 +355,7 @@ class NetflowReceiver:
         errors = sum(counts.errors.values())
         lost = _sequence_lost(counts)
         if errors or lost:  # in the minute and domain of the batch's first datagram
-            row = acc.counts(int(ms[0]), exporter, int(domains[0]))
+            row = acc.counts(received[0], exporter, int(domains[0]))
             row.decode_errors += errors
             row.sequence_lost += lost
 
@@ -398,6 +395,13 @@ class NetflowReceiver:
             for message in encode_messages(table, key, schema_name=COMPLETENESS_SCHEMA,
                                            topic=self._completeness_topic):
                 self._publisher.offer(message)
+
+
+def _joined(chunks: list[np.ndarray], dtype: type[np.generic]) -> np.ndarray:
+    """The receiver's per-call chunks as one array."""
+    if len(chunks) == 1:
+        return chunks[0]
+    return np.concatenate(chunks) if chunks else np.zeros(0, dtype=dtype)
 
 
 def _warm_up() -> None:
@@ -525,12 +529,34 @@ def _tune_process() -> None:
     and 0.30 system CPU-s per million flows. The system allocator keeps them: 10 k faults and
     0.09 CPU-s.
 
+    glibc's malloc serves blocks above a (dynamic) threshold with their own mmap and gives the top
+    of the heap back beyond another: a batch's buffers (hundreds of KB to a few MB, allocated and
+    freed every batch) would be faulted in afresh each time. Both thresholds are raised, so
+    freed memory is reused; the heap keeps the peak of what the sensor held (bounded by its
+    queue and batch sizes).
+
     What start-up created (modules, settings, metrics) lives as long as the process: frozen out
     of the cyclic garbage collector's reach, so the collections the receive path triggers do not
     walk it again and again.
     """
     pa.set_memory_pool(pa.system_memory_pool())
+    _keep_freed_memory()
     gc.freeze()
+
+
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # mallopt(3) parameters (glibc's malloc.h)
+
+
+def _keep_freed_memory(trim: int = 256 << 20, mmap: int = 32 << 20) -> bool:
+    """mallopt(3): serve blocks up to ``mmap`` bytes from the heap and keep up to ``trim`` bytes
+    of freed heap; False where the C library has no mallopt (not glibc)."""
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        return False
+    mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
+    return bool(mallopt(_M_MMAP_THRESHOLD, mmap)) and bool(mallopt(_M_TRIM_THRESHOLD, trim))
 
 
 async def _main(settings: NetflowSettings) -> int:

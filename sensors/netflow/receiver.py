@@ -66,16 +66,26 @@ _V4_MAPPED_PREFIX = b"\x00" * 10 + b"\xff\xff"
 
 
 
+#: Bytes of a datagram's header read for all datagrams of a recvmmsg call at once: version,
+#: count and the observation domain (v9 source ID at 16, IPFIX domain at 12, v5 engine at 20).
+HEAD = 22
+
+
 class Run:
     """Consecutive datagrams of one source address in one wakeup: the 16-byte address (IPv4
-    mapped), the payloads and the flow records their headers announce (:func:`estimate_records`)."""
+    mapped), the payloads, the flow records their headers announce (:func:`estimate_records`)
+    and, in chunks of numpy arrays (one per system call), their lengths (int64) and observation
+    domains (:func:`header_domains`, uint32), read from the receive buffer for a whole call at
+    once so that the completeness accounting does not take every payload apart again."""
 
-    __slots__ = ("payloads", "records", "source")
+    __slots__ = ("domains", "lengths", "payloads", "records", "source")
 
     def __init__(self, source: bytes) -> None:
         self.source = source
         self.payloads: list[bytes] = []
         self.records = 0
+        self.lengths: list[np.ndarray] = []
+        self.domains: list[np.ndarray] = []
 
 
 #: Called once per wakeup with the runs and the receive time in UTC ms.
@@ -106,6 +116,31 @@ def estimate_records_many(heads: np.ndarray, lengths: np.ndarray) -> np.ndarray:
     ipfix = whole & (version == 10)
     out[ipfix] = np.maximum(1, count[ipfix] // 50)
     return out
+
+
+def domains_many(heads: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+    """:func:`~sensors.completeness.domain_of` of many datagrams at once (uint32), from their
+    first :data:`HEAD` bytes (an (n, >= HEAD) uint8 array; bytes past a datagram's length are
+    never read as a domain: the length checks exclude them) and their lengths."""
+    zero = heads[:, 0] == 0
+    out = np.zeros(len(heads), dtype=np.uint32)
+    v9 = zero & (heads[:, 1] == 9) & (lengths >= 20)
+    out[v9] = np.ascontiguousarray(heads[v9, 16:20]).view(">u4").ravel()
+    ipfix = zero & (heads[:, 1] == 10) & (lengths >= 16)
+    out[ipfix] = np.ascontiguousarray(heads[ipfix, 12:16]).view(">u4").ravel()
+    v5 = zero & (heads[:, 1] == 5) & (lengths >= 22)
+    out[v5] = heads[v5, 20].astype(np.uint32) << 8 | heads[v5, 21]
+    return out
+
+
+def header_domains(payloads: list[bytes], lengths: np.ndarray | None = None) -> np.ndarray:
+    """:func:`domains_many` of payloads (``lengths`` their lengths if known), from their first
+    :data:`HEAD` bytes, zero-padded."""
+    n = len(payloads)
+    if lengths is None:
+        lengths = np.fromiter(map(len, payloads), dtype=np.int64, count=n)
+    heads = np.frombuffer(b"".join([p[:HEAD].ljust(HEAD, b"\0") for p in payloads]), dtype=np.uint8)
+    return domains_many(heads.reshape(n, HEAD), lengths)
 
 
 def source_address(host: str) -> bytes:
@@ -180,9 +215,9 @@ class _MultiReader:
         self.fields = np.frombuffer(memoryview(self.headers).cast("B"), dtype=_MMSG)
         names_view = np.frombuffer(memoryview(self.names).cast("B"), dtype=np.uint8)
         self.name_bytes = names_view.reshape(VLEN, _NAME_SIZE)
-        # The first 4 bytes of every slot (version and count of a NetFlow header), and the
-        # fields read back after every call, as views made once.
-        self.heads = np.frombuffer(self.view, dtype=np.uint8).reshape(VLEN, MAX_DATAGRAM)[:, :4]
+        # The first HEAD bytes of every slot (version, count and domain of a NetFlow header),
+        # and the fields read back after every call, as views made once.
+        self.heads = np.frombuffer(self.view, dtype=np.uint8).reshape(VLEN, MAX_DATAGRAM)[:, :HEAD]
         self.namelen, self.controllen = self.fields["namelen"], self.fields["controllen"]
         self.flags, self.lengths = self.fields["flags"], self.fields["len"]
         self.ptr = ctypes.addressof(self.headers)
@@ -340,6 +375,9 @@ class UdpReceiver:
                     self.truncated += 1
         except (BlockingIOError, InterruptedError):
             pass
+        for run in runs:
+            lengths = np.fromiter(map(len, run.payloads), dtype=np.int64, count=len(run.payloads))
+            run.lengths, run.domains = [lengths], [header_domains(run.payloads, lengths)]
         return count
 
     def _read_multi(self, runs: list[Run]) -> int:
@@ -370,14 +408,16 @@ class UdpReceiver:
                 self.truncated += int(np.count_nonzero(truncated))
             if reader.controllen[n - 1]:  # cumulative: the newest datagram has the newest count
                 self._control(reader, n - 1)
-            records = estimate_records_many(reader.heads[:n], sizes)
-            self._split_by_source(reader, n, payloads, records, runs)
+            heads = reader.heads[:n]
+            records = estimate_records_many(heads, sizes)
+            self._split_by_source(reader, n, payloads, records, sizes.astype(np.int64),
+                                  domains_many(heads, sizes), runs)
             if n < want:
                 break  # the socket is drained: a further call would only say EAGAIN
         return count
 
     def _split_by_source(self, reader: _MultiReader, n: int, payloads: list[bytes], records: np.ndarray,
-                         runs: list[Run]) -> None:
+                         lengths: np.ndarray, domains: np.ndarray, runs: list[Run]) -> None:
         """Runs of consecutive datagrams from one source address (usually one run per call)."""
         # sockaddr_in6.sin6_addr (IPv4 arrives mapped on a dual-stack socket), or sockaddr_in.sin_addr
         addrs = reader.name_bytes[:n, 8:24] if reader.v6 else reader.name_bytes[:n, 4:8]
@@ -394,6 +434,8 @@ class UdpReceiver:
             run = runs[-1]
             run.payloads.extend(payloads[a:b])
             run.records += int(records[a:b].sum())
+            run.lengths.append(lengths[a:b])
+            run.domains.append(domains[a:b])
 
     def _control(self, reader: _MultiReader, i: int) -> None:
         """The SO_RXQ_OVFL count in datagram ``i``'s ancillary data, if there."""

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import struct
+from collections import Counter
+
 import numpy as np
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -12,9 +15,12 @@ from sensors.completeness import (
     CompletenessAccumulator,
     domain_of,
     group_counts,
+    minute_of,
 )
-from sensors.netflow.collector import Allowlist, _sequence_lost, header_domains
+from sensors.netflow.collector import Allowlist, NetflowReceiver, NetflowSettings, _sequence_lost
 from sensors.netflow.decoder import ExporterStats
+from sensors.netflow.receiver import Run, header_domains
+from sensors.publisher import Publisher
 from sensors.schema import address16
 
 E = address16("10.0.0.1")
@@ -75,3 +81,43 @@ def test_sequence_lost_is_net_of_late_and_tolerates_old_stats() -> None:
         stats.lost_packets = 5
         stats.late_packets = 2
         assert _sequence_lost(stats) == 3
+
+
+def _v9(source_id: int, seq: int, records: int) -> bytes:
+    """A v9 datagram with its template and ``records`` records of 4-byte address fields."""
+    template = struct.pack("!HHHHHHHH", 0, 16, 256, 2, 8, 4, 12, 4)
+    data = struct.pack("!HH", 256, 4 + 8 * records) + bytes(range(8)) * records
+    return struct.pack("!HHIIII", 9, 2, 1000, 1_700_000_000, seq, source_id) + template + data
+
+
+def test_flush_counts_packets_bytes_records_per_minute_and_domain() -> None:
+    """The datagrams of one exporter's batch, received in two minutes and from two observation
+    domains, land on their own (minute, domain) rows, with the receiver's lengths and domains."""
+    publisher = Publisher(lambda: None, "raw", 10)  # never started: offer() only queues
+    receiver = NetflowReceiver(NetflowSettings(observer="node-a"), publisher, completeness_topic="completeness")
+    wakeups = [(59_990, [_v9(1, 0, 3), _v9(2, 0, 5)]), (60_010, [_v9(1, 1, 7)]), (60_020, [_v9(1, 2, 2)])]
+    expected: Counter[tuple[int, int, str]] = Counter()
+    for ms, payloads in wakeups:
+        run = Run(E)
+        run.payloads.extend(payloads)
+        run.records = sum(struct.unpack_from("!H", p, 2)[0] for p in payloads)
+        lengths = np.array([len(p) for p in payloads], dtype=np.int64)
+        run.lengths.append(lengths)
+        run.domains.append(header_domains(payloads, lengths))
+        receiver._on_datagrams([run], ms)
+        for p in payloads:
+            key = (minute_of(ms), domain_of(p))
+            expected[(*key, "packets")] += 1
+            expected[(*key, "bytes")] += len(p)
+            expected[(*key, "records")] += (len(p) - 20 - 16 - 4) // 8
+    receiver._flush(E)
+    rows = receiver._completeness.take()
+    got: Counter[tuple[int, int, str]] = Counter()
+    for row in rows.to_pylist():
+        assert row["exporter"] == E and row["observer"] == "node-a"
+        minute = int(row["minute"].timestamp() * 1000)
+        for name in ("packets", "bytes", "records"):
+            if row[name]:
+                got[(minute, row["observation_domain"], name)] += row[name]
+    assert got == expected
+    assert {k[:2] for k in got} == {(0, 1), (0, 2), (60_000, 1)}

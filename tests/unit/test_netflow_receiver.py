@@ -5,11 +5,14 @@ from __future__ import annotations
 
 import asyncio
 import socket
+import struct
 
 import numpy as np
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from sensors.completeness import domain_of
 from sensors.netflow.receiver import (
     Run,
     UdpReceiver,
@@ -104,3 +107,41 @@ def test_estimate_records_many_equals_estimate_records(parts: list[tuple[bytes, 
         heads[i, : min(4, len(p))] = list(p[:4])
     lengths = np.array([len(p) for p in payloads], dtype=np.uint32)
     assert estimate_records_many(heads, lengths).tolist() == [estimate_records(p) for p in payloads]
+
+
+def _headers() -> list[bytes]:
+    """Datagrams whose observation domains differ: v9 (source ID), IPFIX (domain ID), v5 (engine
+    type/ID), too short for their version, and not NetFlow; longest first, so that shorter
+    ones land in receive slots holding stale bytes of earlier ones."""
+    v9 = struct.pack("!HHIIII", 9, 3, 1, 2, 3, 0x01020304) + b"\x00" * 40
+    ipfix = struct.pack("!HHIII", 10, 60, 1, 2, 77) + b"\x00" * 44
+    v5 = struct.pack("!HHIIIIBBH", 5, 1, 1, 2, 3, 4, 0x0A, 0x0B, 0) + b"\x00" * 48
+    return [v9, ipfix, v5, v9[:19], ipfix[:15], v5[:21], b"\x00\x09", b"hello", v9]
+
+
+@pytest.mark.parametrize("multi", [True, False])
+def test_runs_carry_lengths_and_domains_of_their_datagrams(multi: bool) -> None:
+    """What the receiver reads from the receive buffer per call (lengths, observation domains)
+    equals reading every payload on its own (len, domain_of), with recvmmsg and without."""
+    payloads = _headers() * 20
+    runs: list[Run] = []
+
+    async def exchange() -> None:
+        sock = open_udp_socket("127.0.0.1", 0, receive_buffer=4 << 20)
+        receiver = UdpReceiver(sock, lambda got, ms: runs.extend(got), multi=multi)
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sender:
+            for payload in payloads:
+                sender.sendto(payload, receiver.address)
+            receiver.start()
+            for _ in range(100):  # bounded wait: 2 s
+                if sum(len(r.payloads) for r in runs) == len(payloads):
+                    break
+                await asyncio.sleep(0.02)
+        receiver.stop()
+
+    asyncio.run(exchange())
+    got = [p for r in runs for p in r.payloads]
+    assert got == payloads
+    assert np.concatenate([c for r in runs for c in r.lengths]).tolist() == [len(p) for p in payloads]
+    assert np.concatenate([c for r in runs for c in r.domains]).tolist() == [domain_of(p) for p in payloads]
+    assert all(sum(map(len, r.lengths)) == len(r.payloads) == sum(map(len, r.domains)) for r in runs)
