@@ -210,6 +210,19 @@ def sampling_column(
     return np.minimum(rate, 0xFFFFFFFF).astype(np.uint32)
 
 
+def add_slices(group: Group, buf: bytes, starts: list[int], lengths: list[int]) -> None:
+    """Append data sets that are slices ``buf[start : start + length]`` (their context lists are
+    the caller's to extend), keeping track of :attr:`Group.source` for the compiled kernel."""
+    view = memoryview(buf)
+    if not group.chunks:
+        group.source = buf
+    if group.source is buf:
+        group.offsets.extend(starts)
+    else:
+        group.source = None
+    group.chunks.extend([view[s : s + k] for s, k in zip(starts, lengths, strict=True)])
+
+
 class Group:
     """Data records of one template layout, plus the header context of each data set.
 
@@ -219,11 +232,16 @@ class Group:
     :func:`sampling_column`).
     """
 
-    __slots__ = ("base", "chunks", "counts", "domain", "export_ms", "exporter", "received", "samplers",
-                 "sampling", "stats")
+    __slots__ = ("base", "chunks", "counts", "domain", "export_ms", "exporter", "offsets", "received",
+                 "samplers", "sampling", "source", "stats")
 
     def __init__(self) -> None:
         self.chunks: list[memoryview | bytes] = []
+        #: While every chunk is a slice of one buffer (a bulk batch's joined datagrams), that
+        #: buffer and where each chunk starts in it: the compiled kernel reads the records there,
+        #: without joining the chunks. None once a chunk came from elsewhere (:meth:`add`).
+        self.source: bytes | None = None
+        self.offsets: list[int] = []
         self.counts: list[int] = []
         self.export_ms: list[int] = []
         self.base: list[int] = []
@@ -238,6 +256,7 @@ class Group:
             received_ms: int, sampling: int, samplers: dict[int, int] | None) -> None:
         """Append one data set's ``n`` records and its context."""
         self.chunks.append(chunk)
+        self.source = None
         self.counts.append(n)
         self.export_ms.append(export_ms)
         self.base.append(base)

@@ -253,7 +253,6 @@ class IpfixBatch:
                 return
             plan.append((key >> 16, template, np.flatnonzero(keys == key)))
         counts.templates += int(scan.joined[a:b].sum())
-        view = memoryview(scan.buf)
         export_ms = head["export"][a:b].astype(np.int64) * 1000
         body = scan.starts[a:b] + scan.data_at[a:b] + 4
         records = np.zeros(b - a, dtype=np.int64)
@@ -268,8 +267,7 @@ class IpfixBatch:
             lengths = scan.data_len[a:b][rows] - 4
             if template.varlen:  # records found at the end of the call (_walk_sets)
                 first = len(group.counts)
-                spans = zip(body[rows].tolist(), lengths.tolist(), strict=True)
-                group.chunks.extend([view[s : s + k] for s, k in spans])
+                F.add_slices(group, scan.buf, body[rows].tolist(), lengths.tolist())
                 group.counts.extend([0] * len(rows))
                 deferred.extend(zip(rows.tolist(), [group] * len(rows), range(first, first + len(rows)),
                                     strict=True))
@@ -279,8 +277,7 @@ class IpfixBatch:
                 records[rows] = per
                 keep = per > 0
                 rows, per = rows[keep], per[keep]
-                spans = zip(body[rows].tolist(), (per * size).tolist(), strict=True)
-                group.chunks.extend([view[s : s + k] for s, k in spans])
+                F.add_slices(group, scan.buf, body[rows].tolist(), (per * size).tolist())
                 group.counts.extend(per.tolist())
                 total = int(per.sum())
                 counts.records += total
@@ -546,13 +543,14 @@ def _walk_sets(plan: _Plan, group: Group) -> tuple[list[int], list[int], list[in
         if buf[stops[i] : ends[i]].any():
             group.stats[i].error("bad_data_record")  # type: ignore[attr-defined]
     group.chunks[:] = [joined]
+    group.source, group.offsets = None, []
     empty = per_set == 0
     if empty.any():
         # Sets without records leave the per-set lists (a biflow's per-set sums need every set
         # to have one); the joined bytes stay as they are, so the starts need no change.
         kept = np.flatnonzero(~empty).tolist()
         for name in Group.__slots__:
-            if name != "chunks":
+            if name not in ("chunks", "source", "offsets"):
                 values = getattr(group, name)
                 setattr(group, name, [values[i] for i in kept])
     return starts.tolist(), consumed.tolist(), added

@@ -328,22 +328,19 @@ def _records(buf: np.ndarray, chunk_start: np.ndarray, chunk_count: np.ndarray, 
 _MAPPED_HIGH = np.frombuffer(b"\x00\x00\xff\xff\x00\x00\x00\x00", dtype=np.uint64)[0]
 
 
-def decode_records(chunks: Sequence[bytes | memoryview], counts: Sequence[int], layout: Sequence[int],
+def decode_records(buf: np.ndarray, starts: np.ndarray, counts: Sequence[int], layout: Sequence[int],
                    export_ms: Sequence[int], base: Sequence[int], domain: Sequence[int],
                    exporter: Sequence[int], received: Sequence[int], rate: Sequence[int],
                    layouts: np.ndarray, exporters: np.ndarray) -> dict[str, np.ndarray]:
     """`raw.v1` columns for data sets of fixed-size records, in the order given.
 
-    Per data set (parallel sequences): its record bytes (``counts[i]`` whole records of
-    ``layouts[layout[i]]``), the header's export time in ms, the base of uptime-relative times
-    (v9 sysUptime; IPFIX systemInitTimeMilliseconds or -1), observation domain, index of the
-    exporter's row in ``exporters`` ((m, 16) uint8), receive time (UTC ms) and sampling rate.
+    Per data set (parallel sequences): where its records start in ``buf`` (uint8), its record
+    count (``counts[i]`` whole records of ``layouts[layout[i]]``), the header's export time in
+    ms, the base of uptime-relative times (v9 sysUptime; IPFIX systemInitTimeMilliseconds or
+    -1), observation domain, index of the exporter's row in ``exporters`` ((m, 16) uint8),
+    receive time (UTC ms) and sampling rate.
     """
     n = int(sum(counts))
-    starts = np.zeros(len(chunks), dtype=np.int64)
-    if len(chunks) > 1:
-        np.cumsum(np.fromiter(map(len, chunks[:-1]), dtype=np.int64, count=len(chunks) - 1), out=starts[1:])
-    buf = np.frombuffer(chunks[0] if len(chunks) == 1 else b"".join(chunks), dtype=np.uint8)
     out: dict[str, np.ndarray] = {
         "time_received": np.empty(n, dtype=np.int64), "exporter": np.empty((n, 16), dtype=np.uint8),
         "observation_domain": np.empty(n, dtype=np.uint32), "version": np.empty(n, dtype=np.uint16),
@@ -382,7 +379,9 @@ def grouped_columns(groups: Sequence[tuple[F.Group, np.ndarray | None]],
     def flush() -> None:
         if not run:
             return
+        source = run[0][0].source
         chunks: list[bytes | memoryview] = []
+        offsets: list[int] = []
         counts: list[int] = []
         which: list[int] = []
         export_ms: list[int] = []
@@ -392,7 +391,10 @@ def grouped_columns(groups: Sequence[tuple[F.Group, np.ndarray | None]],
         received: list[int] = []
         rate: list[int] = []
         for k, (group, _) in enumerate(run):
+            if group.source is None or group.source is not source:
+                source = None
             chunks += group.chunks
+            offsets += group.offsets
             counts += group.counts
             which += [k] * len(group.counts)
             export_ms += group.export_ms
@@ -402,8 +404,16 @@ def grouped_columns(groups: Sequence[tuple[F.Group, np.ndarray | None]],
             received += group.received
             rate += group.sampling
         if sum(counts):
+            if source is not None:  # every record still in the batch's datagrams: read them there
+                buf = np.frombuffer(source, dtype=np.uint8)
+                starts = np.asarray(offsets, dtype=np.int64)
+            else:
+                buf = np.frombuffer(b"".join(chunks), dtype=np.uint8)
+                starts = np.zeros(len(chunks), dtype=np.int64)
+                np.cumsum(np.fromiter(map(len, chunks[:-1]), dtype=np.int64, count=len(chunks) - 1),
+                          out=starts[1:])
             layouts = np.stack([layout for _, layout in run])
-            out.append(decode_records(chunks, counts, which, export_ms, base, domain, exporter, received,
+            out.append(decode_records(buf, starts, counts, which, export_ms, base, domain, exporter, received,
                                       rate, layouts, exporters))
         run.clear()
 
@@ -423,5 +433,7 @@ def warm_up() -> None:
     where = {F.SRC_V4: (0, 4), F.DST_V4: (4, 4), F.OCTET_DELTA: (8, 4), F.START_UPTIME: (12, 4)}
     layout = layout_of(where, 16, 9, [(F.START_UPTIME, TIME_SWITCHED)], [])
     assert layout is not None
-    decode_records([bytes(16)], [1], [0], [0], [0], [0], [0], [0], [1], layout[None, :],
+    # A read-only buffer, as the datagrams' bytes are: numba compiles one version per array kind.
+    buf = np.frombuffer(bytes(16), dtype=np.uint8)
+    decode_records(buf, np.zeros(1, dtype=np.int64), [1], [0], [0], [0], [0], [0], [0], [1], layout[None, :],
                    np.zeros((1, 16), dtype=np.uint8))

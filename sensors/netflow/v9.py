@@ -135,7 +135,6 @@ class V9Batch:
                     track(templates, key3, value, 1, True, counts)
             else:
                 templates.sequences[key3] = (int(seqs[-1]) + 1) % _MOD
-        view = memoryview(scan.buf)
         export_ms = (head["secs"][a:b].astype(np.int64) * 1000)
         uptime = head["uptime"][a:b].astype(np.int64)
         body = scan.starts[a:b] + scan.data_at[a:b] + 4
@@ -152,8 +151,7 @@ class V9Batch:
             group = entry[1]
             m = len(rows)
             key3 = (VERSION, exporter, domain)
-            spans = zip(body[rows].tolist(), (records * size).tolist(), strict=True)
-            group.chunks.extend([view[s : s + k] for s, k in spans])
+            F.add_slices(group, scan.buf, body[rows].tolist(), (records * size).tolist())
             group.counts.extend(records.tolist())
             group.export_ms.extend(export_ms[rows].tolist())
             group.base.extend(uptime[rows].tolist())
