@@ -12,12 +12,12 @@ template refresh) are parsed together with numpy, and only the others are walked
 order between them, so the outcome is the same as walking every datagram (tests hold the two
 paths equal: rows, every counter, template and sequence state).
 
-There is no compiled kernel (yet): measured per flow on 16k-flow batches (tests/benchmarks
-bench_sensor and offline), decoding is 0.22 us for v9 and 0.5 us for IPFIX with a variable-length
-field, out of a sensor total of ~1.1 / ~1.4-1.8 us (receiving, Arrow IPC with lz4, Kafka and
-the event loop being the rest), so even a free decoder would leave the sensor at about 2.5x
-nfcapd's ~0.35 us; numpy keeps the decoder dependency-free and is the reference any kernel
-would be tested against.
+The columns of the usual template layouts (v9, and IPFIX without variable-length fields or
+biflow reverse elements) come from a compiled kernel (:mod:`sensors.netflow.kernel`, numba):
+one pass per column over the records where they lie in the batch's datagrams, instead of the
+numpy steps per field (strided byte-swapping copies, repeats of header values, address
+assembly, time conversion). The numpy code stays the reference implementation (``compiled=False``)
+and the path for every other layout; tests hold the two equal, table for table.
 
 Every datagram is accounted for in :class:`DecodeStats`: it is counted as a packet of its
 exporter, and whatever could not be decoded is counted under a short, stable reason:

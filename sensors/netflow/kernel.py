@@ -359,7 +359,9 @@ def decode_records(buf: np.ndarray, starts: np.ndarray, counts: Sequence[int], l
     src, dst = out["src_addr"], out["dst_addr"]
     _records(buf, starts, ints(counts), ints(layout), ints(export_ms), ints(base), ints(domain),
              ints(exporter), ints(received), ints(rate), layouts,
-             np.ascontiguousarray(exporters, dtype=np.uint8).view(np.uint64), _MAPPED_HIGH,
+             # A writable copy (a few bytes): one array kind whatever the caller's is, so the
+             # kernel compiled by warm_up() is the one used (numba compiles one per kind).
+             np.array(exporters, dtype=np.uint8, order="C").view(np.uint64), _MAPPED_HIGH,
              out["time_received"], out["exporter"].view(np.uint64), out["observation_domain"], out["version"],
              out["start"], out["end"], src, src.view(np.uint64), dst, dst.view(np.uint64),
              out["src_port"], out["dst_port"], out["proto"], out["bytes"], out["packets"],
@@ -435,5 +437,5 @@ def warm_up() -> None:
     assert layout is not None
     # A read-only buffer, as the datagrams' bytes are: numba compiles one version per array kind.
     buf = np.frombuffer(bytes(16), dtype=np.uint8)
-    decode_records(buf, np.zeros(1, dtype=np.int64), [1], [0], [0], [0], [0], [0], [0], [1], layout[None, :],
-                   np.zeros((1, 16), dtype=np.uint8))
+    decode_records(buf, np.zeros(1, dtype=np.int64), [1], [0], [0], [0], [0], [0], [0], [1],
+                   np.stack([layout]), np.frombuffer(bytes(16), dtype=np.uint8).reshape(1, 16))

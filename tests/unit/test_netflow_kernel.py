@@ -270,9 +270,27 @@ def test_uint_reads_any_length_like_numpy() -> None:
         assert np.array_equal(got, expected), length
 
 
-def test_warm_up_compiles_once() -> None:
+def test_warm_up_compiles_the_version_the_decoder_uses() -> None:
+    """The sensor compiles the kernel before it receives (warm_up): decoding real batches after
+    it must not compile another version (seconds of CPU in the middle of the stream)."""
+    from sensors.netflow.generator import (
+        encode_ipfix_packets,
+        encode_packets,
+        synthetic_cluster,
+        synthetic_flows,
+    )
+
     kernel.warm_up()
-    assert kernel._records.signatures  # compiled: the sensor does this before it receives
+    assert len(kernel._records.signatures) == 1
+    cols = synthetic_flows(synthetic_cluster(2), 3000, (2, 0), SECS * 1000 - 2000, span_ms=1000)
+    v9_packets = encode_packets(cols, source_id=1, sequence=0, unix_secs=SECS, uptime_ms=3_600_000).packets
+    ipfix_packets = encode_ipfix_packets(cols, domain=1, sequence=0, export_secs=SECS).packets
+    for packets in (v9_packets, ipfix_packets):
+        store, stats = TemplateStore(), DecodeStats()
+        assert decode_payloads(EXPORTER, packets, [SECS * 1000] * len(packets), store, stats).num_rows == 3000
+        walked = decode_datagrams([Datagram(EXPORTER, SECS * 1000, p) for p in packets], TemplateStore(), stats)
+        assert walked.num_rows == 3000
+    assert len(kernel._records.signatures) == 1, kernel._records.signatures
     table = decode_datagrams([Datagram(EXPORTER, SECS * 1000, v9_build.v9_packet(
         v9_build.template_flowset((256, v9_build.V4_FIELDS)),
         v9_build.data_flowset(256, v9_build.record(v9_build.V4_FIELDS, v9_build.flow(
