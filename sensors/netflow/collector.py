@@ -53,7 +53,7 @@ from sensors.completeness import SCHEMA_NAME as COMPLETENESS_SCHEMA
 from sensors.completeness import CompletenessAccumulator, group_counts
 from sensors.netflow import kernel
 from sensors.netflow.decoder import DecodeStats, ExporterStats, decode_payloads, flush_pending
-from sensors.netflow.receiver import Run, UdpReceiver, open_udp_socket
+from sensors.netflow.receiver import Run, UdpReceiver, domains_many, open_udp_socket
 from sensors.netflow.templates import TemplateStore
 from sensors.publisher import Publisher, encode_messages
 from sensors.schema import address16, address_text, build_raw_table, with_observer
@@ -158,15 +158,15 @@ class Allowlist:
 
 class _Pending:
     """One exporter's datagrams waiting to be decoded (parallel lists, no object per datagram;
-    their lengths and observation domains in the receiver's numpy chunks)."""
+    their lengths and header bytes in the receiver's numpy chunks)."""
 
-    __slots__ = ("domains", "lengths", "payloads", "received", "records", "since", "wakeups")
+    __slots__ = ("heads", "lengths", "payloads", "received", "records", "since", "wakeups")
 
     def __init__(self, since: float) -> None:
         self.payloads: list[bytes] = []
         self.received: list[int] = []
         self.lengths: list[np.ndarray] = []
-        self.domains: list[np.ndarray] = []
+        self.heads: list[np.ndarray] = []
         self.wakeups: list[int] = []  # the receive times, once per run
         self.records = 0
         self.since = since
@@ -264,7 +264,7 @@ class NetflowReceiver:
             pending.received.extend([received_ms] * len(payloads))
             pending.wakeups.append(received_ms)
             pending.lengths.extend(run.lengths)
-            pending.domains.extend(run.domains)
+            pending.heads.extend(run.heads)
             pending.records += run.records
             if pending.records >= max_flows:
                 self._flush(exporter)
@@ -314,11 +314,11 @@ class NetflowReceiver:
         if label is None:
             label = self._labels[exporter] = address_text(exporter)
         counts = stats.by_exporter().get(label) or ExporterStats()
-        lengths = _joined(pending.lengths, np.int64)
+        lengths = _joined(pending.lengths)
         _export(label, counts, int(lengths.sum()))
         if self._completeness_topic:
-            self._account(exporter, lengths, _joined(pending.domains, np.uint32), received,
-                          pending.wakeups, counts)
+            domains = domains_many(np.concatenate(pending.heads), lengths)
+            self._account(exporter, lengths, domains, received, pending.wakeups, counts)
             self._account_rows(exporter, table, "records")
         if table.num_rows:
             offset = 0
@@ -331,7 +331,7 @@ class NetflowReceiver:
                  wakeups: list[int], counts: ExporterStats) -> None:
         """Add a decoded batch to the completeness counts: packets and bytes per (minute,
         domain) with numpy over the batch (usually one pair), not datagram by datagram; the
-        datagrams' ``lengths`` and observation ``domains`` as the receiver read them, ``received``
+        datagrams' ``lengths`` and observation ``domains`` (from the receiver's header bytes), ``received``
         their receive times and ``wakeups`` the distinct ones."""
         if not len(lengths):
             return
@@ -397,11 +397,11 @@ class NetflowReceiver:
                 self._publisher.offer(message)
 
 
-def _joined(chunks: list[np.ndarray], dtype: type[np.generic]) -> np.ndarray:
-    """The receiver's per-call chunks as one array."""
+def _joined(chunks: list[np.ndarray]) -> np.ndarray:
+    """The receiver's per-call chunks of lengths as one array."""
     if len(chunks) == 1:
         return chunks[0]
-    return np.concatenate(chunks) if chunks else np.zeros(0, dtype=dtype)
+    return np.concatenate(chunks) if chunks else np.zeros(0, dtype=np.int64)
 
 
 def _warm_up() -> None:

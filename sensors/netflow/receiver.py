@@ -74,18 +74,21 @@ HEAD = 22
 class Run:
     """Consecutive datagrams of one source address in one wakeup: the 16-byte address (IPv4
     mapped), the payloads, the flow records their headers announce (:func:`estimate_records`)
-    and, in chunks of numpy arrays (one per system call), their lengths (int64) and observation
-    domains (:func:`header_domains`, uint32), read from the receive buffer for a whole call at
-    once so that the completeness accounting does not take every payload apart again."""
+    and, in chunks of numpy arrays (one per system call), their lengths (int64) and first
+    :data:`HEAD` bytes ((n, HEAD) uint8, zero-padded where shorter), copied from the receive
+    buffer for a whole call at once: the completeness accounting reads the observation domains
+    from them (:func:`domains_many`) once per decoded batch, without taking every payload apart
+    again (measured per flush of ~530 datagrams: 126 us from the payloads, 25 us from the
+    copied headers; per call, reading the domains in place cost as much as it saved)."""
 
-    __slots__ = ("domains", "lengths", "payloads", "records", "source")
+    __slots__ = ("heads", "lengths", "payloads", "records", "source")
 
     def __init__(self, source: bytes) -> None:
         self.source = source
         self.payloads: list[bytes] = []
         self.records = 0
         self.lengths: list[np.ndarray] = []
-        self.domains: list[np.ndarray] = []
+        self.heads: list[np.ndarray] = []
 
 
 #: Called once per wakeup with the runs and the receive time in UTC ms.
@@ -133,14 +136,16 @@ def domains_many(heads: np.ndarray, lengths: np.ndarray) -> np.ndarray:
     return out
 
 
-def header_domains(payloads: list[bytes], lengths: np.ndarray | None = None) -> np.ndarray:
-    """:func:`domains_many` of payloads (``lengths`` their lengths if known), from their first
-    :data:`HEAD` bytes, zero-padded."""
-    n = len(payloads)
-    if lengths is None:
-        lengths = np.fromiter(map(len, payloads), dtype=np.int64, count=n)
-    heads = np.frombuffer(b"".join([p[:HEAD].ljust(HEAD, b"\0") for p in payloads]), dtype=np.uint8)
-    return domains_many(heads.reshape(n, HEAD), lengths)
+def header_bytes(payloads: list[bytes]) -> np.ndarray:
+    """The first :data:`HEAD` bytes of each payload, zero-padded: an (n, HEAD) uint8 array."""
+    joined = b"".join([p[:HEAD].ljust(HEAD, b"\0") for p in payloads])
+    return np.frombuffer(joined, dtype=np.uint8).reshape(len(payloads), HEAD)
+
+
+def header_domains(payloads: list[bytes]) -> np.ndarray:
+    """:func:`domains_many` of payloads."""
+    lengths = np.fromiter(map(len, payloads), dtype=np.int64, count=len(payloads))
+    return domains_many(header_bytes(payloads), lengths)
 
 
 def source_address(host: str) -> bytes:
@@ -377,7 +382,7 @@ class UdpReceiver:
             pass
         for run in runs:
             lengths = np.fromiter(map(len, run.payloads), dtype=np.int64, count=len(run.payloads))
-            run.lengths, run.domains = [lengths], [header_domains(run.payloads, lengths)]
+            run.lengths, run.heads = [lengths], [header_bytes(run.payloads)]
         return count
 
     def _read_multi(self, runs: list[Run]) -> int:
@@ -411,13 +416,13 @@ class UdpReceiver:
             heads = reader.heads[:n]
             records = estimate_records_many(heads, sizes)
             self._split_by_source(reader, n, payloads, records, sizes.astype(np.int64),
-                                  domains_many(heads, sizes), runs)
+                                  heads.copy(), runs)
             if n < want:
                 break  # the socket is drained: a further call would only say EAGAIN
         return count
 
     def _split_by_source(self, reader: _MultiReader, n: int, payloads: list[bytes], records: np.ndarray,
-                         lengths: np.ndarray, domains: np.ndarray, runs: list[Run]) -> None:
+                         lengths: np.ndarray, heads: np.ndarray, runs: list[Run]) -> None:
         """Runs of consecutive datagrams from one source address (usually one run per call)."""
         # sockaddr_in6.sin6_addr (IPv4 arrives mapped on a dual-stack socket), or sockaddr_in.sin_addr
         addrs = reader.name_bytes[:n, 8:24] if reader.v6 else reader.name_bytes[:n, 4:8]
@@ -435,7 +440,7 @@ class UdpReceiver:
             run.payloads.extend(payloads[a:b])
             run.records += int(records[a:b].sum())
             run.lengths.append(lengths[a:b])
-            run.domains.append(domains[a:b])
+            run.heads.append(heads[a:b])
 
     def _control(self, reader: _MultiReader, i: int) -> None:
         """The SO_RXQ_OVFL count in datagram ``i``'s ancillary data, if there."""

@@ -19,7 +19,7 @@ from sensors.completeness import (
 )
 from sensors.netflow.collector import Allowlist, NetflowReceiver, NetflowSettings, _sequence_lost
 from sensors.netflow.decoder import ExporterStats
-from sensors.netflow.receiver import Run, header_domains
+from sensors.netflow.receiver import Run, header_bytes, header_domains
 from sensors.publisher import Publisher
 from sensors.schema import address16
 
@@ -103,7 +103,7 @@ def test_flush_counts_packets_bytes_records_per_minute_and_domain() -> None:
         run.records = sum(struct.unpack_from("!H", p, 2)[0] for p in payloads)
         lengths = np.array([len(p) for p in payloads], dtype=np.int64)
         run.lengths.append(lengths)
-        run.domains.append(header_domains(payloads, lengths))
+        run.heads.append(header_bytes(payloads))
         receiver._on_datagrams([run], ms)
         for p in payloads:
             key = (minute_of(ms), domain_of(p))

@@ -16,6 +16,7 @@ from sensors.completeness import domain_of
 from sensors.netflow.receiver import (
     Run,
     UdpReceiver,
+    domains_many,
     estimate_records,
     estimate_records_many,
     open_udp_socket,
@@ -121,8 +122,8 @@ def _headers() -> list[bytes]:
 
 @pytest.mark.parametrize("multi", [True, False])
 def test_runs_carry_lengths_and_domains_of_their_datagrams(multi: bool) -> None:
-    """What the receiver reads from the receive buffer per call (lengths, observation domains)
-    equals reading every payload on its own (len, domain_of), with recvmmsg and without."""
+    """What the receiver copies from the receive buffer per call (lengths, header bytes) gives
+    what reading every payload on its own does (len, domain_of), with recvmmsg and without."""
     payloads = _headers() * 20
     runs: list[Run] = []
 
@@ -143,5 +144,7 @@ def test_runs_carry_lengths_and_domains_of_their_datagrams(multi: bool) -> None:
     got = [p for r in runs for p in r.payloads]
     assert got == payloads
     assert np.concatenate([c for r in runs for c in r.lengths]).tolist() == [len(p) for p in payloads]
-    assert np.concatenate([c for r in runs for c in r.domains]).tolist() == [domain_of(p) for p in payloads]
-    assert all(sum(map(len, r.lengths)) == len(r.payloads) == sum(map(len, r.domains)) for r in runs)
+    lengths = np.concatenate([c for r in runs for c in r.lengths])
+    heads = np.concatenate([c for r in runs for c in r.heads])
+    assert domains_many(heads, lengths).tolist() == [domain_of(p) for p in payloads]
+    assert all(sum(map(len, r.lengths)) == len(r.payloads) == sum(map(len, r.heads)) for r in runs)
