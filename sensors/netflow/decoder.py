@@ -12,8 +12,8 @@ template refresh) are parsed together with numpy, and only the others are walked
 order between them, so the outcome is the same as walking every datagram (tests hold the two
 paths equal: rows, every counter, template and sequence state).
 
-The columns of the usual template layouts (v9, and IPFIX without variable-length fields or
-biflow reverse elements) come from a compiled kernel (:mod:`sensors.netflow.kernel`, numba):
+The columns of the usual template layouts (v9, and IPFIX without biflow reverse elements;
+variable-length fields repacked first) come from a compiled kernel (:mod:`sensors.netflow.kernel`, numba):
 one pass per column over the records where they lie in the batch's datagrams, instead of the
 numpy steps per field (strided byte-swapping copies, repeats of header values, address
 assembly, time conversion). The numpy code stays the reference implementation (``compiled=False``)

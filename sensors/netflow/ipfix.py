@@ -404,9 +404,16 @@ class IpfixBatch:
                     out.extend(_group_columns(plan, group, starts, consumed, exporters))
             return out
         layouts = [(group, _kernel_layout(plan, group)) for plan, group, _, _ in entries]
-        for (plan, group, _, _), (_, layout) in zip(entries, layouts, strict=True):
-            if layout is not None:
-                _count_missing_init(plan.where, group)
+        for (plan, group, starts, consumed), (_, layout) in zip(entries, layouts, strict=True):
+            if layout is None:
+                continue
+            _count_missing_init(plan.where, group)
+            if plan.gather is not None:
+                # Variable-length records: the kernel reads the fixed-size records repacked out
+                # of them, set after set.
+                size = plan.fixed.record_length
+                group.source = _repack(b"".join(group.chunks), plan, starts, consumed)
+                group.offsets = [0, *np.cumsum(np.asarray(group.counts[:-1], dtype=np.int64) * size).tolist()]
         return kernel.grouped_columns(layouts, lambda i: _group_columns(*entries[i], exporters), exporters)
 
 
@@ -739,10 +746,11 @@ _KERNEL_END = _kernel_ids(_END)
 
 
 def _kernel_layout(plan: _Plan, group: Group) -> np.ndarray | None:
-    """The compiled kernel's layout for a group of fixed-length records without a reverse
-    direction and per-sampler rates, else None (the numpy code)."""
+    """The compiled kernel's layout for a group of records without a reverse direction and
+    per-sampler rates (of the repacked fixed-length fields if it has variable-length ones),
+    else None (the numpy code)."""
     where = plan.where
-    if plan.gather is not None or plan.has_reverse or not group.counts or not sum(group.counts):
+    if plan.has_reverse or not group.counts or not sum(group.counts):
         return None
     if (F.SAMPLER_ID in where or F.SELECTOR_ID in where) and any(group.samplers):
         return None

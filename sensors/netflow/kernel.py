@@ -8,10 +8,11 @@ one compiled pass that reads every field big-endian where it lies and writes eac
 once, for all the records of several layouts (so one decode call gives one column set, without
 a concatenation).
 
-It only covers the usual layouts (:func:`layout_of` says which); the numpy code stays the
-reference implementation, and the fallback for the rest: options data, IPFIX biflows and
-variable-length fields, sampling fields in the flow records, per-sampler-ID rates. Tests hold
-the two equal (tests/unit/test_netflow_v9.py, test_netflow_ipfix.py, test_netflow_kernel.py).
+It covers the usual layouts (:func:`layout_of` says which), IPFIX records with
+variable-length fields once repacked into fixed-size ones; the numpy code stays the reference
+implementation, and the fallback for the rest: options data, IPFIX biflows, sampling fields in
+the flow records, per-sampler-ID rates. Tests hold the two equal (tests/unit/test_netflow_v9.py,
+test_netflow_ipfix.py, test_netflow_kernel.py).
 
 The kernel is compiled on first use, in-process (no on-disk cache: the sensor's container has a
 read-only root filesystem, and compiling costs about a second); the sensor calls
@@ -369,6 +370,30 @@ def decode_records(buf: np.ndarray, starts: np.ndarray, counts: Sequence[int], l
     return out
 
 
+def _records_buffer(groups: Sequence[F.Group]) -> tuple[np.ndarray, np.ndarray]:
+    """One buffer holding the records of every data set of ``groups``, and where each set
+    starts in it: the buffer their records already lie in when they share one
+    (:attr:`~sensors.netflow.fields.Group.source`, the usual case), else a join."""
+    source = groups[0].source
+    if source is not None and all(g.source is source for g in groups):
+        offsets = [o for g in groups for o in g.offsets]
+        return np.frombuffer(source, dtype=np.uint8), np.asarray(offsets, dtype=np.int64)
+    pieces: list[bytes | memoryview] = []
+    starts: list[int] = []
+    at = 0
+    for group in groups:
+        if group.source is not None:
+            pieces.append(group.source)
+            starts += [at + o for o in group.offsets]
+            at += len(group.source)
+        else:
+            for chunk in group.chunks:
+                pieces.append(chunk)
+                starts.append(at)
+                at += len(chunk)
+    return np.frombuffer(b"".join(pieces), dtype=np.uint8), np.asarray(starts, dtype=np.int64)
+
+
 def grouped_columns(groups: Sequence[tuple[F.Group, np.ndarray | None]],
                     fallback: Callable[[int], list[dict[str, np.ndarray]]],
                     exporters: np.ndarray) -> list[dict[str, np.ndarray]]:
@@ -381,9 +406,6 @@ def grouped_columns(groups: Sequence[tuple[F.Group, np.ndarray | None]],
     def flush() -> None:
         if not run:
             return
-        source = run[0][0].source
-        chunks: list[bytes | memoryview] = []
-        offsets: list[int] = []
         counts: list[int] = []
         which: list[int] = []
         export_ms: list[int] = []
@@ -393,10 +415,6 @@ def grouped_columns(groups: Sequence[tuple[F.Group, np.ndarray | None]],
         received: list[int] = []
         rate: list[int] = []
         for k, (group, _) in enumerate(run):
-            if group.source is None or group.source is not source:
-                source = None
-            chunks += group.chunks
-            offsets += group.offsets
             counts += group.counts
             which += [k] * len(group.counts)
             export_ms += group.export_ms
@@ -406,14 +424,7 @@ def grouped_columns(groups: Sequence[tuple[F.Group, np.ndarray | None]],
             received += group.received
             rate += group.sampling
         if sum(counts):
-            if source is not None:  # every record still in the batch's datagrams: read them there
-                buf = np.frombuffer(source, dtype=np.uint8)
-                starts = np.asarray(offsets, dtype=np.int64)
-            else:
-                buf = np.frombuffer(b"".join(chunks), dtype=np.uint8)
-                starts = np.zeros(len(chunks), dtype=np.int64)
-                np.cumsum(np.fromiter(map(len, chunks[:-1]), dtype=np.int64, count=len(chunks) - 1),
-                          out=starts[1:])
+            buf, starts = _records_buffer([group for group, _ in run])
             layouts = np.stack([layout for _, layout in run])
             out.append(decode_records(buf, starts, counts, which, export_ms, base, domain, exporter, received,
                                       rate, layouts, exporters))

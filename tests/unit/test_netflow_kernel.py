@@ -137,19 +137,21 @@ def _layout(rng: random.Random, times: list[tuple[tuple[int, int], tuple[int, ..
 
 def _records(rng: random.Random, fields: list[tuple[int, int]], n: int, near: dict[int, int]) -> bytes:
     """``n`` records of random bytes, with time fields near ``near[type]`` (so uptime-relative
-    times land on both sides of the 32-bit wrap) and, often, IPv4 addresses of 0.0.0.0."""
-    size = sum(length for _, length in fields)
-    out = bytearray(rng.randbytes(size * n))
-    for i in range(n):
-        offset = i * size
+    times land on both sides of the 32-bit wrap), often IPv4 addresses of 0.0.0.0, and IPFIX
+    variable-length values (``ipfix_build.VAR``) of 0-300 bytes (1- and 3-byte length prefixes)."""
+    out = bytearray()
+    for _ in range(n):
         zero4 = rng.random() < 0.3
         for ftype, length in fields:
-            if ftype in near and length <= 8:
-                value = (near[ftype] + rng.randint(-5000, 5000)) % (1 << (8 * length))
-                out[offset : offset + length] = value.to_bytes(length, "big")
+            if length == ipfix_build.VAR:
+                value = rng.randbytes(rng.choice([0, 1, 5, 12, 254, 255, 300]))
+                out += (bytes([len(value)]) if len(value) < 255 else b"\xff" + len(value).to_bytes(2, "big")) + value
+            elif ftype in near and length <= 8:
+                out += ((near[ftype] + rng.randint(-5000, 5000)) % (1 << (8 * length))).to_bytes(length, "big")
             elif (ftype in (8, 12) and zero4) or (ftype in (27, 28) and rng.random() < 0.1):
-                out[offset : offset + length] = bytes(length)
-            offset += length
+                out += bytes(length)
+            else:
+                out += rng.randbytes(length)
     return bytes(out)
 
 
@@ -197,6 +199,9 @@ def _ipfix_stream(seed: int) -> list[bytes]:
             154: _ntp(secs * 1000 - 10), 155: _ntp(secs * 1000), 150: secs - 3, 151: secs, 158: 3_000_000,
             159: 1000, 22: up - 3000, 21: up - 1000}
     layouts = {256 + k: _layout(rng, _IPFIX_TIMES) for k in range(rng.randint(1, 3))}
+    for fields in layouts.values():
+        if rng.random() < 0.3:  # a variable-length field (interfaceName): repacked, then the kernel
+            fields.insert(rng.randrange(len(fields) + 1), (82, ipfix_build.VAR))
     tpl = ipfix_build.template_set(*layouts.items())  # type: ignore[arg-type]
     out = [ipfix_build.message(tpl, secs=secs)]
     if init is not None:
