@@ -96,25 +96,8 @@ def _uint(buf: np.ndarray, pos: int, length: int) -> np.uint64:
     return value
 
 
-@njit(cache=False, nogil=True, inline="always")
-def _read(buf: np.ndarray, pos: int, length: int) -> np.uint64:
-    """:func:`_uint` with the usual lengths (4, 8, 2, 1) unrolled."""
-    if length == 4:
-        return np.uint64((np.uint32(buf[pos]) << np.uint32(24)) | (np.uint32(buf[pos + 1]) << np.uint32(16))
-                         | (np.uint32(buf[pos + 2]) << np.uint32(8)) | np.uint32(buf[pos + 3]))
-    if length == 8:
-        high = ((np.uint32(buf[pos]) << np.uint32(24)) | (np.uint32(buf[pos + 1]) << np.uint32(16))
-                | (np.uint32(buf[pos + 2]) << np.uint32(8)) | np.uint32(buf[pos + 3]))
-        low = ((np.uint32(buf[pos + 4]) << np.uint32(24)) | (np.uint32(buf[pos + 5]) << np.uint32(16))
-               | (np.uint32(buf[pos + 6]) << np.uint32(8)) | np.uint32(buf[pos + 7]))
-        return (np.uint64(high) << np.uint64(32)) | np.uint64(low)
-    if length == 2:
-        return np.uint64((np.uint32(buf[pos]) << np.uint32(8)) | np.uint32(buf[pos + 1]))
-    if length == 1:
-        return np.uint64(buf[pos])
-    return _uint(buf, pos, length)
-
-
+# Plain loops throughout, no array slicing: numba compiles slice assignments into much more
+# code (seconds of compile time each).
 # The kernel works column by column: each helper below fills one output column (or two) for
 # every record of every data set, with the layout's choices (field length, time source) made
 # once per data set, outside the loop over its records. Helpers are separate compiled functions
@@ -123,28 +106,30 @@ def _read(buf: np.ndarray, pos: int, length: int) -> np.uint64:
 
 
 @njit(cache=False, nogil=True)
-def _uint_column(buf: np.ndarray, chunk_start: np.ndarray, chunk_count: np.ndarray, chunk_layout: np.ndarray,
+def _read_column(buf: np.ndarray, chunk_start: np.ndarray, chunk_count: np.ndarray, chunk_layout: np.ndarray,
                  layouts: np.ndarray, slot: int, out: np.ndarray) -> None:
-    """out[row] = the field at ``slot`` of each record, big-endian, cast to out's type (the low
-    bits, as numpy's astype); 0 where the layout has no such field."""
+    """out[row] (uint64) = the field at ``slot`` of each record, big-endian; 0 where the layout
+    has no such field. The one place that reads fields: the other columns convert its output."""
     row = 0
     for c in range(len(chunk_start)):
         lay = layouts[chunk_layout[c]]
         size, at, n = lay[_SIZE], chunk_start[c] + lay[slot], chunk_count[c]
         length = lay[slot + 1]
         # One loop per usual length, so that the length test is not made per record.
-        if length == 1:
+        if length == 4:
             for r in range(n):
-                out[row + r] = buf[at + r * size]
+                p = at + r * size
+                out[row + r] = ((np.uint64(buf[p]) << np.uint64(24))
+                                | (np.uint64(buf[p + 1]) << np.uint64(16))
+                                | (np.uint64(buf[p + 2]) << np.uint64(8))
+                                | np.uint64(buf[p + 3]))
         elif length == 2:
             for r in range(n):
-                out[row + r] = _read(buf, at + r * size, 2)
-        elif length == 4:
+                p = at + r * size
+                out[row + r] = (np.uint64(buf[p]) << np.uint64(8)) | np.uint64(buf[p + 1])
+        elif length == 1:
             for r in range(n):
-                out[row + r] = _read(buf, at + r * size, 4)
-        elif length == 8:
-            for r in range(n):
-                out[row + r] = _read(buf, at + r * size, 8)
+                out[row + r] = buf[at + r * size]
         else:
             for r in range(n):
                 out[row + r] = _uint(buf, at + r * size, length)
@@ -152,46 +137,48 @@ def _uint_column(buf: np.ndarray, chunk_start: np.ndarray, chunk_count: np.ndarr
 
 
 @njit(cache=False, nogil=True)
-def _time_column(buf: np.ndarray, chunk_start: np.ndarray, chunk_count: np.ndarray, chunk_layout: np.ndarray,
-                 layouts: np.ndarray, chunk_export_ms: np.ndarray, chunk_base: np.ndarray, mode_slot: int,
-                 slot: int, out: np.ndarray) -> None:
-    """The start (or end) of every record in UTC ms from the layout's time field, exactly as the
-    numpy code converts it (same integer wrap-around); the export time where there is none."""
+def _narrow(values: np.ndarray, out: np.ndarray) -> None:
+    """out = values cast to out's type (the low bits, as numpy's astype)."""
+    for r in range(len(values)):
+        out[r] = values[r]
+
+
+@njit(cache=False, nogil=True)
+def _time_column(raw: np.ndarray, chunk_count: np.ndarray, chunk_layout: np.ndarray, layouts: np.ndarray,
+                 chunk_export_ms: np.ndarray, chunk_base: np.ndarray, mode_slot: int,
+                 out: np.ndarray) -> None:
+    """The start (or end) of every record in UTC ms from its time field's value (``raw``, from
+    :func:`_read_column`), exactly as the numpy code converts it (same integer wrap-around); the
+    export time where the layout has none."""
     row = 0
-    for c in range(len(chunk_start)):
-        lay = layouts[chunk_layout[c]]
+    for c in range(len(chunk_count)):
         n, export_ms, base = chunk_count[c], chunk_export_ms[c], chunk_base[c]
-        mode, size, length = lay[mode_slot], lay[_SIZE], lay[slot + 1]
-        at = chunk_start[c] + lay[slot]
-        if mode == TIME_NONE:
-            for r in range(n):
-                out[row + r] = export_ms
-        elif mode == TIME_SWITCHED:  # v9 FIRST/LAST_SWITCHED, relative to the header's sysUptime
-            for r in range(n):
-                age = base - np.int64(_read(buf, at + r * size, length))
-                out[row + r] = export_ms - (((age + 0x7FFFFFFF) & 0xFFFFFFFF) - 0x7FFFFFFF)
+        mode = layouts[chunk_layout[c], mode_slot]
+        if mode == TIME_SWITCHED:  # v9 FIRST/LAST_SWITCHED, relative to the header's sysUptime
+            for r in range(row, row + n):
+                age = base - np.int64(raw[r])
+                out[r] = export_ms - (((age + 0x7FFFFFFF) & 0xFFFFFFFF) - 0x7FFFFFFF)
         elif mode == TIME_MS:
-            for r in range(n):
-                out[row + r] = np.int64(_read(buf, at + r * size, length))
+            for r in range(row, row + n):
+                out[r] = np.int64(raw[r])
         elif mode == TIME_S:
-            for r in range(n):
-                out[row + r] = np.int64(_read(buf, at + r * size, length)) * 1000
+            for r in range(row, row + n):
+                out[r] = np.int64(raw[r]) * 1000
         elif mode == TIME_NTP:
-            for r in range(n):
-                raw = _read(buf, at + r * size, length)
-                secs = np.int64(raw >> np.uint64(32)) - 2_208_988_800
-                frac = np.int64(raw & np.uint64(0xFFFFFFFF))
-                out[row + r] = secs * 1000 + ((frac * 1000) >> 32)
+            for r in range(row, row + n):
+                secs = np.int64(raw[r] >> np.uint64(32)) - 2_208_988_800
+                frac = np.int64(raw[r] & np.uint64(0xFFFFFFFF))
+                out[r] = secs * 1000 + ((frac * 1000) >> 32)
         elif mode == TIME_DELTA_US:
-            for r in range(n):
-                out[row + r] = export_ms - np.int64(_read(buf, at + r * size, length)) // 1000
-        elif base < 0:  # TIME_SYSUPTIME without a known systemInitTimeMilliseconds
-            for r in range(n):
-                out[row + r] = export_ms
-        else:  # TIME_SYSUPTIME: the 32-bit wrap that puts the time nearest the export time
-            for r in range(n):
-                t = base + np.int64(_read(buf, at + r * size, length))
-                out[row + r] = t + np.int64(np.rint((export_ms - t) / 4294967296.0)) * 4294967296
+            for r in range(row, row + n):
+                out[r] = export_ms - np.int64(raw[r]) // 1000
+        elif mode == TIME_SYSUPTIME and base >= 0:  # the 32-bit wrap nearest the export time
+            for r in range(row, row + n):
+                t = base + np.int64(raw[r])
+                out[r] = t + np.int64(np.rint((export_ms - t) / 4294967296.0)) * 4294967296
+        else:  # no time field, or uptime-relative without a known systemInitTimeMilliseconds
+            for r in range(row, row + n):
+                out[r] = export_ms
         row += n
 
 
@@ -204,9 +191,11 @@ def _one_time_for_both(chunk_count: np.ndarray, chunk_layout: np.ndarray, layout
         n = chunk_count[c]
         start_mode, end_mode = layouts[chunk_layout[c], _START_MODE], layouts[chunk_layout[c], _END_MODE]
         if start_mode == TIME_NONE and end_mode != TIME_NONE:
-            start[row : row + n] = end[row : row + n]
+            for r in range(row, row + n):
+                start[r] = end[r]
         elif end_mode == TIME_NONE and start_mode != TIME_NONE:
-            end[row : row + n] = start[row : row + n]
+            for r in range(row, row + n):
+                end[r] = start[r]
         row += n
 
 
@@ -241,16 +230,12 @@ def _address_column(buf: np.ndarray, chunk_start: np.ndarray, chunk_count: np.nd
         for i in range(row, row + n):
             use6 = has6
             if has6 and has4:
-                use6 = (np.uint32(_read(buf, at + s4_o, s4_l)) == 0
-                        and np.uint32(_read(buf, at + d4_o, d4_l)) == 0
+                use6 = (np.uint32(_uint(buf, at + s4_o, s4_l)) == 0
+                        and np.uint32(_uint(buf, at + d4_o, d4_l)) == 0
                         and (_nonzero(buf, at + s6_o, s6_l) or _nonzero(buf, at + d6_o, d6_l)))
             words[i, 0] = 0
             if use6:
                 words[i, 1] = 0
-                if l6 == 16:
-                    out[i, :] = buf[at + o6 : at + o6 + 16]
-                    at += size
-                    continue
                 for k in range(take):
                     out[i, 16 - take + k] = buf[at + o6 + l6 - take + k]
             elif l4 == 4:
@@ -287,11 +272,11 @@ def _context_columns(chunk_count: np.ndarray, chunk_layout: np.ndarray, layouts:
         rate = np.uint32(min(max(chunk_rate[c], 1), 0xFFFFFFFF))
         ex0, ex1 = exporters[chunk_exporter[c], 0], exporters[chunk_exporter[c], 1]
         ver = np.uint16(layouts[chunk_layout[c], _VERSION])
-        time_received[row : row + n] = received
-        domain[row : row + n] = dom
-        version[row : row + n] = ver
-        sampling[row : row + n] = rate
         for r in range(row, row + n):
+            time_received[r] = received
+            domain[r] = dom
+            version[r] = ver
+            sampling[r] = rate
             exporter[r, 0] = ex0
             exporter[r, 1] = ex1
         row += n
@@ -310,19 +295,28 @@ def _records(buf: np.ndarray, chunk_start: np.ndarray, chunk_count: np.ndarray, 
     where = (chunk_start, chunk_count, chunk_layout, layouts)
     _context_columns(chunk_count, chunk_layout, layouts, chunk_domain, chunk_exporter, chunk_received,
                      chunk_rate, exporters, time_received, exporter, domain, version, sampling)
-    _time_column(buf, *where, chunk_export_ms, chunk_base, _START_MODE, _START, start)
-    _time_column(buf, *where, chunk_export_ms, chunk_base, _END_MODE, _END, end)
+    raw = np.empty(len(time_received), dtype=np.uint64)
+    _read_column(buf, *where, _START, raw)
+    _time_column(raw, chunk_count, chunk_layout, layouts, chunk_export_ms, chunk_base, _START_MODE, start)
+    _read_column(buf, *where, _END, raw)
+    _time_column(raw, chunk_count, chunk_layout, layouts, chunk_export_ms, chunk_base, _END_MODE, end)
     _one_time_for_both(chunk_count, chunk_layout, layouts, start, end)
     _address_column(buf, *where, _SRC4, _SRC6, mapped, src_addr, src_words)
     _address_column(buf, *where, _DST4, _DST6, mapped, dst_addr, dst_words)
-    _uint_column(buf, *where, _SRC_PORT, src_port)
-    _uint_column(buf, *where, _DST_PORT, dst_port)
-    _uint_column(buf, *where, _PROTO, proto)
-    _uint_column(buf, *where, _BYTES, nbytes)
-    _uint_column(buf, *where, _PACKETS, packets)
-    _uint_column(buf, *where, _FLAGS, tcp_flags)
-    _uint_column(buf, *where, _IN_IF, in_if)
-    _uint_column(buf, *where, _OUT_IF, out_if)
+    _read_column(buf, *where, _BYTES, nbytes)
+    _read_column(buf, *where, _PACKETS, packets)
+    _read_column(buf, *where, _SRC_PORT, raw)
+    _narrow(raw, src_port)
+    _read_column(buf, *where, _DST_PORT, raw)
+    _narrow(raw, dst_port)
+    _read_column(buf, *where, _PROTO, raw)
+    _narrow(raw, proto)
+    _read_column(buf, *where, _FLAGS, raw)
+    _narrow(raw, tcp_flags)
+    _read_column(buf, *where, _IN_IF, raw)
+    _narrow(raw, in_if)
+    _read_column(buf, *where, _OUT_IF, raw)
+    _narrow(raw, out_if)
 
 
 #: Bytes 8-15 of an IPv4-mapped address with its IPv4 part zero, as one word in memory order.
