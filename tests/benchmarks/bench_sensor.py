@@ -22,6 +22,9 @@ decoded batch with each compression codec (CPU vs bytes on the wire).
 full speed; DIR/sensor.raw) from healthy to the end of the stream, and prints the sensor's CPU per
 million flows split by what the sampled stacks were doing (receiving, decoding, completeness
 accounting, Arrow IPC, Kafka, ...; each share of the non-idle samples times the measured CPU).
+py-spy also samples the sensor while it is runnable but waiting for a core, which on a busy
+machine inflates whatever wakes another process (a send to the broker wakes Kafka): read the
+shares with ``--perf``'s on-CPU symbols beside them (250 samples a second: ~250 per CPU-second).
 
 ``--perf DIR`` records the sensor with ``perf`` (DIR/perf.data; native and kernel frames: lz4,
 memcpy, page faults, system calls, which py-spy cannot see, and only time on a CPU, where py-spy
@@ -245,7 +248,7 @@ def perf_report(data: Path, top: int = 25) -> str:
 _SPY_RULES = (
     ("select (selectors", "idle: waiting in the event loop's selector"),
     ("encode_messages (", "Arrow IPC + lz4 (encode_messages)"),
-    ("header_domains (", "completeness: datagram headers"),
+    ("domains_many (", "completeness: datagram headers"),
     ("_account_rows (", "completeness: decoded rows"),
     ("_account (", "completeness: datagrams"),
     ("decode_payloads (", "decode (incl. build_raw_table)"),
