@@ -214,12 +214,12 @@ def add_slices(group: Group, buf: bytes, starts: list[int], lengths: list[int]) 
     """Append data sets that are slices ``buf[start : start + length]`` (their context lists are
     the caller's to extend), keeping track of :attr:`Group.source` for the compiled kernel."""
     view = memoryview(buf)
-    if not group.chunks:
+    if group.source is None:
         group.source = buf
     if group.source is buf:
         group.offsets.extend(starts)
-    else:
-        group.source = None
+    else:  # another batch's datagrams (not within one decode call): joined like the others
+        group.offsets.extend([-1] * len(starts))
     group.chunks.extend([view[s : s + k] for s, k in zip(starts, lengths, strict=True)])
 
 
@@ -237,9 +237,9 @@ class Group:
 
     def __init__(self) -> None:
         self.chunks: list[memoryview | bytes] = []
-        #: While every chunk is a slice of one buffer (a bulk batch's joined datagrams), that
-        #: buffer and where each chunk starts in it: the compiled kernel reads the records there,
-        #: without joining the chunks. None once a chunk came from elsewhere (:meth:`add`).
+        #: The bulk batch's joined datagrams the chunks were sliced from (:func:`add_slices`),
+        #: and where each chunk starts in it (-1: a chunk from elsewhere, :meth:`add`): the
+        #: compiled kernel reads the records there instead of joining the chunks.
         self.source: bytes | None = None
         self.offsets: list[int] = []
         self.counts: list[int] = []
@@ -256,7 +256,7 @@ class Group:
             received_ms: int, sampling: int, samplers: dict[int, int] | None) -> None:
         """Append one data set's ``n`` records and its context."""
         self.chunks.append(chunk)
-        self.source = None
+        self.offsets.append(-1)
         self.counts.append(n)
         self.export_ms.append(export_ms)
         self.base.append(base)

@@ -412,8 +412,11 @@ class IpfixBatch:
                 # Variable-length records: the kernel reads the fixed-size records repacked out
                 # of them, set after set.
                 size = plan.fixed.record_length
-                group.source = _repack(b"".join(group.chunks), plan, starts, consumed)
-                group.offsets = [0, *np.cumsum(np.asarray(group.counts[:-1], dtype=np.int64) * size).tolist()]
+                repacked = _repack(b"".join(group.chunks), plan, starts, consumed)
+                ends = (np.cumsum(np.asarray(group.counts, dtype=np.int64)) * size).tolist()
+                view = memoryview(repacked)
+                group.source, group.offsets = repacked, [0, *ends[:-1]]
+                group.chunks = [view[a:b] for a, b in zip(group.offsets, ends, strict=True)]
         return kernel.grouped_columns(layouts, lambda i: _group_columns(*entries[i], exporters), exporters)
 
 
@@ -550,7 +553,7 @@ def _walk_sets(plan: _Plan, group: Group) -> tuple[list[int], list[int], list[in
         if buf[stops[i] : ends[i]].any():
             group.stats[i].error("bad_data_record")  # type: ignore[attr-defined]
     group.chunks[:] = [joined]
-    group.source, group.offsets = None, []
+    group.source, group.offsets = None, []  # the kernel reads the repacked records (see columns())
     empty = per_set == 0
     if empty.any():
         # Sets without records leave the per-set lists (a biflow's per-set sums need every set

@@ -366,26 +366,23 @@ def decode_records(buf: np.ndarray, starts: np.ndarray, counts: Sequence[int], l
 
 def _records_buffer(groups: Sequence[F.Group]) -> tuple[np.ndarray, np.ndarray]:
     """One buffer holding the records of every data set of ``groups``, and where each set
-    starts in it: the buffer their records already lie in when they share one
-    (:attr:`~sensors.netflow.fields.Group.source`, the usual case), else a join."""
-    source = groups[0].source
-    if source is not None and all(g.source is source for g in groups):
-        offsets = [o for g in groups for o in g.offsets]
-        return np.frombuffer(source, dtype=np.uint8), np.asarray(offsets, dtype=np.int64)
-    pieces: list[bytes | memoryview] = []
-    starts: list[int] = []
-    at = 0
-    for group in groups:
-        if group.source is not None:
-            pieces.append(group.source)
-            starts += [at + o for o in group.offsets]
-            at += len(group.source)
-        else:
-            for chunk in group.chunks:
-                pieces.append(chunk)
-                starts.append(at)
-                at += len(chunk)
-    return np.frombuffer(b"".join(pieces), dtype=np.uint8), np.asarray(starts, dtype=np.int64)
+    starts in it: the buffer most sets were sliced from (a bulk batch's joined datagrams,
+    :attr:`~sensors.netflow.fields.Group.source`), with the few sets that came from elsewhere
+    (walked one by one, or held for their template) appended to a copy of it."""
+    main = max(groups, key=lambda g: len(g.chunks)).source
+    offsets = np.asarray([o for g in groups
+                          for o in (g.offsets if g.source is main else [-1] * len(g.chunks))], dtype=np.int64)
+    elsewhere = np.flatnonzero(offsets < 0)
+    if main is not None and not len(elsewhere):
+        return np.frombuffer(main, dtype=np.uint8), offsets
+    chunks = [c for g in groups for c in g.chunks]
+    pieces: list[bytes | memoryview] = [main] if main is not None else []
+    at = len(main) if main is not None else 0
+    for i in elsewhere.tolist():
+        pieces.append(chunks[i])
+        offsets[i] = at
+        at += len(chunks[i])
+    return np.frombuffer(b"".join(pieces), dtype=np.uint8), offsets
 
 
 def grouped_columns(groups: Sequence[tuple[F.Group, np.ndarray | None]],
