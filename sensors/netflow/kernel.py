@@ -4,8 +4,8 @@
 a few numpy steps over strided views of the records (a byte-swapping ``astype`` per field, a
 ``repeat`` per header value, address assembly, time conversion): about twenty passes over the
 data and as many temporary arrays per template layout. :func:`decode_records` does the same in
-compiled loops, one per column, that read each field big-endian where the record lies (in the
-batch's joined datagrams, no copy) and write the output column once, for all the records of
+one compiled loop over the records, reading each field big-endian where the record lies (in the
+batch's joined datagrams, no copy) and writing every output column once, for all the records of
 several layouts (so one decode call gives one column set, without a concatenation).
 
 It covers the usual layouts (:func:`layout_of` says which), IPFIX records with
@@ -14,10 +14,10 @@ implementation, and the fallback for the rest: options data, IPFIX biflows, samp
 the flow records, per-sampler-ID rates. Tests hold the two equal (tests/unit/test_netflow_v9.py,
 test_netflow_ipfix.py, test_netflow_kernel.py).
 
-The kernel is compiled in-process on first use: 5-6 CPU-s (measured on the development
+The kernel is compiled in-process on first use: about 3 CPU-s (measured on the development
 machine), which the sensor spends in :func:`warm_up` before it receives, so no datagram waits
 for the compiler. There is no on-disk cache (``cache=True``): it would bring a restart down to
-0.2 CPU-s, but needs a writable directory (``NUMBA_CACHE_DIR``), which the sensor's container
+about 0.2 CPU-s, but needs a writable directory (``NUMBA_CACHE_DIR``), which the sensor's container
 does not have (read-only root filesystem), and numba fails a cached function it cannot store;
 and most starts are new pods, which would compile anyway.
 """
@@ -84,178 +84,8 @@ def layout_of(where: Mapping[int, tuple[int, int]], size: int, version: int,
     return row
 
 
-@njit(cache=False, nogil=True, inline="always")
-def _uint(buf: np.ndarray, pos: int, length: int) -> np.uint64:
-    """A big-endian unsigned field of any length (0 bytes or absent: 0; more than 8: its low 64
-    bits)."""
-    value = np.uint64(0)
-    if length <= 0:
-        return value
-    if length > 8:
-        pos += length - 8
-        length = 8
-    for k in range(length):
-        value = (value << np.uint64(8)) | np.uint64(buf[pos + k])
-    return value
-
-
 # Plain loops throughout, no array slicing: numba compiles slice assignments into much more
 # code (seconds of compile time each).
-# The kernel works column by column: each helper below fills one output column (or two) for
-# every record of every data set, with the layout's choices (field length, time source) made
-# once per data set, outside the loop over its records. Helpers are separate compiled functions
-# taking arrays, called a few times per batch: numba would count references to the arrays at
-# every call, so they are never called per record.
-
-
-@njit(cache=False, nogil=True)
-def _read_column(buf: np.ndarray, chunk_start: np.ndarray, chunk_count: np.ndarray, chunk_layout: np.ndarray,
-                 layouts: np.ndarray, slot: int, out: np.ndarray) -> None:
-    """out[row] (uint64) = the field at ``slot`` of each record, big-endian; 0 where the layout
-    has no such field. The one place that reads fields: the other columns convert its output."""
-    row = 0
-    for c in range(len(chunk_start)):
-        lay = layouts[chunk_layout[c]]
-        size, at, n = lay[_SIZE], chunk_start[c] + lay[slot], chunk_count[c]
-        length = lay[slot + 1]
-        # One loop per usual length, so that the length test is not made per record.
-        if length == 4:
-            for r in range(n):
-                p = at + r * size
-                out[row + r] = ((np.uint64(buf[p]) << np.uint64(24))
-                                | (np.uint64(buf[p + 1]) << np.uint64(16))
-                                | (np.uint64(buf[p + 2]) << np.uint64(8))
-                                | np.uint64(buf[p + 3]))
-        elif length == 2:
-            for r in range(n):
-                p = at + r * size
-                out[row + r] = (np.uint64(buf[p]) << np.uint64(8)) | np.uint64(buf[p + 1])
-        elif length == 1:
-            for r in range(n):
-                out[row + r] = buf[at + r * size]
-        else:
-            for r in range(n):
-                out[row + r] = _uint(buf, at + r * size, length)
-        row += n
-
-
-@njit(cache=False, nogil=True)
-def _narrow(values: np.ndarray, out: np.ndarray) -> None:
-    """out = values cast to out's type (the low bits, as numpy's astype)."""
-    for r in range(len(values)):
-        out[r] = values[r]
-
-
-@njit(cache=False, nogil=True)
-def _time_column(raw: np.ndarray, chunk_count: np.ndarray, chunk_layout: np.ndarray, layouts: np.ndarray,
-                 chunk_export_ms: np.ndarray, chunk_base: np.ndarray, mode_slot: int,
-                 out: np.ndarray) -> None:
-    """The start (or end) of every record in UTC ms from its time field's value (``raw``, from
-    :func:`_read_column`), exactly as the numpy code converts it (same integer wrap-around); the
-    export time where the layout has none."""
-    row = 0
-    for c in range(len(chunk_count)):
-        n, export_ms, base = chunk_count[c], chunk_export_ms[c], chunk_base[c]
-        mode = layouts[chunk_layout[c], mode_slot]
-        if mode == TIME_SWITCHED:  # v9 FIRST/LAST_SWITCHED, relative to the header's sysUptime
-            for r in range(row, row + n):
-                age = base - np.int64(raw[r])
-                out[r] = export_ms - (((age + 0x7FFFFFFF) & 0xFFFFFFFF) - 0x7FFFFFFF)
-        elif mode == TIME_MS:
-            for r in range(row, row + n):
-                out[r] = np.int64(raw[r])
-        elif mode == TIME_S:
-            for r in range(row, row + n):
-                out[r] = np.int64(raw[r]) * 1000
-        elif mode == TIME_NTP:
-            for r in range(row, row + n):
-                secs = np.int64(raw[r] >> np.uint64(32)) - 2_208_988_800
-                frac = np.int64(raw[r] & np.uint64(0xFFFFFFFF))
-                out[r] = secs * 1000 + ((frac * 1000) >> 32)
-        elif mode == TIME_DELTA_US:
-            for r in range(row, row + n):
-                out[r] = export_ms - np.int64(raw[r]) // 1000
-        elif mode == TIME_SYSUPTIME and base >= 0:  # the 32-bit wrap nearest the export time
-            for r in range(row, row + n):
-                t = base + np.int64(raw[r])
-                out[r] = t + np.int64(np.rint((export_ms - t) / 4294967296.0)) * 4294967296
-        else:  # no time field, or uptime-relative without a known systemInitTimeMilliseconds
-            for r in range(row, row + n):
-                out[r] = export_ms
-        row += n
-
-
-@njit(cache=False, nogil=True)
-def _one_time_for_both(chunk_count: np.ndarray, chunk_layout: np.ndarray, layouts: np.ndarray,
-                       start: np.ndarray, end: np.ndarray) -> None:
-    """A record with only a start or only an end time uses it for both."""
-    row = 0
-    for c in range(len(chunk_count)):
-        n = chunk_count[c]
-        start_mode, end_mode = layouts[chunk_layout[c], _START_MODE], layouts[chunk_layout[c], _END_MODE]
-        if start_mode == TIME_NONE and end_mode != TIME_NONE:
-            for r in range(row, row + n):
-                start[r] = end[r]
-        elif end_mode == TIME_NONE and start_mode != TIME_NONE:
-            for r in range(row, row + n):
-                end[r] = start[r]
-        row += n
-
-
-@njit(cache=False, nogil=True)
-def _nonzero(buf: np.ndarray, at: int, length: int) -> bool:
-    """True when one of the ``length`` bytes at ``at`` is not 0 (a plain loop: numba)."""
-    for k in range(max(length, 0)):  # noqa: SIM110
-        if buf[at + k] != 0:
-            return True
-    return False
-
-
-@njit(cache=False, nogil=True)
-def _address_column(buf: np.ndarray, chunk_start: np.ndarray, chunk_count: np.ndarray,
-                    chunk_layout: np.ndarray, layouts: np.ndarray, slot4: int, slot6: int,
-                    mapped: np.uint64, out: np.ndarray, words: np.ndarray) -> None:
-    """The source (or destination) address, (n, 16) uint8 (``words``: the same memory as (n, 2)
-    uint64): IPv4 in IPv4-mapped form (``mapped``: bytes 8-15 of ::ffff:0.0.0.0 in memory
-    order), IPv6 right-aligned; a record of a template with both families is IPv6 when both its
-    IPv4 addresses are 0.0.0.0 and an IPv6 one is set (:func:`sensors.netflow.fields.addresses`)."""
-    row = 0
-    for c in range(len(chunk_start)):
-        lay = layouts[chunk_layout[c]]
-        size, n = lay[_SIZE], chunk_count[c]
-        s4_o, s4_l, d4_o, d4_l = lay[_SRC4], lay[_SRC4 + 1], lay[_DST4], lay[_DST4 + 1]
-        s6_o, s6_l, d6_o, d6_l = lay[_SRC6], lay[_SRC6 + 1], lay[_DST6], lay[_DST6 + 1]
-        o4, l4, o6, l6 = lay[slot4], lay[slot4 + 1], lay[slot6], lay[slot6 + 1]
-        has4 = s4_l >= 0 or d4_l >= 0
-        has6 = s6_l >= 0 or d6_l >= 0
-        take = min(l6, 16)
-        at = chunk_start[c]
-        for i in range(row, row + n):
-            use6 = has6
-            if has6 and has4:
-                use6 = (np.uint32(_uint(buf, at + s4_o, s4_l)) == 0
-                        and np.uint32(_uint(buf, at + d4_o, d4_l)) == 0
-                        and (_nonzero(buf, at + s6_o, s6_l) or _nonzero(buf, at + d6_o, d6_l)))
-            words[i, 0] = 0
-            if use6:
-                words[i, 1] = 0
-                for k in range(take):
-                    out[i, 16 - take + k] = buf[at + o6 + l6 - take + k]
-            elif l4 == 4:
-                words[i, 1] = mapped
-                out[i, 12] = buf[at + o4]
-                out[i, 13] = buf[at + o4 + 1]
-                out[i, 14] = buf[at + o4 + 2]
-                out[i, 15] = buf[at + o4 + 3]
-            else:
-                words[i, 1] = mapped
-                v4 = np.uint32(_uint(buf, at + o4, l4))
-                out[i, 12] = np.uint8(v4 >> np.uint32(24))
-                out[i, 13] = np.uint8((v4 >> np.uint32(16)) & np.uint32(0xFF))
-                out[i, 14] = np.uint8((v4 >> np.uint32(8)) & np.uint32(0xFF))
-                out[i, 15] = np.uint8(v4 & np.uint32(0xFF))
-            at += size
-        row += n
 
 
 @njit(cache=False, nogil=True)
@@ -286,6 +116,37 @@ def _context_columns(chunk_count: np.ndarray, chunk_layout: np.ndarray, layouts:
 
 
 @njit(cache=False, nogil=True)
+def _low8(offset: int, length: int) -> tuple[int, int]:
+    """Where the low 64 bits of a field are: a field longer than 8 bytes keeps its last 8."""
+    if length > 8:
+        return offset + length - 8, 8
+    return offset, length
+
+
+@njit(cache=False, nogil=True)
+def _convert(raw: np.uint64, mode: int, export_ms: int, base: int) -> np.int64:
+    """A start or end time in UTC ms from its field's value, exactly as the numpy code converts
+    it (same integer wrap-around); the export time where there is no field."""
+    if mode == TIME_SWITCHED:  # v9 FIRST/LAST_SWITCHED, relative to the header's sysUptime
+        age = base - np.int64(raw)
+        return export_ms - (((age + 0x7FFFFFFF) & 0xFFFFFFFF) - 0x7FFFFFFF)
+    if mode == TIME_MS:
+        return np.int64(raw)
+    if mode == TIME_S:
+        return np.int64(raw) * 1000
+    if mode == TIME_NTP:
+        secs = np.int64(raw >> np.uint64(32)) - 2_208_988_800
+        frac = np.int64(raw & np.uint64(0xFFFFFFFF))
+        return secs * 1000 + ((frac * 1000) >> 32)
+    if mode == TIME_DELTA_US:
+        return export_ms - np.int64(raw) // 1000
+    if mode == TIME_SYSUPTIME and base >= 0:  # the 32-bit wrap nearest the export time
+        t = base + np.int64(raw)
+        return t + np.int64(np.rint((export_ms - t) / 4294967296.0)) * 4294967296
+    return np.int64(export_ms)  # no time field, or uptime-relative without systemInitTimeMilliseconds
+
+
+@njit(cache=False, nogil=True)
 def _records(buf: np.ndarray, chunk_start: np.ndarray, chunk_count: np.ndarray, chunk_layout: np.ndarray,
              chunk_export_ms: np.ndarray, chunk_base: np.ndarray, chunk_domain: np.ndarray,
              chunk_exporter: np.ndarray, chunk_received: np.ndarray, chunk_rate: np.ndarray,
@@ -295,31 +156,120 @@ def _records(buf: np.ndarray, chunk_start: np.ndarray, chunk_count: np.ndarray, 
              dst_words: np.ndarray, src_port: np.ndarray, dst_port: np.ndarray, proto: np.ndarray,
              nbytes: np.ndarray, packets: np.ndarray, sampling: np.ndarray, tcp_flags: np.ndarray,
              in_if: np.ndarray, out_if: np.ndarray) -> None:
-    where = (chunk_start, chunk_count, chunk_layout, layouts)
+    """Every column of every record, record by record (one pass over the datagrams' bytes).
+
+    Written out in one loop on purpose: numba counts references to the arrays passed to a
+    helper at every call, so per-record helpers take scalars only; each field is read with the
+    same short big-endian loop (``_low8`` clipped its offset and length once per data set).
+    """
     _context_columns(chunk_count, chunk_layout, layouts, chunk_domain, chunk_exporter, chunk_received,
                      chunk_rate, exporters, time_received, exporter, domain, version, sampling)
-    raw = np.empty(len(time_received), dtype=np.uint64)
-    _read_column(buf, *where, _START, raw)
-    _time_column(raw, chunk_count, chunk_layout, layouts, chunk_export_ms, chunk_base, _START_MODE, start)
-    _read_column(buf, *where, _END, raw)
-    _time_column(raw, chunk_count, chunk_layout, layouts, chunk_export_ms, chunk_base, _END_MODE, end)
-    _one_time_for_both(chunk_count, chunk_layout, layouts, start, end)
-    _address_column(buf, *where, _SRC4, _SRC6, mapped, src_addr, src_words)
-    _address_column(buf, *where, _DST4, _DST6, mapped, dst_addr, dst_words)
-    _read_column(buf, *where, _BYTES, nbytes)
-    _read_column(buf, *where, _PACKETS, packets)
-    _read_column(buf, *where, _SRC_PORT, raw)
-    _narrow(raw, src_port)
-    _read_column(buf, *where, _DST_PORT, raw)
-    _narrow(raw, dst_port)
-    _read_column(buf, *where, _PROTO, raw)
-    _narrow(raw, proto)
-    _read_column(buf, *where, _FLAGS, raw)
-    _narrow(raw, tcp_flags)
-    _read_column(buf, *where, _IN_IF, raw)
-    _narrow(raw, in_if)
-    _read_column(buf, *where, _OUT_IF, raw)
-    _narrow(raw, out_if)
+    eight = np.uint64(8)
+    row = 0
+    for c in range(len(chunk_start)):
+        lay = layouts[chunk_layout[c]]
+        size, n = lay[_SIZE], chunk_count[c]
+        export_ms, base = chunk_export_ms[c], chunk_base[c]
+        start_mode, end_mode = lay[_START_MODE], lay[_END_MODE]
+        t0_o, t0_l = _low8(lay[_START], lay[_START + 1])
+        t1_o, t1_l = _low8(lay[_END], lay[_END + 1])
+        sp_o, sp_l = _low8(lay[_SRC_PORT], lay[_SRC_PORT + 1])
+        dp_o, dp_l = _low8(lay[_DST_PORT], lay[_DST_PORT + 1])
+        pr_o, pr_l = _low8(lay[_PROTO], lay[_PROTO + 1])
+        fl_o, fl_l = _low8(lay[_FLAGS], lay[_FLAGS + 1])
+        by_o, by_l = _low8(lay[_BYTES], lay[_BYTES + 1])
+        pk_o, pk_l = _low8(lay[_PACKETS], lay[_PACKETS + 1])
+        in_o, in_l = _low8(lay[_IN_IF], lay[_IN_IF + 1])
+        ou_o, ou_l = _low8(lay[_OUT_IF], lay[_OUT_IF + 1])
+        s4_o, s4_l = _low8(lay[_SRC4], lay[_SRC4 + 1])
+        d4_o, d4_l = _low8(lay[_DST4], lay[_DST4 + 1])
+        s6_o, s6_l, d6_o, d6_l = lay[_SRC6], lay[_SRC6 + 1], lay[_DST6], lay[_DST6 + 1]
+        has4 = lay[_SRC4 + 1] >= 0 or lay[_DST4 + 1] >= 0
+        has6 = s6_l >= 0 or d6_l >= 0
+        s6_take, d6_take = min(s6_l, 16), min(d6_l, 16)
+        at = chunk_start[c]
+        for i in range(row, row + n):
+            v = np.uint64(0)
+            for k in range(t0_l):
+                v = (v << eight) | np.uint64(buf[at + t0_o + k])
+            t0 = _convert(v, start_mode, export_ms, base)
+            v = np.uint64(0)
+            for k in range(t1_l):
+                v = (v << eight) | np.uint64(buf[at + t1_o + k])
+            t1 = _convert(v, end_mode, export_ms, base)
+            if start_mode == TIME_NONE and end_mode != TIME_NONE:
+                t0 = t1
+            elif end_mode == TIME_NONE and start_mode != TIME_NONE:
+                t1 = t0
+            start[i] = t0
+            end[i] = t1
+            v = np.uint64(0)
+            for k in range(sp_l):
+                v = (v << eight) | np.uint64(buf[at + sp_o + k])
+            src_port[i] = v
+            v = np.uint64(0)
+            for k in range(dp_l):
+                v = (v << eight) | np.uint64(buf[at + dp_o + k])
+            dst_port[i] = v
+            v = np.uint64(0)
+            for k in range(pr_l):
+                v = (v << eight) | np.uint64(buf[at + pr_o + k])
+            proto[i] = v
+            v = np.uint64(0)
+            for k in range(fl_l):
+                v = (v << eight) | np.uint64(buf[at + fl_o + k])
+            tcp_flags[i] = v
+            v = np.uint64(0)
+            for k in range(by_l):
+                v = (v << eight) | np.uint64(buf[at + by_o + k])
+            nbytes[i] = v
+            v = np.uint64(0)
+            for k in range(pk_l):
+                v = (v << eight) | np.uint64(buf[at + pk_o + k])
+            packets[i] = v
+            v = np.uint64(0)
+            for k in range(in_l):
+                v = (v << eight) | np.uint64(buf[at + in_o + k])
+            in_if[i] = v
+            v = np.uint64(0)
+            for k in range(ou_l):
+                v = (v << eight) | np.uint64(buf[at + ou_o + k])
+            out_if[i] = v
+            # Addresses: IPv4 mapped, IPv6 right-aligned; with both families in the template, a
+            # record is IPv6 when its IPv4 addresses are 0.0.0.0 and an IPv6 one is set.
+            s4 = np.uint64(0)
+            for k in range(s4_l):
+                s4 = (s4 << eight) | np.uint64(buf[at + s4_o + k])
+            d4 = np.uint64(0)
+            for k in range(d4_l):
+                d4 = (d4 << eight) | np.uint64(buf[at + d4_o + k])
+            s4, d4 = s4 & np.uint64(0xFFFFFFFF), d4 & np.uint64(0xFFFFFFFF)
+            use6 = has6
+            if has6 and has4:
+                use6 = False
+                if s4 == 0 and d4 == 0:
+                    for k in range(max(s6_l, 0)):
+                        use6 = use6 or buf[at + s6_o + k] != 0
+                    for k in range(max(d6_l, 0)):
+                        use6 = use6 or buf[at + d6_o + k] != 0
+            src_words[i, 0] = 0
+            dst_words[i, 0] = 0
+            if use6:
+                src_words[i, 1] = 0
+                dst_words[i, 1] = 0
+                for k in range(s6_take):
+                    src_addr[i, 16 - s6_take + k] = buf[at + s6_o + s6_l - s6_take + k]
+                for k in range(d6_take):
+                    dst_addr[i, 16 - d6_take + k] = buf[at + d6_o + d6_l - d6_take + k]
+            else:
+                src_words[i, 1] = mapped
+                dst_words[i, 1] = mapped
+                for k in range(4):
+                    shift = np.uint64(24 - 8 * k)
+                    src_addr[i, 12 + k] = (s4 >> shift) & np.uint64(0xFF)
+                    dst_addr[i, 12 + k] = (d4 >> shift) & np.uint64(0xFF)
+            at += size
+        row += n
 
 
 #: Bytes 8-15 of an IPv4-mapped address with its IPv4 part zero, as one word in memory order.
@@ -436,7 +386,7 @@ def grouped_columns(groups: Sequence[tuple[F.Group, np.ndarray | None]],
 
 
 def warm_up() -> None:
-    """Compile the kernel now (5-6 CPU-s) rather than on the first decoded batch."""
+    """Compile the kernel now (about 3 CPU-s) rather than on the first decoded batch."""
     where = {F.SRC_V4: (0, 4), F.DST_V4: (4, 4), F.OCTET_DELTA: (8, 4), F.START_UPTIME: (12, 4)}
     layout = layout_of(where, 16, 9, [(F.START_UPTIME, TIME_SWITCHED)], [])
     assert layout is not None
