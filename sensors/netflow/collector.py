@@ -408,7 +408,7 @@ def _warm_up() -> None:
     """Build one raw table before receiving: pyarrow imports pandas on the first timestamp
     conversion (about a CPU-second), which would otherwise stall the first batch's datagrams."""
     build_raw_table({"bytes": np.zeros(1, dtype=np.uint64), "end": np.zeros(1, dtype=np.int64)})
-    kernel.warm_up()  # compile the decode kernel (5-6 CPU-s) before the first batch
+    kernel.warm_up()  # compile the decode kernel (~3 CPU-s) before the first batch
 
 
 def _count(counts: ExporterStats, name: str) -> int:
