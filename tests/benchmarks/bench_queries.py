@@ -200,7 +200,11 @@ def backfill(client: Client, found: list[View]) -> dict[str, float]:
         for partition in partitions:
             only = f"{{'{database}.{view.source}': '_partition_id = \\'{partition}\\''}}"
             client.command(f"INSERT INTO {view.target} {view.select} "
-                           f"SETTINGS additional_table_filters = {only}, insert_deduplicate = 0")
+                           f"SETTINGS additional_table_filters = {only}, insert_deduplicate = 0, "
+                           # collapsing each inserted block by key (the default for Summing/Aggregating
+                           # MergeTree) was 5x the insert's cost (1 M rows into flows_1m: 13.1 s vs 2.7 s);
+                           # background merges collapse the parts anyway and reads sum()
+                           "optimize_on_insert = 0")
         seconds[view.name] = time.perf_counter() - started
         print(f"  backfilled {view.target} from {view.source} ({len(partitions)} partitions) "
               f"in {seconds[view.name]:.1f} s", flush=True)
