@@ -51,7 +51,6 @@ from flowtally.metrics import MetricsServer
 from flowtally.settings import CommaList, KafkaSettings, StageSettings, load_settings, parse_hostport
 from sensors.completeness import SCHEMA_NAME as COMPLETENESS_SCHEMA
 from sensors.completeness import CompletenessAccumulator, group_counts
-from sensors.netflow import kernel
 from sensors.netflow.decoder import DecodeStats, ExporterStats, decode_payloads, flush_pending
 from sensors.netflow.receiver import Run, UdpReceiver, domains_many, open_udp_socket
 from sensors.netflow.templates import TemplateStore
@@ -408,7 +407,6 @@ def _warm_up() -> None:
     """Build one raw table before receiving: pyarrow imports pandas on the first timestamp
     conversion (about a CPU-second), which would otherwise stall the first batch's datagrams."""
     build_raw_table({"bytes": np.zeros(1, dtype=np.uint64), "end": np.zeros(1, dtype=np.int64)})
-    kernel.warm_up()  # compile the decode kernel (~3 CPU-s) before the first batch
 
 
 def _count(counts: ExporterStats, name: str) -> int:

@@ -12,12 +12,12 @@ template refresh) are parsed together with numpy, and only the others are walked
 order between them, so the outcome is the same as walking every datagram (tests hold the two
 paths equal: rows, every counter, template and sequence state).
 
-The columns of the usual template layouts (v9, and IPFIX without biflow reverse elements;
-variable-length fields repacked first) come from a compiled kernel (:mod:`sensors.netflow.kernel`, numba):
-one pass per column over the records where they lie in the batch's datagrams, instead of the
-numpy steps per field (strided byte-swapping copies, repeats of header values, address
-assembly, time conversion). The numpy code stays the reference implementation (``compiled=False``)
-and the path for every other layout; tests hold the two equal, table for table.
+There is no compiled kernel, deliberately: a numba kernel writing every column in one pass was
+built and held equal to this code (issue 4), and measured slower on the bulk path (1.07-1.16x
+numpy's CPU per flow in tests/benchmarks/bench_decode, same run; ~0.12 us/flow for v9 either
+way), while costing numba and llvmlite as dependencies and ~3 CPU-s of compilation at each start. numpy's strided ``astype``
+copies are already near memory speed; what is left of the sensor's CPU per flow is receiving,
+Arrow IPC with lz4 and Kafka (tests/benchmarks/bench_sensor ``--perf``).
 
 Every datagram is accounted for in :class:`DecodeStats`: it is counted as a packet of its
 exporter, and whatever could not be decoded is counted under a short, stable reason:
@@ -200,8 +200,7 @@ class DecodeStats:
         }
 
 
-def decode_datagrams(datagrams: Sequence[Datagram], templates: TemplateStore, stats: DecodeStats,
-                     compiled: bool = True) -> pa.Table:
+def decode_datagrams(datagrams: Sequence[Datagram], templates: TemplateStore, stats: DecodeStats) -> pa.Table:
     """Decode NetFlow v5, v9 and IPFIX datagrams into one `raw.v1` table.
 
     Templates found in the datagrams are stored in ``templates`` as the datagrams are walked in
@@ -212,21 +211,18 @@ def decode_datagrams(datagrams: Sequence[Datagram], templates: TemplateStore, st
     Data sets held for a missing template that are older than the store's
     ``max_pending_age_ms`` relative to the newest receive time in this call are dropped at the
     end of the call and counted.
-
-    ``compiled=False`` builds every column with the numpy reference code instead of the
-    compiled kernel (:mod:`sensors.netflow.kernel`): same table, slower.
     """
-    batch = _Batch(templates, stats, compiled)
+    batch = _Batch(templates, stats)
     for datagram in datagrams:
         batch.walk(datagram.exporter, (datagram.payload,), (datagram.received_ms,))
     return batch.table()
 
 
 def decode_payloads(exporter: bytes, payloads: Sequence[bytes], received_ms: Sequence[int],
-                    templates: TemplateStore, stats: DecodeStats, compiled: bool = True) -> pa.Table:
+                    templates: TemplateStore, stats: DecodeStats) -> pa.Table:
     """:func:`decode_datagrams` for datagrams of one exporter given as parallel lists of payloads
     and receive times (UTC ms): what a collector has at hand, without a Datagram per payload."""
-    batch = _Batch(templates, stats, compiled)
+    batch = _Batch(templates, stats)
     batch.walk(exporter, payloads, received_ms)
     return batch.table()
 
@@ -236,12 +232,12 @@ class _Batch:
 
     __slots__ = ("exporter_index", "ipfix", "latest_ms", "per_exporter", "stats", "templates", "v5", "v9")
 
-    def __init__(self, templates: TemplateStore, stats: DecodeStats, compiled: bool) -> None:
+    def __init__(self, templates: TemplateStore, stats: DecodeStats) -> None:
         self.templates = templates
         self.stats = stats
         self.v5 = V5Batch()
-        self.v9 = V9Batch(compiled)
-        self.ipfix = IpfixBatch(compiled)
+        self.v9 = V9Batch()
+        self.ipfix = IpfixBatch()
         self.latest_ms: int | None = None
         self.exporter_index: dict[bytes, int] = {}
         self.per_exporter: dict[bytes, ExporterStats] = {}

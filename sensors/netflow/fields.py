@@ -210,19 +210,6 @@ def sampling_column(
     return np.minimum(rate, 0xFFFFFFFF).astype(np.uint32)
 
 
-def add_slices(group: Group, buf: bytes, starts: list[int], lengths: list[int]) -> None:
-    """Append data sets that are slices ``buf[start : start + length]`` (their context lists are
-    the caller's to extend), keeping track of :attr:`Group.source` for the compiled kernel."""
-    view = memoryview(buf)
-    if group.source is None:
-        group.source = buf
-    if group.source is buf:
-        group.offsets.extend(starts)
-    else:  # another batch's datagrams (not within one decode call): joined like the others
-        group.offsets.extend([-1] * len(starts))
-    group.chunks.extend([view[s : s + k] for s, k in zip(starts, lengths, strict=True)])
-
-
 class Group:
     """Data records of one template layout, plus the header context of each data set.
 
@@ -232,16 +219,11 @@ class Group:
     :func:`sampling_column`).
     """
 
-    __slots__ = ("base", "chunks", "counts", "domain", "export_ms", "exporter", "offsets", "received",
-                 "samplers", "sampling", "source", "stats")
+    __slots__ = ("base", "chunks", "counts", "domain", "export_ms", "exporter", "received", "samplers",
+                 "sampling", "stats")
 
     def __init__(self) -> None:
         self.chunks: list[memoryview | bytes] = []
-        #: The bulk batch's joined datagrams the chunks were sliced from (:func:`add_slices`),
-        #: and where each chunk starts in it (-1: a chunk from elsewhere, :meth:`add`): the
-        #: compiled kernel reads the records there instead of joining the chunks.
-        self.source: bytes | None = None
-        self.offsets: list[int] = []
         self.counts: list[int] = []
         self.export_ms: list[int] = []
         self.base: list[int] = []
@@ -256,7 +238,6 @@ class Group:
             received_ms: int, sampling: int, samplers: dict[int, int] | None) -> None:
         """Append one data set's ``n`` records and its context."""
         self.chunks.append(chunk)
-        self.offsets.append(-1)
         self.counts.append(n)
         self.export_ms.append(export_ms)
         self.base.append(base)

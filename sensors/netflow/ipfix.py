@@ -49,7 +49,6 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from sensors.netflow import fields as F
-from sensors.netflow import kernel
 from sensors.netflow.fields import Group
 from sensors.netflow.sequence import track
 from sensors.netflow.templates import (
@@ -134,12 +133,9 @@ class _Plan:
 class IpfixBatch:
     """The IPFIX messages of one decode call: templates applied as they come, data grouped."""
 
-    __slots__ = ("_applied", "_compiled", "_groups", "_plans", "_tracks")
+    __slots__ = ("_applied", "_groups", "_plans", "_tracks")
 
-    def __init__(self, compiled: bool = True) -> None:
-        #: Columns of fixed-length layouts from the compiled kernel (:mod:`sensors.netflow.kernel`)
-        #: where the layout allows; False: the numpy reference code for every layout.
-        self._compiled = compiled
+    def __init__(self) -> None:
         self._groups: dict[int, tuple[_Plan, Group, list[int], list[int]]] = {}
         self._plans: dict[int, tuple[Template, _Plan]] = {}
         #: Sequence checks, in message order, run once the records of every message are known:
@@ -253,6 +249,7 @@ class IpfixBatch:
                 return
             plan.append((key >> 16, template, np.flatnonzero(keys == key)))
         counts.templates += int(scan.joined[a:b].sum())
+        view = memoryview(scan.buf)
         export_ms = head["export"][a:b].astype(np.int64) * 1000
         body = scan.starts[a:b] + scan.data_at[a:b] + 4
         records = np.zeros(b - a, dtype=np.int64)
@@ -267,7 +264,8 @@ class IpfixBatch:
             lengths = scan.data_len[a:b][rows] - 4
             if template.varlen:  # records found at the end of the call (_walk_sets)
                 first = len(group.counts)
-                F.add_slices(group, scan.buf, body[rows].tolist(), lengths.tolist())
+                spans = zip(body[rows].tolist(), lengths.tolist(), strict=True)
+                group.chunks.extend([view[s : s + k] for s, k in spans])
                 group.counts.extend([0] * len(rows))
                 deferred.extend(zip(rows.tolist(), [group] * len(rows), range(first, first + len(rows)),
                                     strict=True))
@@ -277,7 +275,8 @@ class IpfixBatch:
                 records[rows] = per
                 keep = per > 0
                 rows, per = rows[keep], per[keep]
-                F.add_slices(group, scan.buf, body[rows].tolist(), (per * size).tolist())
+                spans = zip(body[rows].tolist(), (per * size).tolist(), strict=True)
+                group.chunks.extend([view[s : s + k] for s, k in spans])
                 group.counts.extend(per.tolist())
                 total = int(per.sum())
                 counts.records += total
@@ -396,28 +395,11 @@ class IpfixBatch:
     def columns(self, exporters: np.ndarray) -> list[dict[str, np.ndarray]]:
         """Column dicts for every layout seen in this call (two for biflow layouts); call
         :meth:`finish` first."""
-        entries = list(self._groups.values())
-        if not self._compiled:
-            out: list[dict[str, np.ndarray]] = []
-            for plan, group, starts, consumed in entries:
-                if group.counts and sum(group.counts):
-                    out.extend(_group_columns(plan, group, starts, consumed, exporters))
-            return out
-        layouts = [(group, _kernel_layout(plan, group)) for plan, group, _, _ in entries]
-        for (plan, group, starts, consumed), (_, layout) in zip(entries, layouts, strict=True):
-            if layout is None:
-                continue
-            _count_missing_init(plan.where, group)
-            if plan.gather is not None:
-                # Variable-length records: the kernel reads the fixed-size records repacked out
-                # of them, set after set.
-                size = plan.fixed.record_length
-                repacked = _repack(b"".join(group.chunks), plan, starts, consumed)
-                ends = (np.cumsum(np.asarray(group.counts, dtype=np.int64)) * size).tolist()
-                view = memoryview(repacked)
-                group.source, group.offsets = repacked, [0, *ends[:-1]]
-                group.chunks = [view[a:b] for a, b in zip(group.offsets, ends, strict=True)]
-        return kernel.grouped_columns(layouts, lambda i: _group_columns(*entries[i], exporters), exporters)
+        out: list[dict[str, np.ndarray]] = []
+        for plan, group, starts, consumed in self._groups.values():
+            if group.counts and sum(group.counts):
+                out.extend(_group_columns(plan, group, starts, consumed, exporters))
+        return out
 
 
 def _track_many(templates: TemplateStore, stream: tuple[int, bytes, int], sequences: list[int],
@@ -553,14 +535,13 @@ def _walk_sets(plan: _Plan, group: Group) -> tuple[list[int], list[int], list[in
         if buf[stops[i] : ends[i]].any():
             group.stats[i].error("bad_data_record")  # type: ignore[attr-defined]
     group.chunks[:] = [joined]
-    group.source, group.offsets = None, []  # the kernel reads the repacked records (see columns())
     empty = per_set == 0
     if empty.any():
         # Sets without records leave the per-set lists (a biflow's per-set sums need every set
         # to have one); the joined bytes stay as they are, so the starts need no change.
         kept = np.flatnonzero(~empty).tolist()
         for name in Group.__slots__:
-            if name not in ("chunks", "source", "offsets"):
+            if name != "chunks":
                 values = getattr(group, name)
                 setattr(group, name, [values[i] for i in kept])
     return starts.tolist(), consumed.tolist(), added
@@ -728,38 +709,6 @@ _START = (START_MS, START_NS, START_US, START_S, START_DELTA_US, F.START_UPTIME)
 _END = (END_MS, END_NS, END_US, END_S, END_DELTA_US, F.END_UPTIME)
 
 
-def _count_missing_init(where: dict[int, tuple[int, int]], group: Group) -> None:
-    """Count ``missing_system_init_time`` for each set of a group with uptime-relative times
-    whose exporter had not announced systemInitTimeMilliseconds."""
-    if F.START_UPTIME in where or F.END_UPTIME in where:
-        for stats, base in zip(group.stats, group.base, strict=True):
-            if base < 0:
-                stats.error("missing_system_init_time")  # type: ignore[attr-defined]
-
-
-def _kernel_ids(ids: tuple[int, ...]) -> tuple[tuple[int, int], ...]:
-    """:data:`_START` / :data:`_END` with the compiled kernel's time modes, same order."""
-    modes = (kernel.TIME_MS, kernel.TIME_NTP, kernel.TIME_NTP, kernel.TIME_S, kernel.TIME_DELTA_US,
-             kernel.TIME_SYSUPTIME)
-    return tuple(zip(ids, modes, strict=True))
-
-
-_KERNEL_START = _kernel_ids(_START)
-_KERNEL_END = _kernel_ids(_END)
-
-
-def _kernel_layout(plan: _Plan, group: Group) -> np.ndarray | None:
-    """The compiled kernel's layout for a group of records without a reverse direction and
-    per-sampler rates (of the repacked fixed-length fields if it has variable-length ones),
-    else None (the numpy code)."""
-    where = plan.where
-    if plan.has_reverse or not group.counts or not sum(group.counts):
-        return None
-    if (F.SAMPLER_ID in where or F.SELECTOR_ID in where) and any(group.samplers):
-        return None
-    return kernel.layout_of(where, plan.fixed.record_length, VERSION, _KERNEL_START, _KERNEL_END)
-
-
 def _group_columns(plan: _Plan, group: Group, starts: list[int], consumed: list[int],
                    exporters: np.ndarray) -> list[dict[str, np.ndarray]]:
     buf = b"".join(group.chunks)
@@ -771,7 +720,10 @@ def _group_columns(plan: _Plan, group: Group, starts: list[int], consumed: list[
     where = plan.where
     export_ms = np.repeat(np.asarray(group.export_ms, dtype=np.int64), counts)
     sys_init = np.repeat(np.asarray(group.base, dtype=np.int64), counts)
-    _count_missing_init(where, group)
+    if F.START_UPTIME in where or F.END_UPTIME in where:
+        for stats, base in zip(group.stats, group.base, strict=True):
+            if base < 0:
+                stats.error("missing_system_init_time")  # type: ignore[attr-defined]
     start, end = _times(buf, n, size, where, export_ms, sys_init, _START, _END)
     if start is None:
         start = export_ms if end is None else end

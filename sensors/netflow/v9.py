@@ -30,7 +30,6 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from sensors.netflow import fields as F
-from sensors.netflow import kernel
 from sensors.netflow.fields import Group
 from sensors.netflow.sequence import track
 from sensors.netflow.templates import Field, PendingSet, Template, TemplateStore, hold_unknown
@@ -70,12 +69,9 @@ MIN_VECTORISED = F.MIN_BULK
 class V9Batch:
     """The v9 packets of one decode call: templates applied as they come, data grouped by layout."""
 
-    __slots__ = ("_applied", "_compiled", "_groups")
+    __slots__ = ("_applied", "_groups")
 
-    def __init__(self, compiled: bool = True) -> None:
-        #: Columns from the compiled kernel (:mod:`sensors.netflow.kernel`) where the layout allows;
-        #: False: the numpy reference code for every layout.
-        self._compiled = compiled
+    def __init__(self) -> None:
         # Keyed by the template object's identity: the store hands out the same object for as
         # long as a template is in force, and hashing a layout per flowset would cost more.
         self._groups: dict[int, tuple[Template, Group]] = {}
@@ -135,6 +131,7 @@ class V9Batch:
                     track(templates, key3, value, 1, True, counts)
             else:
                 templates.sequences[key3] = (int(seqs[-1]) + 1) % _MOD
+        view = memoryview(scan.buf)
         export_ms = (head["secs"][a:b].astype(np.int64) * 1000)
         uptime = head["uptime"][a:b].astype(np.int64)
         body = scan.starts[a:b] + scan.data_at[a:b] + 4
@@ -151,7 +148,8 @@ class V9Batch:
             group = entry[1]
             m = len(rows)
             key3 = (VERSION, exporter, domain)
-            F.add_slices(group, scan.buf, body[rows].tolist(), (records * size).tolist())
+            spans = zip(body[rows].tolist(), (records * size).tolist(), strict=True)
+            group.chunks.extend([view[s : s + k] for s, k in spans])
             group.counts.extend(records.tolist())
             group.export_ms.extend(export_ms[rows].tolist())
             group.base.extend(uptime[rows].tolist())
@@ -262,14 +260,8 @@ class V9Batch:
         return sum(sum(g.counts) for _, g in self._groups.values())
 
     def columns(self, exporters: np.ndarray) -> list[dict[str, np.ndarray]]:
-        """Column dicts for the records of this call, layout by layout in the order first seen
-        (see :func:`group_columns`); consecutive layouts the compiled kernel handles come out
-        as one dict."""
-        if not self._compiled:
-            return [group_columns(t, g, exporters) for t, g in self._groups.values()]
-        groups = list(self._groups.values())
-        return kernel.grouped_columns([(g, kernel_layout(t, g)) for t, g in groups],
-                                      lambda i: [group_columns(*groups[i], exporters)], exporters)
+        """One column dict per template layout seen in this call (see :func:`group_columns`)."""
+        return [group_columns(t, g, exporters) for t, g in self._groups.values()]
 
 
 def _parse_templates(
@@ -360,21 +352,6 @@ def _options_offsets(template: Template) -> dict[int, tuple[int, int]]:
             where[f.type] = (offset, f.length)
         offset += f.length
     return where
-
-
-_START_TIMES = ((FLOW_START_MILLISECONDS, kernel.TIME_MS), (FLOW_START_SECONDS, kernel.TIME_S),
-                (F.START_UPTIME, kernel.TIME_SWITCHED))
-_END_TIMES = ((FLOW_END_MILLISECONDS, kernel.TIME_MS), (FLOW_END_SECONDS, kernel.TIME_S),
-              (F.END_UPTIME, kernel.TIME_SWITCHED))
-
-
-def kernel_layout(template: Template, group: Group) -> np.ndarray | None:
-    """The compiled kernel's layout for the records of ``group``, or None when they need
-    :func:`group_columns` (time fields tried in its order)."""
-    where = template.offsets()
-    if F.SAMPLER_ID in where and any(group.samplers):
-        return None  # rates per sampler ID: numpy
-    return kernel.layout_of(where, template.record_length, VERSION, _START_TIMES, _END_TIMES)
 
 
 def group_columns(template: Template, group: Group, exporters: np.ndarray) -> dict[str, np.ndarray]:

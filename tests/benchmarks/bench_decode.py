@@ -1,11 +1,8 @@
 """Decoder throughput on one core: `python -m tests.benchmarks.bench_decode [--flows N]`.
 
 Builds big batches of export packets in memory (v9; IPFIX with a fixed-length template; IPFIX
-with a variable-length field) and times, in the same run, each way of decoding them: the bulk
-path the sensor takes (:func:`decode_payloads` of one exporter's batch) with the compiled
-kernel's columns and with the numpy reference code, and the datagram-by-datagram walk
-(:func:`decode_datagrams`). Prints flows/s, us per flow and numpy / kernel. Pure CPU: no
-sockets, no Kafka. The packets are built once with numpy so only decoding is timed.
+with a variable-length field) and times :func:`decode_datagrams` over them, printing flows/s.
+Pure CPU: no sockets, no Kafka. The packets are built once with numpy so only decoding is timed.
 """
 
 from __future__ import annotations
@@ -16,8 +13,7 @@ import time
 
 import numpy as np
 
-from sensors.netflow import kernel
-from sensors.netflow.decoder import Datagram, DecodeStats, decode_datagrams, decode_payloads
+from sensors.netflow.decoder import Datagram, DecodeStats, decode_datagrams
 from sensors.netflow.templates import TemplateStore
 
 EXPORTER = b"\x00" * 10 + b"\xff\xff" + bytes([192, 0, 2, 1])
@@ -66,36 +62,27 @@ def ipfix_packets(n_flows: int, rng: np.random.Generator, varlen: bool) -> list[
     return out
 
 
-def bench(name: str, packets: list[bytes], flows: int, batch: int, repeat: int, how: str) -> float:
-    """Best of ``repeat`` runs of one way of decoding (``how``: bulk-kernel, bulk-numpy,
-    walk-kernel, walk-numpy) in calls of ``batch`` datagrams; returns CPU-seconds per flow."""
-    compiled = how.endswith("kernel")
+def bench(name: str, packets: list[bytes], flows: int, batch: int, repeat: int) -> float:
+    """Best of ``repeat`` runs; returns flows per second."""
     datagrams = [Datagram(EXPORTER, 1_700_000_000_000, p) for p in packets]
-    received = [d.received_ms for d in datagrams]
     best = float("inf")
     for _ in range(repeat):
         templates, stats = TemplateStore(), DecodeStats()
         t0 = time.process_time()
         rows = 0
         for i in range(0, len(datagrams), batch):
-            if how.startswith("bulk"):
-                rows += decode_payloads(EXPORTER, packets[i:i + batch], received[i:i + batch], templates, stats,
-                                        compiled=compiled).num_rows
-            else:
-                rows += decode_datagrams(datagrams[i:i + batch], templates, stats, compiled=compiled).num_rows
+            rows += decode_datagrams(datagrams[i:i + batch], templates, stats).num_rows
         best = min(best, time.process_time() - t0)
         assert rows == flows, (name, rows, flows, stats.as_dict())
-    per_flow = best / flows
-    print(f"{name:13s} {how:12s} {flows:>9d} flows  {best:6.3f} CPU-s  {1 / per_flow / 1e6:6.2f} M flows/s  "
-          f"{per_flow * 1e6:6.3f} us/flow")
-    return per_flow
+    rate = flows / best
+    print(f"{name:16s} {flows:>9d} flows  {best:6.3f} CPU-s  {rate / 1e6:6.2f} M flows/s")
+    return rate
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--flows", type=int, default=600_000)
-    parser.add_argument("--batch", type=int, default=552,
-                        help="datagrams per decode call (552: ~16k flows, a sensor batch at full speed)")
+    parser.add_argument("--batch", type=int, default=1000, help="datagrams per decode call")
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--only", choices=["v9", "ipfix", "ipfix-varlen"], action="append")
     args = parser.parse_args()
@@ -106,17 +93,10 @@ def main() -> None:
         "ipfix": lambda: ipfix_packets(n, rng, varlen=False),
         "ipfix-varlen": lambda: ipfix_packets(n, rng, varlen=True),
     }
-    t0 = time.perf_counter()
-    kernel.warm_up()
-    print(f"kernel compiled in {time.perf_counter() - t0:.2f} s (wall)")
     for name, make in cases.items():
         if args.only and name not in args.only:
             continue
-        packets = make()
-        cost = {how: bench(name, packets, n, args.batch, args.repeat, how)
-                for how in ("bulk-numpy", "bulk-kernel", "walk-numpy", "walk-kernel")}
-        print(f"{name:13s} numpy / kernel: bulk {cost['bulk-numpy'] / cost['bulk-kernel']:.2f}x, "
-              f"walk {cost['walk-numpy'] / cost['walk-kernel']:.2f}x")
+        bench(name, make(), n, args.batch, args.repeat)
 
 
 if __name__ == "__main__":

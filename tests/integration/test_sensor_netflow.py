@@ -41,9 +41,8 @@ def _sensor(tmp_path: Path, bootstrap: str, prefix: str, **env: str) -> Stage:
 
 
 def _udp_port(stage: Stage, timeout: float = 60) -> None:
-    """Wait until the sensor's UDP socket is bound (it logs so after its warm-up, which compiles
-    the decode kernel: the metrics, defined at import, answer seconds earlier, and datagrams sent
-    before the bind are lost)."""
+    """Wait until the sensor's UDP socket is bound (it logs so after its warm-up: the metrics,
+    defined at import, answer earlier, and datagrams sent before the bind are lost)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         stage.check_alive()

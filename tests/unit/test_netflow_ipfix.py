@@ -506,17 +506,11 @@ def _ipfix_both_ways(payloads: list[bytes], chunk: int) -> None:
     received = [SECS * 1000 + i for i in range(len(payloads))]
     bulk_store, bulk_stats, bulk_rows = TemplateStore(), DecodeStats(), []
     ref_store, ref_stats, ref_rows = TemplateStore(), DecodeStats(), []
-    numpy_store, numpy_stats = TemplateStore(), DecodeStats()  # the bulk path with numpy columns
     for i in range(0, len(payloads), chunk):
         part, times = payloads[i : i + chunk], received[i : i + chunk]
-        table = decode_payloads(EXPORTER_A, part, times, bulk_store, bulk_stats)
-        bulk_rows += table_rows(table)
-        reference = decode_payloads(EXPORTER_A, part, times, numpy_store, numpy_stats, compiled=False)
-        assert table.equals(reference, check_metadata=True)  # the compiled kernel's columns: the same
+        bulk_rows += table_rows(decode_payloads(EXPORTER_A, part, times, bulk_store, bulk_stats))
         ref_rows += table_rows(decode_datagrams([Datagram(EXPORTER_A, ms, p) for p, ms in zip(part, times,
-                                                 strict=True)], ref_store, ref_stats, compiled=False))
-    assert _state(numpy_store) == _state(bulk_store)
-    assert bulk_stats.as_dict() == numpy_stats.as_dict()
+                                                 strict=True)], ref_store, ref_stats))
 
     def key(r: dict) -> tuple[object, ...]:
         return tuple(sorted((k, str(v)) for k, v in r.items()))
