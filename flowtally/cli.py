@@ -9,8 +9,16 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import os
 import sys
 from collections.abc import Sequence
+
+# Arrow's C++ code allocates from its default pool, chosen once when pyarrow loads (the parser
+# below loads it) and not changed by pa.set_memory_pool: with mimalloc, the default, freed
+# batches' pages go back to the kernel and are faulted in again for the next batch (the sensor's
+# IPC writer, measured with perf in bench_sensor; the enricher's rebuilds, enricher/memory.py).
+# Every stage takes the system allocator; an operator's own setting wins.
+os.environ.setdefault("ARROW_DEFAULT_MEMORY_POOL", "system")
 
 from flowtally import __version__
 from flowtally.settings import SettingsError

@@ -16,15 +16,6 @@ serves its metrics on the metrics port + *i*.
 
 from __future__ import annotations
 
-import os
-
-# Arrow's C++ code allocates from the C++ default pool, which pa.set_memory_pool (in
-# _tune_process) does not change and which is chosen once, when pyarrow loads: the IPC writer's
-# compressed buffers came from mimalloc, which gives freed pages back and faults fresh (huge)
-# pages in for the next batch (0.02-0.03 CPU-s per million flows in the kernel clearing pages,
-# perf in bench_sensor). The CLI imports this module before anything loads pyarrow.
-os.environ.setdefault("ARROW_DEFAULT_MEMORY_POOL", "system")
-
 import argparse
 import asyncio
 import ctypes
@@ -32,6 +23,7 @@ import ctypes.util
 import gc
 import ipaddress
 import logging
+import os
 import signal
 import subprocess
 import sys
