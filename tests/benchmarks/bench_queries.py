@@ -2,15 +2,32 @@
 
     .venv/bin/python -m tests.benchmarks.bench_queries [--flows 100000000] [--runs 20] [--keep]
     .venv/bin/python -m tests.benchmarks.bench_queries --data DIR   # generate into DIR once, reuse after
+    .venv/bin/python -m tests.benchmarks.bench_queries --flows 10000000 --inline-views  # the slow, live-like build
 
-1. A fresh chDB database with the real migrations (so the rollup views run as they do for the
-   sink), then N flows generated inside ClickHouse (``INSERT INTO flows … SELECT … FROM
-   numbers()``, chunk by chunk, in time order like a live feed), over the last 30 days: 50
-   namespaces, 500 workloads (10 per namespace, one service each, 5 pods each, Zipf-like
-   popularity), 20 nodes; a sparse service graph (each workload talks to 6 others, so the map
-   has ~3,000 edges, not 250,000), and 20% of flows leaving the cluster to 5,000 external
-   addresses in 200 ASNs and 30 countries (4 ASNs per workload). The views fill flows_1m,
-   flows_1h, flows_1d, pod_traffic_1h and first_seen_external from those inserts.
+1. A fresh chDB database with the real migrations, then N flows generated inside ClickHouse
+   (``INSERT INTO flows … SELECT … FROM numbers()``, chunk by chunk, in time order like a live
+   feed), over the last 30 days: 50 namespaces, 500 workloads (10 per namespace, one service
+   each, 5 pods each, Zipf-like popularity), 20 nodes; a sparse service graph (each workload talks
+   to 6 others, so the map has ~3,000 edges, not 250,000), and 20% of flows leaving the cluster to
+   5,000 external addresses in 200 ASNs and 30 countries (4 ASNs per workload).
+   The derived tables (flows_1m, flows_1h, flows_1d, pod_traffic_1h, first_seen_external: every
+   table a materialized view fills from flows, directly or through another view's table, found in
+   system.tables) are built one of two ways:
+   - default: the views are DETACHed while the flows are generated (~500-700 k flows/s), then each
+     view's own SELECT (``as_select`` from system.tables, not a copy of its SQL) runs as
+     ``INSERT INTO <target> <select>`` once per partition of its source (one day of flows; chosen
+     with ``additional_table_filters`` on ``_partition_id``, so memory stays bounded), in
+     dependency order (flows_1h from the filled flows_1m, flows_1d from flows_1h), then the views
+     are ATTACHed again (a DETACH without PERMANENTLY is undone when chDB reopens the directory,
+     so an interrupted build does not leave them out). ~110 k flows/s overall at 10 M.
+   - ``--inline-views``: through the attached views, as the sink's inserts run them (~20-40 k
+     flows/s on 2 cores: each view runs per inserted block, and the Summing/AggregatingMergeTree
+     targets collapse every block at insert, ``optimize_on_insert``; the backfill turns that off
+     and leaves the collapsing to background merges).
+   Either way the benchmark then prints (flows, bytes, packets) of the raw flows and of every
+   derived table and exits 1 unless they are equal (first_seen_external against the flows its
+   view selects: external destinations, not answers). tests/integration/test_bench_queries_backfill.py
+   checks that a backfill gives the same merged rows as the inline views.
 2. Bytes per flow on disk (system.parts, active parts) for flows and each derived table, and rows
    per table (as stored, merged or not).
 3. Each named query run --runs times through ``sql.queries.execute`` with realistic parameters
@@ -20,7 +37,7 @@
 
 The data directory is deleted after the run unless --keep or --data (a directory kept between runs:
 the flows are generated into it when it holds none, and reused, migrated to the newest schema, when
-it does, so queries can be iterated on without regenerating; it holds several GB at 100 M flows);
+it does, so queries can be iterated on without regenerating; it holds ~15 GB at 100 M flows);
 the benchmark refuses to start when the disk cannot hold an estimate of it.
 """
 
