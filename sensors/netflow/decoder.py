@@ -15,9 +15,9 @@ paths equal: rows, every counter, template and sequence state).
 There is no compiled kernel, deliberately: a numba kernel writing every column in one pass was
 built and held equal to this code (issue 4), and measured slower on the bulk path (1.07-1.16x
 numpy's CPU per flow in tests/benchmarks/bench_decode, same run; ~0.12 us/flow for v9 either
-way), while costing numba and llvmlite as dependencies and ~3 CPU-s of compilation at each start. numpy's strided ``astype``
-copies are already near memory speed; what is left of the sensor's CPU per flow is receiving,
-Arrow IPC with lz4 and Kafka (tests/benchmarks/bench_sensor ``--perf``).
+way), while costing numba and llvmlite as dependencies and ~3 CPU-s of compilation at each
+start. numpy's strided ``astype`` copies are already near memory speed; what is left of the
+sensor's CPU per flow is receiving, Arrow IPC with lz4 and Kafka (bench_sensor ``--perf``).
 
 Every datagram is accounted for in :class:`DecodeStats`: it is counted as a packet of its
 exporter, and whatever could not be decoded is counted under a short, stable reason:
