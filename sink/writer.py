@@ -52,7 +52,13 @@ REJECTED_CODES: dict[int, str] = {
 #: (100,000 keys) ClickHouse switches to two-level aggregation, whose output is up to 256 blocks
 #: per view; measured on the sink's groups (5 views), a 384,000-row insert then took 5x the CPU
 #: of a 256,000-row one. One-level keeps the cost per row flat up to the group limits.
-VIEW_SETTINGS = {"group_by_two_level_threshold": 0, "group_by_two_level_threshold_bytes": 0}
+#: ``optimize_on_insert`` off: the rollup tables (Summing/AggregatingMergeTree) would otherwise
+#: collapse every inserted block as it is written, which measured 4-5x the cost of the view's
+#: SELECT itself (tests/benchmarks/bench_queries); background merges collapse the rows later, and
+#: every query aggregates (sum, min) anyway, as it must across parts. Deduplication is by token,
+#: not by the block's content, so it is unaffected.
+VIEW_SETTINGS = {"group_by_two_level_threshold": 0, "group_by_two_level_threshold_bytes": 0,
+                 "optimize_on_insert": 0}
 
 _CODE = re.compile(r"Code: (\d+)\.")
 _NAME = re.compile(r"\(([A-Z][A-Z0-9_]+)\)")

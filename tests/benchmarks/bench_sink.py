@@ -12,7 +12,8 @@ against a native ClickHouse insert of the same rows in the same run.
 3. Native references on the same rows, each into a fresh database with the same migrations (so
    the views run too, as they do for the sink), one insert of all rows each: ``INSERT INTO flows
    SELECT * FROM file('rows.parquet')`` with ClickHouse's default settings and with the view
-   settings the sink uses (``sink.writer.VIEW_SETTINGS``: one-level GROUP BY in the views), and
+   settings the sink uses (``sink.writer.VIEW_SETTINGS``: one-level GROUP BY in the views, no
+   collapsing of rollup blocks at insert), and
    one ``insert_arrow`` of the whole table as one record batch with those settings.
 4. Reports the ratio sink / each native and sink / the fastest native (goal >= 0.8, first bar
    0.5), and bytes per flow on disk (from system.parts, before and after OPTIMIZE FINAL).
