@@ -8,7 +8,6 @@ import asyncio
 import time
 import uuid
 
-import numpy as np
 import pyarrow as pa
 from prometheus_client import REGISTRY
 
@@ -17,19 +16,8 @@ from flowtally.kafka import TopicSettings
 from flowtally.settings import KafkaSettings
 from flowtally.wire import SCHEMA_HEADER, decode_batch
 from sensors.publisher import Publisher, encode_messages
-from sensors.schema import RAW_SCHEMA, SCHEMA_NAME, build_raw_table, ipv4_to_mapped
-
-
-def _raw(n: int, seed: int) -> pa.Table:
-    rng = np.random.default_rng(seed)
-    return build_raw_table({
-        "src_addr": ipv4_to_mapped(rng.integers(0, 2**32, n, dtype=np.uint32)),
-        "dst_addr": ipv4_to_mapped(rng.integers(0, 2**32, n, dtype=np.uint32)),
-        "bytes": rng.integers(0, 10**9, n),
-        "packets": rng.integers(1, 10**6, n),
-        "start": np.full(n, 1_700_000_000_000),
-        "end": np.full(n, 1_700_000_001_000),
-    })
+from sensors.schema import RAW_SCHEMA, SCHEMA_NAME
+from tests.tables import random_raw_table
 
 
 def _published_flows() -> float:
@@ -39,7 +27,7 @@ def _published_flows() -> float:
 def test_arrow_buffer_values_reach_kafka_byte_for_byte(kafka_bootstrap: str) -> None:
     settings = KafkaSettings(bootstrap=kafka_bootstrap, topic_prefix=f"t{uuid.uuid4().hex[:10]}")
     topic = settings.topic("raw")
-    tables = [_raw(n, seed) for seed, n in enumerate((1, 700, 16_384, 3000))]
+    tables = [random_raw_table(n, seed) for seed, n in enumerate((1, 700, 16_384, 3000))]
     messages = [m for i, t in enumerate(tables)
                 for m in encode_messages(t, f"exporter-{i % 2}".encode(), compression="lz4")]
     assert all(isinstance(m.value, pa.Buffer) for m in messages)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import numpy as np
 import pyarrow as pa
 import pytest
 
@@ -12,26 +11,13 @@ from sensors.schema import (
     ADDITIVE_COLUMNS,
     RAW_SCHEMA,
     SCHEMA_NAME,
-    build_raw_table,
-    ipv4_to_mapped,
     with_additive_defaults,
 )
-
-
-def _raw(n: int) -> pa.Table:
-    rng = np.random.default_rng(7)
-    return build_raw_table({
-        "src_addr": ipv4_to_mapped(rng.integers(0, 2**32, n, dtype=np.uint32)),
-        "dst_addr": ipv4_to_mapped(rng.integers(0, 2**32, n, dtype=np.uint32)),
-        "bytes": rng.integers(0, 10**9, n),
-        "packets": rng.integers(1, 10**6, n),
-        "start": np.full(n, 1_700_000_000_000),
-        "end": np.full(n, 1_700_000_001_000),
-    })
+from tests.tables import random_raw_table
 
 
 def test_round_trip_keeps_every_value() -> None:
-    table = _raw(1000)
+    table = random_raw_table(1000)
     value, headers = encode_batch(table, SCHEMA_NAME)
     assert (SCHEMA_HEADER, b"raw.v1") in headers
     back = decode_batch(value, headers, RAW_SCHEMA, SCHEMA_NAME)
@@ -54,13 +40,13 @@ def test_bad_messages_are_named(value: bytes, headers: list[tuple[str, bytes]], 
 
 
 def test_missing_column_is_refused() -> None:
-    value, headers = encode_batch(_raw(3).drop_columns(["bytes"]), SCHEMA_NAME)
+    value, headers = encode_batch(random_raw_table(3).drop_columns(["bytes"]), SCHEMA_NAME)
     with pytest.raises(WireError, match="bytes"):
         decode_batch(value, headers, RAW_SCHEMA, SCHEMA_NAME)
 
 
 def test_batch_from_an_older_sensor_reads_with_the_additive_defaults() -> None:
-    table = _raw(4)
+    table = random_raw_table(4)
     older = table.drop_columns(list(ADDITIVE_COLUMNS))
     value, headers = encode_batch(older, SCHEMA_NAME)
     with pytest.raises(WireError, match="nat_addr"):
@@ -72,7 +58,7 @@ def test_batch_from_an_older_sensor_reads_with_the_additive_defaults() -> None:
 
 
 def test_big_batches_are_split_to_fit_a_message() -> None:
-    table = _raw(50_000)
+    table = random_raw_table(50_000)
     messages = encode_messages(table, b"k", max_bytes=200_000)
     assert len(messages) > 1
     assert all(len(m.value) <= 200_000 for m in messages)
@@ -93,7 +79,7 @@ def test_write_stream_equals_a_growing_stream(compression: str) -> None:
             writer.write_table(table)
         return bytes(sink.getvalue().to_pybytes())
 
-    table = _raw(3000)
+    table = random_raw_table(3000)
     chunked = pa.concat_tables([table.slice(0, 1000), table.slice(1000)])
     assert chunked.column(0).num_chunks == 2
     for t in (table, table.slice(7, 1234), table.slice(2999), chunked, table.slice(0, 0)):
@@ -107,7 +93,7 @@ def test_write_stream_equals_a_growing_stream(compression: str) -> None:
 def test_messages_carry_arrow_buffers_of_the_encoded_batch() -> None:
     """A sensor's message value is the Arrow buffer itself (no bytes copy), and encode_batch still
     gives bytes: the same stream."""
-    table = _raw(500)
+    table = random_raw_table(500)
     (message,) = encode_messages(table, b"k")
     assert isinstance(message.value, pa.Buffer)
     value, _ = encode_batch(table, SCHEMA_NAME)
