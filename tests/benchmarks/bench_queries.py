@@ -21,9 +21,10 @@
      are ATTACHed again (a DETACH without PERMANENTLY is undone when chDB reopens the directory,
      so an interrupted build does not leave them out). ~110 k flows/s overall at 10 M.
    - ``--inline-views``: through the attached views, as the sink's inserts run them (~20-40 k
-     flows/s on 2 cores: each view runs per inserted block, and the Summing/AggregatingMergeTree
-     targets collapse every block at insert, ``optimize_on_insert``; the backfill turns that off
-     and leaves the collapsing to background merges).
+     flows/s on 2 cores: each view runs per inserted block). Both ways insert with the sink's
+     view settings (``sink.writer.VIEW_SETTINGS``; among them ``optimize_on_insert = 0``: the
+     Summing/AggregatingMergeTree targets collapsing every block at insert was 4-5x the cost of
+     the view's SELECT, so the collapsing is left to background merges).
    Either way the benchmark then prints (flows, bytes, packets) of the raw flows and of every
    derived table and exits 1 unless they are equal (first_seen_external against the flows its
    view selects: external destinations, not answers). tests/integration/test_bench_queries_backfill.py
@@ -58,6 +59,7 @@ from clickhouse_connect.driver.client import Client
 
 from flowtally.clickhouse import connect
 from flowtally.settings import ClickHouseSettings
+from sink.writer import VIEW_SETTINGS
 from sql import queries
 from sql.migrate import migrate
 
@@ -147,7 +149,7 @@ def generate(client: Client, total: int) -> float:
     started = time.perf_counter()
     for start in range(0, total, CHUNK):
         count = min(CHUNK, total - start)
-        client.command(generator_sql(start, count, total, end_ms))
+        client.command(generator_sql(start, count, total, end_ms), settings=VIEW_SETTINGS)
         done = start + count
         rate = done / (time.perf_counter() - started)
         print(f"  generated {done:,} flows ({rate:,.0f}/s)", flush=True)
@@ -218,11 +220,8 @@ def backfill(client: Client, found: list[View]) -> dict[str, float]:
         for partition in partitions:
             only = f"{{'{database}.{view.source}': '_partition_id = \\'{partition}\\''}}"
             client.command(f"INSERT INTO {view.target} {view.select} "
-                           f"SETTINGS additional_table_filters = {only}, insert_deduplicate = 0, "
-                           # collapsing each inserted block by key (the default for Summing/Aggregating
-                           # MergeTree) was 5x the insert's cost (1 M rows into flows_1m: 13.1 s vs 2.7 s);
-                           # background merges collapse the parts anyway and reads sum()
-                           "optimize_on_insert = 0")
+                           f"SETTINGS additional_table_filters = {only}, insert_deduplicate = 0",
+                           settings=VIEW_SETTINGS)
         seconds[view.name] = time.perf_counter() - started
         print(f"  backfilled {view.target} from {view.source} ({len(partitions)} partitions) "
               f"in {seconds[view.name]:.1f} s", flush=True)
