@@ -40,6 +40,7 @@ import ctypes.util
 import errno
 import itertools
 import logging
+import mmap
 import socket
 import struct
 import time
@@ -60,8 +61,11 @@ _MSG_TRUNC = int(socket.MSG_TRUNC)  # a plain int: `int & MsgFlag` builds an enu
 
 #: Bytes the kernel charges a queued datagram beyond its payload (skb and slab rounding, roughly).
 _OVERHEAD = 768
-#: Datagrams per recvmmsg call (each gets a MAX_DATAGRAM slot: 4 MiB of buffer in all).
-VLEN = 64
+#: Datagrams per recvmmsg call. Each gets a MAX_DATAGRAM slot (16 MiB of address space in all,
+#: mapped lazily: only the pages datagrams reach become resident, about one per slot). Measured
+#: receiving 1 M v9 flows at 100 k/s with 50 ms coalescing (~170 datagrams per wakeup): 64 cost
+#: 0.27-0.30 CPU-s per million flows, 256 0.21-0.22 (fewer calls, each with fixed Python cost).
+VLEN = 256
 _V4_MAPPED_PREFIX = b"\x00" * 10 + b"\xff\xff"
 
 
@@ -200,13 +204,13 @@ class _MultiReader:
     def __init__(self, fd: int, family: int) -> None:
         self.fd = fd
         self.v6 = family == socket.AF_INET6
-        self.data = ctypes.create_string_buffer(VLEN * MAX_DATAGRAM)
-        self.view = memoryview(self.data).cast("B")
+        self.data = mmap.mmap(-1, VLEN * MAX_DATAGRAM)  # zero pages until written: see VLEN
+        self.view = memoryview(self.data)
         self.names = ctypes.create_string_buffer(VLEN * _NAME_SIZE)
         self.control = ctypes.create_string_buffer(VLEN * _ANC_SIZE)
         self.iovecs = (_Iovec * VLEN)()
         self.headers = (_Mmsghdr * VLEN)()
-        base = ctypes.addressof(self.data)
+        base = ctypes.addressof(ctypes.c_char.from_buffer(self.data))
         names, control = ctypes.addressof(self.names), ctypes.addressof(self.control)
         for i in range(VLEN):
             self.iovecs[i].base = base + i * MAX_DATAGRAM
