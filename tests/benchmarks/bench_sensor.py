@@ -45,6 +45,7 @@ import pstats
 import shutil
 import signal
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -312,39 +313,10 @@ def encode_study(flows: int) -> None:
         print(f"  {codec or 'none':>5}: {per_m:6.3f} CPU-s per million flows, {size / table.num_rows:6.1f} bytes/flow")
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--flows", type=int, default=1_000_000)
-    parser.add_argument("--rate", type=float, default=100_000, help="flows/s the generator sends")
-    parser.add_argument("--format", choices=["v9", "ipfix"], default="v9", help="what the generator sends")
-    parser.add_argument("--profile", type=Path, help="profile the sensor with cProfile into this directory")
-    parser.add_argument("--spy", type=Path, help="sample the sensor with py-spy into this directory and "
-                        "print its CPU per flow split by activity")
-    parser.add_argument("--perf", type=Path, help="record the sensor with perf (native and kernel frames) "
-                        "into this directory and print its top symbols")
-    parser.add_argument("--perf-dwarf", action="store_true", help="with --perf: DWARF call graphs (who "
-                        "calls memmove/malloc), heavier")
-    parser.add_argument("--encode-study", action="store_true", help="also time Arrow encoding per codec")
-    parser.add_argument("--skip-nfcapd", action="store_true", help="only the sensor (for profiling)")
-    parser.add_argument("--env", action="append", default=[], metavar="FLOWTALLY_X=V",
-                        help="extra sensor settings (repeatable)")
-    parser.add_argument("--keep", action="store_true", help="keep the working directory")
-    args = parser.parse_args()
-    env = dict(item.split("=", 1) for item in args.env)
-
-    work = Path(tempfile.mkdtemp(prefix="flowtally-bench-sensor-"))
-    broker = LocalKafka(work / "kafka")
-    bootstrap = broker.start()
-    try:
-        sensor = run_sensor(args.flows, args.rate, work, bootstrap, env, args.profile, args.format, args.spy,
-                            args.perf, args.perf_dwarf)
-        nf = None if args.skip_nfcapd else run_nfcapd(args.flows, args.rate, work, args.format)
-        nf_lz4 = None if args.skip_nfcapd else run_nfcapd(args.flows, args.rate, work, args.format, lz4=True)
-    finally:
-        broker.stop()
-    if args.encode_study:
-        encode_study(args.flows)
-
+def report(args: argparse.Namespace, sensor: dict[str, Any], nf: dict[str, float] | None,
+           nf_lz4: dict[str, float] | None) -> tuple[bool, list[float]]:
+    """Print one round (the sensor, then the nfcapd references); whether every flow arrived
+    everywhere, and the ratios sensor/nfcapd and sensor/nfcapd -y."""
     sent = int(sensor["sent"])
     s_per_m = sensor["cpu"] * 1_000_000 / max(sent, 1)
     print(f"format {args.format}, {args.flows:,} flows at {args.rate:,.0f} flows/s")
@@ -370,8 +342,8 @@ def main() -> int:
         print(f"  top symbols by self time (perf, {args.perf / 'perf.data'}):")
         print("    " + perf_report(args.perf / "perf.data").replace("\n", "\n    "))
     ok = sent == int(sensor["published"]) and sensor["exit"] == 0
+    ratios: list[float] = []
     if nf is not None and nf_lz4 is not None:
-        ratios = []
         for name, ref in (("nfcapd", nf), ("nfcapd -y (LZ4 files)", nf_lz4)):
             n_sent, stored = int(ref["sent"]), max(int(ref["stored"]), 1)
             n_per_m = ref["cpu"] * 1_000_000 / stored
@@ -382,6 +354,59 @@ def main() -> int:
             ok = ok and n_sent == int(ref["stored"])
         print(f"ratio sensor/nfcapd CPU per flow: {ratios[0]:.2f}x (goal <= 1.0, limit 2.0)")
         print(f"ratio sensor/nfcapd -y (LZ4, like for like with the sensor's lz4): {ratios[1]:.2f}x")
+    return ok, ratios
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--flows", type=int, default=1_000_000)
+    parser.add_argument("--rate", type=float, default=100_000, help="flows/s the generator sends")
+    parser.add_argument("--format", choices=["v9", "ipfix"], default="v9", help="what the generator sends")
+    parser.add_argument("--profile", type=Path, help="profile the sensor with cProfile into this directory")
+    parser.add_argument("--spy", type=Path, help="sample the sensor with py-spy into this directory and "
+                        "print its CPU per flow split by activity")
+    parser.add_argument("--perf", type=Path, help="record the sensor with perf (native and kernel frames) "
+                        "into this directory and print its top symbols")
+    parser.add_argument("--perf-dwarf", action="store_true", help="with --perf: DWARF call graphs (who "
+                        "calls memmove/malloc), heavier")
+    parser.add_argument("--encode-study", action="store_true", help="also time Arrow encoding per codec")
+    parser.add_argument("--skip-nfcapd", action="store_true", help="only the sensor (for profiling)")
+    parser.add_argument("--env", action="append", default=[], metavar="FLOWTALLY_X=V",
+                        help="extra sensor settings (repeatable)")
+    parser.add_argument("--repeat", type=int, default=1, help="rounds (sensor, nfcapd, nfcapd -y each "
+                        "round, one broker): the machine is noisy, so print the median ratio too")
+    parser.add_argument("--keep", action="store_true", help="keep the working directory")
+    args = parser.parse_args()
+    env = dict(item.split("=", 1) for item in args.env)
+
+    work = Path(tempfile.mkdtemp(prefix="flowtally-bench-sensor-"))
+    broker = LocalKafka(work / "kafka")
+    bootstrap = broker.start()
+    ok = True
+    ratios: list[list[float]] = []
+    try:
+        for round_ in range(args.repeat):
+            if args.repeat > 1:
+                print(f"--- round {round_ + 1} of {args.repeat}")
+            rdir = work / f"round{round_}"
+            rdir.mkdir()
+            sensor = run_sensor(args.flows, args.rate, rdir, bootstrap, env, args.profile, args.format, args.spy,
+                                args.perf, args.perf_dwarf)
+            nf = None if args.skip_nfcapd else run_nfcapd(args.flows, args.rate, rdir, args.format)
+            nf_lz4 = None if args.skip_nfcapd else run_nfcapd(args.flows, args.rate, rdir, args.format, lz4=True)
+            round_ok, round_ratios = report(args, sensor, nf, nf_lz4)
+            ok = ok and round_ok
+            ratios.append(round_ratios)
+    finally:
+        broker.stop()
+    if args.encode_study:
+        encode_study(args.flows)
+    if args.repeat > 1 and not args.skip_nfcapd:
+        for i, name in enumerate(("nfcapd", "nfcapd -y")):
+            values = sorted(r[i] for r in ratios)
+            print(f"ratio sensor/{name} over {len(values)} rounds: median {statistics.median(values):.2f}x "
+                  f"(min {values[0]:.2f}, max {values[-1]:.2f}; each: "
+                  + ", ".join(f"{r[i]:.2f}" for r in ratios) + ")")
     if args.keep:
         print(f"kept {work}")
     else:
