@@ -63,8 +63,9 @@ _MSG_TRUNC = int(socket.MSG_TRUNC)  # a plain int: `int & MsgFlag` builds an enu
 _OVERHEAD = 768
 #: Datagrams per recvmmsg call. Each gets a MAX_DATAGRAM slot (16 MiB of address space in all,
 #: mapped lazily: only the pages datagrams reach become resident, about one per slot). Measured
-#: receiving 1 M v9 flows at 100 k/s with 50 ms coalescing (~170 datagrams per wakeup): 64 cost
-#: 0.27-0.30 CPU-s per million flows, 256 0.21-0.22 (fewer calls, each with fixed Python cost).
+#: receiving 1 M v9 flows at 100 k/s with 50 ms coalescing (~170 datagrams per wakeup), user +
+#: system CPU: 64 cost 0.26-0.30 CPU-s per million flows, 256 0.21-0.24 (fewer calls, each with
+#: a fixed Python cost).
 VLEN = 256
 _V4_MAPPED_PREFIX = b"\x00" * 10 + b"\xff\xff"
 
