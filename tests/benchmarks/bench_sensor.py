@@ -34,6 +34,8 @@ also counts a runnable thread waiting for one) and prints its top symbols.
 and the variable-length interfaceName; absolute millisecond times): nfcapd decodes it too.
 
 The machine is small and shared: compare the ratio measured in one run, not absolute numbers.
+``--repeat N`` runs N rounds (sensor, nfcapd, nfcapd -y each) on one broker and prints the median
+and range of each ratio: one round's can be off by a third.
 """
 
 from __future__ import annotations
@@ -377,6 +379,8 @@ def main() -> int:
                         "round, one broker): the machine is noisy, so print the median ratio too")
     parser.add_argument("--keep", action="store_true", help="keep the working directory")
     args = parser.parse_args()
+    if args.repeat < 1:
+        parser.error("--repeat must be at least 1")
     env = dict(item.split("=", 1) for item in args.env)
 
     work = Path(tempfile.mkdtemp(prefix="flowtally-bench-sensor-"))
