@@ -130,13 +130,18 @@ class _Plan:
             self.gather = np.array([static, nvar], dtype=np.int64)
 
 
+_NONE = np.zeros(0, dtype=np.int64)  # no record starts (fixed-length layouts, until walked)
+
+
 class IpfixBatch:
     """The IPFIX messages of one decode call: templates applied as they come, data grouped."""
 
     __slots__ = ("_applied", "_groups", "_plans", "_tracks")
 
     def __init__(self) -> None:
-        self._groups: dict[int, tuple[_Plan, Group, list[int], list[int]]] = {}
+        #: id(plan) -> (plan, its records, and for variable-length layouts the record starts and
+        #: field lengths :func:`_walk_sets` finds at the end of the call).
+        self._groups: dict[int, tuple[_Plan, Group, np.ndarray, np.ndarray]] = {}
         self._plans: dict[int, tuple[Template, _Plan]] = {}
         #: Sequence checks, in message order, run once the records of every message are known:
         #: (stream, sequence of each message, records of its fixed-length sets or None, counts,
@@ -259,7 +264,7 @@ class IpfixBatch:
             key3 = (VERSION, exporter, dom)
             entry = self._groups.get(id(layout))
             if entry is None:
-                entry = self._groups[id(layout)] = (layout, Group(), [], [])
+                entry = self._groups[id(layout)] = (layout, Group(), _NONE, _NONE)
             group = entry[1]
             lengths = scan.data_len[a:b][rows] - 4
             if template.varlen:  # records found at the end of the call (_walk_sets)
@@ -321,7 +326,7 @@ class IpfixBatch:
         if template.varlen and not template.is_options:
             entry = self._groups.get(id(plan))
             if entry is None:
-                entry = self._groups[id(plan)] = (plan, Group(), [], [])
+                entry = self._groups[id(plan)] = (plan, Group(), _NONE, _NONE)
             group = entry[1]
             key = (VERSION, exporter, domain)
             init = templates.sys_init.get((exporter, domain), -1)
@@ -349,16 +354,9 @@ class IpfixBatch:
             return n
         entry = self._groups.get(id(plan))
         if entry is None:
-            entry = self._groups[id(plan)] = (plan, Group(), [], [])
+            entry = self._groups[id(plan)] = (plan, Group(), _NONE, _NONE)
         group = entry[1]
-        if template.varlen:
-            # Keep the record starts (relative to the group's concatenated buffer) for repacking.
-            base = sum(len(c) for c in group.chunks)
-            entry[2].extend(s - body + base for s in starts)
-            entry[3].extend(consumed)
-            chunk = view[body:stop]
-        else:
-            chunk = view[body : body + n * template.record_length]
+        chunk = view[body : body + n * template.record_length]  # fixed length: varlen sets were deferred
         key = (VERSION, exporter, domain)
         group.add(chunk, n, export_ms, templates.sys_init.get((exporter, domain), -1), domain, exporter_index,
                   received_ms, templates.domain_rate(key), templates.samplers.get(key))
@@ -374,7 +372,7 @@ class IpfixBatch:
     def finish(self, templates: TemplateStore) -> None:
         """End of the call: find the records of the deferred variable-length sets, count them,
         and run the sequence checks in message order with every message's record count."""
-        walked: dict[int, tuple[list[int], list[int]]] = {}
+        walked: dict[int, tuple[np.ndarray, np.ndarray]] = {}
         found: dict[int, list[int]] = {}  # id(group) -> records of each of its sets as added
         for key, (plan, group, _, _) in self._groups.items():
             if plan.gather is not None:
@@ -456,7 +454,7 @@ def _walk(view: memoryview, pos: int, end: int, segments: list[int],
     return starts, consumed, pos
 
 
-def _walk_sets(plan: _Plan, group: Group) -> tuple[list[int], list[int], list[int]]:
+def _walk_sets(plan: _Plan, group: Group) -> tuple[np.ndarray, np.ndarray, list[int]]:
     """Find the records of every set of a group whose template has variable-length fields, all
     sets in lockstep (one numpy step per record position instead of Python per record), with
     the rules of :func:`_walk`. Fills ``group.counts``, counts records, enterprise fields and
@@ -522,12 +520,17 @@ def _walk_sets(plan: _Plan, group: Group) -> tuple[list[int], list[int], list[in
         per_set = np.zeros(len(sizes), dtype=np.int64)
     added = per_set.tolist()
     group.counts[:] = added
-    # Counters per ExporterStats object (usually one for the whole group).
-    by_stats: dict[int, tuple[object, list[int]]] = {}
-    for i, stats in enumerate(group.stats):
-        by_stats.setdefault(id(stats), (stats, []))[1].append(i)
+    # Counters per ExporterStats object (usually one for the whole group: no loop over the sets).
+    by_stats: dict[int, tuple[object, list[int] | None]] = {}
+    if group.stats and len(set(map(id, group.stats))) == 1:
+        by_stats[id(group.stats[0])] = (group.stats[0], None)
+    else:
+        for i, stats in enumerate(group.stats):
+            members_of = by_stats.setdefault(id(stats), (stats, []))[1]
+            assert members_of is not None
+            members_of.append(i)
     for stats, members in by_stats.values():
-        n = int(per_set[members].sum()) if len(members) < len(added) else int(per_set.sum())
+        n = int(per_set.sum()) if members is None else int(per_set[members].sum())
         stats.records += n  # type: ignore[attr-defined]
         if plan.enterprise:
             stats.enterprise_fields += n * plan.enterprise  # type: ignore[attr-defined]
@@ -544,10 +547,11 @@ def _walk_sets(plan: _Plan, group: Group) -> tuple[list[int], list[int], list[in
             if name != "chunks":
                 values = getattr(group, name)
                 setattr(group, name, [values[i] for i in kept])
-    return starts.tolist(), consumed.tolist(), added
+    return starts, consumed, added
 
 
-def _repack(buf: bytes, plan: _Plan, starts: list[int], consumed: list[int]) -> bytes:
+def _repack(buf: bytes, plan: _Plan, starts: list[int] | np.ndarray,
+            consumed: list[int] | np.ndarray) -> bytes:
     """Fixed-size records (only the fixed-length fields) gathered out of variable-length ones:
     each run of fixed-length fields between the variable ones is copied row by row out of a
     view of the buffer's windows (no index per byte) into its columns of the output."""
@@ -709,7 +713,7 @@ _START = (START_MS, START_NS, START_US, START_S, START_DELTA_US, F.START_UPTIME)
 _END = (END_MS, END_NS, END_US, END_S, END_DELTA_US, F.END_UPTIME)
 
 
-def _group_columns(plan: _Plan, group: Group, starts: list[int], consumed: list[int],
+def _group_columns(plan: _Plan, group: Group, starts: np.ndarray, consumed: np.ndarray,
                    exporters: np.ndarray) -> list[dict[str, np.ndarray]]:
     buf = b"".join(group.chunks)
     if plan.gather is not None:

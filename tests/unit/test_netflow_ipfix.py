@@ -470,7 +470,7 @@ def test_lockstep_walk_equals_record_walk(layout: list[tuple[int, int]]) -> None
             want_starts += [offset + x for x in s]
             want_consumed += c
             offset += len(body)
-        assert (starts, consumed) == (want_starts, want_consumed)
+        assert (starts.tolist(), consumed.tolist()) == (want_starts, want_consumed)
         # Sets without a record leave the per-set lists; the bytes stay joined as they were.
         assert group.counts == [n for n in (st.records for st in stats) if n]
         assert len(group.export_ms) == len(group.counts)
@@ -490,7 +490,8 @@ def test_lockstep_walk_of_empty_sets() -> None:
     for _ in range(2):
         group.add(b"", 0, 0, -1, 0, 0, 0, 1, None)
         group.stats.append(stats)
-    assert ipfix._walk_sets(plan, group) == ([], [], [0, 0])
+    starts, consumed, added = ipfix._walk_sets(plan, group)
+    assert (starts.tolist(), consumed.tolist(), added) == ([], [], [0, 0])
     assert stats.records == 0 and not stats.errors and group.counts == []
 
 
