@@ -44,7 +44,7 @@ from __future__ import annotations
 
 import struct
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, cast
 
 import numpy as np
 
@@ -297,8 +297,11 @@ class IpfixBatch:
             group.samplers.extend([templates.samplers.get(key3)] * m)
             group.stats.extend([counts] * m)
         sequence = head["sequence"][a:b].tolist()
+        units = cast("list[int | None]", records.tolist())  # ints here; None in add()'s tracks
+        if not (domain != domain[0]).any():  # one domain (the usual case): positions are the rows
+            self._tracks.append(((VERSION, exporter, int(domain[0])), sequence, units, counts, deferred))
+            return
         domains = domain.tolist()
-        units = records.tolist()
         for dom in dict.fromkeys(domains):
             where = [j for j, d in enumerate(domains) if d == dom]
             position = {j: k for k, j in enumerate(where)}
