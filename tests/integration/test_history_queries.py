@@ -275,6 +275,25 @@ def test_pod_history_by_uid(loaded: tuple[Client, int]) -> None:
     assert queries.execute(client, "pod_history")[1] == []  # the default uid matches nothing
 
 
+def test_pod_peers_counts_a_flow_between_two_pods_of_one_name_once(clickhouse: Client) -> None:
+    """Old and new cart-1 in one flow: per UID (pod_history) each pod has its side of it, but by
+    namespace/name (pod_peers) it is a flow from cart-1 to itself, counted once (outbound)."""
+    migrate.migrate(clickhouse)
+    now = _now_ms(clickhouse)
+    Writer(clickhouse, "flows").insert(_flows([(CART_OLD, CART_NEW, 100, 1, 1, 8080, 5 * MIN, 0),
+                                               (CART_NEW, DB, 70, 1, 1, 5432, 5 * MIN, 0)], now), "h/self")
+    for minutes in ("0", "60", "10"):  # the rollup only; rollup and raw; raw only
+        _, rows = queries.execute(clickhouse, "pod_peers", {"namespace": "shop", "pod": "cart-1",
+                                                            "minutes": minutes})
+        assert [r[:8] for r in rows] == [("outbound", "shop/cart-1", "cart", 6, 8080, 100, 1, 1),
+                                         ("outbound", "shop/db-0", "db", 6, 5432, 70, 1, 1)], minutes
+    _, rows = queries.execute(clickhouse, "pod_history", {"uid": "uid-cart-new", "minutes": "0"})
+    assert [r[:8] for r in rows] == [("inbound", "shop/cart-1", "cart", 6, 8080, 100, 1, 1),
+                                     ("outbound", "shop/db-0", "db", 6, 5432, 70, 1, 1)]
+    _, rows = queries.execute(clickhouse, "pod_peers", {"namespace": "shop", "pod": "db-0", "minutes": "0"})
+    assert [r[:6] for r in rows] == [("inbound", "shop/cart-1", "cart", 6, 5432, 70)]
+
+
 def test_completeness_query(clickhouse: Client) -> None:
     migrate.migrate(clickhouse)
     now = _now_ms(clickhouse)
