@@ -131,6 +131,9 @@ class _Plan:
 
 
 _NONE = np.zeros(0, dtype=np.int64)  # no record starts (fixed-length layouts, until walked)
+#: A variable-length data set whose records are counted at the end of the call: (message
+#: position, group, index in the group), or the same as arrays for a bulk run's sets of a group.
+_Deferred = tuple[int, Group, int] | tuple[np.ndarray, Group, np.ndarray]
 
 
 class IpfixBatch:
@@ -145,10 +148,11 @@ class IpfixBatch:
         self._plans: dict[int, tuple[Template, _Plan]] = {}
         #: Sequence checks, in message order, run once the records of every message are known:
         #: (stream, sequence of each message, records of its fixed-length sets or None, counts,
-        #: deferred variable-length sets as (message position, group, index in the group)).
+        #: deferred variable-length sets as (message position, group, index in the group), or
+        #: for a bulk run's sets of one group (positions, group, indices) as arrays).
         #: Nothing else reads the sequence state within a call, so deferring them changes nothing.
         self._tracks: list[tuple[tuple[int, bytes, int], list[int], list[int | None], ExporterStats,
-                                 list[tuple[int, Group, int]]]] = []
+                                 list[_Deferred]]] = []
         #: (exporter, domain) -> (body, templates counted) of the last template set applied in
         #: this call, for recognising unchanged refreshes (see :meth:`add_many`).
         self._applied: dict[tuple[bytes, int], tuple[bytes, int]] = {}
@@ -177,7 +181,7 @@ class IpfixBatch:
         view = memoryview(payload)
         offset = HEADER_LENGTH
         records: int | None = 0
-        deferred: list[tuple[int, Group, int]] = []
+        deferred: list[_Deferred] = []
         while offset + 4 <= end:
             set_id, set_length = _SET.unpack_from(payload, offset)
             if set_length < 4 or offset + set_length > end:
@@ -258,7 +262,7 @@ class IpfixBatch:
         export_ms = head["export"][a:b].astype(np.int64) * 1000
         body = scan.starts[a:b] + scan.data_at[a:b] + 4
         records = np.zeros(b - a, dtype=np.int64)
-        deferred: list[tuple[int, Group, int]] = []
+        deferred: list[_Deferred] = []
         for dom, template, rows in plan:
             layout = self._plan(template)
             key3 = (VERSION, exporter, dom)
@@ -272,8 +276,7 @@ class IpfixBatch:
                 spans = zip(body[rows].tolist(), lengths.tolist(), strict=True)
                 group.chunks.extend([view[s : s + k] for s, k in spans])
                 group.counts.extend([0] * len(rows))
-                deferred.extend(zip(rows.tolist(), [group] * len(rows), range(first, first + len(rows)),
-                                    strict=True))
+                deferred.append((rows, group, np.arange(first, first + len(rows))))
             else:
                 size = template.record_length
                 per = lengths // size
@@ -301,13 +304,14 @@ class IpfixBatch:
         if not (domain != domain[0]).any():  # one domain (the usual case): positions are the rows
             self._tracks.append(((VERSION, exporter, int(domain[0])), sequence, units, counts, deferred))
             return
-        domains = domain.tolist()
-        for dom in dict.fromkeys(domains):
-            where = [j for j, d in enumerate(domains) if d == dom]
-            position = {j: k for k, j in enumerate(where)}
+        runs = cast("list[tuple[np.ndarray, Group, np.ndarray]]", deferred)  # only arrays here
+        for dom in dict.fromkeys(domain.tolist()):
+            mine = domain == dom
+            where = np.flatnonzero(mine).tolist()
+            position = np.cumsum(mine) - 1  # row -> its position among this domain's messages
             self._tracks.append(((VERSION, exporter, dom), [sequence[j] for j in where],
                                  [units[j] for j in where], counts,
-                                 [(position[j], g, i) for j, g, i in deferred if j in position]))
+                                 [(position[rows[mine[rows]]], g, idx[mine[rows]]) for rows, g, idx in runs]))
 
     def _replay(self, template_id: int, exporter: bytes, exporter_index: int, domain: int,
                 templates: TemplateStore, counts: ExporterStats) -> None:
@@ -320,7 +324,7 @@ class IpfixBatch:
 
     def _data(self, template: Template, view: memoryview, body: int, body_end: int, exporter: bytes,
               exporter_index: int, domain: int, export_ms: int, received_ms: int, templates: TemplateStore,
-              counts: ExporterStats, deferred: list[tuple[int, Group, int]] | None = None) -> int:
+              counts: ExporterStats, deferred: list[_Deferred] | None = None) -> int:
         """One data set with a known template; returns its record count. The records of a flow
         set with variable-length fields are found later, for all such sets of the call at once
         (:func:`_walk_sets`): the set is added with a count of 0 for now and listed in
@@ -376,17 +380,22 @@ class IpfixBatch:
         """End of the call: find the records of the deferred variable-length sets, count them,
         and run the sequence checks in message order with every message's record count."""
         walked: dict[int, tuple[np.ndarray, np.ndarray]] = {}
-        found: dict[int, list[int]] = {}  # id(group) -> records of each of its sets as added
+        found: dict[int, np.ndarray] = {}  # id(group) -> records of each of its sets as added
         for key, (plan, group, _, _) in self._groups.items():
             if plan.gather is not None:
                 starts, consumed, per_set = _walk_sets(plan, group)
-                found[id(group)] = per_set
+                found[id(group)] = np.asarray(per_set, dtype=np.int64)
                 walked[key] = (starts, consumed)
         for stream, sequences, records, counts, deferred in self._tracks:
             for position, group, i in deferred:
+                if isinstance(position, np.ndarray):  # a bulk run's sets (records has no None)
+                    total = np.asarray(records, dtype=np.int64)
+                    total[position] += found[id(group)][i]
+                    records = cast("list[int | None]", total.tolist())
+                    continue
                 known = records[position]
                 if known is not None:
-                    records[position] = known + found[id(group)][i]
+                    records[position] = known + int(found[id(group)][i])
             _track_many(templates, stream, sequences, records, counts)
         self._tracks.clear()
         for key, (starts, consumed) in walked.items():

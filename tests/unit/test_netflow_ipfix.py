@@ -570,6 +570,26 @@ def test_bulk_path_equals_message_walk(chunk: int) -> None:
     _ipfix_both_ways(_awkward_ipfix(), chunk)
 
 
+@pytest.mark.parametrize("chunk", [1000, 7])
+def test_bulk_path_of_variable_length_sets_in_two_domains(chunk: int) -> None:
+    """Messages of two observation domains interleaved in one bulk run, all with variable-length
+    records: each domain's sequence check gets its own messages' record counts (domain 5 skips
+    4 records once; domain 0 has none lost)."""
+    seqs = {0: 0, 5: 0}
+    out = [message(template_set((257, NAMED)), domain=d, sequence=0) for d in seqs]
+    for k in range(40):
+        domain = 5 if k % 3 else 0
+        n = 1 + k % 4
+        recs = [record(NAMED, {**flow("10.0.0.3", "10.0.0.4", k, 2), 82: b"eth" * (j % 3)}) for j in range(n)]
+        out.append(message(data_set(257, *recs), domain=domain, sequence=seqs[domain]))
+        seqs[domain] += n + (4 if domain == 5 and k == 20 else 0)
+    _ipfix_both_ways(out, chunk)
+    stats = DecodeStats()
+    decode_payloads(EXPORTER_A, out, [SECS * 1000] * len(out), TemplateStore(), stats)
+    counts = stats.by_exporter()["192.0.2.1"]
+    assert (counts.sequence_gaps, counts.lost_records) == (1, 4)
+
+
 def test_bulk_path_on_the_generator_ipfix_stream() -> None:
     from sensors.netflow.generator import encode_ipfix_packets, synthetic_cluster, synthetic_flows
 
