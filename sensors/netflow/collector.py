@@ -18,8 +18,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import ctypes
-import ctypes.util
 import gc
 import ipaddress
 import logging
@@ -40,6 +38,7 @@ from flowtally import kafka
 from flowtally.kafka import TopicSettings
 from flowtally.lifecycle import run_components
 from flowtally.metrics import MetricsServer
+from flowtally.process import M_MMAP_THRESHOLD, M_TRIM_THRESHOLD, keep_pandas_out, mallopt
 from flowtally.settings import CommaList, KafkaSettings, StageSettings, load_settings, parse_hostport
 from sensors.completeness import SCHEMA_NAME as COMPLETENESS_SCHEMA
 from sensors.completeness import CompletenessAccumulator, group_counts
@@ -396,8 +395,9 @@ def _joined(chunks: list[np.ndarray]) -> np.ndarray:
 
 
 def _warm_up() -> None:
-    """Build one raw table before receiving: pyarrow imports pandas on the first timestamp
-    conversion (about a CPU-second), which would otherwise stall the first batch's datagrams."""
+    """Build one raw table before receiving: the first timestamp conversion has pyarrow look for
+    pandas (importing it, about a CPU-second, where :func:`_tune_process` did not keep it out),
+    which would otherwise stall the first batch's datagrams."""
     build_raw_table({"bytes": np.zeros(1, dtype=np.uint64), "end": np.zeros(1, dtype=np.int64)})
 
 
@@ -525,28 +525,23 @@ def _tune_process() -> None:
     freed memory is reused; the heap keeps the peak of what the sensor held (bounded by its
     queue and batch sizes).
 
+    pandas is kept out (:func:`flowtally.process.keep_pandas_out`): pyarrow imported it on the
+    first batch's timestamps, ~40 MB resident and about a CPU-second at start for nothing.
+
     What start-up created (modules, settings, metrics) lives as long as the process: frozen out
     of the cyclic garbage collector's reach, so the collections the receive path triggers do not
     walk it again and again.
     """
+    keep_pandas_out()
     pa.set_memory_pool(pa.system_memory_pool())
     _keep_freed_memory()
     gc.freeze()
 
 
-_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # mallopt(3) parameters (glibc's malloc.h)
-
-
 def _keep_freed_memory(trim: int = 256 << 20, mmap: int = 32 << 20) -> bool:
     """mallopt(3): serve blocks up to ``mmap`` bytes from the heap and keep up to ``trim`` bytes
     of freed heap; False where the C library has no mallopt (not glibc)."""
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        mallopt = libc.mallopt
-    except (OSError, AttributeError):
-        return False
-    mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
-    return bool(mallopt(_M_MMAP_THRESHOLD, mmap)) and bool(mallopt(_M_TRIM_THRESHOLD, trim))
+    return mallopt(M_MMAP_THRESHOLD, mmap) and mallopt(M_TRIM_THRESHOLD, trim)
 
 
 async def _main(settings: NetflowSettings) -> int:

@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import asyncio
 import ctypes
-import ctypes.util
 import errno
 import itertools
 import logging
@@ -47,6 +46,8 @@ import time
 from collections.abc import Callable
 
 import numpy as np
+
+from flowtally.process import libc
 
 log = logging.getLogger(__name__)
 
@@ -185,10 +186,8 @@ _MMSG = np.dtype({"names": ["namelen", "controllen", "flags", "len"],
 
 
 def _libc_recvmmsg() -> Callable[..., int] | None:
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-        func = libc.recvmmsg
-    except (OSError, AttributeError):
+    func = getattr(libc(), "recvmmsg", None)
+    if func is None:
         return None
     func.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_uint, ctypes.c_int, ctypes.c_void_p]
     func.restype = ctypes.c_int
