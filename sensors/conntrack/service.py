@@ -30,6 +30,7 @@ from prometheus_client import Counter, Gauge
 from flowtally import kafka
 from flowtally.lifecycle import run_components
 from flowtally.metrics import MetricsServer
+from flowtally.process import keep_pandas_out
 from flowtally.settings import load_settings
 from sensors.completeness import SCHEMA_NAME as COMPLETENESS_SCHEMA
 from sensors.completeness import CompletenessAccumulator
@@ -353,6 +354,7 @@ def run(args: argparse.Namespace) -> int:
     """`flowtally sensor conntrack`."""
     settings = load_settings(ConntrackSettings, args.config, metrics_listen=args.metrics_listen,
                              stdout=True if args.stdout else None)
+    keep_pandas_out()  # pyarrow would import it on the first batch's timestamps (~40 MB, unused)
     return asyncio.run(_main(settings))
 
 
