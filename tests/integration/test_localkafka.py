@@ -52,6 +52,11 @@ async def _create_topic(bootstrap: str, topic: str, partitions: int) -> None:
     try:
         response = await admin.create_topics([NewTopic(topic, partitions, 1)], timeout_ms=15_000)
         assert [(t, code) for t, code, *_ in response.topic_errors] == [(topic, 0)]
+        # The controller answers before every broker's metadata has the topic (seen in CI: an
+        # empty list right after): wait for it, bounded.
+        deadline = time.monotonic() + 15
+        while topic not in await admin.list_topics() and time.monotonic() < deadline:
+            await asyncio.sleep(0.1)
         assert topic in await admin.list_topics()
     finally:
         await admin.close()
