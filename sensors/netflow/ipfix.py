@@ -387,15 +387,16 @@ class IpfixBatch:
                 found[id(group)] = np.asarray(per_set, dtype=np.int64)
                 walked[key] = (starts, consumed)
         for stream, sequences, records, counts, deferred in self._tracks:
-            for position, group, i in deferred:
-                if isinstance(position, np.ndarray):  # a bulk run's sets (records has no None)
-                    total = np.asarray(records, dtype=np.int64)
-                    total[position] += found[id(group)][i]
-                    records = cast("list[int | None]", total.tolist())
-                    continue
-                known = records[position]
-                if known is not None:
-                    records[position] = known + int(found[id(group)][i])
+            if deferred and isinstance(deferred[0][0], np.ndarray):  # a bulk run's: arrays, no None
+                total = np.asarray(records, dtype=np.int64)
+                for rows, group, idx in deferred:
+                    total[rows] += found[id(group)][idx]
+                records = cast("list[int | None]", total.tolist())
+            else:  # one message's sets, walked on their own
+                for position, group, i in cast("list[tuple[int, Group, int]]", deferred):
+                    known = records[position]
+                    if known is not None:
+                        records[position] = known + int(found[id(group)][i])
             _track_many(templates, stream, sequences, records, counts)
         self._tracks.clear()
         for key, (starts, consumed) in walked.items():

@@ -148,12 +148,6 @@ def header_bytes(payloads: list[bytes]) -> np.ndarray:
     return np.frombuffer(joined, dtype=np.uint8).reshape(len(payloads), HEAD)
 
 
-def header_domains(payloads: list[bytes]) -> np.ndarray:
-    """:func:`domains_many` of payloads."""
-    lengths = np.fromiter(map(len, payloads), dtype=np.int64, count=len(payloads))
-    return domains_many(header_bytes(payloads), lengths)
-
-
 def source_address(host: str) -> bytes:
     """A socket address's host as the 16 bytes the receiver hands over (IPv4 mapped)."""
     host = host.split("%")[0]

@@ -19,7 +19,7 @@ from sensors.completeness import (
 )
 from sensors.netflow.collector import Allowlist, NetflowReceiver, NetflowSettings, _sequence_lost
 from sensors.netflow.decoder import ExporterStats
-from sensors.netflow.receiver import Run, header_bytes, header_domains
+from sensors.netflow.receiver import Run, domains_many, header_bytes
 from sensors.publisher import Publisher
 from sensors.schema import address16
 
@@ -58,7 +58,8 @@ _HEADER_STARTS = st.sampled_from([b"\x00\x09", b"\x00\x0a", b"\x00\x05", b"\x01\
 def test_header_domains_equals_domain_of(parts: list[tuple[bytes, bytes]]) -> None:
     """The batch version reads every header as domain_of does, short payloads included."""
     payloads = [start + rest for start, rest in parts]
-    assert header_domains(payloads).tolist() == [domain_of(p) for p in payloads]
+    lengths = np.array([len(p) for p in payloads], dtype=np.int64)
+    assert domains_many(header_bytes(payloads), lengths).tolist() == [domain_of(p) for p in payloads]
 
 
 def test_group_counts() -> None:
