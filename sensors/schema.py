@@ -57,6 +57,16 @@ RAW_SCHEMA = pa.schema(
         pa.field("initiator", pa.uint8(), nullable=False),
         # Connection state when reported; one of CONN_STATES ("" = not reported).
         pa.field("conn_state", pa.dictionary(pa.int32(), pa.string()), nullable=False),
+        # Additive since issue 4's flow details, where the exporter sends them (0 = not reported):
+        # flow_direction 1 ingress, 2 egress (IPFIX flowDirection 61, +1); ICMP type and code of
+        # ICMP/ICMPv6 records (0 for other protocols); the 802.1Q VLAN IDs on the way in (src)
+        # and out (dst); the top MPLS label (20 bits).
+        pa.field("flow_direction", pa.uint8(), nullable=False),
+        pa.field("icmp_type", pa.uint8(), nullable=False),
+        pa.field("icmp_code", pa.uint8(), nullable=False),
+        pa.field("src_vlan", pa.uint16(), nullable=False),
+        pa.field("dst_vlan", pa.uint16(), nullable=False),
+        pa.field("mpls_label", pa.uint32(), nullable=False),
     ],
     metadata={"flowtally-schema": SCHEMA_NAME},
 )
@@ -79,14 +89,37 @@ NUMPY_DTYPES: dict[str, np.dtype[Any]] = {
     "out_if": np.dtype("uint32"),
     "nat_port": np.dtype("uint16"),
     "initiator": np.dtype("uint8"),
+    "flow_direction": np.dtype("uint8"),
+    "icmp_type": np.dtype("uint8"),
+    "icmp_code": np.dtype("uint8"),
+    "src_vlan": np.dtype("uint16"),
+    "dst_vlan": np.dtype("uint16"),
+    "mpls_label": np.dtype("uint32"),
 }
 
 ADDRESS_COLUMNS = ("exporter", "src_addr", "dst_addr", "nat_addr")
 STRING_COLUMNS = ("observer", "conn_state")
 
+#: The flow details NetFlow/IPFIX exporters may send (see RAW_SCHEMA), all "not reported" at 0.
+DETAIL_COLUMNS = ("flow_direction", "icmp_type", "icmp_code", "src_vlan", "dst_vlan", "mpls_label")
+#: flow_direction values: what IPFIX flowDirection (61) says, shifted so 0 means "not reported".
+INGRESS, EGRESS = 1, 2
+
+ICMP_PROTOCOLS = (1, 58)  # ICMP, ICMPv6
+
+
+def icmp_from_port(proto: np.ndarray, dst_port: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """ICMP type and code (uint8 each) from the destination port, where NetFlow v5 (which has no
+    ICMP field), exporters such as pmacctd and conntrack put them (``type << 8 | code``); 0 for
+    records that are not ICMP or ICMPv6."""
+    icmp = (proto == ICMP_PROTOCOLS[0]) | (proto == ICMP_PROTOCOLS[1])
+    port = np.where(icmp, dst_port, 0).astype(np.uint16)
+    return (port >> 8).astype(np.uint8), (port & 0xFF).astype(np.uint8)
+
+
 #: Columns added to raw.v1 after it was first published. A reader given a batch from an older
 #: sensor fills them with their "not reported" default (:func:`with_additive_defaults`).
-ADDITIVE_COLUMNS = ("nat_addr", "nat_port", "initiator", "conn_state")
+ADDITIVE_COLUMNS = ("nat_addr", "nat_port", "initiator", "conn_state", *DETAIL_COLUMNS)
 
 #: Values of ``conn_state``: "" not reported (NetFlow); "established" a reply was seen (TCP:
 #: the handshake completed); "unreplied" nothing came back (UDP/ICMP without answer, TCP SYN

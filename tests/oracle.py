@@ -43,7 +43,10 @@ import pytest
 from sensors.netflow.decoder import Datagram, DecodeStats, decode_datagrams, flush_pending
 from sensors.netflow.pcap import iter_udp
 from sensors.netflow.templates import TemplateStore
-from sensors.schema import ADDRESS_COLUMNS, address_bytes, address_text
+from sensors.schema import ADDRESS_COLUMNS, DETAIL_COLUMNS, address_bytes, address_text
+
+#: The flow details of a record that reports none (raw.v1's DETAIL_COLUMNS at 0).
+NO_DETAILS = dict.fromkeys(DETAIL_COLUMNS, 0)
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -88,6 +91,8 @@ class OracleResult:
     records: list[FlowKey] = field(default_factory=list)
     #: (start_ms, end_ms) per record, aligned with ``records``; None where tshark shows no times
     times: list[tuple[int, int] | None] = field(default_factory=list)
+    #: raw.v1's flow details (DETAIL_COLUMNS order) per record, aligned with ``records``
+    details: list[tuple[int, ...]] = field(default_factory=list)
     options_records: int = 0
     missing_template_flowsets: int = 0
     packets_by_version: Counter[int] = field(default_factory=Counter)
@@ -325,6 +330,7 @@ def _add_record(out: OracleResult, record: dict[str, Any], header: _Header) -> N
         )
     )
     out.times.append(_record_times(record, header))
+    out.details.append(_record_details(out.records[-1], record, get))
     # RFC 5103 biflow: tshark lists the reverse counters as a second value of the same field;
     # the decoder emits the reverse direction as its own record when it carried anything.
     octets = next((record[k] for k in ("cflow.octets", "cflow.post_octets", "cflow.permanent_octets")
@@ -338,6 +344,40 @@ def _add_record(out: OracleResult, record: dict[str, Any], header: _Header) -> N
             fwd = out.records[-1]
             out.records.append(FlowKey(fwd.dst, fwd.src, fwd.dport, fwd.sport, fwd.proto, rbytes, rpackets))
             out.times.append(None)
+            direction, _, _, src_vlan, dst_vlan, mpls = out.details[-1]
+            icmp = _icmp_from_port(out.records[-1])
+            out.details.append((direction, *icmp, dst_vlan, src_vlan, mpls))
+
+
+def _icmp_from_port(key: FlowKey) -> tuple[int, int]:
+    """The ICMP type and code of an ICMP/ICMPv6 record from its destination port (the v5 and
+    pmacctd convention the decoder documents), (0, 0) for other protocols."""
+    return (key.dport >> 8, key.dport & 0xFF) if key.proto in (1, 58) else (0, 0)
+
+
+def _record_details(key: FlowKey, record: dict[str, Any], get: Any) -> tuple[int, ...]:
+    """raw.v1's flow details of a record from the fields tshark shows (DETAIL_COLUMNS order)."""
+    def num(*names: str) -> int | None:
+        value = get(*names)
+        return None if value is None else int(value, 0)
+
+    direction = num("cflow.direction")
+    icmp = _icmp_from_port(key)
+    family = {1: ("ipv4", "cflow.icmp_type_code_ipv4"), 58: ("ipv6", None)}.get(key.proto)
+    if family is not None:
+        kind, both = family
+        icmp_type, icmp_code = num(f"cflow.icmp_{kind}_type"), num(f"cflow.icmp_{kind}_code")
+        combined = num(both) if both else None
+        if icmp_type is not None:
+            icmp = (icmp_type, icmp_code or 0)
+        elif combined is not None:
+            icmp = (combined >> 8, combined & 0xFF)
+    src_vlan = num("cflow.vlanid", "cflow.dot1q_vlan_id") or 0
+    dst_vlan = num("cflow.post_vlanid", "cflow.post_dot1q_vlan_id") or 0
+    # tshark puts MPLS_LABEL_1 (70) in a subtree named after its value ("MPLS-Label1: 20005 ...").
+    top = next((v for k, v in record.items() if k.startswith("MPLS-Label1:")), None)
+    mpls = int(_first(_first(top).get("cflow.mpls_label", "0"))) if top is not None else 0
+    return (direction + 1 if direction in (0, 1) else 0, *icmp, src_vlan & 0xFFF, dst_vlan & 0xFFF, mpls)
 
 
 # --- our side of the comparison -------------------------------------------------------------
@@ -378,6 +418,11 @@ def flow_keys(table: pa.Table) -> list[FlowKey]:
     ]
 
 
+def flow_details(table: pa.Table) -> list[tuple[int, ...]]:
+    """raw.v1's flow details per row (DETAIL_COLUMNS order), aligned with :func:`flow_keys`."""
+    return [tuple(r[name] for name in DETAIL_COLUMNS) for r in table_rows(table)]
+
+
 def flow_times(table: pa.Table) -> list[tuple[int, int]]:
     """(start_ms, end_ms) per row, aligned with :func:`flow_keys`."""
     return [(r["start"], r["end"]) for r in table_rows(table)]
@@ -392,6 +437,11 @@ def assert_matches_oracle(table: pa.Table, oracle: OracleResult, compare_times: 
     only_ours = Counter(ours) - oracle.multiset()
     only_tshark = oracle.multiset() - Counter(ours)
     assert not only_ours and not only_tshark, f"only ours: {only_ours}; only tshark: {only_tshark}"
+    # Direction, ICMP type/code, VLANs and MPLS label of every record (0 where tshark shows none).
+    mine_details = Counter(zip(ours, flow_details(table), strict=True))
+    their_details = Counter(zip(oracle.records, oracle.details, strict=True))
+    assert mine_details == their_details, (f"details differ: ours-only {mine_details - their_details}, "
+                                           f"tshark-only {their_details - mine_details}")
     if compare_times:
         theirs = Counter((k, t) for k, t in zip(oracle.records, oracle.times, strict=True) if t is not None)
         known = {k for k, t in zip(oracle.records, oracle.times, strict=True) if t is not None}

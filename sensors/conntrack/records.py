@@ -9,9 +9,9 @@ Each delta gives up to two records, one per direction that moved:
 
 When the orig destination is not the reply source (DNAT: ClusterIP, NodePort), both records
 carry ``nat_addr``/``nat_port`` = the orig destination the client addressed. ICMP: src_port 0,
-dst_port ``type << 8 | code`` of that direction. ``start`` is the connection's start (conntrack
-timestamp; the report time when the kernel had none), ``end`` the report time, or the kernel's
-stop time for a DESTROY.
+dst_port ``type << 8 | code`` of that direction (also in ``icmp_type``/``icmp_code``). ``start``
+is the connection's start (conntrack timestamp; the report time when the kernel had none),
+``end`` the report time, or the kernel's stop time for a DESTROY.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ import pyarrow as pa
 
 from sensors.conntrack.messages import DESTROY, IPS_ASSURED, IPS_SEEN_REPLY, Rows
 from sensors.conntrack.tracker import Deltas
-from sensors.schema import build_raw_table
+from sensors.schema import build_raw_table, icmp_from_port
 
 _NO_ADDR = b"\x00" * 16
 
@@ -94,6 +94,9 @@ def build_columns(rows: Rows, deltas: Deltas, now_ms: int, *, exporter: bytes = 
         return np.repeat(a, 2, axis=0)[moved]
 
     n = int(moved.sum())
+    proto = both(r.proto)
+    dst_port = pair(np.where(icmp, r.orig_dport, r.reply_sport), np.where(icmp, r.reply_dport, r.orig_sport))
+    icmp_type, icmp_code = icmp_from_port(proto, dst_port)
     return {
         "time_received": np.full(n, now_ms, dtype=np.int64),
         "exporter": np.frombuffer(exporter * n, dtype=np.uint8).reshape(n, 16),
@@ -104,9 +107,10 @@ def build_columns(rows: Rows, deltas: Deltas, now_ms: int, *, exporter: bytes = 
         "src_addr": pair(r.orig_src, r.reply_src),
         "dst_addr": pair(r.reply_src, r.orig_src),
         "src_port": pair(np.where(icmp, zero16, r.orig_sport), np.where(icmp, zero16, r.reply_sport)),
-        "dst_port": pair(np.where(icmp, r.orig_dport, r.reply_sport),
-                         np.where(icmp, r.reply_dport, r.orig_sport)),
-        "proto": both(r.proto),
+        "dst_port": dst_port,
+        "proto": proto,
+        "icmp_type": icmp_type,
+        "icmp_code": icmp_code,
         "bytes": pair(d[:, 1], d[:, 3]),
         "packets": pair(d[:, 0], d[:, 2]),
         "nat_addr": both(nat_addr),

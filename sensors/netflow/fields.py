@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from sensors.schema import ipv4_to_mapped
+from sensors.schema import ICMP_PROTOCOLS, icmp_from_port, ipv4_to_mapped
 
 # IANA IPFIX information elements (v9 uses the same numbers for these).
 OCTET_DELTA, PACKET_DELTA = 1, 2
@@ -30,6 +30,12 @@ SELECTOR_ID = 302
 SAMPLING_PACKET_INTERVAL, SAMPLING_PACKET_SPACE = 305, 306
 SAMPLING_SIZE, SAMPLING_POPULATION, SAMPLING_PROBABILITY = 309, 310, 311
 SYSTEM_INIT_MS = 160
+# Flow details (raw.v1's DETAIL_COLUMNS).
+ICMP_TYPE_CODE_V4, ICMP_TYPE_CODE_V6 = 32, 139  # type << 8 | code
+ICMP_TYPE_V4, ICMP_CODE_V4, ICMP_TYPE_V6, ICMP_CODE_V6 = 176, 177, 178, 179
+SRC_VLAN, DST_VLAN, DOT1Q_VLAN, POST_DOT1Q_VLAN = 58, 59, 243, 254
+FLOW_DIRECTION = 61  # 0 ingress, 1 egress
+MPLS_TOP_LABEL = 70  # mplsTopLabelStackSection: label (20 bits), traffic class (3), bottom of stack (1)
 
 #: Fields that make an options record worth parsing: sampling parameters, and IPFIX's
 #: systemInitTimeMilliseconds (the base of flowStart/EndSysUpTime).
@@ -270,6 +276,8 @@ def common_columns(buf: bytes, n: int, size: int, where: Where, group: Group, co
         return np.zeros(n, dtype=dtype)
 
     src_addr, dst_addr = addresses(buf, n, size, where)
+    proto = uint_or_zero(np.uint8, PROTOCOL)
+    dst_port = uint_or_zero(np.uint16, DST_PORT)
     sampler_field = SAMPLER_ID if SAMPLER_ID in where else (SELECTOR_ID if SELECTOR_ID in where else None)
     return {
         "time_received": per_record(group.received),
@@ -279,8 +287,8 @@ def common_columns(buf: bytes, n: int, size: int, where: Where, group: Group, co
         "src_addr": src_addr,
         "dst_addr": dst_addr,
         "src_port": uint_or_zero(np.uint16, SRC_PORT),
-        "dst_port": uint_or_zero(np.uint16, DST_PORT),
-        "proto": uint_or_zero(np.uint8, PROTOCOL),
+        "dst_port": dst_port,
+        "proto": proto,
         "bytes": uint_or_zero(np.uint64, OCTET_DELTA, POST_OCTET_DELTA, OCTET_TOTAL),
         "packets": uint_or_zero(np.uint64, PACKET_DELTA, POST_PACKET_DELTA, PACKET_TOTAL),
         "sampling_rate": sampling_column(buf, n, size, where, counts, group.sampling, group.samplers,
@@ -288,6 +296,71 @@ def common_columns(buf: bytes, n: int, size: int, where: Where, group: Group, co
         "tcp_flags": uint_or_zero(np.uint8, TCP_FLAGS),
         "in_if": uint_or_zero(np.uint32, INPUT_IF),
         "out_if": uint_or_zero(np.uint32, OUTPUT_IF),
+    } | detail_columns(buf, n, size, where, proto, dst_port)
+
+
+def detail_columns(buf: bytes, n: int, size: int, where: Where, proto: np.ndarray | None = None,
+                   dst_port: np.ndarray | None = None) -> dict[str, np.ndarray]:
+    """raw.v1's flow details from whichever elements the template carries (0 where none does).
+
+    - ``flow_direction``: flowDirection (61) + 1, so 0 stays "not reported" (values other than
+      0 and 1 are not defined and read as 0).
+    - ``icmp_type``/``icmp_code`` of ICMP (protocol 1) records: icmpTypeIPv4/icmpCodeIPv4
+      (176/177), else icmpTypeCodeIPv4 (32, ``type << 8 | code``), else the destination port,
+      where pmacctd and v5-style exporters put ``type << 8 | code``; of ICMPv6 (58) records the
+      IPv6 elements (178/179, 139) the same way. Records of other protocols get 0.
+    - ``src_vlan``: srcVlan (58), else dot1qVlanId (243); ``dst_vlan``: dstVlan (59), else
+      postDot1qVlanId (254); 12 bits.
+    - ``mpls_label``: the label of mplsTopLabelStackSection (70), its first 20 bits.
+
+    ``proto``/``dst_port``: the records' protocol and destination port when the caller has them
+    (read from the template otherwise).
+    """
+    def field(dtype: type[np.generic], *field_types: int) -> np.ndarray | None:
+        for field_type in field_types:
+            if field_type in where:
+                return uint(buf, n, size, *where[field_type], dtype=dtype)
+        return None
+
+    zeros8 = np.zeros(n, dtype=np.uint8)
+    direction = field(np.uint8, FLOW_DIRECTION)
+    if direction is not None:
+        direction = np.where(direction <= 1, direction + 1, 0).astype(np.uint8)
+    if proto is None:
+        proto = field(np.uint8, PROTOCOL)
+    if proto is None or not np.isin(proto, ICMP_PROTOCOLS).any():
+        icmp_type, icmp_code = zeros8, zeros8
+    else:
+        if dst_port is None:
+            dst_port = field(np.uint16, DST_PORT)
+        icmp_type, icmp_code = icmp_from_port(proto, np.zeros(n, np.uint16) if dst_port is None else dst_port)
+        for family, (type_id, code_id, both_id) in zip(
+                ICMP_PROTOCOLS, ((ICMP_TYPE_V4, ICMP_CODE_V4, ICMP_TYPE_CODE_V4),
+                                 (ICMP_TYPE_V6, ICMP_CODE_V6, ICMP_TYPE_CODE_V6)), strict=True):
+            ours = proto == family
+            if type_id in where:
+                icmp_type = np.where(ours, field(np.uint8, type_id), icmp_type).astype(np.uint8)
+                code = field(np.uint8, code_id)
+                icmp_code = np.where(ours, 0 if code is None else code, icmp_code).astype(np.uint8)
+            elif both_id in where:
+                value = field(np.uint16, both_id)
+                assert value is not None
+                icmp_type = np.where(ours, value >> 8, icmp_type).astype(np.uint8)
+                icmp_code = np.where(ours, value & 0xFF, icmp_code).astype(np.uint8)
+    src_vlan = field(np.uint16, SRC_VLAN, DOT1Q_VLAN)
+    dst_vlan = field(np.uint16, DST_VLAN, POST_DOT1Q_VLAN)
+    mpls = None
+    if MPLS_TOP_LABEL in where:
+        offset, length = where[MPLS_TOP_LABEL]
+        if length >= 3:  # the label is the first 20 bits of the 3-byte stack entry
+            mpls = (uint(buf, n, size, offset, 3, dtype=np.uint32) >> 4).astype(np.uint32)
+    return {
+        "flow_direction": zeros8 if direction is None else direction,
+        "icmp_type": icmp_type,
+        "icmp_code": icmp_code,
+        "src_vlan": np.zeros(n, np.uint16) if src_vlan is None else src_vlan & 0xFFF,
+        "dst_vlan": np.zeros(n, np.uint16) if dst_vlan is None else dst_vlan & 0xFFF,
+        "mpls_label": np.zeros(n, np.uint32) if mpls is None else mpls,
     }
 
 

@@ -772,6 +772,10 @@ def _group_columns(plan: _Plan, group: Group, starts: np.ndarray, consumed: np.n
         "in_if": columns["out_if"], "out_if": columns["in_if"],
         "bytes": rbytes, "packets": rpackets,
         "tcp_flags": rev_uint(np.uint8, F.TCP_FLAGS),
+        "src_vlan": columns["dst_vlan"], "dst_vlan": columns["src_vlan"],
+        # ICMP of the answers: the reverse ICMP elements, else the reverse's own destination port.
+        **{k: v for k, v in F.detail_columns(buf, n, size, rev, columns["proto"], columns["src_port"]).items()
+           if k in ("icmp_type", "icmp_code")},
         "start": start if rstart is None else rstart,
         "end": end if rend is None else rend,
     }

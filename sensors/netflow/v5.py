@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from sensors.schema import ipv4_to_mapped
+from sensors.schema import icmp_from_port, ipv4_to_mapped
 
 if TYPE_CHECKING:
     from sensors.netflow.decoder import ExporterStats
@@ -140,6 +140,8 @@ class V5Batch:
         export_ms = per_record(self._export_ms)
         uptime = per_record(self._uptime)
         n = len(rec)
+        proto, dst_port = rec["proto"].astype(np.uint8), rec["dst_port"].astype(np.uint16)
+        icmp_type, icmp_code = icmp_from_port(proto, dst_port)  # v5 has no ICMP field: the port's
         return {
             "time_received": per_record(self._received),
             "exporter": exporters[per_record(self._exporter)],
@@ -150,12 +152,14 @@ class V5Batch:
             "src_addr": ipv4_to_mapped(rec["src_addr"]),
             "dst_addr": ipv4_to_mapped(rec["dst_addr"]),
             "src_port": rec["src_port"].astype(np.uint16),
-            "dst_port": rec["dst_port"].astype(np.uint16),
-            "proto": rec["proto"].astype(np.uint8),
+            "dst_port": dst_port,
+            "proto": proto,
             "bytes": rec["bytes"].astype(np.uint64),
             "packets": rec["packets"].astype(np.uint64),
             "sampling_rate": per_record(self._sampling, np.uint32),
             "tcp_flags": rec["tcp_flags"].astype(np.uint8),
             "in_if": rec["in_if"].astype(np.uint32),
             "out_if": rec["out_if"].astype(np.uint32),
+            "icmp_type": icmp_type,
+            "icmp_code": icmp_code,
         }

@@ -361,7 +361,8 @@ def group_columns(template: Template, group: Group, exporters: np.ndarray) -> di
     the totals 85/86; a record without any counter reports 0. Times: absolute flowStart/End
     milliseconds (152/153) or seconds (150/151) when present, else FIRST/LAST_SWITCHED converted
     from uptime; a record with only one of start/end uses it for both, and one with neither uses
-    the export time. ICMP_TYPE (32) is deliberately not folded into the ports. Sampling: see
+    the export time. ICMP_TYPE (32) is not folded into the ports: it fills icmp_type/icmp_code
+    (:func:`sensors.netflow.fields.detail_columns`). Sampling: see
     :func:`sensors.netflow.fields.sampling_column`.
     """
     buf = b"".join(group.chunks)

@@ -16,6 +16,7 @@ from sensors.netflow.templates import TemplateStore
 from sensors.schema import RAW_SCHEMA
 from tests.oracle import (
     DATA,
+    NO_DETAILS,
     assert_matches_oracle,
     decode_captures,
     payloads_to_pcap,
@@ -119,7 +120,7 @@ def test_template_and_data_exact_values_reduced_size_and_padding() -> None:
         "version": 10, "start": SECS * 1000 - 5000, "end": SECS * 1000 - 1000,
         "src_addr": "10.0.0.1", "dst_addr": "10.0.0.2", "src_port": 1000, "dst_port": 443, "proto": 6,
         "bytes": 1500, "packets": 3, "sampling_rate": 1, "tcp_flags": 0x12, "in_if": 3, "out_if": 4,
-            "nat_addr": "::", "nat_port": 0, "initiator": 0, "conn_state": "",
+            "nat_addr": "::", "nat_port": 0, "initiator": 0, "conn_state": "", **NO_DETAILS,
     }]
     counts = stats.by_exporter()["192.0.2.1"]
     assert (counts.packets, counts.records, counts.templates, dict(counts.errors)) == (1, 1, 1, {})

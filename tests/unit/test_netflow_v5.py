@@ -11,6 +11,7 @@ from sensors.netflow.decoder import Datagram, DecodeStats, decode_datagrams
 from sensors.netflow.templates import TemplateStore
 from tests.oracle import (
     DATA,
+    NO_DETAILS,
     assert_matches_oracle,
     conversation_times,
     decode_captures,
@@ -62,7 +63,7 @@ def test_v5_exact_values() -> None:
     rows, stats = decode(Datagram(EXPORTER, 1_700_000_001_000, packet))
     base = {"time_received": 1_700_000_001_000, "exporter": "198.51.100.7", "observation_domain": 0x0102,
             "observer": "", "version": 5, "sampling_rate": 100, "tcp_flags": 0x12, "in_if": 1, "out_if": 2,
-            "nat_addr": "::", "nat_port": 0, "initiator": 0, "conn_state": ""}
+            "nat_addr": "::", "nat_port": 0, "initiator": 0, "conn_state": "", **NO_DETAILS}
     assert rows == [
         {**base, "start": EXPORT_MS - 3000, "end": EXPORT_MS - 100, "src_addr": "10.0.0.1",
          "dst_addr": "192.168.1.1", "src_port": 51000, "dst_port": 53, "proto": 17, "bytes": 76, "packets": 1},

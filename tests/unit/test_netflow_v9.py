@@ -15,6 +15,7 @@ from sensors.netflow.templates import Field, Template, TemplateStore
 from sensors.schema import RAW_SCHEMA
 from tests.oracle import (
     DATA,
+    NO_DETAILS,
     assert_matches_oracle,
     conversation_times,
     decode_captures,
@@ -119,7 +120,7 @@ def test_template_and_data_in_one_packet_exact_values() -> None:
             "start": SECS * 1000 - 5000, "end": SECS * 1000 - 1000,
             "src_addr": "10.0.0.1", "dst_addr": "10.0.0.2", "src_port": 40000, "dst_port": 443, "proto": 6,
             "bytes": 1500, "packets": 3, "sampling_rate": 1, "tcp_flags": 0x1B, "in_if": 3, "out_if": 4,
-            "nat_addr": "::", "nat_port": 0, "initiator": 0, "conn_state": "",
+            "nat_addr": "::", "nat_port": 0, "initiator": 0, "conn_state": "", **NO_DETAILS,
         },
         {
             "time_received": SECS * 1000 + 7, "exporter": "192.0.2.1", "observation_domain": 42,
@@ -127,7 +128,7 @@ def test_template_and_data_in_one_packet_exact_values() -> None:
             "start": SECS * 1000, "end": SECS * 1000,
             "src_addr": "10.0.0.2", "dst_addr": "10.0.0.1", "src_port": 443, "dst_port": 40000, "proto": 6,
             "bytes": 80, "packets": 2, "sampling_rate": 1, "tcp_flags": 0x1B, "in_if": 3, "out_if": 4,
-            "nat_addr": "::", "nat_port": 0, "initiator": 0, "conn_state": "",
+            "nat_addr": "::", "nat_port": 0, "initiator": 0, "conn_state": "", **NO_DETAILS,
         },
     ]
     counts = stats.by_exporter()["192.0.2.1"]
