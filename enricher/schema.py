@@ -29,6 +29,7 @@ from __future__ import annotations
 import pyarrow as pa
 
 from sensors.schema import RAW_SCHEMA
+from sensors.schema import with_additive_defaults as with_raw_additive_defaults
 
 SCHEMA_NAME = "enriched.v1"
 
@@ -70,3 +71,10 @@ ENRICHED_SCHEMA = pa.schema(
     [*RAW_SCHEMA, *(pa.field(name, _STRING, nullable=False) for name in IDENTITY_COLUMNS), *EXTRA_COLUMNS],
     metadata={"flowtally-schema": SCHEMA_NAME},
 )
+
+
+def with_additive_defaults(table: pa.Table) -> pa.Table:
+    """``table`` with the raw.v1 additive columns an older enricher did not pass on (it knew an
+    older raw.v1) added at their "not reported" defaults, so its batches still read as
+    ``enriched.v1`` during a rolling upgrade (the caller reorders columns by name)."""
+    return with_raw_additive_defaults(table)

@@ -39,7 +39,7 @@ from aiokafka.abc import ConsumerRebalanceListener
 from clickhouse_connect.driver.client import Client
 from prometheus_client import Counter, Gauge, Histogram
 
-from enricher.schema import ENRICHED_SCHEMA
+from enricher.schema import ENRICHED_SCHEMA, with_additive_defaults
 from enricher.schema import SCHEMA_NAME as ENRICHED
 from flowtally import kafka
 from flowtally.clickhouse import connect
@@ -80,7 +80,8 @@ def origin_of(msg: ConsumerRecord) -> str:
 def decode(msg: ConsumerRecord) -> Consumed:
     """One enriched message as flow rows (or why it is not a batch), with its origin."""
     try:
-        rows = flow_rows(decode_batch(msg.value, msg.headers, ENRICHED_SCHEMA, ENRICHED))
+        enriched = decode_batch(msg.value, msg.headers, ENRICHED_SCHEMA, ENRICHED, with_additive_defaults)
+        rows = flow_rows(enriched)
     except WireError as exc:
         return Consumed(msg.offset, origin_of(msg), None, exc, msg)
     return Consumed(msg.offset, origin_of(msg), rows, None, msg)

@@ -338,13 +338,11 @@ def detail_columns(buf: bytes, n: int, size: int, where: Where, proto: np.ndarra
                 ICMP_PROTOCOLS, ((ICMP_TYPE_V4, ICMP_CODE_V4, ICMP_TYPE_CODE_V4),
                                  (ICMP_TYPE_V6, ICMP_CODE_V6, ICMP_TYPE_CODE_V6)), strict=True):
             ours = proto == family
-            if type_id in where:
-                icmp_type = np.where(ours, field(np.uint8, type_id), icmp_type).astype(np.uint8)
-                code = field(np.uint8, code_id)
+            kind, code, value = field(np.uint8, type_id), field(np.uint8, code_id), field(np.uint16, both_id)
+            if kind is not None:
+                icmp_type = np.where(ours, kind, icmp_type).astype(np.uint8)
                 icmp_code = np.where(ours, 0 if code is None else code, icmp_code).astype(np.uint8)
-            elif both_id in where:
-                value = field(np.uint16, both_id)
-                assert value is not None
+            elif value is not None:
                 icmp_type = np.where(ours, value >> 8, icmp_type).astype(np.uint8)
                 icmp_code = np.where(ours, value & 0xFF, icmp_code).astype(np.uint8)
     src_vlan = field(np.uint16, SRC_VLAN, DOT1Q_VLAN)

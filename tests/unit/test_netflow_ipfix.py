@@ -599,3 +599,51 @@ def test_bulk_path_on_the_generator_ipfix_stream() -> None:
     packets = enc.packets[:40] + enc.packets[41:]  # one message lost on the way
     _ipfix_both_ways(packets, 64)
     _ipfix_both_ways([*packets[:3], b"\x00\x0a", *packets[3:]], 64)  # a runt datagram in the call
+
+
+# --- flow details: direction, ICMP, VLAN, MPLS ----------------------------------------------
+
+DETAIL = [(61, 1), (58, 2), (59, 2), (70, 3)]
+
+
+def details(row: dict) -> tuple:
+    return (row["flow_direction"], row["icmp_type"], row["icmp_code"], row["src_vlan"], row["dst_vlan"],
+            row["mpls_label"])
+
+
+def test_flow_details_from_their_elements() -> None:
+    fields = V4 + DETAIL + [(176, 1), (177, 1)]
+    label = (16063 << 4) | 0x1  # label, traffic class 0, bottom of stack
+    recs = [
+        record(fields, {**flow("10.0.0.1", "10.0.0.2", 100, 1), 61: 0, 58: 0x1064, 59: 20, 70: label}),
+        record(fields, {**flow("10.0.0.3", "10.0.0.4", 200, 2, sport=0, dport=0, proto=1), 61: 1, 176: 3, 177: 1}),
+        record(fields, {**flow("10.0.0.5", "10.0.0.6", 300, 3), 61: 7, 176: 8, 177: 9}),  # not ICMP; bad 61
+    ]
+    rows, _ = decode(dg(message(template_set((256, fields)), data_set(256, *recs))))
+    # VLAN IDs keep their 12 bits (0x1064: priority bit set), the MPLS label its 20.
+    assert [details(r) for r in rows] == [(1, 0, 0, 0x064, 20, 16063), (2, 3, 1, 0, 0, 0), (0, 0, 0, 0, 0, 0)]
+
+
+def test_icmp_type_code_fallbacks() -> None:
+    # icmpTypeCodeIPv4 (32) for ICMP and icmpTypeCodeIPv6 (139) for ICMPv6 records; without any
+    # ICMP element the destination port (type << 8 | code, as pmacctd and v5 exporters send it).
+    with_elements = V4 + [(32, 2), (139, 2), (243, 2), (254, 2)]
+    rows, _ = decode(dg(message(template_set((256, with_elements), (257, V4)),
+                                data_set(256, record(with_elements, {**flow("10.0.0.1", "10.0.0.2", 1, 1, proto=1,
+                                                                            dport=0), 32: 0x0800, 243: 5, 254: 6}),
+                                         record(with_elements, {**flow("10.0.0.3", "10.0.0.4", 2, 1, proto=58,
+                                                                       dport=0x0800), 139: 0x8100})),
+                                data_set(257, record(V4, flow("10.0.0.5", "10.0.0.6", 3, 1, proto=1, dport=0x0303)),
+                                         record(V4, flow("10.0.0.7", "10.0.0.8", 4, 1, proto=6, dport=0x0303))))))
+    assert [details(r) for r in rows] == [(0, 8, 0, 5, 6, 0), (0, 129, 0, 0, 0, 0), (0, 3, 3, 0, 0, 0),
+                                          (0, 0, 0, 0, 0, 0)]
+
+
+def test_biflow_reverse_record_swaps_vlans_and_takes_its_own_icmp() -> None:
+    fields = [(8, 4), (12, 4), (7, 2), (11, 2), (4, 1), (1, 8), (2, 8), (1, 8, 29305), (2, 8, 29305),
+              (61, 1), (58, 2), (59, 2), (32, 2), (32, 2, 29305)]
+    rec = record(fields, {8: ip4("10.0.0.1"), 12: ip4("10.0.0.2"), 4: 1, 1: 84, 2: 1, -1: 84, -2: 1,
+                          61: 0, 58: 10, 59: 20, 32: 0x0800, -32: 0x0000})
+    rows, _ = decode(dg(message(template_set((256, fields)), data_set(256, rec))))
+    assert [(r["src_addr"], *details(r)) for r in rows] == [("10.0.0.1", 1, 8, 0, 10, 20, 0),
+                                                            ("10.0.0.2", 1, 0, 0, 20, 10, 0)]
