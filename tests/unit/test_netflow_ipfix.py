@@ -627,7 +627,7 @@ def test_flow_details_from_their_elements() -> None:
 def test_icmp_type_code_fallbacks() -> None:
     # icmpTypeCodeIPv4 (32) for ICMP and icmpTypeCodeIPv6 (139) for ICMPv6 records; without any
     # ICMP element the destination port (type << 8 | code, as pmacctd and v5 exporters send it).
-    with_elements = V4 + [(32, 2), (139, 2), (243, 2), (254, 2)]
+    with_elements = [*V4, (32, 2), (139, 2), (243, 2), (254, 2)]
     rows, _ = decode(dg(message(template_set((256, with_elements), (257, V4)),
                                 data_set(256, record(with_elements, {**flow("10.0.0.1", "10.0.0.2", 1, 1, proto=1,
                                                                             dport=0), 32: 0x0800, 243: 5, 254: 6}),
