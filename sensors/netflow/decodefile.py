@@ -28,7 +28,7 @@ import pyarrow as pa
 from sensors.netflow.decoder import Datagram, DecodeStats, decode_datagrams, flush_pending
 from sensors.netflow.pcap import CaptureCounts, NotACaptureError, check_capture, iter_udp
 from sensors.netflow.templates import TemplateStore
-from sensors.schema import address_bytes, address_text
+from sensors.schema import DETAIL_COLUMNS, address_bytes, address_text
 
 CHUNK = 1000
 
@@ -100,7 +100,7 @@ def _iso(column: pa.ChunkedArray | pa.Array) -> list[str]:
 
 _INT_COLUMNS = (
     "version", "observation_domain", "src_port", "dst_port", "proto", "bytes", "packets",
-    "sampling_rate", "tcp_flags", "in_if", "out_if",
+    "sampling_rate", "tcp_flags", "in_if", "out_if", *DETAIL_COLUMNS,
 )
 
 
@@ -135,6 +135,7 @@ def _write(table: pa.Table, out: BinaryIO) -> None:
                     "tcp_flags": ints["tcp_flags"][i],
                     "in_if": ints["in_if"][i],
                     "out_if": ints["out_if"][i],
+                    **{name: ints[name][i] for name in DETAIL_COLUMNS},
                 }
             )
         )

@@ -13,12 +13,13 @@ import pytest
 
 from flowtally.cli import main
 from sensors.netflow import decodefile
+from sensors.schema import DETAIL_COLUMNS
 from tests.oracle import DATA, REPO_ROOT, FlowKey, shared_testdata, tshark_decode
 
 ISO_MS = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z$")
 FIELDS = {"exporter", "version", "observation_domain", "time_received", "src_addr", "dst_addr", "src_port",
           "dst_port", "proto", "bytes", "packets", "start", "end", "sampling_rate", "tcp_flags", "in_if",
-          "out_if"}
+          "out_if", *DETAIL_COLUMNS}
 AKVORADO = ("netflow-pcaps", "akvorado")
 
 
@@ -33,7 +34,7 @@ def keys(records: list[dict]) -> list[FlowKey]:
                     r["packets"]) for r in records]
 
 
-@pytest.mark.parametrize("name", ["softflowd-v5.pcap", "softflowd-v9.pcap"])
+@pytest.mark.parametrize("name", ["softflowd-v5.pcap", "softflowd-v9.pcap", "pmacctd-v9.pcap"])
 def test_golden_capture_to_json_lines_matches_tshark(capsys: pytest.CaptureFixture[str], name: str) -> None:
     path = DATA / name
     code, records, err = run(capsys, str(path))
@@ -41,6 +42,8 @@ def test_golden_capture_to_json_lines_matches_tshark(capsys: pytest.CaptureFixtu
     oracle = tshark_decode(path)
     assert (len(records), sum(r["bytes"] for r in records), sum(r["packets"] for r in records)) == oracle.totals
     assert sorted(keys(records)) == sorted(oracle.records)
+    printed = [tuple(r[name] for name in DETAIL_COLUMNS) for r in records]
+    assert sorted(zip(keys(records), printed, strict=True)) == sorted(zip(oracle.records, oracle.details, strict=True))
     for r in records:
         assert set(r) == FIELDS
         assert r["exporter"] == "127.0.0.1"  # IPv4-mapped addresses print as plain IPv4
