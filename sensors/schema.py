@@ -172,9 +172,10 @@ def build_raw_table(columns: Mapping[str, Any], observer: str | None = None) -> 
     for field in RAW_SCHEMA:
         name = field.name
         value = columns.get(name)
+        if value is None and name not in STRING_COLUMNS and name != "sampling_rate":
+            arrays.append(pa.Array.from_buffers(field.type, n, [None, _zeros(n * _WIDTH[name])]))
+            continue
         if name in ADDRESS_COLUMNS:
-            if value is None:
-                value = np.zeros((n, 16), dtype=np.uint8)
             value = np.ascontiguousarray(value, dtype=np.uint8)
             if value.shape != (n, 16):
                 raise ValueError(f"{name} must have shape (n, 16), got {value.shape}")
@@ -189,7 +190,7 @@ def build_raw_table(columns: Mapping[str, Any], observer: str | None = None) -> 
         else:
             dtype = NUMPY_DTYPES[name]
             if value is None:
-                value = np.full(n, 1 if name == "sampling_rate" else 0, dtype=dtype)
+                value = np.ones(n, dtype=dtype)  # sampling_rate: unsampled
             value = np.ascontiguousarray(value, dtype=dtype)
             if field.type == TIMESTAMP:
                 # From the int64 buffer directly: pa.array(..., type=timestamp) goes through
@@ -202,7 +203,22 @@ def build_raw_table(columns: Mapping[str, Any], observer: str | None = None) -> 
 
 
 def _constant_string(n: int, value: str) -> pa.DictionaryArray:
-    return pa.DictionaryArray.from_arrays(pa.array(np.zeros(n, dtype=np.int32)), pa.array([value]))
+    indices = pa.Array.from_buffers(pa.int32(), n, [None, _zeros(4 * n)])
+    return pa.DictionaryArray.from_arrays(indices, pa.array([value]))
+
+
+#: Bytes per value of the fixed-width columns.
+_WIDTH = {name: 16 for name in ADDRESS_COLUMNS} | {name: dt.itemsize for name, dt in NUMPY_DTYPES.items()}
+_ZEROS = [pa.py_buffer(b"")]
+
+
+def _zeros(nbytes: int) -> pa.Buffer:
+    """``nbytes`` zero bytes from one shared, read-only buffer (grown when a batch needs more):
+    the columns a sensor does not report (NetFlow's conntrack columns, the details most
+    exporters leave out) are views of it instead of fresh zeroed arrays per batch."""
+    if _ZEROS[0].size < nbytes:
+        _ZEROS[0] = pa.py_buffer(bytes(max(nbytes, 2 * _ZEROS[0].size)))
+    return _ZEROS[0].slice(0, nbytes)
 
 
 def with_additive_defaults(table: pa.Table) -> pa.Table:

@@ -58,7 +58,7 @@ from sensors.netflow.ipfix import IpfixBatch
 from sensors.netflow.templates import TemplateStore
 from sensors.netflow.v5 import V5Batch
 from sensors.netflow.v9 import MIN_VECTORISED, V9Batch
-from sensors.schema import address_text, build_raw_table, empty_raw_table
+from sensors.schema import ADDRESS_COLUMNS, NUMPY_DTYPES, address_text, build_raw_table, empty_raw_table
 
 _V4_MAPPED_PREFIX = b"\x00" * 10 + b"\xff\xff"
 
@@ -304,7 +304,19 @@ class _Batch:
             return empty_raw_table()
         if len(parts) == 1:
             return build_raw_table(parts[0])
-        return build_raw_table({name: np.concatenate([p[name] for p in parts]) for name in parts[0]})
+        # Parts of different versions and layouts report different optional columns (the flow
+        # details): where one part has a column the others lack, theirs are its zeros.
+        names = dict.fromkeys(name for p in parts for name in p)
+        return build_raw_table({name: np.concatenate([_column(p, name) for p in parts]) for name in names})
+
+
+def _column(part: dict[str, np.ndarray], name: str) -> np.ndarray:
+    """Column ``name`` of a decoded part, or its "not reported" zeros if the part has none."""
+    value = part.get(name)
+    if value is not None:
+        return value
+    rows = len(part["bytes"])
+    return np.zeros((rows, 16), np.uint8) if name in ADDRESS_COLUMNS else np.zeros(rows, NUMPY_DTYPES[name])
 
 
 def flush_pending(templates: TemplateStore, stats: DecodeStats) -> int:

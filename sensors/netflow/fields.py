@@ -301,7 +301,8 @@ def common_columns(buf: bytes, n: int, size: int, where: Where, group: Group, co
 
 def detail_columns(buf: bytes, n: int, size: int, where: Where, proto: np.ndarray | None = None,
                    dst_port: np.ndarray | None = None) -> dict[str, np.ndarray]:
-    """raw.v1's flow details from whichever elements the template carries (0 where none does).
+    """raw.v1's flow details from whichever elements the template carries; a column no element
+    (and for ICMP, no ICMP record) gives is left out, to be filled with 0 by the table builder.
 
     - ``flow_direction``: flowDirection (61) + 1, so 0 stays "not reported" (values other than
       0 and 1 are not defined and read as 0).
@@ -322,15 +323,14 @@ def detail_columns(buf: bytes, n: int, size: int, where: Where, proto: np.ndarra
                 return uint(buf, n, size, *where[field_type], dtype=dtype)
         return None
 
-    zeros8 = np.zeros(n, dtype=np.uint8)
     direction = field(np.uint8, FLOW_DIRECTION)
     if direction is not None:
         direction = np.where(direction <= 1, direction + 1, 0).astype(np.uint8)
     if proto is None:
         proto = field(np.uint8, PROTOCOL)
-    if proto is None or not np.isin(proto, ICMP_PROTOCOLS).any():
-        icmp_type, icmp_code = zeros8, zeros8
-    else:
+    icmp_type = icmp_code = None
+    # Two comparisons, not np.isin (which sorts: 0.01 us/flow, a tenth of the whole decode).
+    if proto is not None and ((proto == ICMP_PROTOCOLS[0]).any() or (proto == ICMP_PROTOCOLS[1]).any()):
         if dst_port is None:
             dst_port = field(np.uint16, DST_PORT)
         icmp_type, icmp_code = icmp_from_port(proto, np.zeros(n, np.uint16) if dst_port is None else dst_port)
@@ -352,14 +352,10 @@ def detail_columns(buf: bytes, n: int, size: int, where: Where, proto: np.ndarra
         offset, length = where[MPLS_TOP_LABEL]
         if length >= 3:  # the label is the first 20 bits of the 3-byte stack entry
             mpls = (uint(buf, n, size, offset, 3, dtype=np.uint32) >> 4).astype(np.uint32)
-    return {
-        "flow_direction": zeros8 if direction is None else direction,
-        "icmp_type": icmp_type,
-        "icmp_code": icmp_code,
-        "src_vlan": np.zeros(n, np.uint16) if src_vlan is None else src_vlan & 0xFFF,
-        "dst_vlan": np.zeros(n, np.uint16) if dst_vlan is None else dst_vlan & 0xFFF,
-        "mpls_label": np.zeros(n, np.uint32) if mpls is None else mpls,
-    }
+    found = {"flow_direction": direction, "icmp_type": icmp_type, "icmp_code": icmp_code,
+             "src_vlan": None if src_vlan is None else src_vlan & 0xFFF,
+             "dst_vlan": None if dst_vlan is None else dst_vlan & 0xFFF, "mpls_label": mpls}
+    return {name: value for name, value in found.items() if value is not None}
 
 
 #: Below this many datagrams per call the per-datagram walk is as cheap as the bulk one.

@@ -772,7 +772,7 @@ def _group_columns(plan: _Plan, group: Group, starts: np.ndarray, consumed: np.n
         "in_if": columns["out_if"], "out_if": columns["in_if"],
         "bytes": rbytes, "packets": rpackets,
         "tcp_flags": rev_uint(np.uint8, F.TCP_FLAGS),
-        "src_vlan": columns["dst_vlan"], "dst_vlan": columns["src_vlan"],
+        **_swapped(columns, "src_vlan", "dst_vlan"),
         # ICMP of the answers: the reverse ICMP elements, else the reverse's own destination port.
         **{k: v for k, v in F.detail_columns(buf, n, size, rev, columns["proto"], columns["src_port"]).items()
            if k in ("icmp_type", "icmp_code")},
@@ -785,3 +785,12 @@ def _group_columns(plan: _Plan, group: Group, starts: np.ndarray, consumed: np.n
         stats.records += k  # type: ignore[attr-defined]
         stats.reverse_records += k  # type: ignore[attr-defined]
     return [columns, reverse]
+
+
+def _swapped(columns: dict[str, np.ndarray], a: str, b: str) -> dict[str, np.ndarray]:
+    """Columns ``a`` and ``b`` exchanged, for a reverse record (either may be absent: 0)."""
+    out = {name: columns[other] for name, other in ((a, b), (b, a)) if other in columns}
+    for name in (a, b):
+        if name not in out and name in columns:
+            out[name] = np.zeros_like(columns[name])
+    return out

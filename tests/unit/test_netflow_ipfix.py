@@ -647,3 +647,17 @@ def test_biflow_reverse_record_swaps_vlans_and_takes_its_own_icmp() -> None:
     rows, _ = decode(dg(message(template_set((256, fields)), data_set(256, rec))))
     assert [(r["src_addr"], *details(r)) for r in rows] == [("10.0.0.1", 1, 8, 0, 10, 20, 0),
                                                             ("10.0.0.2", 1, 0, 0, 20, 10, 0)]
+
+
+def test_details_survive_a_batch_mixing_versions() -> None:
+    # One decode call with v5 records (no detail elements) and IPFIX records with VLAN and
+    # direction: the IPFIX details are kept and the v5 records read 0, in either order.
+    from tests.unit.test_netflow_v5 import v5_packet, v5_record
+
+    fields = [*V4, (61, 1), (58, 2)]
+    ipfix = dg(message(template_set((256, fields)),
+                       data_set(256, record(fields, {**flow("10.0.0.1", "10.0.0.2", 100, 1), 61: 1, 58: 42}))))
+    v5 = dg(v5_packet(v5_record("10.0.0.9", "10.0.0.8", 0, 0x0301, 1, 64, 1)))
+    for order in ((v5, ipfix), (ipfix, v5)):
+        rows, _ = decode(*order)
+        assert [(r["version"], *details(r)) for r in rows] == [(10, 2, 0, 0, 42, 0, 0), (5, 0, 3, 1, 0, 0, 0)]
