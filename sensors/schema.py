@@ -102,9 +102,6 @@ STRING_COLUMNS = ("observer", "conn_state")
 
 #: The flow details NetFlow/IPFIX exporters may send (see RAW_SCHEMA), all "not reported" at 0.
 DETAIL_COLUMNS = ("flow_direction", "icmp_type", "icmp_code", "src_vlan", "dst_vlan", "mpls_label")
-#: flow_direction values: what IPFIX flowDirection (61) says, shifted so 0 means "not reported".
-INGRESS, EGRESS = 1, 2
-
 ICMP_PROTOCOLS = (1, 58)  # ICMP, ICMPv6
 
 
