@@ -26,6 +26,7 @@ defaults so older rows read as empty):
 
 from __future__ import annotations
 
+import numpy as np
 import pyarrow as pa
 
 from sensors.schema import RAW_SCHEMA
@@ -74,7 +75,21 @@ ENRICHED_SCHEMA = pa.schema(
 
 
 def with_additive_defaults(table: pa.Table) -> pa.Table:
-    """``table`` with the raw.v1 additive columns an older enricher did not pass on (it knew an
-    older raw.v1) added at their "not reported" defaults, so its batches still read as
-    ``enriched.v1`` during a rolling upgrade (the caller reorders columns by name)."""
-    return with_raw_additive_defaults(table)
+    """``table`` with every additive column an older enricher did not write at its "not known"
+    default, so its batches still read as ``enriched.v1`` during a rolling upgrade (the caller
+    reorders columns by name): raw.v1's newer columns it did not pass on, and the enriched
+    :data:`EXTRA_COLUMNS` ("" for strings, 0 for ASNs, NaN for coordinates, as the enricher
+    writes "not known" and migration 0003 defaults them)."""
+    table = with_raw_additive_defaults(table)
+    n = table.num_rows
+    for field in EXTRA_COLUMNS:
+        if field.name in table.column_names:
+            continue
+        if pa.types.is_dictionary(field.type):
+            column = pa.DictionaryArray.from_arrays(pa.array(np.zeros(n, np.int32)), pa.array([""]))
+        elif pa.types.is_floating(field.type):
+            column = pa.array(np.full(n, np.nan, np.float32), field.type)
+        else:
+            column = pa.array(np.zeros(n, np.uint32), field.type)
+        table = table.append_column(field, column)
+    return table

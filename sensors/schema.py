@@ -170,7 +170,7 @@ def build_raw_table(columns: Mapping[str, Any], observer: str | None = None) -> 
         name = field.name
         value = columns.get(name)
         if value is None and name not in STRING_COLUMNS and name != "sampling_rate":
-            arrays.append(pa.Array.from_buffers(field.type, n, [None, _zeros(n * _WIDTH[name])]))
+            arrays.append(pa.Array.from_buffers(field.type, n, [None, _zeros(n * field.type.byte_width)]))
             continue
         if name in ADDRESS_COLUMNS:
             value = np.ascontiguousarray(value, dtype=np.uint8)
@@ -204,8 +204,6 @@ def _constant_string(n: int, value: str) -> pa.DictionaryArray:
     return pa.DictionaryArray.from_arrays(indices, pa.array([value]))
 
 
-#: Bytes per value of the fixed-width columns.
-_WIDTH = {name: 16 for name in ADDRESS_COLUMNS} | {name: dt.itemsize for name, dt in NUMPY_DTYPES.items()}
 _ZEROS = [pa.py_buffer(b"")]
 
 

@@ -772,13 +772,15 @@ def _group_columns(plan: _Plan, group: Group, starts: np.ndarray, consumed: np.n
         "in_if": columns["out_if"], "out_if": columns["in_if"],
         "bytes": rbytes, "packets": rpackets,
         "tcp_flags": rev_uint(np.uint8, F.TCP_FLAGS),
-        **_swapped(columns, "src_vlan", "dst_vlan"),
         # ICMP of the answers: the reverse ICMP elements, else the reverse's own destination port.
-        **{k: v for k, v in F.detail_columns(buf, n, size, rev, columns["proto"], columns["src_port"]).items()
-           if k in ("icmp_type", "icmp_code")},
+        **F.icmp_columns(buf, n, size, rev, columns["proto"], columns["src_port"]),
         "start": start if rstart is None else rstart,
         "end": end if rend is None else rend,
     }
+    if "src_vlan" in columns or "dst_vlan" in columns:  # the way in of the answers is the way out
+        none = np.zeros(n, dtype=np.uint16)
+        reverse["src_vlan"] = columns.get("dst_vlan", none)
+        reverse["dst_vlan"] = columns.get("src_vlan", none)
     reverse = {k: v[keep] for k, v in reverse.items()}
     per_set = np.add.reduceat(keep.astype(np.int64), np.concatenate(([0], np.cumsum(counts)[:-1])))
     for stats, k in zip(group.stats, per_set.tolist(), strict=True):
@@ -786,11 +788,3 @@ def _group_columns(plan: _Plan, group: Group, starts: np.ndarray, consumed: np.n
         stats.reverse_records += k  # type: ignore[attr-defined]
     return [columns, reverse]
 
-
-def _swapped(columns: dict[str, np.ndarray], a: str, b: str) -> dict[str, np.ndarray]:
-    """Columns ``a`` and ``b`` exchanged, for a reverse record (either may be absent: 0)."""
-    out = {name: columns[other] for name, other in ((a, b), (b, a)) if other in columns}
-    for name in (a, b):
-        if name not in out and name in columns:
-            out[name] = np.zeros_like(columns[name])
-    return out

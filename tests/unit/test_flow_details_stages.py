@@ -1,7 +1,10 @@
 """raw.v1's flow details through the later stages: the enricher passes them on, and the sink
-reads an enriched batch of an older enricher (without them) at their "not reported" defaults."""
+reads an enriched batch of an older enricher (without them, or without the enriched additive
+columns) at their "not reported" defaults."""
 
 from __future__ import annotations
+
+import math
 
 import numpy as np
 import pyarrow as pa
@@ -9,7 +12,7 @@ from aiokafka.structs import ConsumerRecord
 
 from enricher.enrich import enrich_batch
 from enricher.identity import IdentityIndex
-from enricher.schema import ENRICHED_SCHEMA
+from enricher.schema import ENRICHED_SCHEMA, EXTRA_COLUMNS
 from enricher.schema import SCHEMA_NAME as ENRICHED
 from flowtally.wire import encode_batch
 from sensors.schema import DETAIL_COLUMNS, NUMPY_DTYPES, address_bytes, build_raw_table
@@ -53,3 +56,15 @@ def test_an_older_enrichers_batch_reads_with_the_details_at_zero() -> None:
     for name in DETAIL_COLUMNS:
         assert consumed.rows.column(name).to_pylist() == [0] * 20
     assert consumed.rows.column("bytes").to_pylist() == enriched.column("bytes").to_pylist()
+
+
+def test_an_enricher_older_than_the_geo_and_label_columns_reads_at_their_defaults() -> None:
+    enriched = enrich_batch(_with_details(10), IdentityIndex())
+    extras = [f.name for f in EXTRA_COLUMNS]
+    consumed = decode(_message(enriched.drop_columns(extras)))
+    assert consumed.error is None and consumed.rows is not None
+    assert consumed.rows.column("src_asn").to_pylist() == [0] * 10
+    assert consumed.rows.column("dst_labels").to_pylist() == [""] * 10
+    assert all(math.isnan(v) for v in consumed.rows.column("src_lat").to_pylist())
+    assert consumed.rows.column("direction").to_pylist() == [""] * 10  # not known, not "other"
+    assert set(extras) <= set(consumed.rows.column_names)
