@@ -1,7 +1,7 @@
 """Sensor benchmark: the same generated NetFlow v9 (or IPFIX) stream to nfcapd and to `flowtally sensor netflow`.
 
     .venv/bin/python -m tests.benchmarks.bench_sensor [--flows 1000000] [--rate 100000] [--format v9|ipfix]
-        [--profile DIR] [--spy DIR] [--perf DIR [--perf-dwarf]]
+        [--profile DIR] [--spy DIR] [--perf DIR [--perf-dwarf]] [--repeat N] [--no-floor]
 
 Sends the stream once to nfcapd (Debian nfdump) and once to the sensor publishing to a real local
 Kafka broker, and prints for both the CPU seconds per million flows (from /proc/PID/stat between
@@ -12,6 +12,14 @@ headline ratio is against nfcapd's default (uncompressed files); a second refere
 (LZ4-compressed files, like for like with the sensor's lz4-compressed Arrow buffers), gets its
 own ratio. (nfcapd's CPU is counted until a second after the stream; the last partly filled
 block it writes at exit is not, for either reference.)
+
+Each round also measures the transport floor (:mod:`tests.benchmarks.transport_floor`; skip it
+with ``--no-floor``): the sensor's batches of the same stream, encoded and published to the same
+broker at the pace they filled, by a process that receives and decodes nothing while measured.
+It is the part of the sensor's CPU per flow that no receiver or decoder can remove (Arrow IPC,
+compression, the Kafka client, the kernel's share of sending), printed with its own ratio to
+nfcapd; the sensor's figure minus it is what receiving, decoding and bookkeeping cost. Each
+process's wakeups (voluntary context switches) per million flows are printed too.
 
 ``--profile DIR`` runs the sensor under cProfile (through a ``sitecustomize`` hook, so the
 sensor's code is unchanged; timed in process CPU time), writes DIR/sensor.prof and prints the top functions (cProfile adds
@@ -103,13 +111,43 @@ def run_nfcapd(flows: int, rate: float, workdir: Path, fmt: str = "v9", lz4: boo
         if line.strip().isdigit():
             stored += int(line.strip())
     return {"cpu": used, "stored": stored, "sent": sent["flows"], "elapsed": elapsed,
-            "user": counters["user"], "system": counters["system"]}
+            "user": counters["user"], "system": counters["system"], "wakeups": counters["wakeups"]}
+
+
+def run_floor(flows: int, rate: float, fmt: str, bootstrap: str, env: dict[str, str]) -> dict[str, float]:
+    """The transport floor (:mod:`tests.benchmarks.transport_floor`): the sensor's batches of the
+    same stream encoded and published to the same broker, nothing received or decoded; with the
+    sensor's batch size, coalescing and compression where ``env`` sets them."""
+    extra: list[str] = []
+    for option, name in (("--batch-flows", "FLOWTALLY_BATCH_MAX_FLOWS"),
+                         ("--coalesce-ms", "FLOWTALLY_RECEIVE_COALESCE_MS"),
+                         ("--compression", "FLOWTALLY_COMPRESSION")):
+        if name in env:
+            extra += [option, env[name]]
+    out = subprocess.run(
+        [sys.executable, "-m", "tests.benchmarks.transport_floor", "--bootstrap", bootstrap, "--flows", str(flows),
+         "--rate", str(rate), "--format", fmt, *extra], check=True, capture_output=True, text=True)
+    return dict(json.loads(out.stdout.strip().splitlines()[-1]))
 
 
 def process_counters(pid: int) -> dict[str, float]:
-    """User and system CPU seconds and minor page faults of a process, from /proc/PID/stat."""
+    """User and system CPU seconds and minor page faults of a process, from /proc/PID/stat, and
+    its threads' context switches from /proc/PID/task/*/status: ``wakeups`` (voluntary: the
+    thread slept and was woken, e.g. by a datagram or a timer) and ``preempted`` (involuntary)."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return {"user": int(fields[11]) / TICKS, "system": int(fields[12]) / TICKS, "faults": float(fields[7])}
+    out = {"user": int(fields[11]) / TICKS, "system": int(fields[12]) / TICKS, "faults": float(fields[7]),
+           "wakeups": 0.0, "preempted": 0.0}
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            status = (task / "status").read_text()
+        except OSError:  # the thread ended meanwhile
+            continue
+        for line in status.splitlines():
+            if line.startswith("voluntary_ctxt_switches:"):
+                out["wakeups"] += float(line.split()[1])
+            elif line.startswith("nonvoluntary_ctxt_switches:"):
+                out["preempted"] += float(line.split()[1])
+    return out
 
 
 def thread_cpu(pid: int) -> dict[str, float]:
@@ -316,9 +354,10 @@ def encode_study(flows: int) -> None:
 
 
 def report(args: argparse.Namespace, sensor: dict[str, Any], nf: dict[str, float] | None,
-           nf_lz4: dict[str, float] | None) -> tuple[bool, list[float]]:
-    """Print one round (the sensor, then the nfcapd references); whether every flow arrived
-    everywhere, and the ratios sensor/nfcapd and sensor/nfcapd -y."""
+           nf_lz4: dict[str, float] | None, floor: dict[str, float] | None = None) -> tuple[bool, list[float]]:
+    """Print one round (the sensor, then the nfcapd references, then the transport floor);
+    whether every flow arrived everywhere, and the ratios sensor/nfcapd, sensor/nfcapd -y and
+    (with ``floor``) floor/nfcapd."""
     sent = int(sensor["sent"])
     s_per_m = sensor["cpu"] * 1_000_000 / max(sent, 1)
     print(f"format {args.format}, {args.flows:,} flows at {args.rate:,.0f} flows/s")
@@ -332,6 +371,8 @@ def report(args: argparse.Namespace, sensor: dict[str, Any], nf: dict[str, float
     print(f"  user {counters['user'] * 1_000_000 / max(sent, 1):.3f} + system "
           f"{counters['system'] * 1_000_000 / max(sent, 1):.3f} CPU-s per million flows; "
           f"{counters['faults'] * 1_000_000 / max(sent, 1):,.0f} minor page faults per million flows")
+    print(f"  {counters['wakeups'] * 1_000_000 / max(sent, 1):,.0f} wakeups (voluntary context switches) and "
+          f"{counters['preempted'] * 1_000_000 / max(sent, 1):,.0f} preemptions per million flows")
     per_thread = sorted(sensor["threads"].items(), key=lambda kv: -kv[1])
     print("  CPU by thread: " + ", ".join(f"{name} {cpu * 1_000_000 / max(sent, 1):.3f}"
                                           for name, cpu in per_thread if cpu > 0))
@@ -351,11 +392,25 @@ def report(args: argparse.Namespace, sensor: dict[str, Any], nf: dict[str, float
             n_per_m = ref["cpu"] * 1_000_000 / stored
             print(f"{name}: {n_sent:,} flows sent, {int(ref['stored']):,} stored (loss {n_sent - int(ref['stored'])})")
             print(f"  {n_per_m:.3f} CPU-s per million flows (user {ref['user'] * 1_000_000 / stored:.3f} + system "
-                  f"{ref['system'] * 1_000_000 / stored:.3f}); {stored / max(ref['cpu'], 1e-9):,.0f} flows/s per core")
+                  f"{ref['system'] * 1_000_000 / stored:.3f}); {stored / max(ref['cpu'], 1e-9):,.0f} flows/s per core; "
+                  f"{ref['wakeups'] * 1_000_000 / stored:,.0f} wakeups per million flows")
             ratios.append(s_per_m / max(n_per_m, 1e-9))
             ok = ok and n_sent == int(ref["stored"])
         print(f"ratio sensor/nfcapd CPU per flow: {ratios[0]:.2f}x (goal <= 1.0, limit 2.0)")
         print(f"ratio sensor/nfcapd -y (LZ4, like for like with the sensor's lz4): {ratios[1]:.2f}x")
+    if floor is not None:
+        f_per_m = (floor["user"] + floor["system"]) * 1_000_000 / max(floor["flows"], 1)
+        encode = floor["encode"] * 1_000_000 / max(floor["flows"], 1)
+        print(f"transport floor (the same batches encoded and published, nothing received or decoded): "
+              f"{f_per_m:.3f} CPU-s per million flows (Arrow IPC {encode:.3f}, Kafka client and kernel "
+              f"{f_per_m - encode:.3f}); {floor['wire_bytes'] / max(floor['flows'], 1):.1f} bytes/flow in "
+              f"{int(floor['batches'])} messages")
+        print(f"  the sensor's receiving, decoding and bookkeeping: {s_per_m - f_per_m:.3f} CPU-s per million flows")
+        if nf is not None:
+            n_per_m = nf["cpu"] * 1_000_000 / max(int(nf["stored"]), 1)
+            ratios.append(f_per_m / max(n_per_m, 1e-9))
+            print(f"ratio floor/nfcapd: {ratios[-1]:.2f}x (what the sensor would cost if receiving and "
+                  f"decoding were free)")
     return ok, ratios
 
 
@@ -377,6 +432,8 @@ def main() -> int:
                         help="extra sensor settings (repeatable)")
     parser.add_argument("--repeat", type=int, default=1, help="rounds (sensor, nfcapd, nfcapd -y each "
                         "round, one broker): the machine is noisy, so print the median ratio too")
+    parser.add_argument("--no-floor", action="store_true", help="skip the transport floor (the same "
+                        "batches encoded and published without the sensor)")
     parser.add_argument("--keep", action="store_true", help="keep the working directory")
     args = parser.parse_args()
     if args.repeat < 1:
@@ -398,7 +455,8 @@ def main() -> int:
                                 args.perf, args.perf_dwarf)
             nf = None if args.skip_nfcapd else run_nfcapd(args.flows, args.rate, rdir, args.format)
             nf_lz4 = None if args.skip_nfcapd else run_nfcapd(args.flows, args.rate, rdir, args.format, lz4=True)
-            round_ok, round_ratios = report(args, sensor, nf, nf_lz4)
+            floor = None if args.no_floor else run_floor(args.flows, args.rate, args.format, bootstrap, env)
+            round_ok, round_ratios = report(args, sensor, nf, nf_lz4, floor)
             ok = ok and round_ok
             ratios.append(round_ratios)
     finally:
@@ -406,9 +464,10 @@ def main() -> int:
     if args.encode_study:
         encode_study(args.flows)
     if args.repeat > 1 and not args.skip_nfcapd:
-        for i, name in enumerate(("nfcapd", "nfcapd -y")):
+        names = ["sensor/nfcapd", "sensor/nfcapd -y"] + ([] if args.no_floor else ["floor/nfcapd"])
+        for i, name in enumerate(names):
             values = sorted(r[i] for r in ratios)
-            print(f"ratio sensor/{name} over {len(values)} rounds: median {statistics.median(values):.2f}x "
+            print(f"ratio {name} over {len(values)} rounds: median {statistics.median(values):.2f}x "
                   f"(min {values[0]:.2f}, max {values[-1]:.2f}; each: "
                   + ", ".join(f"{r[i]:.2f}" for r in ratios) + ")")
     if args.keep:
