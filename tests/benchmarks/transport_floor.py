@@ -43,8 +43,9 @@ from sensors.publisher import Publisher, encode_messages
 from sensors.schema import address16
 
 
-def capture(flows: int, rate: float, fmt: str) -> list[tuple[bytes, float]]:
-    """The generator's stream as it arrived: (payload, seconds since the first datagram)."""
+def capture(flows: int, rate: float, fmt: str) -> tuple[list[tuple[bytes, float]], int]:
+    """The generator's stream as it arrived: (payload, seconds since the first datagram), and
+    the flows the generator reports sent."""
     sock = open_udp_socket("127.0.0.1", 0, receive_buffer=64 << 20)
     sock.settimeout(0.2)
     port = sock.getsockname()[1]
@@ -66,13 +67,13 @@ def capture(flows: int, rate: float, fmt: str) -> list[tuple[bytes, float]]:
 
     thread = threading.Thread(target=receive, daemon=True)
     thread.start()
-    subprocess.run([sys.executable, "-m", "sensors.netflow.generator", "netflow", "--to", f"127.0.0.1:{port}",
+    sent = subprocess.run([sys.executable, "-m", "sensors.netflow.generator", "netflow", "--to", f"127.0.0.1:{port}",
                     "--flows", str(flows), "--rate", str(rate), "--format", fmt, "--json"],
-                   check=True, capture_output=True)
+                          check=True, capture_output=True, text=True)
     done.set()
     thread.join(30)
     sock.close()
-    return got
+    return got, int(json.loads(sent.stdout.strip().splitlines()[-1])["flows"])
 
 
 def batches(stream: list[tuple[bytes, float]], batch_flows: int, coalesce_ms: float) -> list[tuple[pa.Table, float]]:
@@ -147,8 +148,11 @@ def main() -> int:
     parser.add_argument("--coalesce-ms", type=float, default=50.0, help="the sensor's receive_coalesce_ms")
     parser.add_argument("--compression", choices=("none", "lz4", "zstd"), default="lz4")
     args = parser.parse_args()
-    stream = capture(args.flows, args.rate, args.format)
+    stream, sent = capture(args.flows, args.rate, args.format)
     work = batches(stream, args.batch_flows, args.coalesce_ms)
+    decoded = sum(table.num_rows for table, _ in work)
+    if decoded != sent:  # a datagram lost on loopback would make the floor look cheaper
+        raise SystemExit(f"captured {decoded} of the {sent} flows sent")
     del stream
     _tune_process()
     settings = KafkaSettings(bootstrap=args.bootstrap, topic_prefix=args.topic_prefix)
