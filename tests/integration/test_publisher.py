@@ -5,10 +5,14 @@ published only once acknowledged."""
 from __future__ import annotations
 
 import asyncio
+import logging
+import re
+import socket
 import time
 import uuid
 
 import pyarrow as pa
+import pytest
 from prometheus_client import REGISTRY
 
 from flowtally import kafka
@@ -61,3 +65,36 @@ def test_arrow_buffer_values_reach_kafka_byte_for_byte(kafka_bootstrap: str) -> 
     decoded = [decode_batch(value, list(headers.items()), RAW_SCHEMA, SCHEMA_NAME) for _, value, headers in got]
     assert sum(t.num_rows for t in decoded) == sum(t.num_rows for t in tables)
     assert _published_flows() - before == sum(t.num_rows for t in tables)
+
+
+def test_connect_retries_back_off_doubling(caplog: pytest.LogCaptureFixture) -> None:
+    """With no broker listening, each connection attempt fails, is counted, and the next waits
+    twice as long as the last, up to ``retry_max_s``; stopping gives up cleanly."""
+    with socket.socket() as probe:  # a port nothing listens on (bound, then released)
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    settings = KafkaSettings(bootstrap=f"127.0.0.1:{port}")
+    errors_before = REGISTRY.get_sample_value("flowtally_sensor_publish_errors_total") or 0.0
+
+    async def scenario() -> None:
+        publisher = Publisher(lambda: kafka.producer(settings, request_timeout_ms=1000), "t", max_queued=4,
+                              retry_max_s=2.0, drain_timeout_s=0.5)
+        await publisher.start()
+        deadline = time.monotonic() + 20
+        while len(_connect_delays(caplog)) < 4:
+            assert time.monotonic() < deadline, _connect_delays(caplog)
+            await asyncio.sleep(0.05)
+        assert not publisher.connected
+        await publisher.stop()
+
+    with caplog.at_level(logging.WARNING, logger="sensors.publisher"):
+        asyncio.run(scenario())
+    assert _connect_delays(caplog)[:4] == [0.5, 1.0, 2.0, 2.0]
+    errors = (REGISTRY.get_sample_value("flowtally_sensor_publish_errors_total") or 0.0) - errors_before
+    assert errors >= 4
+
+
+def _connect_delays(caplog: pytest.LogCaptureFixture) -> list[float]:
+    """The waits the publisher announced before reconnecting, in order."""
+    found = (re.search(r"cannot connect to Kafka \(retrying in ([0-9.]+)s\)", r.getMessage()) for r in caplog.records)
+    return [float(m.group(1)) for m in found if m]
