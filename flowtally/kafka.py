@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import socket
 from typing import Any
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
@@ -55,6 +56,13 @@ def consumer(kafka: KafkaSettings, *topics: str, group_id: str, **overrides: Any
         "max_partition_fetch_bytes": 4 * MAX_MESSAGE_BYTES,
     }
     return AIOKafkaConsumer(*topics, **(kwargs | overrides))
+
+
+def group_instance_id(template: str) -> str | None:
+    """A consumer's static group membership id (Kafka ``group.instance.id``) from a setting:
+    ``{hostname}`` is replaced by this host's name (a pod's name in Kubernetes, a container's
+    id in compose: stable across restarts of the same pod or container); "" = dynamic membership."""
+    return template.replace("{hostname}", socket.gethostname()) or None
 
 
 def topic_specs(kafka: KafkaSettings, topics: TopicSettings) -> list[NewTopic]:
