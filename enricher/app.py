@@ -41,7 +41,6 @@ from enricher.observer_feed import ObserverFeed
 from enricher.schema import SCHEMA_NAME as ENRICHED
 from enricher.settings import EnricherSettings
 from flowtally import kafka
-from flowtally.health import LoopHeartbeat
 from flowtally.metrics import MetricsServer
 from flowtally.settings import load_settings
 from flowtally.wire import ORIGIN_HEADER, SCHEMA_HEADER, WireError, decode_batch, encode_batch
@@ -107,8 +106,6 @@ class EnricherState:
         self.current: tuple[str, float] | None = None
         #: why the agent's loop ended (it is restarted by Faust; cleared when it runs again)
         self.failure: str | None = None
-        #: liveness of Faust's event loop, beaten by an app timer
-        self.heartbeat = LoopHeartbeat()
 
     def health(self) -> tuple[bool, str]:
         """Readiness besides the broker (the metrics server adds its Kafka probe): identity
@@ -183,10 +180,6 @@ def create_app(settings: EnricherSettings, state: EnricherState) -> faust.App:
                           value_serializer="raw", key_serializer="raw")
     completeness_topic = app.topic(settings.kafka.topic("completeness"), value_type=bytes, key_type=bytes,
                                    value_serializer="raw", key_serializer="raw")
-
-    @app.timer(interval=1.0)
-    async def beat() -> None:
-        state.heartbeat.beat()
 
     async def publish_completeness(before_ms: int | None) -> None:
         """Send the completeness rows of minutes before ``before_ms`` (None: all)."""
@@ -324,11 +317,11 @@ def run(args: argparse.Namespace) -> int:
     state = EnricherState(index, geo, feed, observers, completeness, observer_feed)
     asyncio.run(kafka.ensure_topics(settings.kafka, settings.topics))
     app = create_app(settings, state)
-    metrics = MetricsServer(settings.metrics_listen, state.health, kafka=settings.kafka,
-                            liveness=state.heartbeat.check)
+    metrics = MetricsServer(settings.metrics_listen, state.health, kafka=settings.kafka)
     asyncio.run(metrics.start())
     try:
         worker = faust.Worker(app, loglevel=args.log_level.lower(), quiet=True)
+        metrics.watch_loop(worker.loop)  # /livez: Faust's loop, where the enricher's work runs
         worker.execute_from_commandline()  # returns only through SystemExit
     except SystemExit as exc:
         return int(exc.code or 0)

@@ -5,7 +5,7 @@
   stage's own check fails (inserts failing, identity not replayed yet, a batch stuck…). A
   readiness failure takes a pod out of service and shows on dashboards; it never restarts it.
 * **Liveness** (``/livez``): the process's event loop is alive — it ran within
-  ``stall_after_s`` (:class:`LoopHeartbeat`). A stage waiting for Kafka or ClickHouse, or
+  ``stall_after_s`` (:class:`LoopWatch`). A stage waiting for Kafka or ClickHouse, or
   retrying a batch, is *legitimately waiting*: it stays live, so a liveness probe never restarts
   it into the same outage or the same poison batch. Only a loop that stopped running (blocked,
   deadlocked, its thread gone) fails liveness, and a restart is the cure for that.
@@ -139,28 +139,39 @@ class KafkaProbe:
                     await asyncio.wait_for(client.close(), self._timeout_s)
 
 
-class LoopHeartbeat:
-    """Liveness of one event loop: :meth:`run` (a task on that loop) beats every ``interval_s``;
-    ``check`` fails once no beat came for ``stall_after_s`` (counted from creation before the
-    first beat, so a loop that never starts fails too)."""
+class LoopWatch:
+    """Liveness of one event loop, asked from another thread (the metrics server's).
 
-    def __init__(self, *, stall_after_s: float = STALL_AFTER_S, interval_s: float = 1.0) -> None:
+    Each :meth:`check` schedules a no-op on the loop and waits up to ``answer_within_s`` for it
+    to run; the loop is live while it ran one within ``stall_after_s`` (counted from creation
+    before the first, so a loop that never starts fails too). Nothing runs on the loop between
+    checks (no timer task: Faust starts its timers only once its consumer is assigned, and a
+    stage waiting for its first assignment is waiting legitimately).
+    """
+
+    def __init__(self, *, stall_after_s: float = STALL_AFTER_S, answer_within_s: float = 1.0) -> None:
         self._stall_after_s = stall_after_s
-        self._interval_s = interval_s
+        self._answer_within_s = answer_within_s
+        self._loop: asyncio.AbstractEventLoop | None = None
         self._last = time.monotonic()
 
-    def beat(self) -> None:
-        """The loop ran just now."""
-        self._last = time.monotonic()
-
-    async def run(self) -> None:
-        """Beat until cancelled."""
-        while True:
-            self.beat()
-            await asyncio.sleep(self._interval_s)
+    def watch(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Watch ``loop`` from now on (e.g. Faust's, once its worker exists)."""
+        self._loop = loop
 
     def check(self) -> tuple[bool, str]:
-        """Live while the loop beat within ``stall_after_s``."""
+        """Live while the loop ran a scheduled no-op within ``stall_after_s``."""
+        loop = self._loop
+        if loop is not None and not loop.is_closed():
+            ran = threading.Event()
+
+            def mark() -> None:
+                self._last = time.monotonic()
+                ran.set()
+
+            with contextlib.suppress(RuntimeError):  # closed meanwhile
+                loop.call_soon_threadsafe(mark)
+                ran.wait(self._answer_within_s)
         idle = time.monotonic() - self._last
         if idle > self._stall_after_s:
             return False, f"event loop has not run for {idle:.0f}s"

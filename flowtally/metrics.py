@@ -15,7 +15,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, CollectorRegistry, generate_latest
 
-from flowtally.health import KafkaProbe, LoopHeartbeat, combined
+from flowtally.health import KafkaProbe, LoopWatch, combined
 from flowtally.settings import KafkaSettings, parse_hostport
 
 log = logging.getLogger(__name__)
@@ -33,24 +33,21 @@ class MetricsServer:
     port 0 = any).
 
     ``/healthz`` (readiness) is ``health`` and, with ``kafka``, a :class:`~flowtally.health.KafkaProbe`
-    of that broker; ``/livez`` is ``liveness``, by default a heartbeat of the event loop that
-    runs :meth:`start` (a stage whose loop is another one, Faust's, passes its own).
+    of that broker (or ``probe``); ``/livez`` is a :class:`~flowtally.health.LoopWatch` of the
+    event loop that runs :meth:`start` (a stage whose work runs on another loop, Faust's, points
+    it there with :meth:`watch_loop`).
     """
 
     name = "metrics-server"
 
     def __init__(self, listen: str, health: HealthCheck = _always_healthy,
                  registry: CollectorRegistry = REGISTRY, *, kafka: KafkaSettings | None = None,
-                 liveness: HealthCheck | None = None, probe: KafkaProbe | None = None) -> None:
+                 probe: KafkaProbe | None = None, loop_watch: LoopWatch | None = None) -> None:
         self._host, self._port = parse_hostport(listen, what="metrics listen address")
         self._probe = probe or (KafkaProbe(kafka) if kafka is not None else None)
         self._health = combined([self._probe.check, health]) if self._probe is not None else health
-        self._heartbeat: LoopHeartbeat | None = None
-        self._beating: asyncio.Task[None] | None = None
-        if liveness is None:
-            self._heartbeat = LoopHeartbeat()
-            liveness = self._heartbeat.check
-        self._liveness = liveness
+        self._loop_watch = loop_watch or LoopWatch()
+        self._liveness = self._loop_watch.check
         self._registry = registry
         self._server: ThreadingHTTPServer | None = None
         self._thread: threading.Thread | None = None
@@ -62,6 +59,10 @@ class MetricsServer:
             raise RuntimeError("metrics server not started")
         host, port = self._server.server_address[:2]
         return str(host), int(port)
+
+    def watch_loop(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Let ``/livez`` watch ``loop`` instead of the one that ran :meth:`start`."""
+        self._loop_watch.watch(loop)
 
     async def start(self) -> None:
         """Bind and serve in a daemon thread."""
@@ -97,16 +98,11 @@ class MetricsServer:
         self._thread.start()
         if self._probe is not None:
             self._probe.start()
-        if self._heartbeat is not None:
-            self._beating = asyncio.create_task(self._heartbeat.run())
+        self._loop_watch.watch(asyncio.get_running_loop())
         log.info("metrics and health on http://%s:%d/metrics", *self.address)
 
     async def stop(self) -> None:
         """Stop serving (idempotent)."""
-        if self._beating is not None:
-            self._beating.cancel()
-            await asyncio.gather(self._beating, return_exceptions=True)
-            self._beating = None
         if self._probe is not None:
             await asyncio.to_thread(self._probe.stop)
         if self._server is not None:
