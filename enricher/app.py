@@ -198,6 +198,8 @@ def create_app(settings: EnricherSettings, state: EnricherState) -> faust.App:
     @app.on_before_shutdown.connect  # type: ignore[arg-type]
     async def last_minutes(app: faust.App, **kwargs: Any) -> None:
         # The consumer has stopped: nothing more is counted; the producer is still up.
+        # The Kafka consumer itself closes after this: leave the group then, even if static.
+        kafka.leave_group_on_stop(getattr(getattr(app.consumer, "_thread", None), "_consumer", None))
         await publish_completeness(None)
 
     if state.feed is not None:

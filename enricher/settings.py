@@ -24,8 +24,8 @@ class EnricherSettings(StageSettings):
     data_dir: Path = Field(Path("var/faust"), description="Faust's local directory (its table state is "
                            "in memory; Faust still creates this), relative to the working directory")
     session_timeout_s: float = Field(10.0, ge=6, le=300,
-                                     description="How long a worker that died for good (or, with static "
-                                     "membership, stopped) holds its partitions")
+                                     description="How long a worker that died holds its partitions (one "
+                                     "restarted with its group_instance_id takes them back at once)")
     group_instance_id: str = Field(
         "", pattern=r"^[A-Za-z0-9._{}-]*$",
         description="Static consumer-group membership (Kafka group.instance.id; {hostname} = this host's "

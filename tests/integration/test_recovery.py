@@ -1,11 +1,12 @@
 """Recovery after ``kill -9``: the real enricher and sink processes against the real broker are
 killed and started again with the same group (and the same static group instance id, as a pod's
 container restarting in place keeps its pod name); each must be ready and processing again in
-well under ``BOUND_S``.
+well under ``BOUND_S``. Also a stage stopped (SIGTERM) and replaced by one with another instance
+id, as in a rollout: the stopped static member must leave the group rather than hold it.
 
 Without static membership the dead member keeps its partitions until the broker's session
-timeout expires it (30 s by default for the enricher, 10 s for the sink), and nothing is
-consumed meanwhile. ``BOUND_S`` bounds that protocol timeout, it is not a benchmark: the
+timeout expires it (here ``SESSION_TIMEOUT_S``; the defaults are 10 s), and nothing is consumed
+meanwhile; so does a static member stopped without leaving the group. ``BOUND_S`` bounds that protocol timeout, it is not a benchmark: the
 measured numbers are printed (``pytest -s``) and are a few seconds.
 """
 
@@ -17,6 +18,7 @@ import uuid
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 from enricher.enrich import enrich_batch
 from enricher.identity import IdentityIndex
@@ -29,6 +31,8 @@ from sensors.schema import build_raw_table, ipv4_to_mapped
 
 #: Restart to ready and to the first batch handled, at most (a session timeout is 10-30 s).
 BOUND_S = 10.0
+#: Far above BOUND_S, so that waiting for a session to expire cannot pass (the defaults are 10 s).
+SESSION_TIMEOUT_S = "30"
 #: Cut-off of every wait in the test (so a failure reports its measured time instead of hanging).
 WAIT_S = 60.0
 
@@ -68,12 +72,18 @@ def _until(what: str, stage: Stage, check: object, t0: float) -> float:
 
 
 def _kill_and_restart(stage: Stage, metric: str, labels: dict[str, str] | None,
-                      send: object) -> tuple[float, float]:
-    """Kill -9 a running stage that has handled work, start it again, send new work; seconds
-    from the restart to /healthz 200 and to the first handled work."""
+                      send: object, replaced_by: str | None = None) -> tuple[float, float]:
+    """Kill -9 a running stage that has handled work (``replaced_by``: SIGTERM it, and start
+    one with that group instance id instead, as a rollout does), start it again, send new work;
+    seconds from the restart to /healthz 200 and to the first handled work."""
     assert stage.process is not None and callable(send)
-    stage.process.kill()
-    stage.process.wait(10)
+    if replaced_by is None:
+        stage.process.kill()
+        stage.process.wait(10)
+    else:
+        assert stage.stop() == 0
+        stage.stopped = False
+        stage.env["FLOWTALLY_GROUP_INSTANCE_ID"] = replaced_by
     t0 = time.monotonic()
     stage.start()
     send()  # work waits in every partition while the new process comes up
@@ -82,14 +92,17 @@ def _kill_and_restart(stage: Stage, metric: str, labels: dict[str, str] | None,
     return healthy, handled
 
 
-def test_enricher_recovers_from_kill_9_within_bound(kafka_bootstrap: str, tmp_path: Path) -> None:
+@pytest.mark.parametrize("how", ["kill -9", "stopped and replaced"])
+def test_enricher_recovers_from_kill_9_within_bound(kafka_bootstrap: str, tmp_path: Path, how: str) -> None:
+    """kill -9 and restart with the same instance id; or SIGTERM and a successor with another
+    (a rollout: the stopped static member must leave the group, not hold it for the session)."""
     prefix = f"rc{uuid.uuid4().hex[:10]}"
     settings = KafkaSettings(bootstrap=kafka_bootstrap, topic_prefix=prefix)
     port = free_port()
     enricher = Stage("enricher", ["enrich", "--metrics-listen", f"127.0.0.1:{port}"],
                      {"FLOWTALLY_KAFKA_BOOTSTRAP": kafka_bootstrap, "FLOWTALLY_KAFKA_TOPIC_PREFIX": prefix,
                       "FLOWTALLY_APP_ID": f"{prefix}-enricher", "FLOWTALLY_DATA_DIR": str(tmp_path / "faust"),
-                      "FLOWTALLY_GROUP_INSTANCE_ID": "enricher-0"},
+                      "FLOWTALLY_GROUP_INSTANCE_ID": "enricher-0", "FLOWTALLY_SESSION_TIMEOUT_S": SESSION_TIMEOUT_S},
                      tmp_path / "enricher.log", port)
 
     def send() -> None:
@@ -103,21 +116,25 @@ def test_enricher_recovers_from_kill_9_within_bound(kafka_bootstrap: str, tmp_pa
         send()
         _until("first batch", enricher, lambda: enricher.metric("flowtally_enricher_batches_total", enriched) >= 4,
                time.monotonic())
-        healthy, handled = _kill_and_restart(enricher, "flowtally_enricher_batches_total", enriched, send)
+        healthy, handled = _kill_and_restart(enricher, "flowtally_enricher_batches_total", enriched, send,
+                                             None if how == "kill -9" else "enricher-1")
     finally:
         enricher.stop()
-    print(f"enricher after kill -9: /healthz 200 in {healthy:.1f}s, first batch in {handled:.1f}s")
+    print(f"enricher {how}: /healthz 200 in {healthy:.1f}s, first batch in {handled:.1f}s")
     assert handled < BOUND_S, (healthy, handled)
 
 
-def test_sink_recovers_from_kill_9_within_bound(kafka_bootstrap: str, tmp_path: Path) -> None:
+@pytest.mark.parametrize("how", ["kill -9", "stopped and replaced"])
+def test_sink_recovers_from_kill_9_within_bound(kafka_bootstrap: str, tmp_path: Path, how: str) -> None:
+    """As for the enricher (both consumer groups of the sink take part)."""
     prefix = f"rs{uuid.uuid4().hex[:10]}"
     settings = KafkaSettings(bootstrap=kafka_bootstrap, topic_prefix=prefix)
     port = free_port()
     sink = Stage("sink", ["sink", "--metrics-listen", f"127.0.0.1:{port}"],
                  {"FLOWTALLY_KAFKA_BOOTSTRAP": kafka_bootstrap, "FLOWTALLY_KAFKA_TOPIC_PREFIX": prefix,
                   "FLOWTALLY_CLICKHOUSE_PATH": str(tmp_path / "chdb"), "FLOWTALLY_GROUP_ID": f"{prefix}-sink",
-                  "FLOWTALLY_GROUP_MAX_WAIT_S": "0.2", "FLOWTALLY_GROUP_INSTANCE_ID": "sink-0"},
+                  "FLOWTALLY_GROUP_MAX_WAIT_S": "0.2", "FLOWTALLY_GROUP_INSTANCE_ID": "sink-0",
+                  "FLOWTALLY_SESSION_TIMEOUT_S": SESSION_TIMEOUT_S},
                  tmp_path / "sink.log", port)
     table = enrich_batch(build_raw_table({
         "src_addr": ipv4_to_mapped(np.full(50, 0x0AF40001, dtype=np.uint32)),
@@ -135,8 +152,9 @@ def test_sink_recovers_from_kill_9_within_bound(kafka_bootstrap: str, tmp_path: 
         send()
         _until("first insert", sink, lambda: sink.metric("flowtally_sink_rows_inserted_total") >= 200,
                time.monotonic())
-        healthy, handled = _kill_and_restart(sink, "flowtally_sink_rows_inserted_total", None, send)
+        healthy, handled = _kill_and_restart(sink, "flowtally_sink_rows_inserted_total", None, send,
+                                             None if how == "kill -9" else "sink-1")
     finally:
         sink.stop()
-    print(f"sink after kill -9: /healthz 200 in {healthy:.1f}s, first insert in {handled:.1f}s")
+    print(f"sink {how}: /healthz 200 in {healthy:.1f}s, first insert in {handled:.1f}s")
     assert handled < BOUND_S, (healthy, handled)
