@@ -106,3 +106,20 @@ def test_endpoints_readiness_and_liveness_are_separate() -> None:
     assert asyncio.run(scenario()) == [
         (503, "inserts failing for 61s\n"), (200, "ok\n"), (200, "ok\n"),
         (404, "not found: try /metrics, /healthz or /livez\n")]
+
+
+def test_enricher_readiness_names_a_stopped_agent_and_a_message_in_hand_too_long() -> None:
+    from enricher.app import STUCK_AFTER_S, EnricherState
+    from enricher.identity import IdentityIndex
+
+    state = EnricherState(IdentityIndex(()))
+    assert state.health() == (False, "starting")
+    state.running = True
+    assert state.health() == (True, "ok")
+    state.current = ("raw/3/17", time.monotonic())  # being handled: normal
+    assert state.health() == (True, "ok")
+    state.current = ("raw/3/17", time.monotonic() - STUCK_AFTER_S - 5)  # a send retried for a minute
+    ok, reason = state.health()
+    assert not ok and reason.startswith("raw message raw/3/17 in hand for "), reason
+    state.current, state.failure = None, "KafkaError: boom"
+    assert state.health() == (False, "agent stopped: KafkaError: boom")
