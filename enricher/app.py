@@ -24,6 +24,7 @@ import argparse
 import asyncio
 import logging
 import time
+from collections.abc import AsyncIterator
 from typing import Any
 
 import faust
@@ -72,6 +73,11 @@ GEO_RELOADS = Counter("flowtally_enricher_geoip_reloads_total", "mmdb reloads", 
 OBSERVED = Gauge("flowtally_enricher_observed_nodes",
                  "Nodes whose sensors reported within the observer window (from completeness rows)")
 
+#: Seconds one raw message may be in hand (decoded, enriched, its output sent and acknowledged)
+#: before the enricher is not ready: only a send retried that long (Kafka refusing the output)
+#: takes more than a fraction of a second.
+STUCK_AFTER_S = 60.0
+
 
 def encode_enriched(table: pa.Table, compression: str) -> tuple[bytes, list[tuple[str, bytes]]]:
     """One enriched batch as one message (the wire format with the chosen buffer compression)."""
@@ -96,12 +102,24 @@ class EnricherState:
         self.completeness = completeness
         self.running = False
         self.last_batch: float | None = None
+        #: the raw message being handled and since when (monotonic), None between messages
+        self.current: tuple[str, float] | None = None
+        #: why the agent's loop ended (it is restarted by Faust; cleared when it runs again)
+        self.failure: str | None = None
 
     def health(self) -> tuple[bool, str]:
+        """Readiness besides the broker (the metrics server adds its Kafka probe): identity
+        replayed, the agent running, and no message stuck (a send retried for longer than
+        :data:`STUCK_AFTER_S`, e.g. a poison batch) — never a reason to restart, see /livez."""
         if self.feed is not None and not self.feed.ready.is_set():
             return False, "replaying the identity topic"
         if self.observer_feed is not None and not self.observer_feed.ready.is_set():
             return False, "reading the observing nodes from the completeness topic"
+        if self.failure is not None:
+            return False, f"agent stopped: {self.failure}"
+        current = self.current
+        if current is not None and (busy := time.monotonic() - current[1]) > STUCK_AFTER_S:
+            return False, f"raw message {current[0]} in hand for {busy:.0f}s"
         return (True, "ok") if self.running else (False, "starting")
 
 
@@ -134,6 +152,9 @@ def create_app(settings: EnricherSettings, state: EnricherState) -> faust.App:
         broker=brokers,
         broker_client_id=settings.kafka.client_id,
         broker_session_timeout=settings.session_timeout_s,
+        # Static membership: a worker killed and restarted with the same id takes its partitions
+        # back at once (no rebalance) instead of waiting for the dead member's session to expire.
+        consumer_group_instance_id=kafka.group_instance_id(settings.group_instance_id),
         broker_heartbeat_interval=min(3.0, settings.session_timeout_s / 3),
         broker_commit_interval=settings.commit_interval_s,
         topic_disable_leader=True,
@@ -177,6 +198,8 @@ def create_app(settings: EnricherSettings, state: EnricherState) -> faust.App:
     @app.on_before_shutdown.connect  # type: ignore[arg-type]
     async def last_minutes(app: faust.App, **kwargs: Any) -> None:
         # The consumer has stopped: nothing more is counted; the producer is still up.
+        # The Kafka consumer itself closes after this: leave the group then, even if static.
+        kafka.leave_group_on_stop(getattr(getattr(app.consumer, "_thread", None), "_consumer", None))
         await publish_completeness(None)
 
     if state.feed is not None:
@@ -199,8 +222,26 @@ def create_app(settings: EnricherSettings, state: EnricherState) -> faust.App:
             await state.feed.ready.wait()
         if state.observer_feed is not None:
             await state.observer_feed.ready.wait()
-        state.running = True
+        state.running, state.failure = True, None
+        try:
+            await _handle(stream)
+        except Exception as exc:  # Faust logs it and restarts the agent; not ready meanwhile
+            state.failure = f"{type(exc).__name__}: {exc}"
+            raise
+        finally:
+            state.current = None
+
+    async def in_hand(stream: Any) -> AsyncIterator[Any]:
+        """``stream.events()``, noting which message is in hand until the next is asked for
+        (whichever way the loop body ends: published, to the DLQ, skipped)."""
         async for event in stream.events():
+            message = event.message
+            state.current = (f"{message.topic}/{message.partition}/{message.offset}", time.monotonic())
+            yield event
+            state.current = None
+
+    async def _handle(stream: Any) -> None:
+        async for event in in_hand(stream):
             message = event.message
             origin = f"{message.topic}/{message.partition}/{message.offset}"
             started = time.perf_counter()
@@ -278,10 +319,11 @@ def run(args: argparse.Namespace) -> int:
     state = EnricherState(index, geo, feed, observers, completeness, observer_feed)
     asyncio.run(kafka.ensure_topics(settings.kafka, settings.topics))
     app = create_app(settings, state)
-    metrics = MetricsServer(settings.metrics_listen, state.health)
+    metrics = MetricsServer(settings.metrics_listen, state.health, kafka=settings.kafka)
     asyncio.run(metrics.start())
     try:
         worker = faust.Worker(app, loglevel=args.log_level.lower(), quiet=True)
+        metrics.watch_loop(worker.loop)  # /livez: Faust's loop, where the enricher's work runs
         worker.execute_from_commandline()  # returns only through SystemExit
     except SystemExit as exc:
         return int(exc.code or 0)

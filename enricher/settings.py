@@ -23,8 +23,14 @@ class EnricherSettings(StageSettings):
     metrics_listen: str = Field("0.0.0.0:9462", description="host:port of /metrics and /healthz")
     data_dir: Path = Field(Path("var/faust"), description="Faust's local directory (its table state is "
                            "in memory; Faust still creates this), relative to the working directory")
-    session_timeout_s: float = Field(30.0, ge=6, le=300,
-                                     description="How long a dead worker holds its partitions")
+    session_timeout_s: float = Field(10.0, ge=6, le=300,
+                                     description="How long a worker that died holds its partitions (one "
+                                     "restarted with its group_instance_id takes them back at once)")
+    group_instance_id: str = Field(
+        "", pattern=r"^[A-Za-z0-9._{}-]*$",
+        description="Static consumer-group membership (Kafka group.instance.id; {hostname} = this host's "
+        "name): a worker restarted with the same id gets its partitions back at once instead of after "
+        "session_timeout_s. Unique per running worker; \"\" = dynamic membership")
     commit_interval_s: float = Field(1.0, gt=0, le=60,
                                      description="How often Faust commits the input offsets it may commit")
     identity_topic: bool = Field(True, description="Replay and follow the identity topic")

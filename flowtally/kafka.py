@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import socket
 from typing import Any
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
@@ -55,6 +56,31 @@ def consumer(kafka: KafkaSettings, *topics: str, group_id: str, **overrides: Any
         "max_partition_fetch_bytes": 4 * MAX_MESSAGE_BYTES,
     }
     return AIOKafkaConsumer(*topics, **(kwargs | overrides))
+
+
+def group_instance_id(template: str) -> str | None:
+    """A consumer's static group membership id (Kafka ``group.instance.id``) from a setting:
+    ``{hostname}`` is replaced by this host's name (a pod's name in Kubernetes, a container's
+    id in compose: stable across restarts of the same pod or container); "" = dynamic membership."""
+    return template.replace("{hostname}", socket.gethostname()) or None
+
+
+def leave_group_on_stop(consumer: object) -> bool:
+    """Make a static group member send LeaveGroup when it is stopped, as a dynamic one does.
+
+    aiokafka (as KIP-345 intends) sends none for a static member, so that a member restarting
+    keeps its partitions; but then a member *stopped* (SIGTERM: a rollout, a scale-down) holds
+    them for the whole session timeout, and its successor, with another pod name, waits that
+    long. Call this when the stage is stopping cleanly, before the consumer stops. A ``kill -9``
+    sends nothing either way, and the member restarted with the same id takes its partitions
+    back at once. It sets aiokafka's private coordinator state (tests/integration/test_recovery.py
+    catches an aiokafka that changes it); returns whether there was a static member to change.
+    """
+    coordinator = getattr(consumer, "_coordinator", None)
+    if coordinator is None or getattr(coordinator, "_group_instance_id", None) is None:
+        return False
+    coordinator._group_instance_id = None
+    return True
 
 
 def topic_specs(kafka: KafkaSettings, topics: TopicSettings) -> list[NewTopic]:

@@ -1,4 +1,5 @@
-"""The `/metrics` (Prometheus) and `/healthz` endpoints every stage exposes.
+"""The `/metrics` (Prometheus), `/healthz` (readiness) and `/livez` (liveness) endpoints every
+stage exposes (what each means: :mod:`flowtally.health`).
 
 Served from a small thread rather than the stage's event loop, so a stage whose loop is busy
 decoding a big batch still answers scrapes, and Faust's loop and ours need no coordination.
@@ -6,6 +7,7 @@ decoding a big batch still answers scrapes, and Faust's loop and ours need no co
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import threading
 from collections.abc import Callable
@@ -13,7 +15,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, CollectorRegistry, generate_latest
 
-from flowtally.settings import parse_hostport
+from flowtally.health import KafkaProbe, LoopWatch, combined
+from flowtally.settings import KafkaSettings, parse_hostport
 
 log = logging.getLogger(__name__)
 
@@ -26,14 +29,25 @@ def _always_healthy() -> tuple[bool, str]:
 
 
 class MetricsServer:
-    """A component serving ``/metrics`` and ``/healthz`` on ``listen`` (host:port; port 0 = any)."""
+    """A component serving ``/metrics``, ``/healthz`` and ``/livez`` on ``listen`` (host:port;
+    port 0 = any).
+
+    ``/healthz`` (readiness) is ``health`` and, with ``kafka``, a :class:`~flowtally.health.KafkaProbe`
+    of that broker (or ``probe``); ``/livez`` is a :class:`~flowtally.health.LoopWatch` of the
+    event loop that runs :meth:`start` (a stage whose work runs on another loop, Faust's, points
+    it there with :meth:`watch_loop`).
+    """
 
     name = "metrics-server"
 
     def __init__(self, listen: str, health: HealthCheck = _always_healthy,
-                 registry: CollectorRegistry = REGISTRY) -> None:
+                 registry: CollectorRegistry = REGISTRY, *, kafka: KafkaSettings | None = None,
+                 probe: KafkaProbe | None = None, loop_watch: LoopWatch | None = None) -> None:
         self._host, self._port = parse_hostport(listen, what="metrics listen address")
-        self._health = health
+        self._probe = probe or (KafkaProbe(kafka) if kafka is not None else None)
+        self._health = combined([self._probe.check, health]) if self._probe is not None else health
+        self._loop_watch = loop_watch or LoopWatch()
+        self._liveness = self._loop_watch.check
         self._registry = registry
         self._server: ThreadingHTTPServer | None = None
         self._thread: threading.Thread | None = None
@@ -46,23 +60,27 @@ class MetricsServer:
         host, port = self._server.server_address[:2]
         return str(host), int(port)
 
+    def watch_loop(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Let ``/livez`` watch ``loop`` instead of the one that ran :meth:`start`."""
+        self._loop_watch.watch(loop)
+
     async def start(self) -> None:
         """Bind and serve in a daemon thread."""
-        health, registry = self._health, self._registry
+        health, liveness, registry = self._health, self._liveness, self._registry
 
         class Handler(BaseHTTPRequestHandler):
             def do_GET(self) -> None:
                 path = self.path.split("?", 1)[0]
                 if path == "/metrics":
                     self._reply(200, generate_latest(registry), CONTENT_TYPE_LATEST)
-                elif path == "/healthz":
+                elif path in ("/healthz", "/livez"):
                     try:
-                        ok, reason = health()
+                        ok, reason = (health if path == "/healthz" else liveness)()
                     except Exception as exc:  # a failing check is an unhealthy stage, not a 500
                         ok, reason = False, f"health check failed: {exc}"
                     self._reply(200 if ok else 503, (reason + "\n").encode(), "text/plain")
                 else:
-                    self._reply(404, b"not found: try /metrics or /healthz\n", "text/plain")
+                    self._reply(404, b"not found: try /metrics, /healthz or /livez\n", "text/plain")
 
             def _reply(self, code: int, body: bytes, ctype: str) -> None:
                 self.send_response(code)
@@ -78,10 +96,15 @@ class MetricsServer:
         self._server.daemon_threads = True
         self._thread = threading.Thread(target=self._server.serve_forever, name="metrics", daemon=True)
         self._thread.start()
+        if self._probe is not None:
+            self._probe.start()
+        self._loop_watch.watch(asyncio.get_running_loop())
         log.info("metrics and health on http://%s:%d/metrics", *self.address)
 
     async def stop(self) -> None:
         """Stop serving (idempotent)."""
+        if self._probe is not None:
+            await asyncio.to_thread(self._probe.stop)
         if self._server is not None:
             self._server.shutdown()
             self._server.server_close()

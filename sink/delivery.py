@@ -202,6 +202,7 @@ class FeedWorker:
         if self._task is not None:
             await asyncio.wait([self._task])
         if self._consumer is not None:
+            kafka.leave_group_on_stop(self._consumer)  # hand the partitions over now, even if static
             await self._consumer.stop()
         if self._dlq is not None:
             await self._dlq.stop()

@@ -382,5 +382,6 @@ def run(args: argparse.Namespace) -> int:
     from sink.completeness import CompletenessWorker, all_healthy
 
     completeness = CompletenessWorker(settings)
-    metrics = MetricsServer(settings.metrics_listen, all_healthy(worker.health, completeness.health))
+    metrics = MetricsServer(settings.metrics_listen, all_healthy(worker.health, completeness.health),
+                            kafka=settings.kafka)
     return asyncio.run(run_components([metrics, worker, completeness]))

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pydantic import Field
 
-from flowtally.kafka import TopicSettings
+from flowtally.kafka import TopicSettings, group_instance_id
 from flowtally.settings import ClickHouseSettings, KafkaSettings, StageSettings
 from sink.groups import GroupLimits
 
@@ -48,6 +48,11 @@ class SinkSettings(StageSettings):
         10.0, ge=6, le=300,
         description="Kafka consumer-group session timeout: how long a dead sink holds its partitions",
     )
+    group_instance_id: str = Field(
+        "", pattern=r"^[A-Za-z0-9._{}-]*$",
+        description="Static consumer-group membership (Kafka group.instance.id; {hostname} = this host's "
+        "name): a sink restarted with the same id gets its partitions back at once instead of after "
+        "session_timeout_s. Unique per running sink; \"\" = dynamic membership")
     # Retention, rendered into the migrations that set TTLs ({flows_ttl_days}, …). They take
     # effect when that migration is applied; later changes need an ALTER TABLE … MODIFY TTL.
     # At most 10 years: a TTL reaching past 2106 overflows DateTime and expires every row.
@@ -61,9 +66,11 @@ class SinkSettings(StageSettings):
         """When a forming insert group is flushed."""
         return GroupLimits(self.group_max_rows, self.group_max_bytes, self.group_max_wait_s)
 
-    def group_kwargs(self) -> dict[str, int]:
-        """Consumer-group timing for every feed the sink consumes (aiokafka keyword arguments)."""
+    def group_kwargs(self) -> dict[str, int | str | None]:
+        """Consumer-group membership and timing for every feed the sink consumes (aiokafka
+        keyword arguments; each feed is its own group, so one instance id serves both)."""
         return {
+            "group_instance_id": group_instance_id(self.group_instance_id),
             "session_timeout_ms": int(self.session_timeout_s * 1000),
             # Kafka wants heartbeats at most a third of the session timeout apart.
             "heartbeat_interval_ms": int(min(3.0, self.session_timeout_s / 3) * 1000),

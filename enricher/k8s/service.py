@@ -224,5 +224,5 @@ def run(args: argparse.Namespace) -> int:
     settings = load_settings(WatcherSettings, args.config, metrics_listen=args.metrics_listen,
                              kubeconfig=args.kubeconfig, kube_context=args.context)
     stage = WatchStage(settings)
-    metrics = MetricsServer(settings.metrics_listen, stage.health)
+    metrics = MetricsServer(settings.metrics_listen, stage.health, kafka=settings.kafka)
     return asyncio.run(run_components([metrics, stage]))

@@ -387,7 +387,8 @@ async def _main(settings: ConntrackSettings) -> int:
             return False, "cannot publish to Kafka"
         return True, "ok"
 
-    metrics = MetricsServer(settings.metrics_listen, health)
+    metrics = MetricsServer(settings.metrics_listen, health,
+                            kafka=settings.kafka if publisher is not None else None)
     components: list[object] = [metrics]
     if publisher is not None:
         components.append(publisher)

@@ -555,7 +555,7 @@ async def _main(settings: NetflowSettings) -> int:
     def health() -> tuple[bool, str]:
         return (True, "ok") if publisher.healthy else (False, "cannot publish to Kafka")
 
-    metrics = MetricsServer(settings.metrics_listen, health)
+    metrics = MetricsServer(settings.metrics_listen, health, kafka=settings.kafka)
     components: list[object] = [metrics, publisher, receiver]
     if settings.workers > 1:
         components.append(_LateWorkers(settings, receiver))

@@ -55,8 +55,11 @@ def test_compose_config_default_and_profiles() -> None:
     assert s["migrate"]["depends_on"]["clickhouse"]["condition"] == "service_healthy"
     for name in ("kafka", "clickhouse", "sink", "enricher", "sensor", "grafana"):
         assert s[name]["healthcheck"]["test"], name
-    for name in ("sink", "enricher", "sensor"):  # the stages' own /healthz
+    for name in ("sink", "enricher", "sensor", "conntrack-sensor"):
+        # readiness: what depends_on waits for (compose restarts nothing on a failing check)
         assert "/healthz" in " ".join(s[name]["healthcheck"]["test"])
+    for name in ("sink", "enricher"):  # static group members: a restarted container resumes at once
+        assert s[name]["environment"]["FLOWTALLY_GROUP_INSTANCE_ID"] == "{hostname}"
     assert {"published": "2055", "target": 2055, "protocol": "udp"}.items() <= s["sensor"]["ports"][0].items()
     ct = s["conntrack-sensor"]
     assert ct["network_mode"] == "host" and ct["cap_add"] == ["NET_ADMIN"] and ct["cap_drop"] == ["ALL"]

@@ -124,6 +124,26 @@ def test_everything_on() -> None:
     assert cm["FLOWTALLY_KAFKA_SASL_MECHANISM"] == "SCRAM-SHA-512" and cm["FLOWTALLY_FLOWS_TTL_DAYS"] == "30"
 
 
+@pytest.mark.parametrize("values", sorted(VALUES))
+def test_probes_split_readiness_from_liveness(values: str) -> None:
+    """Every stage container: liveness and startup on /livez (the loop runs), readiness on
+    /healthz (can work now), so no probe restarts a stage into a Kafka outage or a poison batch;
+    the enricher and the sink are static group members named after their pod."""
+    docs = _by_kind(_render(*VALUES[values]))
+    stages = [(name, c) for (kind, name), doc in docs.items() if kind in ("Deployment", "DaemonSet")
+              for c in doc["spec"]["template"]["spec"]["containers"]]
+    assert {c["name"] for _, c in stages} >= {"netflow", "enricher", "sink"}
+    for _, c in stages:
+        port = "metrics" if c["name"] != "conntrack" else c["ports"][0]["containerPort"]
+        assert c["livenessProbe"]["httpGet"] == {"path": "/livez", "port": port}, c["name"]
+        assert c["startupProbe"]["httpGet"] == {"path": "/livez", "port": port}, c["name"]
+        assert c["readinessProbe"]["httpGet"] == {"path": "/healthz", "port": port}, c["name"]
+    for name, c in stages:
+        env = {e["name"]: e.get("value") for e in c.get("env", [])}
+        static = c["name"] in ("enricher", "sink")
+        assert (env.get("FLOWTALLY_GROUP_INSTANCE_ID") == "{hostname}") == static, (name, c["name"])
+
+
 def test_configmap_change_rolls_the_pods() -> None:
     a = _by_kind(_render(*DEFAULT_SET))["Deployment", "ft-flowtally-sink"]
     b = _by_kind(_render(*DEFAULT_SET, "--set", "kafka.topicPrefix=other"))["Deployment", "ft-flowtally-sink"]

@@ -66,21 +66,32 @@ capabilities:
 {{- end -}}
 
 {{- /*
-/healthz turns healthy only after a stage's start-up work (the watcher's first full lists, the
-enricher's replay of the identity topic), which takes minutes on a large cluster: the startup
-probe holds the liveness probe off for up to 10 minutes instead of restarting the pod mid-way.
+Readiness and liveness are different questions (flowtally/health.py). /healthz (readiness) fails
+while a stage cannot do its job now: Kafka not answering for 10 s, inserts failing, start-up work
+not done (the watcher's first lists, the enricher's identity replay: minutes on a large cluster),
+a batch stuck. The pod then leaves its Service and the reason is in the body; it is not restarted.
+/livez (liveness) fails only when the stage's event loop has stopped running for 60 s, which a
+restart cures; so liveness never restarts a stage into the same outage or the same poison batch.
+The startup probe (also /livez) only covers the process coming up (imports, settings, topics).
 */ -}}
 {{- define "flowtally.healthProbes" -}}
+{{ include "flowtally.healthProbesOn" "metrics" }}
+{{- end -}}
+
+{{/* The same probes on another port (a name or a number: a second container of a pod). */}}
+{{- define "flowtally.healthProbesOn" -}}
 startupProbe:
-  httpGet: {path: /healthz, port: metrics}
-  periodSeconds: 10
-  failureThreshold: 60
+  httpGet: {path: /livez, port: {{ . }}}
+  periodSeconds: 5
+  failureThreshold: 36
 livenessProbe:
-  httpGet: {path: /healthz, port: metrics}
-  initialDelaySeconds: 20
+  httpGet: {path: /livez, port: {{ . }}}
   periodSeconds: 10
+  timeoutSeconds: 5
   failureThreshold: 6
 readinessProbe:
-  httpGet: {path: /healthz, port: metrics}
-  periodSeconds: 10
+  httpGet: {path: /healthz, port: {{ . }}}
+  periodSeconds: 5
+  timeoutSeconds: 3
+  failureThreshold: 2
 {{- end -}}
