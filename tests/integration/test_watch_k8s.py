@@ -265,6 +265,10 @@ def test_watch_k8s_against_the_fake_api_server(kafka_bootstrap: str, fake: FakeA
         wait_for("the restart's changes", lambda: "10.244.1.8" in w.topic_now()
                  and not (w.topic_now()["10.244.1.7"] or [])[-1].open, stage)
         assert stage.metric("flowtally_watcher_reconnects_total") >= 1
+        # Every resource's watch gets its 410 and relists once; the pods' changes can be in the
+        # topic before the last resource has reconnected on a loaded machine, so wait for them all.
+        wait_for("every resource relisted", lambda: stage.metric("flowtally_watcher_relists_total") >= relists + 7,
+                 stage)
         assert stage.metric("flowtally_watcher_relists_total") == relists + 7
         topic = w.topic_now()
         # a ReplicaSet the watcher does not know (no Deployment above it) names the workload itself
