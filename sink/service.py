@@ -405,11 +405,12 @@ class SinkWorker(FeedWorker, ConsumerRebalanceListener):
             else:
                 alone = failure  # the chunk was this message alone: no need to try it again
             pending = [(split.whole(part), alone)]
+            refused_spans: list[tuple[split.Span, InsertFailure]] = []
             while pending:
                 span, why = pending.pop(0)
                 halves = split.halves(span, s.split_min_rows, s.split_max_depth)
                 if halves is None:  # small enough: these rows are what ClickHouse refuses
-                    rejected.setdefault(part.offset, []).append((own.slice(span.first, span.count), why))
+                    refused_spans.append((span, why))
                     continue
                 for half in halves:
                     SPLITS.labels("range").inc()
@@ -417,6 +418,8 @@ class SinkWorker(FeedWorker, ConsumerRebalanceListener):
                                                     split.span_token(chunk.token, half))
                     if refused is not None:
                         pending.append((half, refused))
+            for span, why in sorted(refused_spans, key=lambda refused: refused[0].first):  # message order
+                rejected.setdefault(part.offset, []).append((own.slice(span.first, span.count), why))
 
     async def _park_rejected(self, delivery: Delivery, group: Group,
                              rejected: dict[int, list[tuple[pa.Table, InsertFailure]]]) -> None:

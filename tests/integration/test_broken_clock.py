@@ -1,0 +1,197 @@
+"""A broken exporter clock and rows ClickHouse refuses, beside a valid stream (issue 22, item 1):
+real Kafka, the real sink (in this process, so its chDB is queried while it runs) and chDB.
+
+Before the split, 150 flows whose end times fall on 150 different days made every insert of
+their partition fail with ``Code: 252 Too many partitions for single INSERT block`` forever.
+Now the sink inserts such a group as day chunks (sink/split.py), and an insert ClickHouse
+rejects for its content is cut down until only the refused rows are left for the DLQ.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+from prometheus_client import REGISTRY
+
+from enricher.enrich import enrich_batch
+from enricher.identity import IdentityIndex
+from enricher.schema import ENRICHED_SCHEMA
+from enricher.schema import SCHEMA_NAME as ENRICHED
+from flowtally import kafka
+from flowtally.clickhouse import connect
+from flowtally.settings import ClickHouseSettings, KafkaSettings
+from flowtally.wire import ORIGIN_HEADER, decode_batch, encode_batch
+from sensors.schema import build_raw_table, ipv4_to_mapped
+from sink.service import SinkWorker
+from sink.settings import SinkSettings
+from sql.migrate import migrate
+from tests.fixtures.kafka import committed_total
+
+DAY_MS = 86_400_000
+
+
+def _enriched(ends: np.ndarray, nbytes: np.ndarray, seed: int) -> pa.Table:
+    rng = np.random.default_rng(seed)
+    n = len(ends)
+    raw = build_raw_table({
+        "src_addr": ipv4_to_mapped(rng.integers(0x0AF40000, 0x0AF40100, n).astype(np.uint32)),
+        "dst_addr": ipv4_to_mapped(np.full(n, 0x510245A0, dtype=np.uint32)),
+        "bytes": nbytes, "packets": np.ones(n), "start": ends - 1000, "end": ends,
+    })
+    return enrich_batch(raw, IdentityIndex(()))
+
+
+def _sample(name: str, labels: dict[str, str] | None = None) -> float:
+    return REGISTRY.get_sample_value(name, labels or {}) or 0.0
+
+
+async def _produce(settings: KafkaSettings, tables: list[pa.Table], pause_s: float = 0.0) -> None:
+    producer = kafka.producer(settings)
+    await producer.start()
+    try:
+        for i, table in enumerate(tables):
+            value, headers = encode_batch(table, ENRICHED)
+            headers.append((ORIGIN_HEADER, f"raw/0/{i}".encode()))
+            await producer.send_and_wait(settings.topic("enriched"), value, key=b"k", headers=headers)
+            await asyncio.sleep(pause_s)
+    finally:
+        await producer.stop()
+
+
+async def _read_dlq(settings: KafkaSettings, group: str, count: int, timeout: float) -> list[tuple[bytes, dict]]:
+    consumer = kafka.consumer(settings, settings.topic("dlq"), group_id=group)
+    await consumer.start()
+    got: list[tuple[bytes, dict]] = []
+    try:
+        deadline = time.monotonic() + timeout
+        while len(got) < count and time.monotonic() < deadline:
+            for messages in (await consumer.getmany(timeout_ms=500)).values():
+                got += [(m.value, dict(m.headers)) for m in messages]
+    finally:
+        await consumer.stop()
+    return got
+
+
+def _sink_settings(bootstrap: str, prefix: str, path: Path, **extra: object) -> SinkSettings:
+    return SinkSettings(kafka=KafkaSettings(bootstrap=bootstrap, topic_prefix=prefix),
+                        clickhouse=ClickHouseSettings(path=path, database="flowtally"),
+                        group_id=f"{prefix}-sink", retry_initial_s=0.2, retry_max_s=0.5,
+                        metrics_listen="127.0.0.1:0", group_max_wait_s=1.0, **extra)  # type: ignore[arg-type]
+
+
+def test_150_days_beside_a_valid_stream_never_stall_the_sink(kafka_bootstrap: str, tmp_path: Path) -> None:
+    prefix = f"bc{uuid.uuid4().hex[:10]}"
+    settings = _sink_settings(kafka_bootstrap, prefix, tmp_path / "chdb")
+    admin = connect(settings.clickhouse)
+    migrate(admin)
+    now = int(time.time() * 1000)
+    valid = [_enriched(now - 1000 - np.arange(2000) * 7, np.full(2000, 100 + i), seed=i) for i in range(24)]
+    # 150 flows on 150 different days (a clock running up to five months ahead), in one message
+    broken = _enriched(now + (1 + np.arange(150)) * DAY_MS, np.full(150, 7), seed=99)
+    tables = [*valid[:12], broken, *valid[12:]]
+    day_chunks = _sample("flowtally_sink_split_inserts_total", {"kind": "day"})
+    partition_errors = _sample("flowtally_sink_insert_errors_total", {"reason": "TOO_MANY_PARTITIONS"})
+
+    async def scenario() -> tuple[list[bool], float]:
+        await kafka.ensure_topics(settings.kafka, settings.topics)
+        worker = SinkWorker(settings)
+        await worker.start()
+        health: list[bool] = []
+        try:
+            producing = asyncio.create_task(_produce(settings.kafka, tables, pause_s=0.1))
+            deadline = time.monotonic() + 45
+            while await committed_total(settings.kafka, settings.group_id) < len(tables):
+                assert time.monotonic() < deadline, "the sink stalled"
+                health.append(worker.health()[0])
+                await asyncio.sleep(0.2)
+            await producing
+            # while the sink runs: the totals are exact already
+            took = time.monotonic() - (deadline - 45)
+            return health, took
+        finally:
+            await worker.stop()
+
+    try:
+        health, took = asyncio.run(scenario())
+        assert all(health), "the sink reported unhealthy while splitting"
+        rows = 24 * 2000 + 150
+        total_bytes = sum(int(pa.compute.sum(t["bytes"]).as_py()) for t in tables)
+        for table, sql in (("flows", "SELECT count(), sum(bytes) FROM flows"),
+                           ("flows_1m", "SELECT sum(flows), sum(bytes) FROM flows_1m"),
+                           ("flows_1h", "SELECT sum(flows), sum(bytes) FROM flows_1h"),
+                           ("flows_1d", "SELECT sum(flows), sum(bytes) FROM flows_1d")):
+            assert tuple(int(v) for v in admin.query(sql).result_rows[0]) == (rows, total_bytes), table
+        # the broken clock's flows are stored as sent, one on each of 150 days
+        assert admin.query("SELECT uniqExact(toYYYYMMDD(flow_end)), count() FROM flows "
+                           "WHERE flow_end > now64(3) + INTERVAL 12 HOUR").result_rows == [(150, 150)]
+        assert _sample("flowtally_sink_split_inserts_total", {"kind": "day"}) - day_chunks == 2
+        # planned, not discovered: no insert was even tried across more than 100 partitions
+        assert _sample("flowtally_sink_insert_errors_total", {"reason": "TOO_MANY_PARTITIONS"}) == partition_errors
+        print(f"150-day message beside 24 valid ones: all {rows} rows stored in {took:.1f}s")
+    finally:
+        admin.close()
+
+
+def test_a_group_loses_only_the_rows_clickhouse_refuses(kafka_bootstrap: str, tmp_path: Path) -> None:
+    prefix = f"bq{uuid.uuid4().hex[:10]}"
+    settings = _sink_settings(kafka_bootstrap, prefix, tmp_path / "chdb", split_min_rows=1, split_max_depth=11)
+    admin = connect(settings.clickhouse)
+    migrate(admin)
+    # A rule the data must satisfy: rows breaking it are refused by ClickHouse on every try.
+    admin.command("ALTER TABLE flows ADD CONSTRAINT sane_bytes CHECK bytes < 1000000000000")
+    now = int(time.time() * 1000)
+    good = [_enriched(now - 1000 - np.arange(2000), np.full(2000, 10 + i), seed=i) for i in range(4)]
+    poisoned_bytes = np.full(2000, 50, dtype=np.uint64)
+    bad_rows = [3, 1500, 1501]
+    poisoned_bytes[bad_rows] = 10**13
+    poisoned = _enriched(now - 1000 - np.arange(2000), poisoned_bytes, seed=7)
+    tables = [good[0], good[1], poisoned, good[2], good[3]]
+    dlq_rows = _sample("flowtally_sink_dlq_rows_total", {"reason": "VIOLATED_CONSTRAINT"})
+    partial = _sample("flowtally_sink_messages_total", {"outcome": "partial_dlq_VIOLATED_CONSTRAINT"})
+    messages = _sample("flowtally_sink_split_inserts_total", {"kind": "message"})
+
+    async def scenario() -> list[tuple[bytes, dict]]:
+        await kafka.ensure_topics(settings.kafka, settings.topics)
+        await _produce(settings.kafka, tables)  # one group: produced well within the wait
+        worker = SinkWorker(settings)
+        await worker.start()
+        try:
+            deadline = time.monotonic() + 45
+            while await committed_total(settings.kafka, settings.group_id) < len(tables):
+                assert time.monotonic() < deadline, "the sink stalled"
+                await asyncio.sleep(0.2)
+            assert worker.health()[0]
+        finally:
+            await worker.stop()
+        return await _read_dlq(settings.kafka, f"{prefix}-dlq", 1, timeout=10)
+
+    try:
+        dlq = asyncio.run(scenario())
+        expected_rows = 5 * 2000 - 3
+        expected_bytes = sum(int(pa.compute.sum(t["bytes"]).as_py()) for t in tables) - 3 * 10**13
+        for table, sql in (("flows", "SELECT count(), sum(bytes) FROM flows"),
+                           ("flows_1m", "SELECT sum(flows), sum(bytes) FROM flows_1m"),
+                           ("flows_1h", "SELECT sum(flows), sum(bytes) FROM flows_1h")):
+            got = tuple(int(v) for v in admin.query(sql).result_rows[0])
+            assert got == (expected_rows, expected_bytes), table
+    finally:
+        admin.close()
+    assert _sample("flowtally_sink_dlq_rows_total", {"reason": "VIOLATED_CONSTRAINT"}) - dlq_rows == 3
+    assert _sample("flowtally_sink_messages_total", {"outcome": "partial_dlq_VIOLATED_CONSTRAINT"}) - partial == 1
+    assert _sample("flowtally_sink_split_inserts_total", {"kind": "message"}) - messages == 5
+    assert len(dlq) == 1
+    value, headers = dlq[0]
+    assert headers[ORIGIN_HEADER] == b"raw/0/2"
+    assert headers["flowtally-stage"] == b"sink"
+    assert headers["flowtally-dlq-rows"] == b"3"
+    assert headers["flowtally-error"].startswith(b"clickhouse-rejected VIOLATED_CONSTRAINT")
+    parked = decode_batch(value, list(headers.items()), ENRICHED_SCHEMA, ENRICHED)
+    expected = poisoned.take(pa.array(bad_rows))
+    assert parked.num_rows == 3
+    for name in ("bytes", "src_addr", "end"):
+        assert parked[name].to_pylist() == expected[name].to_pylist(), name
