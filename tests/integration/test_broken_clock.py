@@ -10,12 +10,14 @@ rejects for its content is cut down until only the refused rows are left for the
 from __future__ import annotations
 
 import asyncio
+import socket
 import time
 import uuid
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import pytest
 from prometheus_client import REGISTRY
 
 from enricher.enrich import enrich_batch
@@ -24,9 +26,14 @@ from enricher.schema import ENRICHED_SCHEMA
 from enricher.schema import SCHEMA_NAME as ENRICHED
 from flowtally import kafka
 from flowtally.clickhouse import connect
+from flowtally.localstack import Stage, free_port
 from flowtally.settings import ClickHouseSettings, KafkaSettings
 from flowtally.wire import ORIGIN_HEADER, decode_batch, encode_batch
-from sensors.schema import build_raw_table, ipv4_to_mapped
+from sensors.completeness import COMPLETENESS_SCHEMA, with_additive_defaults
+from sensors.completeness import SCHEMA_NAME as COMPLETENESS
+from sensors.netflow.generator import encode_ipfix_packets, synthetic_cluster, synthetic_flows
+from sensors.schema import RAW_SCHEMA, build_raw_table, ipv4_to_mapped
+from sensors.schema import SCHEMA_NAME as RAW
 from sink.service import SinkWorker
 from sink.settings import SinkSettings
 from sql.migrate import migrate
@@ -75,6 +82,29 @@ async def _read_dlq(settings: KafkaSettings, group: str, count: int, timeout: fl
     finally:
         await consumer.stop()
     return got
+
+
+async def _completeness_sum(settings: KafkaSettings, column: str) -> dict[tuple[str, int], int]:
+    """``column`` summed per (stage, observation domain) over the completeness topic (non-zero only)."""
+    consumer = kafka.consumer(settings, settings.topic("completeness"), group_id=f"reader-{uuid.uuid4().hex}")
+    await consumer.start()
+    sums: dict[tuple[str, int], int] = {}
+    try:
+        idle = 0
+        while idle < 3:
+            polled = await consumer.getmany(timeout_ms=1000)
+            idle = 0 if polled else idle + 1
+            for messages in polled.values():
+                for m in messages:
+                    table = decode_batch(m.value, m.headers, COMPLETENESS_SCHEMA, COMPLETENESS,
+                                         with_additive_defaults)
+                    for row in table.to_pylist():
+                        if row[column]:
+                            key = (row["stage"], row["observation_domain"])
+                            sums[key] = sums.get(key, 0) + row[column]
+    finally:
+        await consumer.stop()
+    return sums
 
 
 def _sink_settings(bootstrap: str, prefix: str, path: Path, **extra: object) -> SinkSettings:
@@ -195,3 +225,116 @@ def test_a_group_loses_only_the_rows_clickhouse_refuses(kafka_bootstrap: str, tm
     assert parked.num_rows == 3
     for name in ("bytes", "src_addr", "end"):
         assert parked[name].to_pylist() == expected[name].to_pylist(), name
+
+
+@pytest.mark.parametrize("policy", ["clamp", "dlq"])
+def test_broken_exporter_clock_through_the_pipeline(kafka_bootstrap: str, tmp_path: Path, policy: str) -> None:
+    """IPFIX end to end: a valid exporter beside one whose 150 flows end on 150 different days
+    (its clock weeks to months behind). The enricher clamps them to their receive time (default
+    ``implausible_time: clamp``) or sends them to the DLQ as received (``dlq``), so the sink never
+    sees 150 partitions; totals are exact in ClickHouse while everything runs, and the flows with
+    an implausible time are counted (metric, completeness rows)."""
+    prefix = f"bp{uuid.uuid4().hex[:10]}"
+    settings = _sink_settings(kafka_bootstrap, prefix, tmp_path / "chdb")
+    admin = connect(settings.clickhouse)
+    migrate(admin)
+    cluster = synthetic_cluster(5)
+    now = int(time.time() * 1000)
+    valid = synthetic_flows(cluster, 12_000, seed=5, start_ms=now - 4000, span_ms=2000)
+    broken = synthetic_flows(cluster, 150, seed=6, start_ms=now - 4000, span_ms=2000)
+    broken["end"] = now - (2 + np.arange(150, dtype=np.int64)) * DAY_MS  # 150 different days, all > 1 day old
+    broken["start"] = broken["end"] - 30_000
+    datagrams = [
+        *encode_ipfix_packets(valid, domain=1, sequence=0, export_secs=now // 1000).packets,
+        *encode_ipfix_packets(broken, domain=7, sequence=0, export_secs=now // 1000).packets,
+    ]
+    rows = 12_000 + (150 if policy == "clamp" else 0)
+    total_bytes = int(valid["bytes"].sum()) + (int(broken["bytes"].sum()) if policy == "clamp" else 0)
+    netflow_port = free_port(socket.SOCK_DGRAM)
+    env = {"FLOWTALLY_KAFKA_BOOTSTRAP": kafka_bootstrap, "FLOWTALLY_KAFKA_TOPIC_PREFIX": prefix,
+           "FLOWTALLY_IMPLAUSIBLE_TIME": policy}
+    stages = []
+    for name, argv, extra in (
+        ("enricher", ["enrich"], {"FLOWTALLY_APP_ID": f"{prefix}-enricher", "FLOWTALLY_SESSION_TIMEOUT_S": "6",
+                                  "FLOWTALLY_DATA_DIR": str(tmp_path / "faust")}),
+        ("sensor", ["sensor", "netflow", "--listen", f"127.0.0.1:{netflow_port}"], {}),
+    ):
+        port = free_port()
+        stages.append(Stage(name, [*argv, "--metrics-listen", f"127.0.0.1:{port}"], env | extra,
+                            tmp_path / f"{name}.log", port))
+    enricher, sensor = stages
+    day_chunks = _sample("flowtally_sink_split_inserts_total", {"kind": "day"})
+
+    async def scenario() -> tuple[int, int, float, float, list[tuple[bytes, dict]]]:
+        await kafka.ensure_topics(settings.kafka, settings.topics)
+        worker = SinkWorker(settings)
+        await worker.start()
+        try:
+            for stage in stages:
+                stage.start()
+            for stage in stages:
+                await asyncio.to_thread(stage.wait_healthy, 90)
+            sent_at = time.monotonic()
+            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp:
+                for i, datagram in enumerate(datagrams):
+                    udp.sendto(datagram, ("127.0.0.1", netflow_port))
+                    if i % 20 == 19:
+                        await asyncio.sleep(0.002)  # paced: no kernel drops on a busy machine
+            deadline = time.monotonic() + 60
+            stored: tuple[int, int] = (0, 0)
+            while stored[0] < rows:
+                assert time.monotonic() < deadline, f"stored {stored} of {rows} rows"
+                for stage in stages:
+                    stage.check_alive()
+                assert worker.health()[0]
+                await asyncio.sleep(0.3)
+                result = await asyncio.to_thread(admin.query, "SELECT count(), sum(bytes) FROM flows")
+                stored = tuple(int(v) for v in result.result_rows[0])  # type: ignore[assignment]
+            took = time.monotonic() - sent_at
+            await asyncio.sleep(1.0)  # nothing more arrives: an excess would show now
+            result = await asyncio.to_thread(admin.query, "SELECT count(), sum(bytes) FROM flows")
+            count, nbytes = (int(v) for v in result.result_rows[0])
+            metric = await asyncio.to_thread(enricher.metric, "flowtally_enricher_flows_implausible_time_total",
+                                             {"action": policy})
+            # clamp: nothing reaches the DLQ (a few seconds' wait would show it)
+            dlq = await _read_dlq(settings.kafka, f"{prefix}-dlq", 1, timeout=10 if policy == "dlq" else 3)
+            return count, nbytes, took, metric, dlq
+        finally:
+            for stage in reversed(stages):
+                stage.stop()
+            await worker.stop()
+
+    try:
+        count, nbytes, took, implausible_metric, dlq = asyncio.run(scenario())
+        assert (count, nbytes) == (rows, total_bytes)  # exact, read while the pipeline ran
+        for table, sql in (("flows_1m", "SELECT sum(flows), sum(bytes) FROM flows_1m"),
+                           ("flows_1h", "SELECT sum(flows), sum(bytes) FROM flows_1h")):
+            assert tuple(int(v) for v in admin.query(sql).result_rows[0]) == (rows, total_bytes), table
+        # the broken exporter's flows: clamped to their receive time, its flows' duration kept
+        clamped = admin.query(
+            "SELECT count(), countIf(flow_end = time_received), countIf(flow_end - flow_start = 30), "
+            "uniqExact(toYYYYMMDD(flow_end)) FROM flows WHERE observation_domain = 7").result_rows[0]
+        if policy == "clamp":
+            assert clamped[:3] == (150, 150, 150)
+            assert clamped[3] <= 2  # the receive day (two only if the run straddles midnight)
+        else:
+            assert clamped[0] == 0
+        assert _sample("flowtally_sink_split_inserts_total", {"kind": "day"}) == day_chunks  # nothing to split
+        print(f"IPFIX, {policy}: {rows} flows stored exactly {took:.1f}s after sending")
+    finally:
+        admin.close()
+    assert implausible_metric == 150
+    if policy == "dlq":  # the 150 flows as received, one message, with the reason
+        assert len(dlq) == 1
+        value, headers = dlq[0]
+        assert headers["flowtally-error"] == b"implausible-time" and headers["flowtally-stage"] == b"enricher"
+        assert headers["flowtally-dlq-rows"] == b"150"
+        parked = decode_batch(value, list(headers.items()), RAW_SCHEMA, RAW)
+        assert sorted(parked["end"].cast(pa.int64()).to_pylist()) == sorted(broken["end"].tolist())
+        assert int(pa.compute.sum(parked["bytes"]).as_py()) == int(broken["bytes"].sum())
+    else:
+        assert dlq == []
+    assert enricher.stop() == 0 and sensor.stop() == 0
+    # the enricher's completeness rows (all published at its shutdown) count them per exporter domain
+    implausible = asyncio.run(_completeness_sum(settings.kafka, "implausible_time"))
+    assert implausible == {("enricher", 7): 150}
