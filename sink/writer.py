@@ -70,8 +70,11 @@ REJECTED_CODES: dict[int, str] = {
     # code also says "too many parts" (merges behind inserts), which is transient. See classify.
     # Deliberately *not* here, although the same data could hit them again: 36 BAD_ARGUMENTS and
     # 49 LOGICAL_ERROR (a setting or a server bug, not this batch: fixing the config or the server
-    # helps, so the sink retries and its /healthz says so), 241 MEMORY_LIMIT_EXCEEDED and
-    # 159 TIMEOUT_EXCEEDED (load; a split group is retried smaller anyway, see sink.split).
+    # helps, so the sink retries and its /healthz says so after unhealthy_after_s), and
+    # 241 MEMORY_LIMIT_EXCEEDED, 159 TIMEOUT_EXCEEDED, 209/210 socket errors (load or network).
+    # A transient failure is retried with the *same* token and rows, never split: a timed-out
+    # insert may have landed, and only the same token makes its retry a no-op. A rejection is
+    # final (nothing of the insert landed), which is what makes splitting it safe (sink.split).
 }
 
 #: The code whose meaning depends on its text (see :func:`classify`).
