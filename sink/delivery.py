@@ -154,6 +154,9 @@ class Delivery:
             log.error("ClickHouse rejected %s rows of message %s (%s): sent to the DLQ: %s",
                       "all" if rows is None or value is None else rows, where, exc.reason, exc.detail)
             error = f"clickhouse-rejected {exc.reason}: {exc.detail}"
+            if exc.in_view:  # a replay of this message would store its rows in the table twice
+                error = (f"clickhouse-rejected {exc.reason}: stored in the table (and the views before "
+                         f"the one refusing it), not in every view; do not replay: {exc.detail}")
         else:
             log.error("message %s is not an %s batch (%s): sent to the DLQ", where, self._schema_name, exc)
             error = str(exc)

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import logging
 import math
 import time
@@ -384,7 +385,16 @@ class SinkWorker(FeedWorker, ConsumerRebalanceListener):
         for chunk in chunks:
             rows = table if chunk.indices is None else table.take(pa.array(chunk.indices))
             failure = await delivery.insert(rows, chunk.token)
-            if failure is not None:
+            if failure is not None and failure.in_view:
+                # Not atomic: the table has these rows already (and the views before the one that
+                # refused them). Inserting pieces under new tokens would store them twice, so
+                # the chunk's messages are parked as they are, marked as stored in the table.
+                log.error("a view refused insert %s (%s) after the table stored it: its %d messages "
+                          "go to the DLQ, not split", chunk.token, failure.reason, len(chunk.parts))
+                why = dataclasses.replace(failure, reason=f"{failure.reason}_IN_VIEW")
+                for part in chunk.parts:
+                    rejected.setdefault(part.offset, []).append((rows.slice(part.start, part.count), why))
+            elif failure is not None:
                 await self._isolate(delivery, chunk, rows, failure, rejected)
         return rejected
 

@@ -94,6 +94,9 @@ TOO_MANY_PARTITIONS = "TOO_MANY_PARTITIONS"
 VIEW_SETTINGS = {"group_by_two_level_threshold": 0, "group_by_two_level_threshold_bytes": 0,
                  "optimize_on_insert": 0}
 
+#: How ClickHouse ends the text of an error raised inside a materialized view of the insert.
+VIEW_MARK = "while pushing to view"
+
 _CODE = re.compile(r"Code: (\d+)\.")
 _NAME = re.compile(r"\(([A-Z][A-Z0-9_]+)\)")
 
@@ -107,6 +110,13 @@ class InsertFailure:
     reason: str  # short label for metrics and the DLQ header, e.g. "VIOLATED_CONSTRAINT"
     detail: str
 
+    @property
+    def in_view(self) -> bool:
+        """Raised by a materialized view ("while pushing to view"): ClickHouse had already
+        written the insert into the table itself (and the views before that one), so the
+        rejection is not atomic and the rows must not be inserted again under other tokens."""
+        return VIEW_MARK in self.detail
+
 
 def classify(exc: BaseException) -> InsertFailure:
     """Sort an insert error into rejected (DLQ) or unavailable (retry); see the module doc."""
@@ -114,14 +124,22 @@ def classify(exc: BaseException) -> InsertFailure:
     match = _CODE.search(text)
     code = int(match[1]) if match else None
     if code is None:
-        return InsertFailure(False, None, type(exc).__name__, text[:2000])
+        return InsertFailure(False, None, type(exc).__name__, _detail(text))
     if code == TOO_MANY_PARTS and "partitions" in text.lower():
         # "Too many partitions for single INSERT block": these rows, sent again, span as many
         # partitions again; a smaller insert lands (sink.split).
-        return InsertFailure(True, code, TOO_MANY_PARTITIONS, text[:2000])
+        return InsertFailure(True, code, TOO_MANY_PARTITIONS, _detail(text))
     name = _NAME.search(text)
     reason = REJECTED_CODES.get(code) or (name[1] if name else f"CODE_{code}")
-    return InsertFailure(code in REJECTED_CODES, code, reason, text[:2000])
+    return InsertFailure(code in REJECTED_CODES, code, reason, _detail(text))
+
+
+def _detail(text: str) -> str:
+    """The error text, bounded; the view mark (at the end, where ClickHouse puts it) is kept."""
+    if len(text) <= 2000:
+        return text
+    mark = text.rfind(VIEW_MARK)
+    return text[:2000] if mark < 0 else text[:1900] + " … " + text[mark:mark + 90]
 
 
 class Writer:

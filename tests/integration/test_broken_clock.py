@@ -111,7 +111,7 @@ def _sink_settings(bootstrap: str, prefix: str, path: Path, **extra: object) -> 
     return SinkSettings(kafka=KafkaSettings(bootstrap=bootstrap, topic_prefix=prefix),
                         clickhouse=ClickHouseSettings(path=path, database="flowtally"),
                         group_id=f"{prefix}-sink", retry_initial_s=0.2, retry_max_s=0.5,
-                        metrics_listen="127.0.0.1:0", group_max_wait_s=1.0, **extra)  # type: ignore[arg-type]
+                        metrics_listen="127.0.0.1:0", **({"group_max_wait_s": 1.0} | extra))  # type: ignore[arg-type]
 
 
 def test_150_days_beside_a_valid_stream_never_stall_the_sink(kafka_bootstrap: str, tmp_path: Path) -> None:
@@ -225,6 +225,63 @@ def test_a_group_loses_only_the_rows_clickhouse_refuses(kafka_bootstrap: str, tm
     assert parked.num_rows == 3
     for name in ("bytes", "src_addr", "end"):
         assert parked[name].to_pylist() == expected[name].to_pylist(), name
+
+
+def test_rows_a_view_refuses_are_parked_whole_never_stored_twice(kafka_bootstrap: str, tmp_path: Path) -> None:
+    """A rejection raised inside a materialized view is not atomic: ClickHouse has written the
+    insert into ``flows`` already. Splitting it under new tokens would store rows twice, so the
+    insert's messages are parked whole (marked as stored), and the sink carries on."""
+    prefix = f"bv{uuid.uuid4().hex[:10]}"
+    settings = _sink_settings(kafka_bootstrap, prefix, tmp_path / "chdb", group_max_wait_s=3.0)
+    admin = connect(settings.clickhouse)
+    migrate(admin)
+    # An operator's own view over flows that refuses a value (e.g. a sanity check on a rollup).
+    admin.command("CREATE TABLE audit (x UInt8) ENGINE = MergeTree ORDER BY x")
+    admin.command("CREATE MATERIALIZED VIEW audit_mv TO audit AS SELECT throwIf(bytes = 666, 'bad') AS x FROM flows")
+    now = int(time.time() * 1000)
+    first = [_enriched(now - 1000 - np.arange(500), np.full(500, 10 + i), seed=i) for i in range(3)]
+    poisoned_bytes = np.full(500, 20, dtype=np.uint64)
+    poisoned_bytes[42] = 666
+    first[1] = _enriched(now - 1000 - np.arange(500), poisoned_bytes, seed=1)
+    later = _enriched(now - 1000 - np.arange(500), np.full(500, 30), seed=9)
+
+    async def scenario() -> list[tuple[bytes, dict]]:
+        await kafka.ensure_topics(settings.kafka, settings.topics)
+        await _produce(settings.kafka, first)  # one group
+        worker = SinkWorker(settings)
+        await worker.start()
+        try:
+            deadline = time.monotonic() + 30
+            while await committed_total(settings.kafka, settings.group_id) < 3:
+                assert time.monotonic() < deadline, "the sink stalled"
+                await asyncio.sleep(0.2)
+            producer = kafka.producer(settings.kafka)  # a later group lands normally
+            await producer.start()
+            value, headers = encode_batch(later, ENRICHED)
+            await producer.send_and_wait(settings.kafka.topic("enriched"), value, key=b"k",
+                                         headers=[*headers, (ORIGIN_HEADER, b"raw/0/3")])
+            await producer.stop()
+            while await committed_total(settings.kafka, settings.group_id) < 4:
+                assert time.monotonic() < deadline, "the sink stalled"
+                await asyncio.sleep(0.2)
+            assert worker.health()[0]
+        finally:
+            await worker.stop()
+        return await _read_dlq(settings.kafka, f"{prefix}-dlq", 3, timeout=10)
+
+    try:
+        dlq = asyncio.run(scenario())
+        # every row once in flows: the refused insert's (stored before the view refused it) and the later one
+        assert admin.query("SELECT count(), countIf(bytes = 666) FROM flows").result_rows == [(2000, 1)]
+    finally:
+        admin.close()
+    assert sorted(h[ORIGIN_HEADER] for _, h in dlq) == [b"raw/0/0", b"raw/0/1", b"raw/0/2"]
+    for value, headers in dlq:
+        assert value == encode_batch(first[int(headers[ORIGIN_HEADER][-1:])], ENRICHED)[0]  # parked whole
+        assert headers["flowtally-error"].startswith(
+            b"clickhouse-rejected FUNCTION_THROW_IF_VALUE_IS_NON_ZERO_IN_VIEW: stored in the table")
+        assert headers["flowtally-dlq-rows"] == b"500"
+    assert _sample("flowtally_sink_dlq_rows_total", {"reason": "FUNCTION_THROW_IF_VALUE_IS_NON_ZERO_IN_VIEW"}) >= 1500
 
 
 @pytest.mark.parametrize("policy", ["clamp", "dlq"])

@@ -40,6 +40,7 @@ def test_too_many_partitions_is_a_rejection_and_the_limit_is_the_writers(table: 
     assert failure.code == 252
     assert failure.reason == TOO_MANY_PARTITIONS
     assert "Too many partitions for single INSERT block (more than 10)" in failure.detail
+    assert not failure.in_view
     assert writer.insert(_rows(10), "b") == 10  # at the limit it lands
     # without a limit of its own, the server's (100) applies
     assert classify(_error(lambda: Writer(table, "t").insert(_rows(101), "c"))).reason == TOO_MANY_PARTITIONS
@@ -65,12 +66,16 @@ def test_a_violated_constraint_and_a_throw_in_a_view_are_rejections(table: Clien
     writer = Writer(table, "t")
     failure = classify(_error(lambda: writer.insert(_rows(1, 1000), "v1")))
     assert (failure.rejected, failure.code, failure.reason) == (True, 469, "VIOLATED_CONSTRAINT")
+    assert not failure.in_view  # refused by the table itself: nothing landed
     table.command("CREATE TABLE sink_view_target (x UInt8) ENGINE = MergeTree ORDER BY x")
     table.command("CREATE MATERIALIZED VIEW v TO sink_view_target AS "
                   "SELECT throwIf(n = 7, 'seven') AS x FROM t")
     failure = classify(_error(lambda: writer.insert(_rows(1, 7), "v2")))
     assert (failure.rejected, failure.code) == (True, 395)
     assert failure.reason == "FUNCTION_THROW_IF_VALUE_IS_NON_ZERO"
+    # Refused by a view: ClickHouse had written the table already (the rejection is not atomic)
+    assert failure.in_view
+    assert table.query("SELECT count() FROM t").result_rows == [(1,)]
 
 
 def test_a_missing_table_and_errors_without_a_code_are_transient(table: Client) -> None:
