@@ -382,54 +382,64 @@ class SinkWorker(FeedWorker, ConsumerRebalanceListener):
                         group.intent.token, limit, len(chunks))
             SPLITS.labels("day").inc(len(chunks))
         rejected: dict[int, list[tuple[pa.Table, InsertFailure]]] = {}
+        budget = _Budget(self._settings.split_max_inserts)
         for chunk in chunks:
             rows = table if chunk.indices is None else table.take(pa.array(chunk.indices))
             failure = await delivery.insert(rows, chunk.token)
-            if failure is not None and failure.in_view:
-                # Not atomic: the table has these rows already (and the views before the one that
-                # refused them). Inserting pieces under new tokens would store them twice, so
-                # the chunk's messages are parked as they are, marked as stored in the table.
-                log.error("a view refused insert %s (%s) after the table stored it: its %d messages "
-                          "go to the DLQ, not split", chunk.token, failure.reason, len(chunk.parts))
-                why = dataclasses.replace(failure, reason=f"{failure.reason}_IN_VIEW")
+            if failure is None:
+                continue
+            if failure.in_view or len(chunk.parts) == 1:  # parked per message as it is, or halved
                 for part in chunk.parts:
-                    rejected.setdefault(part.offset, []).append((rows.slice(part.start, part.count), why))
-            elif failure is not None:
-                await self._isolate(delivery, chunk, rows, failure, rejected)
+                    own = rows.slice(part.start, part.count)
+                    await self._isolate_rows(delivery, chunk.token, part, own, failure, rejected, budget)
+                continue
+            log.warning("ClickHouse rejected insert %s (%s): inserting its %d messages alone", chunk.token,
+                        failure.reason, len(chunk.parts))
+            for part in chunk.parts:
+                own = rows.slice(part.start, part.count)
+                alone = None
+                if budget.take():
+                    SPLITS.labels("message").inc()
+                    alone = await delivery.insert(own, split.message_token(chunk.token, part.offset))
+                    if alone is None:
+                        continue
+                await self._isolate_rows(delivery, chunk.token, part, own, alone or failure, rejected, budget)
+        if budget.spent:
+            log.warning("group %s: split insert budget (%d) spent, the rest parked unsplit",
+                        group.intent.token, self._settings.split_max_inserts)
         return rejected
 
-    async def _isolate(self, delivery: Delivery, chunk: split.Chunk, rows: pa.Table, failure: InsertFailure,
-                       rejected: dict[int, list[tuple[pa.Table, InsertFailure]]]) -> None:
-        """ClickHouse rejected ``rows`` (one chunk): insert its messages alone, halve those
-        rejected alone (tokens derived from the chunk's, so a replay of this too is a no-op)."""
-        log.warning("ClickHouse rejected insert %s (%s): inserting its %d messages alone", chunk.token,
-                    failure.reason, len(chunk.parts))
+    async def _isolate_rows(self, delivery: Delivery, base: str, part: split.Part, rows: pa.Table,
+                            failure: InsertFailure, rejected: dict[int, list[tuple[pa.Table, InsertFailure]]],
+                            budget: _Budget) -> None:
+        """``rows`` (one message's, ``part``) were rejected with ``failure``: halve them while
+        that can isolate fewer rows, insert the halves (tokens derived from ``base``, so a replay
+        is a no-op); the ranges still refused are added to ``rejected``. Not split: a rejection
+        inside a view (not atomic: the table has the rows already) and one that concerns every
+        row alike (the batch's shape); nor once the group's budget of split inserts is spent."""
         s = self._settings
-        for part in chunk.parts:
-            own = rows.slice(part.start, part.count)
-            if len(chunk.parts) > 1:
-                SPLITS.labels("message").inc()
-                alone = await delivery.insert(own, split.message_token(chunk.token, part.offset))
-                if alone is None:
-                    continue
-            else:
-                alone = failure  # the chunk was this message alone: no need to try it again
-            pending = [(split.whole(part), alone)]
-            refused_spans: list[tuple[split.Span, InsertFailure]] = []
-            while pending:
-                span, why = pending.pop(0)
+        pending = [(split.whole(part), failure)]
+        refused_spans: list[tuple[split.Span, InsertFailure]] = []
+        while pending:
+            span, why = pending.pop(0)
+            halves = None
+            if why.in_view:
+                log.error("a view refused %s rows of message %d (%s) after the table stored them: parked "
+                          "whole, not split", span.count, part.offset, why.reason)
+                why = dataclasses.replace(why, reason=f"{why.reason}_IN_VIEW")
+            elif why.row_dependent:
                 halves = split.halves(span, s.split_min_rows, s.split_max_depth)
-                if halves is None:  # small enough: these rows are what ClickHouse refuses
-                    refused_spans.append((span, why))
-                    continue
-                for half in halves:
-                    SPLITS.labels("range").inc()
-                    refused = await delivery.insert(own.slice(half.first, half.count),
-                                                    split.span_token(chunk.token, half))
-                    if refused is not None:
-                        pending.append((half, refused))
-            for span, why in sorted(refused_spans, key=lambda refused: refused[0].first):  # message order
-                rejected.setdefault(part.offset, []).append((own.slice(span.first, span.count), why))
+            if halves is None or not budget.take(2):  # these rows are what ClickHouse refuses
+                refused_spans.append((span, why))
+                continue
+            for half in halves:
+                SPLITS.labels("range").inc()
+                piece = rows.slice(half.first, half.count)
+                refused = await delivery.insert(piece, split.span_token(base, half))
+                if refused is not None:
+                    pending.append((half, refused))
+        for span, why in sorted(refused_spans, key=lambda refused: refused[0].first):  # message order
+            rejected.setdefault(part.offset, []).append((rows.slice(span.first, span.count), why))
 
     async def _park_rejected(self, delivery: Delivery, group: Group,
                              rejected: dict[int, list[tuple[pa.Table, InsertFailure]]]) -> None:
@@ -441,16 +451,37 @@ class SinkWorker(FeedWorker, ConsumerRebalanceListener):
             if not pieces:
                 inserted += 1
                 continue
-            count = sum(rows.num_rows for rows, _ in pieces)
+            # One DLQ message per reason, so that each says exactly what happened to its rows (a
+            # view's refusal means "stored in the table", the others "not stored").
+            by_reason: dict[str, list[tuple[pa.Table, InsertFailure]]] = {}
             for rows, why in pieces:
+                by_reason.setdefault(why.reason, []).append((rows, why))
                 DLQ_ROWS.labels(why.reason).inc(rows.num_rows)
-            value = None
-            if count < item.num_rows:
-                only = pa.concat_tables([rows for rows, _ in pieces]).unify_dictionaries().combine_chunks()
-                value = encode_batch(split.as_enriched(only), ENRICHED)[0]
-            await delivery.to_dlq(item.record, pieces[0][1], value=value, rows=count)
+            for same in by_reason.values():
+                count = sum(rows.num_rows for rows, _ in same)
+                value = None
+                if count < item.num_rows:
+                    only = pa.concat_tables([rows for rows, _ in same]).unify_dictionaries().combine_chunks()
+                    value = encode_batch(split.as_enriched(only), ENRICHED)[0]
+                await delivery.to_dlq(item.record, same[0][1], value=value, rows=count)
         if inserted:
             MESSAGES.labels("inserted").inc(inserted)
+
+
+class _Budget:
+    """The split inserts a group may still spend (bounds the time one poisoned group takes)."""
+
+    def __init__(self, inserts: int) -> None:
+        self.left = inserts
+        self.spent = False
+
+    def take(self, n: int = 1) -> bool:
+        """Spend ``n`` inserts if that many are left."""
+        if self.left < n:
+            self.spent = True
+            return False
+        self.left -= n
+        return True
 
 
 def run(args: argparse.Namespace) -> int:

@@ -53,6 +53,10 @@ class SinkSettings(StageSettings):
     split_max_depth: int = Field(
         8, ge=0, le=30,
         description="Halvings of a rejected message at most (each costs an insert per half)")
+    split_max_inserts: int = Field(
+        512, ge=0, le=100_000,
+        description="Inserts one rejected group may spend on isolating the refused rows (messages alone "
+        "and halves); past it the ranges still refused are parked as they are")
     retry_initial_s: float = Field(0.5, gt=0)
     retry_max_s: float = Field(30.0, gt=0)
     unhealthy_after_s: float = Field(60.0, gt=0, description="Failing inserts this long = unhealthy")

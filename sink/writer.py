@@ -77,6 +77,10 @@ REJECTED_CODES: dict[int, str] = {
     # final (nothing of the insert landed), which is what makes splitting it safe (sink.split).
 }
 
+#: Rejections about the batch's shape (its columns and types), not about some of its rows:
+#: halving cannot isolate anything, so a message refused with one is parked whole.
+SHAPE_CODES = frozenset({9, 16, 19, 20, 43, 44, 47, 50, 53})
+
 #: The code whose meaning depends on its text (see :func:`classify`).
 TOO_MANY_PARTS = 252
 #: The reason label of a batch spanning too many partitions (252 with that text).
@@ -109,6 +113,12 @@ class InsertFailure:
     code: int | None  # the ClickHouse error code, when the error carries one
     reason: str  # short label for metrics and the DLQ header, e.g. "VIOLATED_CONSTRAINT"
     detail: str
+
+    @property
+    def row_dependent(self) -> bool:
+        """Whether fewer rows may get through: not for errors about the batch's shape (a column
+        or type the table does not have), which every row of it hits alike."""
+        return self.code not in SHAPE_CODES
 
     @property
     def in_view(self) -> bool:

@@ -78,6 +78,16 @@ def test_a_violated_constraint_and_a_throw_in_a_view_are_rejections(table: Clien
     assert table.query("SELECT count() FROM t").result_rows == [(1,)]
 
 
+def test_a_batch_of_another_shape_is_rejected_as_a_whole(table: Client) -> None:
+    """A column the table does not have: every row hits it alike, halving could not help."""
+    extra = _rows(3).append_column("surplus", pa.array([1, 2, 3], pa.uint8()))
+    failure = classify(_error(lambda: Writer(table, "t").insert(extra, "s")))
+    assert failure.rejected and not failure.row_dependent
+    assert failure.reason == REJECTED_CODES[failure.code or 0]
+    table.command("ALTER TABLE t ADD CONSTRAINT small CHECK n < 100")
+    assert classify(_error(lambda: Writer(table, "t").insert(_rows(1, 1000), "r"))).row_dependent
+
+
 def test_a_missing_table_and_errors_without_a_code_are_transient(table: Client) -> None:
     failure = classify(_error(lambda: Writer(table, "nowhere").insert(_rows(1), "m")))
     assert (failure.rejected, failure.code, failure.reason) == (False, 60, "UNKNOWN_TABLE")
