@@ -34,8 +34,12 @@ from sensors.completeness import SCHEMA_NAME as COMPLETENESS
 from sensors.netflow.generator import encode_ipfix_packets, synthetic_cluster, synthetic_flows
 from sensors.schema import RAW_SCHEMA, build_raw_table, ipv4_to_mapped
 from sensors.schema import SCHEMA_NAME as RAW
-from sink.service import SinkWorker
+from sink import split
+from sink.groups import Intent
+from sink.rows import flow_rows
+from sink.service import SinkWorker, record_intent
 from sink.settings import SinkSettings
+from sink.writer import Writer
 from sql.migrate import migrate
 from tests.fixtures.kafka import committed_total
 
@@ -163,6 +167,71 @@ def test_150_days_beside_a_valid_stream_never_stall_the_sink(kafka_bootstrap: st
         # planned, not discovered: no insert was even tried across more than 100 partitions
         assert _sample("flowtally_sink_insert_errors_total", {"reason": "TOO_MANY_PARTITIONS"}) == partition_errors
         print(f"150-day message beside 24 valid ones: all {rows} rows stored in {took:.1f}s")
+    finally:
+        admin.close()
+
+
+def test_a_split_group_replayed_after_a_crash_mid_split_lands_once(kafka_bootstrap: str, tmp_path: Path) -> None:
+    """The crash state "recorded, first day chunk inserted, not committed" (reproduced with the
+    sink stopped): the restarted sink re-forms the recorded group, plans the same chunks with the
+    same tokens, so the landed chunk is a no-op and the other one lands; every row once."""
+    prefix = f"bx{uuid.uuid4().hex[:10]}"
+    settings = _sink_settings(kafka_bootstrap, prefix, tmp_path / "chdb")
+    admin = connect(settings.clickhouse)
+    migrate(admin)
+    now = int(time.time() * 1000)
+    tables = [_enriched(now - 1000 - np.arange(3000), np.full(3000, 5), seed=1),
+              _enriched(now - (1 + np.arange(150)) * DAY_MS, np.full(150, 7), seed=2),  # 150 days back
+              _enriched(now - 1000 - np.arange(3000), np.full(3000, 9), seed=3)]
+    reformed = _sample("flowtally_sink_groups_total", {"kind": "reformed"})
+
+    async def produce() -> list[tuple[int, int]]:
+        await kafka.ensure_topics(settings.kafka, settings.topics)
+        producer = kafka.producer(settings.kafka)
+        await producer.start()
+        try:
+            placed = []
+            for i, table in enumerate(tables):
+                value, headers = encode_batch(table, ENRICHED)
+                meta = await producer.send_and_wait(settings.kafka.topic("enriched"), value, key=b"k",
+                                                    headers=[*headers, (ORIGIN_HEADER, f"raw/0/{i}".encode())])
+                placed.append((meta.partition, meta.offset))
+            return placed
+        finally:
+            await producer.stop()
+
+    async def run_sink() -> None:
+        worker = SinkWorker(settings)
+        await worker.start()
+        try:
+            deadline = time.monotonic() + 30
+            while await committed_total(settings.kafka, settings.group_id) < len(tables):
+                assert time.monotonic() < deadline, "the sink did not finish the group"
+                await asyncio.sleep(0.2)
+        finally:
+            await worker.stop()
+
+    try:
+        placed = asyncio.run(produce())
+        assert {p for p, _ in placed} == {placed[0][0]} and [o for _, o in placed] == [0, 1, 2]
+        topic = settings.kafka.topic("enriched")
+        # what the crashed sink had done: the intent, then the first day chunk of the group
+        token = "crashed-mid-split"
+        record_intent(admin, Intent(topic, placed[0][0], 0, 2, token, ("raw/0/0", "raw/0/1", "raw/0/2")))
+        group = pa.concat_tables([flow_rows(t) for t in tables]).combine_chunks()
+        chunks = split.plan_chunks(token, [(i, t.num_rows) for i, t in enumerate(tables)],
+                                   split.day_numbers(group.column("flow_end")), 100)
+        assert [c.token for c in chunks] == [f"{token}/d0", f"{token}/d1"]
+        assert chunks[0].indices is not None
+        Writer(admin, "flows", 100).insert(group.take(pa.array(chunks[0].indices)), chunks[0].token)
+        assert admin.query("SELECT count() FROM flows").result_rows == [(100,)]  # days 150..51 back
+        asyncio.run(run_sink())
+        expected = (6150, 3000 * 5 + 150 * 7 + 3000 * 9)
+        for table, sql in (("flows", "SELECT count(), sum(bytes) FROM flows"),
+                           ("flows_1d", "SELECT sum(flows), sum(bytes) FROM flows_1d"),
+                           ("flows_1h", "SELECT sum(flows), sum(bytes) FROM flows_1h")):
+            assert tuple(int(v) for v in admin.query(sql).result_rows[0]) == expected, table
+        assert _sample("flowtally_sink_groups_total", {"kind": "reformed"}) - reformed == 1
     finally:
         admin.close()
 
