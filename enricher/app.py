@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import signal
 import time
 from collections.abc import AsyncIterator
 from typing import Any
@@ -334,11 +335,31 @@ def run(args: argparse.Namespace) -> int:
                                      on_note=noted)
     completeness = CompletenessAccumulator(observer="", stage="enricher") if settings.completeness else None
     state = EnricherState(index, geo, feed, observers, completeness, observer_feed)
-    asyncio.run(kafka.ensure_topics(settings.kafka, settings.topics))
-    app = create_app(settings, state)
     metrics = MetricsServer(settings.metrics_listen, state.health, kafka=settings.kafka)
-    asyncio.run(metrics.start())
+
+    async def prepare() -> bool:
+        # /healthz and /metrics first: while the stage waits for a broker that is down, its
+        # readiness says so (and /livez watches this loop, which is running). A stop signal
+        # during the wait is a clean stop, as in the other stages.
+        await metrics.start()
+        loop = asyncio.get_running_loop()
+        waiting = asyncio.ensure_future(kafka.ensure_topics(settings.kafka, settings.topics))
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, waiting.cancel)
+        try:
+            await waiting
+            return True
+        except asyncio.CancelledError:
+            return False
+        finally:
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                loop.remove_signal_handler(sig)
+
     try:
+        if not asyncio.run(prepare()):
+            log.info("signal received while waiting for Kafka, stopping")
+            return 0
+        app = create_app(settings, state)
         worker = faust.Worker(app, loglevel=args.log_level.lower(), quiet=True)
         metrics.watch_loop(worker.loop)  # /livez: Faust's loop, where the enricher's work runs
         worker.execute_from_commandline()  # returns only through SystemExit

@@ -31,6 +31,8 @@ import maxminddb
 import numpy as np
 import pyarrow as pa
 
+from flowtally.settings import SettingsError
+
 log = logging.getLogger(__name__)
 
 GEO_COLUMNS = ("asn", "as_org", "country", "city", "lat", "lon")
@@ -166,9 +168,17 @@ def _signature(path: Path | None) -> tuple[int, int] | None:
     return (st.st_mtime_ns, st.st_size)
 
 
+class GeoIPError(SettingsError):
+    """A configured mmdb file is there but cannot be used (not a MaxMind database, unreadable)."""
+
+
 def open_reader(path: Path) -> Reader:
     """A MaxMind reader for ``path`` (memory-mapped, C extension when available)."""
-    reader: Reader = maxminddb.open_database(str(path), maxminddb.MODE_AUTO)
+    try:
+        reader: Reader = maxminddb.open_database(str(path), maxminddb.MODE_AUTO)
+    except (OSError, ValueError, maxminddb.InvalidDatabaseError) as exc:
+        raise GeoIPError(f"GeoIP database {path} cannot be opened: "
+                         f"{getattr(exc, 'strerror', None) or exc}") from None
     return reader
 
 

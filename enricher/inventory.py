@@ -92,6 +92,9 @@ def load_inventory(path: str | Path) -> Inventory:
         data = yaml.safe_load(path.read_text())
     except FileNotFoundError:
         raise InventoryError(f"inventory file {path} does not exist") from None
+    except (OSError, UnicodeDecodeError) as exc:  # a directory, no permission, not text
+        raise InventoryError(f"inventory file {path} cannot be read: "
+                             f"{getattr(exc, 'strerror', None) or exc}") from None
     except yaml.YAMLError as exc:
         raise InventoryError(f"inventory file {path} is not valid YAML: {exc}") from None
     try:

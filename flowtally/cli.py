@@ -21,6 +21,7 @@ from collections.abc import Sequence
 os.environ.setdefault("ARROW_DEFAULT_MEMORY_POOL", "system")
 
 from flowtally import __version__
+from flowtally.lifecycle import EXIT_CANNOT_START, StartError
 from flowtally.settings import SettingsError
 
 # subcommand path -> "module:function"
@@ -149,9 +150,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     func = getattr(importlib.import_module(module_name), func_name)
     try:
         return int(func(args) or 0)
-    except SettingsError as exc:
+    except (SettingsError, StartError) as exc:
         print(f"flowtally {' '.join(path)}: {exc}", file=sys.stderr)
-        return 2
+        return EXIT_CANNOT_START
     except KeyboardInterrupt:
         return 130
 

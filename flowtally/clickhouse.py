@@ -7,12 +7,13 @@ open it at a time; run ``flowtally query`` after the sink stops, or use a ClickH
 
 from __future__ import annotations
 
+import asyncio
 import logging
 
 import clickhouse_connect
 from clickhouse_connect.driver.client import Client
 
-from flowtally.settings import ClickHouseSettings
+from flowtally.settings import ClickHouseSettings, redact
 
 log = logging.getLogger(__name__)
 
@@ -23,14 +24,14 @@ class ClickHouseUnavailable(RuntimeError):
 
 def connect(settings: ClickHouseSettings) -> Client:
     """A client whose default database is ``settings.database`` (created if missing)."""
+    # The URL's user information carries the password: never part of a message.
+    where = settings.url.split("@")[-1] if settings.url else f"chDB at {settings.path}"
     try:
         if settings.url:
             client = clickhouse_connect.get_client(dsn=settings.url)
-            where = settings.url.split("@")[-1]
         else:
             settings.path.mkdir(parents=True, exist_ok=True)
             client = clickhouse_connect.get_client(interface="chdb", path=str(settings.path))
-            where = f"chDB at {settings.path}"
         client.command(f"CREATE DATABASE IF NOT EXISTS {settings.database}")
         client.database = settings.database
     except Exception as exc:
@@ -38,6 +39,21 @@ def connect(settings: ClickHouseSettings) -> Client:
             raise ClickHouseUnavailable(
                 f"cannot open chDB at {settings.path}: another process (a running sink?) holds it"
             ) from exc
-        raise ClickHouseUnavailable(f"cannot reach ClickHouse: {exc}") from exc
+        raise ClickHouseUnavailable(f"cannot reach ClickHouse at {where}: {redact(str(exc))}") from exc
     log.debug("connected to %s, database %s", where, settings.database)
     return client
+
+
+async def connect_when_reachable(settings: ClickHouseSettings) -> Client:
+    """:func:`connect`, retried with a doubling delay up to 30 s (one warning per attempt) while
+    the database is unreachable or, for chDB, held by another process: a long-running stage waits
+    for its database at start as it does for Kafka, instead of exiting into a restart loop."""
+    delay, attempt = 1.0, 0
+    while True:
+        try:
+            return await asyncio.to_thread(connect, settings)
+        except ClickHouseUnavailable as exc:
+            attempt += 1
+            log.warning("%s (attempt %d), retrying in %.0f s", exc, attempt, delay)
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 30.0)

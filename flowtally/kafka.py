@@ -100,19 +100,34 @@ def topic_specs(kafka: KafkaSettings, topics: TopicSettings) -> list[NewTopic]:
     ]
 
 
-async def ensure_topics(kafka: KafkaSettings, topics: TopicSettings, *, timeout: float = 30.0) -> None:
+async def ensure_topics(kafka: KafkaSettings, topics: TopicSettings, *, timeout: float | None = None) -> None:
     """Create the flowtally topics that do not exist yet (explicitly, so partition counts are ours
-    and not the broker's auto-create default). Waits for the broker up to ``timeout`` seconds."""
+    and not the broker's auto-create default).
+
+    Waits for the broker: up to ``timeout`` seconds, or with None (what every stage does at start)
+    until it answers, retrying with a doubling delay up to 30 s and one warning per attempt. A
+    broker that is late (a rollout, a cluster starting in any order) is not a reason to exit and
+    be restarted in a loop; ``/healthz`` says what the stage waits for meanwhile.
+    """
     admin = AIOKafkaAdminClient(**kafka.client_kwargs())
-    deadline = asyncio.get_running_loop().time() + timeout
+    loop = asyncio.get_running_loop()
+    deadline = None if timeout is None else loop.time() + timeout
+    delay, attempt = 1.0, 0
     while True:
         try:
             await admin.start()
             break
         except KafkaConnectionError as exc:
-            if asyncio.get_running_loop().time() > deadline:
+            attempt += 1
+            if deadline is not None and loop.time() > deadline:
                 raise KafkaUnavailable(f"Kafka at {kafka.bootstrap} is unreachable: {exc}") from exc
-            await asyncio.sleep(1.0)
+            if deadline is None:
+                log.warning("Kafka at %s is unreachable (attempt %d), retrying in %.0f s: %s",
+                            kafka.bootstrap, attempt, delay, exc)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 30.0)
+            else:
+                await asyncio.sleep(1.0)
     try:
         existing = set(await admin.list_topics())
         wanted = [t for t in topic_specs(kafka, topics) if t.name not in existing]

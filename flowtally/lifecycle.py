@@ -5,17 +5,31 @@ in list order; if one fails to start, the ones already started are stopped in re
 SIGTERM/SIGINT, or when a component's own work ends with an error, every started component is
 stopped in reverse order, so upstream parts stop before the parts they feed and buffers drain
 into still-running downstream parts.
+
+Exit codes, the same for every stage: 0 a clean stop, 1 a failure while running, 2 could not
+start (a bad setting, a port in use, an unreadable file: :class:`StartError`, and settings errors
+through ``flowtally.cli``). A dependency that is down at start (Kafka, ClickHouse) is waited for,
+not a start failure: the stage retries and reports it on ``/healthz`` (see README "Health").
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import signal
 from collections.abc import Sequence
-from typing import Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 log = logging.getLogger(__name__)
+
+#: The exit code of a stage that could not start.
+EXIT_CANNOT_START = 2
+
+
+class StartError(Exception):
+    """A stage cannot start for a reason a restart cannot fix (a port in use, an unreadable
+    file); the message is one line that names the setting or address."""
 
 
 @runtime_checkable
@@ -48,10 +62,12 @@ async def run_components(components: Sequence[Component], *, stop_timeout: float
     try:
         for component in components:
             try:
-                await component.start()
+                if not await _start_unless_stopped(component, stopping):
+                    log.info("signal received while %s was starting, stopping", component.name)
+                    break
             except Exception as exc:
                 log.error("%s failed to start: %s", component.name, exc)
-                exit_code = 1
+                exit_code = EXIT_CANNOT_START
                 break
             started.append(component)
             log.debug("%s started", component.name)
@@ -76,6 +92,24 @@ async def run_components(components: Sequence[Component], *, stop_timeout: float
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.remove_signal_handler(sig)
     return exit_code
+
+
+async def _start_unless_stopped(component: Component, stopping: asyncio.Event) -> bool:
+    """Start ``component``; False (its start cancelled) if a stop signal comes first: a start that
+    waits for a broker that is down must not make SIGTERM wait with it."""
+    start: asyncio.Future[Any] = asyncio.ensure_future(component.start())
+    stop_wait: asyncio.Future[Any] = asyncio.ensure_future(stopping.wait())
+    try:
+        await asyncio.wait([start, stop_wait], return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        stop_wait.cancel()
+    if start.done():
+        start.result()  # raises the start's own error
+        return True
+    start.cancel()
+    with contextlib.suppress(asyncio.CancelledError, Exception):
+        await start
+    return False
 
 
 async def _until_stopped(waiters: dict[asyncio.Future[object], Worker], stopping: asyncio.Event) -> int:

@@ -16,6 +16,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, CollectorRegistry, generate_latest
 
 from flowtally.health import KafkaProbe, LoopWatch, combined
+from flowtally.lifecycle import StartError
 from flowtally.settings import KafkaSettings, parse_hostport
 
 log = logging.getLogger(__name__)
@@ -92,7 +93,11 @@ class MetricsServer:
             def log_message(self, format: str, *args: object) -> None:
                 pass  # scrapes every few seconds would drown the stage's own log
 
-        self._server = ThreadingHTTPServer((self._host, self._port), Handler)
+        try:
+            self._server = ThreadingHTTPServer((self._host, self._port), Handler)
+        except OSError as exc:
+            raise StartError(f"cannot serve /metrics and /healthz on {self._host}:{self._port} "
+                             f"(metrics_listen): {exc.strerror or exc}") from None
         self._server.daemon_threads = True
         self._thread = threading.Thread(target=self._server.serve_forever, name="metrics", daemon=True)
         self._thread.start()

@@ -13,7 +13,10 @@ Nested groups use one underscore after the group name: ``FLOWTALLY_KAFKA_BOOTSTR
 from __future__ import annotations
 
 import contextvars
+import difflib
 import os
+import re
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any, ClassVar, TypeVar
 
@@ -36,6 +39,17 @@ from pydantic_settings import (
 )
 
 ENV_PREFIX = "FLOWTALLY_"
+#: ``FLOWTALLY_…`` variables that are not settings of a stage model but are read elsewhere: the
+#: settings file, the local broker's jar cache, the compose file's image, and the tests' and
+#: benchmarks' own switches (they reach the stages the tests start through the environment).
+OTHER_ENV_NAMES = frozenset({
+    "FLOWTALLY_CONFIG",
+    "FLOWTALLY_LOCALKAFKA_CACHE",
+    "FLOWTALLY_IMAGE",
+    "FLOWTALLY_TEST_KAFKA_BOOTSTRAP",
+    "FLOWTALLY_SHARED_TESTDATA",
+    "FLOWTALLY_BENCH_PROFILE",
+})
 
 
 def _comma_separated(value: object) -> object:
@@ -202,6 +216,9 @@ def load_settings(cls: type[S], config_file: str | Path | None = None, **overrid
             raise SettingsError(f"config file {path} is not valid YAML: {exc}") from exc
         if content is not None and not isinstance(content, dict):
             raise SettingsError(f"config file {path} must hold a mapping of settings")
+    unknown = unknown_env_lines(cls, os.environ)
+    if unknown:
+        raise SettingsError("\n".join(unknown))
     token = _yaml_file.set(Path(path) if path else None)
     try:
         return cls(**{k: v for k, v in overrides.items() if v is not None})
@@ -209,6 +226,54 @@ def load_settings(cls: type[S], config_file: str | Path | None = None, **overrid
         raise SettingsError(describe_errors(exc)) from None
     finally:
         _yaml_file.reset(token)
+
+
+def env_names(model: type[BaseModel]) -> frozenset[str]:
+    """Every environment variable that sets a field of stage model ``model``: ``FLOWTALLY_<FIELD>``,
+    and for a group both ``FLOWTALLY_<GROUP>`` (the whole group as JSON) and
+    ``FLOWTALLY_<GROUP>_<FIELD>``."""
+    names = set()
+    for name, info in model.model_fields.items():
+        env = ENV_PREFIX + name.upper()
+        names.add(env)
+        annotation = info.annotation
+        if isinstance(annotation, type) and issubclass(annotation, Group):
+            names.update(f"{env}_{sub.upper()}" for sub in annotation.model_fields)
+    return frozenset(names)
+
+
+def unknown_env_lines(model: type[BaseModel], environ: Mapping[str, str]) -> list[str]:
+    """One error line per ``FLOWTALLY_…`` variable in ``environ`` that no flowtally stage reads.
+
+    A variable another stage reads is not an error here: compose files and shells share one
+    environment between stages. A misspelt one is, as an unknown YAML key is: it would otherwise
+    leave its setting at the default without a word. The names of every stage come from
+    :mod:`flowtally.env_names`, generated from the stage models (with the configuration reference).
+    """
+    from flowtally.env_names import STAGE_ENV_NAMES
+
+    known = STAGE_ENV_NAMES | OTHER_ENV_NAMES | env_names(model)
+    lines = []
+    for raw in sorted(environ):
+        name = raw.upper()  # pydantic-settings reads the environment case-insensitively
+        if not name.startswith(ENV_PREFIX) or name in known:
+            continue
+        close = difflib.get_close_matches(name, sorted(env_names(model) | STAGE_ENV_NAMES), n=1, cutoff=0.75)
+        hint = f"; did you mean {close[0]}?" if close else ""
+        lines.append(f"unknown environment variable {raw}: no flowtally stage reads it{hint}")
+    return lines
+
+
+#: Settings whose values are never echoed, whatever their type.
+_SECRET_NAME = re.compile(r"password|secret|token|key$", re.IGNORECASE)
+#: The password of a URL's user information (``scheme://user:password@host``).
+_URL_PASSWORD = re.compile(r"(?P<head>[A-Za-z][A-Za-z0-9+.-]*://[^/:@\s]*:)[^\s/]*(?=@)")
+
+
+def redact(text: str) -> str:
+    """``text`` with the password of every URL in it replaced by ``***`` (for error messages and
+    logs: a ClickHouse URL carries its password)."""
+    return _URL_PASSWORD.sub(r"\g<head>***", text)
 
 
 def describe_errors(exc: ValidationError) -> str:
@@ -219,7 +284,12 @@ def describe_errors(exc: ValidationError) -> str:
         dotted = ".".join(loc)
         env = ENV_PREFIX + "_".join(loc).upper()
         got = err.get("input")
-        shown = "" if isinstance(got, dict) else f" (got {got!r})"
+        if isinstance(got, dict):
+            shown = ""
+        elif _SECRET_NAME.search(dotted):
+            shown = " (value not shown: it is a secret)"
+        else:
+            shown = f" (got {redact(repr(got))})"
         msg = err["msg"]
         if err["type"] == "extra_forbidden":
             msg = "unknown setting"

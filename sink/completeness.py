@@ -18,7 +18,6 @@ starts after the flows consumer, which applies the migrations.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import time
 from collections.abc import Callable
@@ -27,7 +26,7 @@ import pyarrow as pa
 from aiokafka import ConsumerRecord, TopicPartition
 from prometheus_client import Counter, Gauge, Histogram
 
-from flowtally.clickhouse import connect
+from flowtally.clickhouse import connect_when_reachable
 from flowtally.wire import decode_batch
 from sensors.completeness import COMPLETENESS_SCHEMA, SCHEMA_NAME, with_additive_defaults
 from sink.delivery import Delivery, FeedMetrics, FeedWorker, Retry
@@ -94,7 +93,7 @@ class CompletenessWorker(FeedWorker):
     async def start(self) -> None:
         s = self._settings
         # The topics exist: the flows consumer (or the test) created them before this starts.
-        client = await asyncio.to_thread(connect, s.clickhouse)
+        client = await connect_when_reachable(s.clickhouse)
         self._clients.append(client)
         self._delivery = Delivery(
             schema_name=SCHEMA_NAME, decode=completeness_rows, writer=Writer(client, TABLE),

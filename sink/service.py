@@ -47,7 +47,7 @@ from prometheus_client import Counter, Gauge, Histogram
 from enricher.schema import ENRICHED_SCHEMA, with_additive_defaults
 from enricher.schema import SCHEMA_NAME as ENRICHED
 from flowtally import kafka
-from flowtally.clickhouse import connect
+from flowtally.clickhouse import connect_when_reachable
 from flowtally.lifecycle import run_components
 from flowtally.metrics import MetricsServer
 from flowtally.settings import load_settings
@@ -166,12 +166,12 @@ class SinkWorker(FeedWorker, ConsumerRebalanceListener):
     async def start(self) -> None:
         s = self._settings
         await kafka.ensure_topics(s.kafka, s.topics)
-        client = await asyncio.to_thread(connect, s.clickhouse)
+        client = await connect_when_reachable(s.clickhouse)
         self._clients.append(client)
         if s.migrate_on_start:
             await asyncio.to_thread(migrate, client, s.migration_variables(), s.clickhouse.cluster)
         for _ in range(s.insert_concurrency - 1):
-            self._clients.append(await asyncio.to_thread(connect, s.clickhouse))
+            self._clients.append(await connect_when_reachable(s.clickhouse))
         dlq = await self._open_dlq()
         self._deliveries = [
             Delivery(

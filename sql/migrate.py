@@ -42,6 +42,7 @@ import argparse
 import hashlib
 import logging
 import re
+import sys
 from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -286,7 +287,7 @@ def render_all(variables: Mapping[str, int | str] | None = None, cluster: str | 
 
 def run(args: argparse.Namespace) -> int:
     """`flowtally migrate`: apply (with --status, list; with --render, print) migrations."""
-    from flowtally.clickhouse import connect
+    from flowtally.clickhouse import ClickHouseUnavailable, connect
     from flowtally.settings import load_settings
     from sink.settings import SinkSettings
 
@@ -295,7 +296,11 @@ def run(args: argparse.Namespace) -> int:
     if getattr(args, "render", False):
         print(render_all(settings.migration_variables(), cluster), end="")
         return 0
-    client = connect(settings.clickhouse)
+    try:
+        client = connect(settings.clickhouse)
+    except ClickHouseUnavailable as exc:
+        print(f"flowtally {args.command}: {exc}", file=sys.stderr)
+        return 1
     try:
         if args.status:
             done = applied(client, cluster)

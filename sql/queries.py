@@ -263,7 +263,7 @@ def format_csv(columns: list[str], rows: list[tuple[Any, ...]]) -> str:
 
 def run(args: argparse.Namespace) -> int:
     """`flowtally query [NAME] [--param k=v] [--format table|csv|json]`."""
-    from flowtally.clickhouse import connect
+    from flowtally.clickhouse import ClickHouseUnavailable, connect
     from flowtally.settings import load_settings
     from sink.settings import SinkSettings
 
@@ -279,7 +279,11 @@ def run(args: argparse.Namespace) -> int:
             return 2
         params[key] = value
     settings = load_settings(SinkSettings, args.config)
-    client = connect(settings.clickhouse)
+    try:
+        client = connect(settings.clickhouse)
+    except ClickHouseUnavailable as exc:
+        print(f"flowtally {args.command}: {exc}", file=sys.stderr)
+        return 1
     try:
         columns, rows = execute(client, args.name, params,
                                 distributed=settings.clickhouse.cluster is not None)

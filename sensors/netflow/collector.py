@@ -506,6 +506,9 @@ def run(args: argparse.Namespace) -> int:
     settings = load_settings(
         NetflowSettings, args.config, listen=args.listen, metrics_listen=args.metrics_listen
     )
+    if not settings.allow_exporters:
+        log.warning("allow_exporters is empty: datagrams from any source are decoded; on an exposed "
+                    "address set FLOWTALLY_ALLOW_EXPORTERS to your exporters' CIDRs")
     _tune_process()
     return asyncio.run(_main(settings))
 

@@ -478,7 +478,7 @@ def test_missing_accounting_is_named(tmp_path: Path) -> None:
             ["ip", "netns", "exec", ns, sys.executable, "-m", "flowtally.cli", "sensor", "conntrack",
              "--stdout", "--metrics-listen", f"127.0.0.1:{free_port()}"],
             env=os.environ | {"FLOWTALLY_ENABLE_SYSCTLS": "false"}, capture_output=True, text=True, timeout=60)
-        assert proc.returncode == 1
+        assert proc.returncode == 2  # could not start (flowtally.lifecycle)
         assert "net.netfilter.nf_conntrack_acct is 0, needs 1" in proc.stderr
         assert "byte or packet counters" in proc.stderr
     finally:

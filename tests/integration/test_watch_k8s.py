@@ -331,11 +331,11 @@ def test_watch_k8s_in_cluster_through_its_service_account(kafka_bootstrap: str, 
         finally:
             assert stage.stop() == 0
 
-        # no token mounted: a clear error and exit 1
+        # no token mounted: a clear error and exit 2 (could not start)
         (account / "token").unlink()
         w.access["FLOWTALLY_SERVICE_ACCOUNT_DIR"] = str(account)
         stage = w.start()
-        assert stage.process is not None and stage.process.wait(60) == 1
+        assert stage.process is not None and stage.process.wait(60) == 2
         assert f"cannot reach the Kubernetes API through service account in {account}" in stage.log_path.read_text()
 
 

@@ -69,6 +69,7 @@ def test_default_values() -> None:
     kinds = {k for k, _ in docs}
     assert kinds == {"ServiceAccount", "ClusterRole", "ClusterRoleBinding", "ConfigMap", "Secret", "DaemonSet",
                      "Deployment", "PodDisruptionBudget", "Job"}
+    assert ("Secret", "ft-flowtally-migrate-credentials") in docs
     ds = docs["DaemonSet", "ft-flowtally-sensor"]["spec"]["template"]
     spec = ds["spec"]
     assert spec["hostNetwork"] is True and spec["dnsPolicy"] == "ClusterFirstWithHostNet"
@@ -81,6 +82,49 @@ def test_default_values() -> None:
     assert {"checksum/config", "checksum/secret"} <= set(ds["metadata"]["annotations"])
     job = docs["Job", "ft-flowtally-migrate"]
     assert "pre-install" in job["metadata"]["annotations"]["helm.sh/hook"]
+    # The sensor is on the host network: /metrics on the pod (node) address, not on every
+    # interface; exporters from private address space only unless the values say otherwise.
+    env = {e["name"]: e for e in netflow["env"]}
+    assert env["POD_IP"]["valueFrom"]["fieldRef"]["fieldPath"] == "status.podIP"
+    assert env["FLOWTALLY_METRICS_LISTEN"]["value"] == "[$(POD_IP)]:9461"
+    names = [e["name"] for e in netflow["env"]]
+    assert names.index("POD_IP") < names.index("FLOWTALLY_METRICS_LISTEN")  # $(…) needs it defined first
+    assert env["FLOWTALLY_ALLOW_EXPORTERS"]["value"] == "10.0.0.0/8,172.16.0.0/12,192.168.0.0/16,100.64.0.0/10,fc00::/7"
+    assert env["FLOWTALLY_LISTEN"]["value"] == "0.0.0.0:2055"
+
+
+def _url_sources(docs: dict[tuple[str, str], dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
+    """Every container's FLOWTALLY_CLICKHOUSE_URL entries, by container name."""
+    found: dict[str, list[dict[str, Any]]] = {}
+    for (kind, _), doc in docs.items():
+        if kind in ("Deployment", "DaemonSet", "Job"):
+            for c in doc["spec"]["template"]["spec"]["containers"]:
+                found[c["name"]] = [e for e in c.get("env", []) if e["name"] == "FLOWTALLY_CLICKHOUSE_URL"]
+    return found
+
+
+@pytest.mark.parametrize("values", sorted(VALUES))
+def test_clickhouse_url_only_from_a_secret_and_never_optional(values: str) -> None:
+    """The URL carries the password: never a plain value (the migrate hook included), only where
+    ClickHouse is used, and a missing Secret key stops the pod instead of a sink on chDB."""
+    docs = _by_kind(_render(*VALUES[values]))
+    sources = _url_sources(docs)
+    assert {name for name, entries in sources.items() if entries} == {"sink", "migrate"}
+    for name, entries in sources.items():
+        for entry in entries:
+            assert "value" not in entry, name
+            ref = entry["valueFrom"]["secretKeyRef"]
+            assert "optional" not in ref or ref["optional"] is False, name
+            secret = ("Secret", ref["name"])
+            if values == "default":
+                assert ref["key"] in docs[secret]["stringData"], name
+    migrate_ref = sources["migrate"][0]["valueFrom"]["secretKeyRef"]["name"]
+    if values == "default":
+        hook = docs["Secret", migrate_ref]["metadata"]["annotations"]
+        assert hook["helm.sh/hook"] == "pre-install,pre-upgrade" and int(hook["helm.sh/hook-weight"]) < 0
+    else:
+        assert migrate_ref == "flowtally-credentials"  # existingSecret: the user's own
+    assert all("secret" not in str(e.get("value", "")) for c in sources.values() for e in c)
     role = docs["ClusterRole", "ft-flowtally-watcher"]
     granted = {(g, r) for rule in role["rules"] for g in rule["apiGroups"] for r in rule["resources"]}
     assert granted == _watched()
@@ -178,11 +222,12 @@ def test_configmap_settings_are_accepted_by_the_stages(monkeypatch: pytest.Monke
             "conntrack": (docs["DaemonSet", "ft-flowtally-sensor"], ConntrackSettings),
             "watcher": (docs["Deployment", "ft-flowtally-watcher"], WatcherSettings),
             "enricher": (docs["Deployment", "ft-flowtally-enricher"], EnricherSettings)}
-    stand_ins = {"status.hostIP": "10.0.0.11", "spec.nodeName": "node-1"}
+    stand_ins = {"status.hostIP": "10.0.0.11", "status.podIP": "10.0.0.11", "spec.nodeName": "node-1"}
     for container, (doc, model) in pods.items():
         (spec,) = [c for c in doc["spec"]["template"]["spec"]["containers"] if c["name"] == container]
         own: dict[str, str] = {
-            e["name"]: e.get("value") or stand_ins[e["valueFrom"]["fieldRef"]["fieldPath"]]
+            e["name"]: (e.get("value") or stand_ins[e["valueFrom"]["fieldRef"]["fieldPath"]]).replace(
+                "$(POD_IP)", stand_ins["status.podIP"])
             for e in spec["env"] if e["name"].startswith("FLOWTALLY_") and "secretKeyRef" not in e.get("valueFrom", {})}
         for k, v in own.items():
             monkeypatch.setenv(k, v)

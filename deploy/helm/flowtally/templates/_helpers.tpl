@@ -36,18 +36,12 @@ checksum/config: {{ include (print .Template.BasePath "/configmap.yaml") . | sha
 checksum/secret: {{ include (print .Template.BasePath "/secret.yaml") . | sha256sum }}
 {{- end -}}
 
-{{/* Environment shared by the stages: the ConfigMap, and credentials from the Secret. */}}
+{{/* Environment shared by the stages: the ConfigMap, and Kafka credentials from the Secret. */}}
 {{- define "flowtally.env" -}}
 envFrom:
   - configMapRef:
       name: {{ include "flowtally.fullname" . }}
 env:
-  - name: FLOWTALLY_CLICKHOUSE_URL
-    valueFrom:
-      secretKeyRef:
-        name: {{ include "flowtally.secretName" . }}
-        key: {{ .Values.secret.clickhouseUrlKey }}
-        optional: true
   {{- if .Values.kafka.saslMechanism }}
   - name: FLOWTALLY_KAFKA_SASL_PASSWORD
     valueFrom:
@@ -55,6 +49,17 @@ env:
         name: {{ include "flowtally.secretName" . }}
         key: {{ .Values.secret.kafkaSaslPasswordKey }}
   {{- end }}
+{{- end -}}
+
+{{/* The ClickHouse URL (it carries the password) for the stages that write or migrate: never
+optional, so a Secret without the key stops the pod (CreateContainerConfigError) instead of
+the sink quietly writing to chDB in an emptyDir. */}}
+{{- define "flowtally.clickhouseUrlEnv" -}}
+- name: FLOWTALLY_CLICKHOUSE_URL
+  valueFrom:
+    secretKeyRef:
+      name: {{ .name }}
+      key: {{ .key }}
 {{- end -}}
 
 {{- define "flowtally.containerSecurityContext" -}}
