@@ -104,3 +104,11 @@ def test_halving_a_message_finds_one_bad_row_within_the_depth() -> None:
 def test_as_enriched_restores_the_wire_names() -> None:
     rows = pa.table({"flow_start": [1], "flow_end": [2], "bytes": [3]})
     assert split.as_enriched(rows).column_names == ["start", "end", "bytes"]
+
+
+def test_few_distinct_days_far_apart_are_one_insert() -> None:
+    """What counts is distinct days, not their range: days 0 and 5000 are two partitions."""
+    assert len(split.plan_chunks("T", [(0, 3)], np.array([0, 5000, 0]), 2)) == 1
+    assert len(split.plan_chunks("T", [(0, 100)], np.arange(100), 100)) == 1  # exactly at the limit
+    assert len(split.plan_chunks("T", [(0, 101)], np.arange(101), 100)) == 2
+    assert split.plan_chunks("T", [(0, 0)], np.array([], dtype=np.int64), 100) == [Chunk("T", None, ())]
