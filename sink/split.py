@@ -17,7 +17,10 @@ token: :mod:`sink.groups`) is cut the same way and every sub-insert it repeats i
    ``base`` being ``T`` or ``T/d<k>``), and a message rejected alone is halved
    (``<base>/<offset>/<first>-<last>``, row positions within the message's rows of that insert)
    until a range is at most ``min_rows`` rows or ``max_depth`` halvings deep: only the ranges
-   still rejected then go to the DLQ; everything else is inserted.
+   still rejected then go to the DLQ; everything else is inserted. Not halved: a rejection about
+   the batch's shape (every row alike, :attr:`sink.writer.InsertFailure.row_dependent`). A group
+   spends at most ``split_max_inserts`` inserts on this; what is still refused then is parked as
+   it is (worst case without the budget: 2^(depth+1) inserts per message).
 
 An insert refused by the table itself (a value it cannot convert, a constraint, too many
 partitions) is atomic in ClickHouse: nothing of it landed, so inserting its pieces cannot double
