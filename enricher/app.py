@@ -71,6 +71,10 @@ NAT_SERVICE = Counter("flowtally_enricher_nat_service_total",
 FLOW_COUNTS = Counter("flowtally_enricher_flow_counts_total",
                       "Flows with an unknown private address, an ignored end or a late end", ["what"])
 GEO_RELOADS = Counter("flowtally_enricher_geoip_reloads_total", "mmdb reloads", ["outcome"])
+IMPLAUSIBLE = Counter("flowtally_enricher_flows_implausible_time_total",
+                      "Flows whose end was outside the plausible window around their receive time, by "
+                      "action (clamp: kept at the receive time; dlq: sent to the DLQ as received)",
+                      ["action"])
 OBSERVED = Gauge("flowtally_enricher_observed_nodes",
                  "Nodes whose sensors reported within the observer window (from completeness rows)")
 
@@ -142,6 +146,8 @@ def _count(stats: EnrichStats) -> None:
         DUPLICATES.inc(stats.duplicates_dropped)
     if stats.nat_service:
         NAT_SERVICE.inc(stats.nat_service)
+    for action, count in stats.implausible_time.items():
+        IMPLAUSIBLE.labels(action).inc(count)
 
 
 def create_app(settings: EnricherSettings, state: EnricherState) -> faust.App:
@@ -241,6 +247,8 @@ def create_app(settings: EnricherSettings, state: EnricherState) -> faust.App:
             yield event
             state.current = None
 
+    time_window = settings.time_window()
+
     async def _handle(stream: Any) -> None:
         async for event in in_hand(stream):
             message = event.message
@@ -258,8 +266,17 @@ def create_app(settings: EnricherSettings, state: EnricherState) -> faust.App:
             stats = EnrichStats()
             geo = state.geo.current() if state.geo is not None else None
             enriched = enrich_batch(raw, state.index, geo, stats, observers=state.observers,
-                                    completeness=state.completeness, now_ms=int(time.time() * 1000))
+                                    completeness=state.completeness, now_ms=int(time.time() * 1000),
+                                    time_window=time_window)
             _count(stats)
+            for rejected in stats.implausible_rows:  # as received, before the batch's output
+                log.warning("raw message %s: %d flows with an implausible time sent to the DLQ", origin,
+                            rejected.num_rows)
+                value, headers = encode_batch(rejected, RAW)
+                headers += [(ORIGIN_HEADER, origin.encode()), ("flowtally-error", b"implausible-time"),
+                            ("flowtally-stage", b"enricher"),
+                            ("flowtally-dlq-rows", str(rejected.num_rows).encode())]
+                await (await dlq_topic.send(key=event.key, value=value, headers=headers))
             value, headers = encode_enriched(enriched, settings.compression)
             headers.append((ORIGIN_HEADER, origin.encode()))
             SECONDS.observe(time.perf_counter() - started)

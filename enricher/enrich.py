@@ -45,11 +45,16 @@ A flow to a pod IP that an EndpointSlice lists (after kube-proxy's DNAT) stays `
 (the direction describes the two ends that exchanged the packets); its ``dst_service`` names the
 service, and ``nat_service`` the one it was addressed through.
 
+Implausible flow times (:mod:`enricher.times`, when a window is given): decided first, before
+any lookup, so a clamped flow is enriched at its new (receive) time and a row for the DLQ is not
+enriched at all; counted as ``implausible_time``.
+
 Counts (:class:`EnrichStats` for metrics; :class:`sensors.completeness.CompletenessAccumulator`
 rows of stage ``enricher`` per (minute processed, exporter, observation domain)): flows with an
 end whose private address no owner held (``unknown_addresses``), flows with an ignored end,
 flows with an end later than the identity history (``late``), dropped second observations
-(``duplicates_dropped``). A flow counts once per counter even when both ends qualify.
+(``duplicates_dropped``), flows with an implausible time, clamped or for the DLQ
+(``implausible_time``). A flow counts once per counter even when both ends qualify.
 """
 
 from __future__ import annotations
@@ -64,6 +69,7 @@ import pyarrow as pa
 from enricher.geo import GeoDatabases, GeoStats, empty_columns
 from enricher.identity import IdentityIndex, LookupStats, SideLookup
 from enricher.schema import DIRECTIONS, ENRICHED_SCHEMA, NAT_FIELDS, SIDES
+from enricher.times import TimeWindow, check_times
 from sensors.completeness import CompletenessAccumulator
 from sensors.schema import address_bytes
 
@@ -103,6 +109,10 @@ class EnrichStats:
     unknown_addresses: int = 0
     ignored: int = 0
     late: int = 0
+    #: Flows with an end outside the plausible window, by action ("clamp", "dlq").
+    implausible_time: dict[str, int] = field(default_factory=dict)
+    #: The rows taken out for the DLQ (policy dlq), as received: the caller parks them.
+    implausible_rows: list[pa.Table] = field(default_factory=list)
 
 
 class ObservedNodes:
@@ -202,14 +212,29 @@ def _add_completeness(acc: CompletenessAccumulator, raw: pa.Table, now_ms: int,
 
 def enrich_batch(raw: pa.Table, index: IdentityIndex, geo: GeoDatabases | None = None,
                  stats: EnrichStats | None = None, *, observers: ObservedNodes | None = None,
-                 completeness: CompletenessAccumulator | None = None, now_ms: int = 0) -> pa.Table:
+                 completeness: CompletenessAccumulator | None = None, now_ms: int = 0,
+                 time_window: TimeWindow | None = None) -> pa.Table:
     """Return the `enriched.v1` table for a `raw.v1` table.
 
     ``observers``: track observing nodes and drop second observations of a connection (None:
     keep every record). ``completeness``: add the batch's counts to rows of the minute of
-    ``now_ms`` (the processing time, also the clock of ``observers``).
+    ``now_ms`` (the processing time, also the clock of ``observers``). ``time_window``: the window of
+    plausible flow times (:mod:`enricher.times`; None: times are not judged); rows taken out
+    for the DLQ are in ``stats.implausible_rows``.
     """
     stats = stats if stats is not None else EnrichStats()
+    if time_window is not None and raw.num_rows:
+        checked = check_times(raw, time_window)
+        if checked.count:
+            policy = time_window.policy
+            stats.implausible_time[policy] = stats.implausible_time.get(policy, 0) + checked.count
+            if completeness is not None:
+                _add_completeness(completeness, raw.filter(pa.array(checked.implausible)), now_ms,
+                                  {"implausible_time": np.ones(checked.count, dtype=bool)})
+            if checked.rejected is not None:
+                stats.implausible_rows.append(checked.rejected)
+            stats.flows_in += raw.num_rows - checked.table.num_rows  # in, but not enriched
+            raw = checked.table
     n_in = raw.num_rows
     times = _numpy(raw, "end").astype(np.int64, copy=False)
     protos = _numpy(raw, "proto")

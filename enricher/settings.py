@@ -8,6 +8,7 @@ from typing import Literal
 from pydantic import Field, field_validator
 
 from enricher.identity import network_bounds
+from enricher.times import MAX_AGE_LIMIT_S, Policy, TimeWindow
 from flowtally.kafka import TopicSettings
 from flowtally.settings import CommaList, KafkaSettings, StageSettings
 
@@ -53,9 +54,25 @@ class EnricherSettings(StageSettings):
     observer_window_s: float = Field(900.0, ge=10, le=86400,
                                      description="A node counts as observed this long after its last record")
     completeness: bool = Field(True, description="Publish per-minute completeness rows (stage enricher)")
+    # Implausible flow times (enricher/times.py): a window around each flow's receive time.
+    max_flow_age_s: float = Field(
+        86400.0, ge=60, le=MAX_AGE_LIMIT_S,
+        description="A flow ending longer than this before it was received has an implausible time (at most "
+        "90 days, so the rows of one insert stay below ClickHouse's 100 partitions)")
+    max_flow_future_s: float = Field(
+        300.0, ge=0, le=86400,
+        description="A flow ending more than this after it was received has an implausible time")
+    implausible_time: Policy = Field(
+        "clamp", description="What happens to a flow with an implausible time: clamp (kept, its end set "
+        "to its receive time, start keeps the duration) or dlq (sent to the DLQ as received); counted")
     compression: Literal["lz4", "zstd"] = Field(
         "lz4", description="Arrow buffer compression of enriched batches: lz4 costs about half of zstd's "
         "CPU for twice the bytes (one message per batch either way)")
+
+    def time_window(self) -> TimeWindow:
+        """The window of plausible flow times and its policy."""
+        return TimeWindow(int(self.max_flow_age_s * 1000), int(self.max_flow_future_s * 1000),
+                          self.implausible_time)
 
     @field_validator("private_cidrs")
     @classmethod

@@ -28,6 +28,8 @@ Additive columns (older writers lack them; readers fill the defaults with
   than the identity history window, and second observations of one connection it dropped
   (0 on sensor rows). Enricher rows use the flow's exporter/domain/observer as keys, and the
   minute in which it processed the batch.
+- ``implausible_time``: the enricher's count of flows whose end time was outside the plausible
+  window around their receive time (clamped or sent to the DLQ: :mod:`enricher.times`).
 
 Per-exporter counts the decoder keeps per exporter only (errors, sequence losses) are put on the
 row of the exporter's first observation domain in the decoded batch.
@@ -50,7 +52,7 @@ MINUTE_MS = 60_000
 COUNTERS = ("packets", "records", "bytes", "sequence_lost", "decode_errors", "dropped_backpressure",
             "kernel_drops")
 #: Counters added after completeness.v1 was first published (the enricher's).
-ADDITIVE_COUNTERS = ("unknown_addresses", "ignored", "late", "duplicates_dropped")
+ADDITIVE_COUNTERS = ("unknown_addresses", "ignored", "late", "duplicates_dropped", "implausible_time")
 ALL_COUNTERS = COUNTERS + ADDITIVE_COUNTERS
 
 #: Values of the ``stage`` column.
@@ -87,6 +89,7 @@ class Counts:
     ignored: int = 0
     late: int = 0
     duplicates_dropped: int = 0
+    implausible_time: int = 0
 
 
 def with_additive_defaults(table: pa.Table) -> pa.Table:

@@ -36,6 +36,9 @@ log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
+#: DLQ header: how many rows the parked message holds (the rows ClickHouse rejected).
+DLQ_ROWS_HEADER = "flowtally-dlq-rows"
+
 #: Message -> (rows to insert, deduplication token); raises WireError when it is not a batch.
 Decoder = Callable[[ConsumerRecord], tuple[pa.Table, str]]
 
@@ -139,20 +142,32 @@ class Delivery:
                 except TimeoutError:
                     delay = min(delay * 2, self._retry.max_s)
 
-    async def to_dlq(self, msg: ConsumerRecord, exc: Exception | InsertFailure) -> None:
-        """Park ``msg`` in the DLQ with the reason (not a batch, or rejected by ClickHouse), counted."""
+    async def to_dlq(self, msg: ConsumerRecord, exc: Exception | InsertFailure, *,
+                     value: bytes | None = None, rows: int | None = None) -> None:
+        """Park ``msg`` in the DLQ with the reason (not a batch, or rejected by ClickHouse), counted.
+
+        ``value``: only part of the message was rejected, this batch of its rejected rows is
+        parked instead of the whole message (counted as ``partial_dlq_<reason>``; the rest was
+        inserted). ``rows``: how many rows are parked (header ``flowtally-dlq-rows``)."""
+        where = f"{msg.topic}/{msg.partition}/{msg.offset}"
         if isinstance(exc, InsertFailure):
-            log.error("ClickHouse rejected message %s/%d/%d (%s): sent to the DLQ: %s",
-                      msg.topic, msg.partition, msg.offset, exc.reason, exc.detail)
+            log.error("ClickHouse rejected %s rows of message %s (%s): sent to the DLQ: %s",
+                      "all" if rows is None or value is None else rows, where, exc.reason, exc.detail)
             error = f"clickhouse-rejected {exc.reason}: {exc.detail}"
+            if exc.in_view:  # a replay of this message would store its rows in the table twice
+                error = (f"clickhouse-rejected {exc.reason}: stored in the table (and the views before "
+                         f"the one refusing it), not in every view; do not replay: {exc.detail}")
         else:
-            log.error("message %s/%d/%d is not an %s batch (%s): sent to the DLQ",
-                      msg.topic, msg.partition, msg.offset, self._schema_name, exc)
+            log.error("message %s is not an %s batch (%s): sent to the DLQ", where, self._schema_name, exc)
             error = str(exc)
-        self._metrics.messages.labels(f"dlq_{getattr(exc, 'reason', type(exc).__name__)}").inc()
+        reason = getattr(exc, "reason", type(exc).__name__)
+        self._metrics.messages.labels(f"{'partial_' if value is not None else ''}dlq_{reason}").inc()
         headers = [*(msg.headers or ()), ("flowtally-error", error.encode()),
                    ("flowtally-stage", b"sink")]
-        await self._dlq.send_and_wait(self._dlq_topic, msg.value, key=msg.key, headers=headers)
+        if rows is not None:
+            headers.append((DLQ_ROWS_HEADER, str(rows).encode()))
+        await self._dlq.send_and_wait(self._dlq_topic, msg.value if value is None else value,
+                                      key=msg.key, headers=headers)
 
 
 class _Rejected(Exception):

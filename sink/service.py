@@ -18,10 +18,13 @@ thread while the previous group of their partition is inserted, and with ``inser
 offset order, one group at a time, committed only after its insert).
 
 Failures (see :mod:`sink.writer` for the rule): a message that is not a valid batch goes to the
-DLQ with the reason. A group ClickHouse *rejects* (constraint, unconvertible value…) is inserted
-again message by message (tokens derived from the group's), and the messages rejected alone go to
-the DLQ — retrying cannot help them. ClickHouse *unavailable* (any other error) is retried with
-backoff; nothing after it is committed, and a partition whose next group is full while its
+DLQ with the reason. A group whose rows fall on more days than ``max_partitions_per_insert`` is
+inserted as day chunks; an insert ClickHouse *rejects* (constraint, unconvertible value, too many
+partitions…) is inserted again message by message, a message rejected alone is halved down to
+``split_min_rows``/``split_max_depth`` (tokens derived from the group's, :mod:`sink.split`), and
+only the rows still rejected go to the DLQ (``flowtally-dlq-rows`` says how many) — retrying
+cannot help them; the rest of the group is inserted. ClickHouse *unavailable* (any other error)
+is retried with backoff; nothing after it is committed, and a partition whose next group is full while its
 insert is failing is paused, so memory stays bounded by about two groups per partition.
 """
 
@@ -29,11 +32,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import logging
 import math
 import time
 from dataclasses import dataclass
 
+import pyarrow as pa
 from aiokafka import ConsumerRecord, TopicPartition
 from aiokafka.abc import ConsumerRebalanceListener
 from clickhouse_connect.driver.client import Client
@@ -46,12 +51,13 @@ from flowtally.clickhouse import connect_when_reachable
 from flowtally.lifecycle import run_components
 from flowtally.metrics import MetricsServer
 from flowtally.settings import load_settings
-from flowtally.wire import ORIGIN_HEADER, WireError, decode_batch, header
+from flowtally.wire import ORIGIN_HEADER, WireError, decode_batch, encode_batch, header
+from sink import split
 from sink.delivery import Delivery, FeedMetrics, FeedWorker, Retry, Stopped
 from sink.groups import Consumed, Group, Intent, PartitionGroups
 from sink.rows import flow_rows
 from sink.settings import SinkSettings
-from sink.writer import Writer
+from sink.writer import InsertFailure, Writer
 from sql.migrate import migrate
 
 log = logging.getLogger(__name__)
@@ -64,6 +70,11 @@ INSERT_ERRORS = Counter("flowtally_sink_insert_errors_total", "Failed insert att
 INSERT_SECONDS = Histogram("flowtally_sink_insert_seconds", "Duration of one insert (a group of messages)")
 COMMITTED = Gauge("flowtally_sink_committed_offset", "Last committed offset", ["partition"])
 GROUPS = Counter("flowtally_sink_groups_total", "Insert groups committed", ["kind"])
+SPLITS = Counter("flowtally_sink_split_inserts_total",
+                 "Inserts of a split group: day chunks (rows on too many days), and after a rejection its "
+                 "messages alone and halves of those rejected alone", ["kind"])
+DLQ_ROWS = Counter("flowtally_sink_dlq_rows_total", "Flow rows ClickHouse rejected, sent to the DLQ",
+                   ["reason"])
 GROUP_MESSAGES = Histogram("flowtally_sink_group_messages", "Messages per insert group",
                            buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512))
 
@@ -164,7 +175,8 @@ class SinkWorker(FeedWorker, ConsumerRebalanceListener):
         dlq = await self._open_dlq()
         self._deliveries = [
             Delivery(
-                schema_name=ENRICHED, writer=Writer(c, s.table), dlq=dlq, dlq_topic=s.kafka.topic("dlq"),
+                schema_name=ENRICHED, writer=Writer(c, s.table, s.max_partitions_per_insert), dlq=dlq,
+                dlq_topic=s.kafka.topic("dlq"),
                 stopping=self._stopping,
                 metrics=FeedMetrics(MESSAGES, ROWS, INSERT_ERRORS, INSERT_SECONDS),
                 retry=Retry(s.retry_initial_s, s.retry_max_s),
@@ -340,15 +352,12 @@ class SinkWorker(FeedWorker, ConsumerRebalanceListener):
                     await delivery.retrying(lambda: asyncio.to_thread(record_intent, delivery.client, intent),
                                             f"the intent of {intent.token}", rejectable=False)
                 recorded = time.monotonic()
-                failure = await delivery.insert(table, intent.token)
+                rejected = await self._insert_split(delivery, group, table)
                 log.info("group %s: %d messages, %d rows; intent %.3fs, insert %.3fs", intent.token,
                          len(group.included), table.num_rows, recorded - started,
                          time.monotonic() - recorded)
                 del table
-                if failure is None:
-                    MESSAGES.labels("inserted").inc(len(group.included))
-                else:
-                    await self._one_by_one(delivery, group)
+                await self._park_rejected(delivery, group, rejected)
             await self._consumer.commit({lane.tp: intent.last_offset + 1})
         except Stopped:
             return False
@@ -360,18 +369,119 @@ class SinkWorker(FeedWorker, ConsumerRebalanceListener):
         lane.groups.landed(group)
         return True
 
-    async def _one_by_one(self, delivery: Delivery, group: Group) -> None:
-        """ClickHouse rejected the group: insert its messages alone (tokens derived from the
-        group's, so a replay of this too is a no-op); those rejected alone go to the DLQ."""
-        log.warning("ClickHouse rejected group %s: inserting its %d messages one by one",
-                    group.intent.token, len(group.included))
-        for item in group.included:
-            assert item.rows is not None
-            failure = await delivery.insert(item.rows, f"{group.intent.token}/{item.offset}")
+    async def _insert_split(self, delivery: Delivery, group: Group,
+                            table: pa.Table) -> dict[int, list[tuple[pa.Table, InsertFailure]]]:
+        """Insert the group as day chunks (:mod:`sink.split`), isolating the rows ClickHouse
+        rejects: returns them per message offset, with the reason (nothing else is lost)."""
+        messages = [(item.offset, item.num_rows) for item in group.included]
+        days = split.day_numbers(table.column("flow_end"))
+        limit = self._settings.max_partitions_per_insert
+        chunks = split.plan_chunks(group.intent.token, messages, days, limit)
+        if len(chunks) > 1:
+            log.warning("group %s spans more than %d days: inserting it as %d day chunks",
+                        group.intent.token, limit, len(chunks))
+            SPLITS.labels("day").inc(len(chunks))
+        rejected: dict[int, list[tuple[pa.Table, InsertFailure]]] = {}
+        budget = _Budget(self._settings.split_max_inserts)
+        for chunk in chunks:
+            rows = table if chunk.indices is None else table.take(pa.array(chunk.indices))
+            failure = await delivery.insert(rows, chunk.token)
             if failure is None:
-                MESSAGES.labels("inserted").inc()
-            else:
-                await delivery.to_dlq(item.record, failure)
+                continue
+            if failure.in_view or len(chunk.parts) == 1:  # parked per message as it is, or halved
+                for part in chunk.parts:
+                    own = rows.slice(part.start, part.count)
+                    await self._isolate_rows(delivery, chunk.token, part, own, failure, rejected, budget)
+                continue
+            log.warning("ClickHouse rejected insert %s (%s): inserting its %d messages alone", chunk.token,
+                        failure.reason, len(chunk.parts))
+            for part in chunk.parts:
+                own = rows.slice(part.start, part.count)
+                alone = None
+                if budget.take():
+                    SPLITS.labels("message").inc()
+                    alone = await delivery.insert(own, split.message_token(chunk.token, part.offset))
+                    if alone is None:
+                        continue
+                await self._isolate_rows(delivery, chunk.token, part, own, alone or failure, rejected, budget)
+        if budget.spent:
+            log.warning("group %s: split insert budget (%d) spent, the rest parked unsplit",
+                        group.intent.token, self._settings.split_max_inserts)
+        return rejected
+
+    async def _isolate_rows(self, delivery: Delivery, base: str, part: split.Part, rows: pa.Table,
+                            failure: InsertFailure, rejected: dict[int, list[tuple[pa.Table, InsertFailure]]],
+                            budget: _Budget) -> None:
+        """``rows`` (one message's, ``part``) were rejected with ``failure``: halve them while
+        that can isolate fewer rows, insert the halves (tokens derived from ``base``, so a replay
+        is a no-op); the ranges still refused are added to ``rejected``. Not split: a rejection
+        inside a view (not atomic: the table has the rows already) and one that concerns every
+        row alike (the batch's shape); nor once the group's budget of split inserts is spent."""
+        s = self._settings
+        pending = [(split.whole(part), failure)]
+        refused_spans: list[tuple[split.Span, InsertFailure]] = []
+        while pending:
+            span, why = pending.pop(0)
+            halves = None
+            if why.in_view:
+                log.error("a view refused %s rows of message %d (%s) after the table stored them: parked "
+                          "whole, not split", span.count, part.offset, why.reason)
+                why = dataclasses.replace(why, reason=f"{why.reason}_IN_VIEW")
+            elif why.row_dependent:
+                halves = split.halves(span, s.split_min_rows, s.split_max_depth)
+            if halves is None or not budget.take(2):  # these rows are what ClickHouse refuses
+                refused_spans.append((span, why))
+                continue
+            for half in halves:
+                SPLITS.labels("range").inc()
+                piece = rows.slice(half.first, half.count)
+                refused = await delivery.insert(piece, split.span_token(base, half))
+                if refused is not None:
+                    pending.append((half, refused))
+        for span, why in sorted(refused_spans, key=lambda refused: refused[0].first):  # message order
+            rejected.setdefault(part.offset, []).append((rows.slice(span.first, span.count), why))
+
+    async def _park_rejected(self, delivery: Delivery, group: Group,
+                             rejected: dict[int, list[tuple[pa.Table, InsertFailure]]]) -> None:
+        """Count the group's messages; send each message's rejected rows to the DLQ (the message
+        itself when all of its rows were rejected, else a batch of just those rows)."""
+        inserted = 0
+        for item in group.included:
+            pieces = rejected.get(item.offset)
+            if not pieces:
+                inserted += 1
+                continue
+            # One DLQ message per reason, so that each says exactly what happened to its rows (a
+            # view's refusal means "stored in the table", the others "not stored").
+            by_reason: dict[str, list[tuple[pa.Table, InsertFailure]]] = {}
+            for rows, why in pieces:
+                by_reason.setdefault(why.reason, []).append((rows, why))
+                DLQ_ROWS.labels(why.reason).inc(rows.num_rows)
+            for same in by_reason.values():
+                count = sum(rows.num_rows for rows, _ in same)
+                value = None
+                if count < item.num_rows:
+                    only = pa.concat_tables([rows for rows, _ in same]).unify_dictionaries().combine_chunks()
+                    value = encode_batch(split.as_enriched(only), ENRICHED)[0]
+                await delivery.to_dlq(item.record, same[0][1], value=value, rows=count)
+        if inserted:
+            MESSAGES.labels("inserted").inc(inserted)
+
+
+class _Budget:
+    """The split inserts a group may still spend (bounds the time one poisoned group takes)."""
+
+    def __init__(self, inserts: int) -> None:
+        self.left = inserts
+        self.spent = False
+
+    def take(self, n: int = 1) -> bool:
+        """Spend ``n`` inserts if that many are left."""
+        if self.left < n:
+            self.spent = True
+            return False
+        self.left -= n
+        return True
 
 
 def run(args: argparse.Namespace) -> int:

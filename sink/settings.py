@@ -41,6 +41,22 @@ class SinkSettings(StageSettings):
         10_000, ge=0, le=10_000_000,
         description="Offsets back (per partition) within which a re-emitted raw batch is dropped",
     )
+    # Splitting (sink/split.py): no insert spans too many partitions, a rejected one is isolated.
+    max_partitions_per_insert: int = Field(
+        100, ge=1, le=10_000,
+        description="Days (flows partitions) one insert may span; a group spanning more is inserted in "
+        "day chunks. Sent as ClickHouse's max_partitions_per_insert_block, so the two always match")
+    split_min_rows: int = Field(
+        16, ge=1, le=1_000_000,
+        description="A rejected message is halved until a rejected range has at most this many rows; "
+        "those rows go to the DLQ")
+    split_max_depth: int = Field(
+        8, ge=0, le=30,
+        description="Halvings of a rejected message at most (each costs an insert per half)")
+    split_max_inserts: int = Field(
+        512, ge=0, le=100_000,
+        description="Inserts one rejected group may spend on isolating the refused rows (messages alone "
+        "and halves); past it the ranges still refused are parked as they are")
     retry_initial_s: float = Field(0.5, gt=0)
     retry_max_s: float = Field(30.0, gt=0)
     unhealthy_after_s: float = Field(60.0, gt=0, description="Failing inserts this long = unhealthy")
