@@ -531,7 +531,8 @@ SELECT stage, sum(packets) AS packets, sum(records) AS records, sum(bytes) AS by
        sum(decode_errors) AS decode_errors, sum(sequence_lost) AS sequence_lost,
        sum(dropped_backpressure) AS dropped_backpressure, sum(kernel_drops) AS kernel_drops,
        sum(unknown_addresses) AS unknown_addresses, sum(ignored) AS ignored, sum(late) AS late,
-       sum(duplicates_dropped) AS duplicates_dropped, uniqExact(observer) AS nodes
+       sum(duplicates_dropped) AS duplicates_dropped, sum(implausible_time) AS implausible_time,
+       uniqExact(observer) AS nodes
 FROM completeness
 WHERE $__timeFilter(minute)
 GROUP BY stage
@@ -556,7 +557,8 @@ ORDER BY time, source"""
     enricher = f"""
 SELECT $__timeInterval(minute) AS time,
        sum(unknown_addresses) {per_minute} AS unknown_addresses, sum(ignored) {per_minute} AS ignored,
-       sum(late) {per_minute} AS late, sum(duplicates_dropped) {per_minute} AS duplicates_dropped
+       sum(late) {per_minute} AS late, sum(duplicates_dropped) {per_minute} AS duplicates_dropped,
+       sum(implausible_time) {per_minute} AS implausible_time
 FROM completeness
 WHERE $__timeFilter(minute) AND stage = 'enricher'
 GROUP BY time

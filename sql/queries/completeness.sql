@@ -3,7 +3,8 @@
 -- the kernel's socket drops, whose sender is unknown) and observer: export packets and bytes
 -- received, flow records decoded, sequence gaps (records/packets the exporter's sequence numbers
 -- say were lost), drops by reason (decode errors, Kafka backpressure, kernel socket drops) and
--- the enricher's counts (unknown addresses, ignored, late, duplicates dropped). From the
+-- the enricher's counts (unknown addresses, ignored, late, duplicates dropped, flows whose time
+-- was implausible: clamped or sent to the DLQ, a broken exporter clock). From the
 -- `completeness` table (rows are deltas: summed here). `stage` narrows it ('*' = all).
 -- params: minutes UInt32 = 60 (0 = all time), step UInt32 = 1, stage String = *
 SELECT
@@ -22,7 +23,8 @@ SELECT
     sum(unknown_addresses)    AS unknown_addresses,
     sum(ignored)              AS ignored,
     sum(late)                 AS late,
-    sum(duplicates_dropped)   AS duplicates_dropped
+    sum(duplicates_dropped)   AS duplicates_dropped,
+    sum(implausible_time)     AS implausible_time
 FROM completeness
 WHERE ({minutes:UInt32} = 0 OR minute >= toStartOfMinute(now() - toIntervalMinute({minutes:UInt32})))
   AND ({stage:String} = '*' OR stage = {stage:String})

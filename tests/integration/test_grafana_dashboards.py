@@ -151,6 +151,7 @@ def _completeness_rows(now_ms: int) -> Any:
             c = acc.counts(now_ms - age, exporter, 1)
             if stage == "enricher":
                 c.records, c.unknown_addresses, c.ignored, c.late, c.duplicates_dropped = 1000, 7, 3, 2, 5
+                c.implausible_time = 4
             else:
                 c.packets, c.records, c.bytes = 40, 1200, 60_000
                 c.sequence_lost, c.decode_errors, c.dropped_backpressure = 12, 1, 24
@@ -339,6 +340,7 @@ def test_completeness_and_failure_panels_match_the_data(dashboard_db: tuple[Clie
     assert one["delivered_pct"] == 98.0 and by_key[("sensor-netflow", "node-1", "kernel (socket)")]["kernel_drops"] == 18
     stages = {r["stage"]: r for r in _panel_rows(client, health, "Per stage", TimeRange(s7, e7, 600), {})}
     assert stages["enricher"]["unknown_addresses"] == 21 and stages["enricher"]["duplicates_dropped"] == 15
+    assert stages["enricher"]["implausible_time"] == 12 and stages["sensor-netflow"]["implausible_time"] == 0
     assert stages["sensor-netflow"]["records"] == 2 * 3 * 1200 and stages["sensor-netflow"]["kernel_drops"] == 2 * 3 * 9
     detail = gen.service_detail()
     variables = {"namespace": Variable(["shop", "web"], ["shop"]), "workload": Variable(["cart", "db"], ["cart"])}

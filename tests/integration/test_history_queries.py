@@ -307,7 +307,7 @@ def test_completeness_query(clickhouse: Client) -> None:
     sensor.add_kernel_drops(minute - 2 * MIN, 6)
     enricher = CompletenessAccumulator(observer="enricher-0", stage="enricher")
     e = enricher.counts(minute - 2 * MIN, address16("192.0.2.1"), 0)
-    e.records, e.unknown_addresses, e.late = 360, 20, 1
+    e.records, e.unknown_addresses, e.late, e.implausible_time = 360, 20, 1, 4
     writer = Writer(clickhouse, "completeness")
     writer.insert(sensor.take(), "c/sensor")
     writer.insert(sensor.take(), "c/empty")  # nothing left: inserts nothing
@@ -320,13 +320,13 @@ def test_completeness_query(clickhouse: Client) -> None:
     columns, rows = queries.execute(clickhouse, "completeness")
     assert columns == ["time", "stage", "exporter", "observation_domain", "observer", "packets", "bytes", "records",
                        "sequence_lost", "decode_errors", "dropped_backpressure", "kernel_drops",
-                       "unknown_addresses", "ignored", "late", "duplicates_dropped"]
+                       "unknown_addresses", "ignored", "late", "duplicates_dropped", "implausible_time"]
     got = [(int(r[0].timestamp() * 1000) - minute, *r[1:]) for r in rows]
     assert got == [
-        (-3 * MIN, "sensor-netflow", "::ffff:192.0.2.1", 0, "node-1", 11, 14000, 300, 2, 0, 0, 0, 0, 0, 0, 0),
-        (-2 * MIN, "enricher", "::ffff:192.0.2.1", 0, "enricher-0", 0, 0, 360, 0, 0, 0, 0, 20, 0, 1, 0),
-        (-2 * MIN, "sensor-netflow", "::", 0, "node-1", 0, 0, 0, 0, 0, 0, 6, 0, 0, 0, 0),
-        (-2 * MIN, "sensor-netflow", "::ffff:192.0.2.1", 0, "node-1", 12, 16800, 360, 0, 3, 0, 0, 0, 0, 0, 0),
+        (-3 * MIN, "sensor-netflow", "::ffff:192.0.2.1", 0, "node-1", 11, 14000, 300, 2, 0, 0, 0, 0, 0, 0, 0, 0),
+        (-2 * MIN, "enricher", "::ffff:192.0.2.1", 0, "enricher-0", 0, 0, 360, 0, 0, 0, 0, 20, 0, 1, 0, 4),
+        (-2 * MIN, "sensor-netflow", "::", 0, "node-1", 0, 0, 0, 0, 0, 0, 6, 0, 0, 0, 0, 0),
+        (-2 * MIN, "sensor-netflow", "::ffff:192.0.2.1", 0, "node-1", 12, 16800, 360, 0, 3, 0, 0, 0, 0, 0, 0, 0),
     ]
     # one bucket per UTC day over all time, sensor rows only: the minutes of a day summed
     _, rows = queries.execute(clickhouse, "completeness", {"minutes": "0", "step": "1440", "stage": "sensor-netflow"})
