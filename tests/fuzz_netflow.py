@@ -27,6 +27,7 @@ import struct
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
@@ -215,9 +216,13 @@ class MultiSender:
     """
 
     def __init__(self, target: tuple[str, int], sources: Sequence[tuple[str, int]], *, seed: int,
-                 seeds: Sequence[bytes], valid_source: tuple[str, int] = ("127.0.0.1", 0)) -> None:
+                 seeds: Sequence[bytes], valid_source: tuple[str, int] = ("127.0.0.1", 0),
+                 pool: int = 0) -> None:
+        """``pool`` > 0: mutate that many datagrams up front and cycle through them (the
+        mutator costs ~40 us a datagram: at 10,000/s it would compete with the sensor)."""
         self.target = target
         self.mutator = Mutator(seed, seeds)
+        self.pool = [self.mutator.next() for _ in range(pool)]
         self.sockets = [self._bound(s) for s in sources]
         self.valid_socket = self._bound(valid_source)
         self.stats = SendStats()
@@ -270,7 +275,8 @@ class MultiSender:
                 sock = self.sockets[i % len(self.sockets)]
                 i += 1
                 hostile_sent += 1
-                if self._sendto(sock, self.mutator.next()):
+                payload = self.pool[hostile_sent % len(self.pool)] if self.pool else self.mutator.next()
+                if self._sendto(sock, payload):
                     self.stats.hostile += 1
             time.sleep(max(0.0, tick - (time.monotonic() - now)))
         return self.stats
@@ -281,6 +287,177 @@ def loopback_sources(addresses: int, ports_each: int, first: int = 10) -> list[t
     return [(f"127.0.0.{first + a}", 0) for a in range(addresses) for _ in range(ports_each)]
 
 
-def totals_of(columns: dict[str, np.ndarray]) -> tuple[int, int, int]:
-    """(flows, bytes, packets) of decoded columns."""
-    return len(columns["bytes"]), int(columns["bytes"].sum()), int(columns["packets"].sum())
+# --- a fuzz run against a real sensor process and a real broker ---------------------------------
+
+@dataclass(slots=True)
+class FuzzReport:
+    """What :func:`run_fuzz` measured."""
+
+    seconds: float
+    hostile_sent: int
+    send_errors: int
+    valid: ValidStream
+    valid_stored: tuple[int, int, int]  # (flows, bytes, packets) of the valid exporter read back from Kafka
+    rss_before_kb: int
+    rss_after_kb: int
+    metrics_before: int
+    metrics_after: int
+    metrics: str  # /metrics at the end
+
+    @property
+    def rate(self) -> float:
+        """Hostile datagrams sent per second."""
+        return self.hostile_sent / self.seconds if self.seconds else 0.0
+
+    def metric(self, name: str, labels: dict[str, str] | None = None) -> float:
+        """A metric of the final scrape (summed over matching label sets)."""
+        from flowtally.localstack import scrape
+
+        return scrape(self.metrics, name, labels)
+
+    def errors_by_reason(self) -> dict[str, int]:
+        """flowtally_sensor_netflow_decode_errors_total summed by reason."""
+        return self.by_label("flowtally_sensor_netflow_decode_errors_total", "reason")
+
+    def lines(self) -> list[str]:
+        """A printable summary."""
+        flows, size, packets = self.valid_stored
+        return [
+            f"fuzz: {self.hostile_sent} hostile datagrams in {self.seconds:.1f} s = {self.rate:,.0f}/s "
+            f"({self.send_errors} not sent by the kernel)",
+            f"valid exporter: sent {self.valid.flows} flows / {self.valid.bytes} bytes / {self.valid.packets} "
+            f"packets; stored in Kafka {flows} / {size} / {packets}",
+            f"sensor RSS: {self.rss_before_kb / 1024:.1f} MiB before, {self.rss_after_kb / 1024:.1f} MiB after",
+            f"/metrics: {self.metrics_before} bytes before, {self.metrics_after} bytes after",
+            f"decode errors by reason: {self.errors_by_reason()}",
+            f"kernel drops: {self.metric('flowtally_sensor_netflow_kernel_drops'):.0f}; flows dropped: "
+            f"{self.metric('flowtally_sensor_flows_dropped_total'):.0f}; templates evicted: "
+            f"{self.metric('flowtally_sensor_netflow_templates_evicted_total'):.0f}; state evicted: "
+            f"{self.metric('flowtally_sensor_netflow_state_evicted_total'):.0f}",
+            f"flows published: {self.metric('flowtally_sensor_flows_published_total'):.0f} in "
+            f"{self.metric('flowtally_sensor_batches_published_total'):.0f} messages; dropped by reason: "
+            f"{self.by_label('flowtally_sensor_flows_dropped_total', 'reason')}",
+        ]
+
+    def by_label(self, metric: str, label: str) -> dict[str, int]:
+        """A metric of the final scrape summed by one label."""
+        out: dict[str, int] = {}
+        for line in self.metrics.splitlines():
+            if line.startswith(metric + "{") and f'{label}="' in line:
+                labels, value = line.rsplit(" ", 1)
+                key = labels.split(f'{label}="', 1)[1].split('"', 1)[0]
+                out[key] = out.get(key, 0) + int(float(value))
+        return dict(sorted(out.items()))
+
+
+def rss_kb(pid: int) -> int:
+    """VmRSS of a process, in KiB (from /proc/<pid>/status)."""
+    with open(f"/proc/{pid}/status") as status:
+        for line in status:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    raise RuntimeError(f"no VmRSS for {pid}")
+
+
+def read_exporter_totals(bootstrap: str, topic: str, exporter: bytes, want_flows: int,
+                         timeout: float) -> tuple[int, int, int]:
+    """(flows, bytes, packets) of ``exporter``'s rows in the raw ``topic``, read from the start
+    until ``want_flows`` were seen, or time is up (and then a little longer, to see extras)."""
+    import asyncio
+    import uuid
+
+    import pyarrow as pa
+
+    from flowtally import kafka
+    from flowtally.settings import KafkaSettings
+
+    settings = KafkaSettings(bootstrap=bootstrap)
+    target = np.frombuffer(exporter, dtype=np.uint8)
+
+    async def read() -> tuple[int, int, int]:
+        consumer = kafka.consumer(settings, topic, group_id=f"fuzz-reader-{uuid.uuid4().hex[:8]}")
+        await consumer.start()
+        flows = size = packets = 0
+        try:
+            deadline = time.monotonic() + timeout
+            settle: float | None = None
+            while time.monotonic() < deadline and (settle is None or time.monotonic() < settle):
+                for messages in (await consumer.getmany(timeout_ms=500)).values():
+                    for m in messages:
+                        assert m.value is not None
+                        table = pa.ipc.open_stream(m.value).read_all()
+                        column = table.column("exporter").combine_chunks()
+                        rows = np.frombuffer(column.buffers()[1], dtype=np.uint8)[
+                            column.offset * 16 : (column.offset + len(column)) * 16].reshape(-1, 16)
+                        mine = (rows == target).all(axis=1)
+                        if mine.any():
+                            flows += int(mine.sum())
+                            size += int(table.column("bytes").to_numpy()[mine].sum())
+                            packets += int(table.column("packets").to_numpy()[mine].sum())
+                if flows >= want_flows and settle is None:
+                    settle = time.monotonic() + 2.0  # doubles would come right behind
+        finally:
+            await consumer.stop()
+        return flows, size, packets
+
+    return asyncio.run(read())
+
+
+def run_fuzz(bootstrap: str, workdir: Path, *, hostile_rate: float, seconds: float, valid_flows: int,
+             addresses: int = 6, ports_each: int = 3, seed: int = 1, pool: int = 0,
+             env: dict[str, str] | None = None) -> FuzzReport:
+    """Start a sensor (`flowtally sensor netflow`) publishing to ``bootstrap``, fuzz it from
+    ``addresses`` x ``ports_each`` sources for ``seconds`` while a valid exporter (127.0.0.1)
+    sends ``valid_flows`` flows spread over the same time, and read the valid exporter's
+    flows back from the raw topic."""
+    from flowtally.localstack import Stage, free_port
+    from flowtally.settings import KafkaSettings
+    from sensors.schema import address16
+
+    prefix = f"fuzz{uuid_hex()}"
+    metrics_port = free_port()
+    udp = free_port(socket.SOCK_DGRAM)
+    stage = Stage("sensor", ["sensor", "netflow", "--listen", f"127.0.0.1:{udp}",
+                             "--metrics-listen", f"127.0.0.1:{metrics_port}"],
+                  {"FLOWTALLY_KAFKA_BOOTSTRAP": bootstrap, "FLOWTALLY_KAFKA_TOPIC_PREFIX": prefix,
+                   "FLOWTALLY_BATCH_MAX_AGE_MS": "200"} | (env or {}), workdir / "sensor.log", metrics_port)
+    stage.start()
+    try:
+        stage.wait_healthy(90)
+        deadline = time.monotonic() + 60
+        while "receiving NetFlow on" not in stage.log_path.read_text(errors="replace"):
+            stage.check_alive()
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"sensor did not bind:\n{stage.log_tail()}")
+            time.sleep(0.1)
+        time.sleep(0.5)
+        assert stage.process is not None
+        pid = stage.process.pid
+        valid = valid_stream(valid_flows, seed=seed)
+        sender = MultiSender(("127.0.0.1", udp), loopback_sources(addresses, ports_each), seed=seed,
+                             seeds=valid.payloads, pool=pool)
+        before = stage.metrics()
+        rss_before = rss_kb(pid)
+        started = time.monotonic()
+        try:
+            stats = sender.run(valid.payloads, hostile_rate=hostile_rate,
+                               valid_rate=len(valid.payloads) / seconds, duration_s=seconds)
+        finally:
+            sender.close()
+        elapsed = time.monotonic() - started
+        topic = KafkaSettings(bootstrap=bootstrap, topic_prefix=prefix).topic("raw")
+        stored = read_exporter_totals(bootstrap, topic, address16("127.0.0.1"), valid.flows, timeout=60)
+        stage.check_alive()
+        after = stage.metrics()
+        rss_after = rss_kb(pid)
+        return FuzzReport(elapsed, stats.hostile, stats.errors, valid, stored, rss_before, rss_after,
+                          len(before), len(after), after)
+    finally:
+        stage.stop()
+
+
+def uuid_hex() -> str:
+    """Ten random hex digits, for topic names of one run."""
+    import uuid
+
+    return uuid.uuid4().hex[:10]

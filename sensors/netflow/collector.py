@@ -209,6 +209,17 @@ class _Pending:
         self.since = since
 
 
+class _Decoded:
+    """One exporter's decoded tables waiting to fill a message."""
+
+    __slots__ = ("rows", "since", "tables")
+
+    def __init__(self, since: float) -> None:
+        self.tables: list[pa.Table] = []
+        self.rows = 0
+        self.since = since
+
+
 class NetflowReceiver:
     """The UDP socket, the per-exporter pending datagrams and the decoder (a lifecycle component)."""
 
@@ -235,6 +246,8 @@ class NetflowReceiver:
         self._cost: dict[bytes, float] = {}
         self._backlog = 0  # bytes of all pending datagrams (_Pending.bytes summed)
         self._decoder: asyncio.Task[None] | None = None
+        self._decoded: dict[bytes, _Decoded] = {}  # decoded rows not yet published, per exporter
+        self._held_rows = 0
         self._allow = Allowlist(settings.allow_exporters)
         self._udp: UdpReceiver | None = None
         self._ticker: asyncio.Task[None] | None = None
@@ -277,6 +290,8 @@ class NetflowReceiver:
             self._udp = None
         for exporter in list(self._pending):
             self._flush(exporter)
+        for exporter in list(self._decoded):
+            self._publish(exporter)
         self._give_up_pending()
         self._export_state()
         self._publish_completeness(None)
@@ -447,6 +462,8 @@ class NetflowReceiver:
                 self._ready[exporter] = None
             if self._ready:
                 self._wake.set()
+            for exporter in [e for e, d in self._decoded.items() if now - d.since >= max_age]:
+                self._publish(exporter)
             self._note_kernel_drops()
             self._export_state()
             # A minute is closed once every datagram received in it has been decoded.
@@ -503,12 +520,35 @@ class NetflowReceiver:
             self._account(exporter, lengths, domains, received, pending.wakeups, counts)
             self._account_rows(exporter, table, "records")
         if table.num_rows:
-            offset = 0
-            key = address_text(exporter).encode()  # the partition key: the address, never "other"
-            for message in encode_messages(table, key, compression=self._settings.compression):
-                if not self._publisher.offer(message) and self._completeness_topic:
-                    self._account_rows(exporter, table.slice(offset, message.flows), "dropped_backpressure")
-                offset += message.flows
+            held = self._decoded.get(exporter)
+            if held is None:
+                held = self._decoded[exporter] = _Decoded(time.monotonic())
+            held.tables.append(table)
+            held.rows += table.num_rows
+            self._held_rows += table.num_rows
+        # Published once the exporter's backlog is decoded (the usual case: one turn takes a
+        # whole batch) or a batch's worth is held: a turn's slice of a backlog is not a message
+        # of its own (under fuzz, per-turn messages outran what the producer could send).
+        held = self._decoded.get(exporter)
+        if held is not None and (exporter not in self._pending or held.rows >= self._settings.batch_max_flows
+                                 or self._held_rows > 4 * self._settings.batch_max_flows):
+            self._publish(exporter)
+
+    def _publish(self, exporter: bytes) -> None:
+        """Encode the exporter's decoded rows and offer them to the publisher (what it cannot
+        take is counted as dropped_backpressure)."""
+        held = self._decoded.pop(exporter, None)
+        if held is None:
+            return
+        self._held_rows -= held.rows
+        table = held.tables[0] if len(held.tables) == 1 else \
+            pa.concat_tables(held.tables).unify_dictionaries().combine_chunks()
+        offset = 0
+        key = address_text(exporter).encode()  # the partition key: the address, never "other"
+        for message in encode_messages(table, key, compression=self._settings.compression):
+            if not self._publisher.offer(message) and self._completeness_topic:
+                self._account_rows(exporter, table.slice(offset, message.flows), "dropped_backpressure")
+            offset += message.flows
 
     def _account(self, exporter: bytes, lengths: np.ndarray, domains: np.ndarray, received: list[int],
                  wakeups: list[int], counts: ExporterStats) -> None:
