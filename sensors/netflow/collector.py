@@ -74,7 +74,7 @@ STATE_EVICTED = Counter("flowtally_sensor_netflow_state_evicted_total", "Decoder
                         "exporters, domains (all of their state), pending_sets (held data lost with them)",
                         ["kind"])
 STATE = Gauge("flowtally_sensor_netflow_state", "Decoder state held: templates, template_fields, domains, "
-              "exporters, completeness_rows", ["kind"])
+              "exporters, completeness_rows, pending_set_bytes", ["kind"])
 DECODE_BACKLOG = Gauge("flowtally_sensor_netflow_decode_backlog_bytes",
                        "Datagram bytes received and waiting to be decoded (all exporters)")
 
@@ -131,6 +131,9 @@ class NetflowSettings(StageSettings):
     max_pending_age_ms: int = Field(30_000, ge=0, le=3_600_000, description="How long (by receive time) "
                                     "a data set waits for its template before it is dropped and counted as "
                                     "missing_template_expired")
+    max_pending_total_bytes: int = Field(16 << 20, ge=0, le=1 << 34, description="Bytes of data sets held "
+                                         "for a missing template, all exporters and domains together; beyond "
+                                         "a set is not held (counted as missing_template_expired)")
     # Bounds on what exporters can make the sensor hold (see sensors.netflow.templates and the
     # README's "Hostile input" section). A router has one to a few observation domains, tens of
     # templates of 10-60 fields; the defaults leave a wide margin for that and cap the worst case.
@@ -234,7 +237,8 @@ class NetflowReceiver:
             max_exporters=settings.max_exporters, max_domains_per_exporter=settings.max_domains_per_exporter,
             max_templates_per_domain=settings.max_templates_per_domain,
             max_template_fields_per_exporter=settings.max_template_fields_per_exporter,
-            max_template_fields=settings.max_template_fields)
+            max_template_fields=settings.max_template_fields,
+            max_pending_total_bytes=settings.max_pending_total_bytes)
         self._pending: dict[bytes, _Pending] = {}
         self._exporters: dict[bytes, bytes | None] = {}  # source address -> itself, None = denied
         self._labels: dict[bytes, str] = {}  # exporter -> its metrics label (at most max_exporter_labels)
@@ -493,6 +497,7 @@ class NetflowReceiver:
         STATE.labels("domains").set(store.domain_count())
         STATE.labels("exporters").set(store.exporter_count())
         STATE.labels("completeness_rows").set(len(self._completeness))
+        STATE.labels("pending_set_bytes").set(store.pending_bytes())
         DECODE_BACKLOG.set(self._backlog)
 
     def _flush(self, exporter: bytes) -> None:

@@ -116,6 +116,7 @@ class TemplateStore:
         "_exporter_templates",
         "_fields",
         "_fields_total",
+        "_held_bytes",
         "_pending",
         "_pending_bytes",
         "_raw",
@@ -126,6 +127,7 @@ class TemplateStore:
         "max_pending_age_ms",
         "max_pending_bytes",
         "max_pending_sets",
+        "max_pending_total_bytes",
         "max_template_fields",
         "max_template_fields_per_exporter",
         "max_templates_per_domain",
@@ -139,11 +141,13 @@ class TemplateStore:
     def __init__(self, max_pending_sets: int = 256, max_pending_bytes: int = 1 << 20,
                  max_pending_age_ms: int = 30_000, *, max_exporters: int = 1024,
                  max_domains_per_exporter: int = 64, max_templates_per_domain: int = 512,
-                 max_template_fields_per_exporter: int = 16_384, max_template_fields: int = 262_144) -> None:
+                 max_template_fields_per_exporter: int = 16_384, max_template_fields: int = 262_144,
+                 max_pending_total_bytes: int = 16 << 20) -> None:
         """``max_pending_*`` bound the data sets held for a missing template, per (version,
         exporter, domain): beyond ``max_pending_sets`` sets or ``max_pending_bytes`` bytes the
         oldest is dropped; a set older than ``max_pending_age_ms`` (by receive time) is dropped
-        by :meth:`expire`. 0 sets disables holding.
+        by :meth:`expire`. 0 sets disables holding. ``max_pending_total_bytes`` bounds the
+        held sets of all domains together: beyond it a set is not held (counted as dropped).
 
         The other bounds keep the whole store finite whatever exporters send (every piece of
         state is created on what a datagram claims): at most ``max_exporters`` exporter
@@ -166,6 +170,8 @@ class TemplateStore:
         self.max_pending_sets = max_pending_sets
         self.max_pending_bytes = max_pending_bytes
         self.max_pending_age_ms = max_pending_age_ms
+        self.max_pending_total_bytes = max_pending_total_bytes
+        self._held_bytes = 0  # _pending_bytes summed
         self.max_exporters = max(1, max_exporters)
         self.max_domains_per_exporter = max(1, max_domains_per_exporter)
         self.max_templates_per_domain = max(1, max_templates_per_domain)
@@ -250,7 +256,7 @@ class TemplateStore:
         queue = self._pending.pop(dkey, None)
         if queue:
             self.evicted["pending_sets"] += len(queue)
-        self._pending_bytes.pop(dkey, None)
+        self._held_bytes -= self._pending_bytes.pop(dkey, 0)
         self.sampling.pop(dkey, None)
         self.samplers.pop(dkey, None)
         self.sequences.pop(dkey, None)
@@ -396,10 +402,11 @@ class TemplateStore:
                           self.samplers, self.sys_init, self.sequences, self._domains, self._domain_templates,
                           self._exporter_templates, self._fields):
                 state.clear()
-            self._fields_total = 0
+            self._fields_total = self._held_bytes = 0
             return
         for key in list(self._exporter_templates.get(exporter, ())):
             self._drop_template(key)
+        self._held_bytes -= sum(n for k, n in self._pending_bytes.items() if k[1] == exporter)
         for state in (self._pending, self._pending_bytes, self.sampling, self.samplers, self.sequences):
             for dkey in [k for k in state if k[1] == exporter]:
                 del state[dkey]
@@ -412,7 +419,8 @@ class TemplateStore:
     def hold(self, version: int, exporter: bytes, domain: int, pending: PendingSet) -> int:
         """Keep a data set until its template arrives; returns how many sets were dropped to
         stay within the bounds (the oldest ones, or this one if holding is disabled)."""
-        if self.max_pending_sets <= 0 or len(pending.data) > self.max_pending_bytes:
+        if self.max_pending_sets <= 0 or len(pending.data) > self.max_pending_bytes or \
+                self._held_bytes + len(pending.data) > self.max_pending_total_bytes:
             return 1
         self.touch(version, exporter, domain)
         key = (version, exporter, domain)
@@ -424,10 +432,12 @@ class TemplateStore:
         serial = next(reversed(queue)) + 1 if queue else 0
         queue[serial] = pending
         self._pending_bytes[key] += len(pending.data)
+        self._held_bytes += len(pending.data)
         dropped = 0
         while len(queue) > self.max_pending_sets or self._pending_bytes[key] > self.max_pending_bytes:
             _, old = queue.popitem(last=False)
             self._pending_bytes[key] -= len(old.data)
+            self._held_bytes -= len(old.data)
             dropped += 1
         return dropped
 
@@ -439,7 +449,9 @@ class TemplateStore:
             return []
         serials = [s for s, p in queue.items() if p.template_id == template_id]
         out = [queue.pop(s) for s in serials]
-        self._pending_bytes[key] -= sum(len(p.data) for p in out)
+        released = sum(len(p.data) for p in out)
+        self._pending_bytes[key] -= released
+        self._held_bytes -= released
         if not queue:
             del self._pending[key], self._pending_bytes[key]
         return out
@@ -456,7 +468,9 @@ class TemplateStore:
             if not old:
                 continue
             for s in old:
-                self._pending_bytes[key] -= len(queue.pop(s).data)
+                size = len(queue.pop(s).data)
+                self._pending_bytes[key] -= size
+                self._held_bytes -= size
             if not queue:
                 del self._pending[key], self._pending_bytes[key]
             out.append((key[1], len(old)))
@@ -498,6 +512,10 @@ class TemplateStore:
         if table and len(table) == 1:
             return next(iter(table.values()))
         return 1
+
+    def pending_bytes(self) -> int:
+        """Bytes of data sets currently held for a missing template, all exporters."""
+        return self._held_bytes
 
     def pending_sets(self) -> int:
         """Data sets currently held for a missing template, all exporters."""
