@@ -155,7 +155,9 @@ class TemplateStore:
         most ``max_templates_per_domain`` per domain, ``max_template_fields_per_exporter``
         field specifiers per exporter and ``max_template_fields`` in all (a template's cost is
         its fields: one datagram can define a template of 16,000 of them). Beyond a bound the
-        least recently used item goes (a domain or exporter with all its state), counted in
+        least recently used item goes (a domain or exporter with all its state; beyond the
+        total of fields, the least recently used template of the exporter holding the most
+        fields), counted in
         :attr:`evicted` and :attr:`templates_evicted`. "Used" is: a template stored or
         refreshed; a domain with any state written (templates, held data, options, sequence
         numbers: every decoded datagram writes its sequence). A well-behaved exporter refreshes
@@ -318,7 +320,10 @@ class TemplateStore:
             self._drop_template(next(iter(self._exporter_templates[exporter])))
             self.templates_evicted["exporter_fields"] += 1
         while self._fields_total > self.max_template_fields:
-            self._drop_template(next(iter(self._templates)))
+            # From the exporter holding the most: under the total bound, a source that floods
+            # the cache pays for it, not the small, steady exporters beside it.
+            heaviest = max(self._fields, key=self._fields.__getitem__)
+            self._drop_template(next(iter(self._exporter_templates[heaviest])))
             self.templates_evicted["total_fields"] += 1
 
     def template_fields(self) -> int:
