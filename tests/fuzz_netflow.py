@@ -24,6 +24,7 @@ from __future__ import annotations
 import random
 import socket
 import struct
+import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -303,11 +304,18 @@ class FuzzReport:
     metrics_before: int
     metrics_after: int
     metrics: str  # /metrics at the end
+    rss_samples_kb: list[int]  # VmRSS every half second while sending
 
     @property
     def rate(self) -> float:
         """Hostile datagrams sent per second."""
         return self.hostile_sent / self.seconds if self.seconds else 0.0
+
+    def rss_at(self, fraction: float) -> int:
+        """The RSS sample taken at ``fraction`` of the run (KiB)."""
+        if not self.rss_samples_kb:
+            return self.rss_before_kb
+        return self.rss_samples_kb[min(len(self.rss_samples_kb) - 1, int(fraction * len(self.rss_samples_kb)))]
 
     def metric(self, name: str, labels: dict[str, str] | None = None) -> float:
         """A metric of the final scrape (summed over matching label sets)."""
@@ -327,7 +335,8 @@ class FuzzReport:
             f"({self.send_errors} not sent by the kernel)",
             f"valid exporter: sent {self.valid.flows} flows / {self.valid.bytes} bytes / {self.valid.packets} "
             f"packets; stored in Kafka {flows} / {size} / {packets}",
-            f"sensor RSS: {self.rss_before_kb / 1024:.1f} MiB before, {self.rss_after_kb / 1024:.1f} MiB after",
+            f"sensor RSS: {self.rss_before_kb / 1024:.1f} MiB before, {self.rss_after_kb / 1024:.1f} MiB after "
+            f"(at 1/2 of the run {self.rss_at(0.5) / 1024:.1f}, peak {max(self.rss_samples_kb, default=0) / 1024:.1f})",
             f"/metrics: {self.metrics_before} bytes before, {self.metrics_after} bytes after",
             f"decode errors by reason: {self.errors_by_reason()}",
             f"kernel drops: {self.metric('flowtally_sensor_netflow_kernel_drops'):.0f}; flows dropped: "
@@ -438,12 +447,23 @@ def run_fuzz(bootstrap: str, workdir: Path, *, hostile_rate: float, seconds: flo
                              seeds=valid.payloads, pool=pool)
         before = stage.metrics()
         rss_before = rss_kb(pid)
+        samples: list[int] = []
+        sending = threading.Event()
+
+        def sample() -> None:
+            while not sending.wait(0.5):
+                samples.append(rss_kb(pid))
+
+        sampler = threading.Thread(target=sample, daemon=True)
+        sampler.start()
         started = time.monotonic()
         try:
             stats = sender.run(valid.payloads, hostile_rate=hostile_rate,
                                valid_rate=len(valid.payloads) / seconds, duration_s=seconds)
         finally:
             sender.close()
+            sending.set()
+            sampler.join()
         elapsed = time.monotonic() - started
         topic = KafkaSettings(bootstrap=bootstrap, topic_prefix=prefix).topic("raw")
         stored = read_exporter_totals(bootstrap, topic, address16("127.0.0.1"), valid.flows, timeout=60)
@@ -451,7 +471,7 @@ def run_fuzz(bootstrap: str, workdir: Path, *, hostile_rate: float, seconds: flo
         after = stage.metrics()
         rss_after = rss_kb(pid)
         return FuzzReport(elapsed, stats.hostile, stats.errors, valid, stored, rss_before, rss_after,
-                          len(before), len(after), after)
+                          len(before), len(after), after, samples)
     finally:
         stage.stop()
 

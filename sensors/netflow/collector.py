@@ -452,6 +452,8 @@ class NetflowReceiver:
         host = address_text(source)
         verdict = source if self._allow.allows(host) else None
         self._exporters[source] = verdict
+        if verdict is not None:
+            self._label(source)  # labels go to exporters in the order they were first heard
         if verdict is None:
             log.warning("datagrams from %s are not from an allowed exporter: dropped and counted", host)
         return verdict
