@@ -305,6 +305,7 @@ class FuzzReport:
     metrics_after: int
     metrics: str  # /metrics at the end
     rss_samples_kb: list[int]  # VmRSS every half second while sending
+    log_lines: list[str]  # the sensor's log lines written while fuzzed
 
     @property
     def rate(self) -> float:
@@ -339,6 +340,7 @@ class FuzzReport:
             f"(at 1/2 of the run {self.rss_at(0.5) / 1024:.1f}, peak {max(self.rss_samples_kb, default=0) / 1024:.1f})",
             f"/metrics: {self.metrics_before} bytes before, {self.metrics_after} bytes after",
             f"decode errors by reason: {self.errors_by_reason()}",
+            f"sensor log: {len(self.log_lines)} lines while fuzzed",
             f"kernel drops: {self.metric('flowtally_sensor_netflow_kernel_drops'):.0f}; flows dropped: "
             f"{self.metric('flowtally_sensor_flows_dropped_total'):.0f}; templates evicted: "
             f"{self.metric('flowtally_sensor_netflow_templates_evicted_total'):.0f}; state evicted: "
@@ -447,6 +449,7 @@ def run_fuzz(bootstrap: str, workdir: Path, *, hostile_rate: float, seconds: flo
                              seeds=valid.payloads, pool=pool)
         before = stage.metrics()
         rss_before = rss_kb(pid)
+        log_start = stage.log_path.stat().st_size
         samples: list[int] = []
         sending = threading.Event()
 
@@ -471,7 +474,8 @@ def run_fuzz(bootstrap: str, workdir: Path, *, hostile_rate: float, seconds: flo
         after = stage.metrics()
         rss_after = rss_kb(pid)
         return FuzzReport(elapsed, stats.hostile, stats.errors, valid, stored, rss_before, rss_after,
-                          len(before), len(after), after, samples)
+                          len(before), len(after), after, samples,
+                          stage.log_path.read_bytes()[log_start:].decode(errors="replace").splitlines())
     finally:
         stage.stop()
 
