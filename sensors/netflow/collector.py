@@ -146,13 +146,15 @@ class NetflowSettings(StageSettings):
     max_templates_per_domain: int = Field(512, ge=1, le=65_536, description="Templates kept per "
                                           "exporter and domain; beyond, the least recently used is evicted")
     max_template_fields_per_exporter: int = Field(16_384, ge=1, le=1 << 30, description="Field specifiers "
-                                                  "of all of one exporter's templates (~100 bytes of memory "
+                                                  "of all of one exporter's templates (~200 bytes of memory "
                                                   "each); beyond, its least recently used templates go")
-    max_template_fields: int = Field(262_144, ge=1, le=1 << 30, description="Field specifiers of all "
-                                     "templates held (~100 bytes each: the default bounds the cache near "
-                                     "26 MB); beyond, the least recently used templates are evicted")
-    max_exporter_labels: int = Field(256, ge=1, le=100_000, description="Distinct exporter label values "
-                                     "on the metrics; later exporters are counted under exporter=\"other\"")
+    max_template_fields: int = Field(131_072, ge=1, le=1 << 30, description="Field specifiers of all "
+                                     "templates held (~200 bytes each, measured: the default bounds the "
+                                     "cache near 26 MB; a router's templates are ~1,500); beyond, the "
+                                     "exporter holding the most loses its least recently used templates")
+    max_exporter_labels: int = Field(128, ge=1, le=100_000, description="Distinct exporter label values "
+                                     "on the metrics (~4 KB of /metrics each); later exporters are counted "
+                                     "under exporter=\"other\"")
     max_completeness_rows: int = Field(4096, ge=2, le=1_000_000, description="Completeness rows per minute "
                                        "(exporter x observation domain); beyond, counted on one overflow row")
     decode_backlog_bytes: int = Field(8 << 20, ge=65_536, le=1 << 31, description="Received bytes of one "

@@ -141,7 +141,7 @@ class TemplateStore:
     def __init__(self, max_pending_sets: int = 256, max_pending_bytes: int = 1 << 20,
                  max_pending_age_ms: int = 30_000, *, max_exporters: int = 1024,
                  max_domains_per_exporter: int = 64, max_templates_per_domain: int = 512,
-                 max_template_fields_per_exporter: int = 16_384, max_template_fields: int = 262_144,
+                 max_template_fields_per_exporter: int = 16_384, max_template_fields: int = 131_072,
                  max_pending_total_bytes: int = 16 << 20) -> None:
         """``max_pending_*`` bound the data sets held for a missing template, per (version,
         exporter, domain): beyond ``max_pending_sets`` sets or ``max_pending_bytes`` bytes the
