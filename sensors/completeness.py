@@ -143,9 +143,12 @@ def group_counts(minutes: np.ndarray, domains: np.ndarray) -> Iterable[tuple[int
 class CompletenessAccumulator:
     """Counts per (minute, exporter, domain) until :meth:`take` hands closed minutes over."""
 
-    def __init__(self, observer: str = "", stage: str = STAGES[0], *, max_rows_per_minute: int = 4096,
-                 max_domains_per_exporter: int = 64) -> None:
-        """``max_*``: the row bounds (see the module docstring)."""
+    def __init__(self, observer: str = "", stage: str = STAGES[0], *, max_rows_per_minute: int = 65_536,
+                 max_domains_per_exporter: int = 1024) -> None:
+        """``max_*``: the row bounds (see the module docstring). The defaults are generous (a
+        stage that sees every sensor's flows, the enricher, must not fold real exporters into
+        overflow rows) yet keep a minute's rows near 10 MB; the NetFlow sensor passes its
+        tighter settings."""
         if stage not in STAGES:
             raise ValueError(f"stage must be one of {STAGES}, got {stage!r}")
         self.observer = observer
