@@ -147,8 +147,8 @@ class CompletenessAccumulator:
                  max_domains_per_exporter: int = 1024) -> None:
         """``max_*``: the row bounds (see the module docstring). The defaults are generous (a
         stage that sees every sensor's flows, the enricher, must not fold real exporters into
-        overflow rows) yet keep a minute's rows near 10 MB; the NetFlow sensor passes its
-        tighter settings."""
+        overflow rows) yet keep a minute's rows near 16 MB (~250 bytes a row, measured); the
+        NetFlow sensor passes its tighter settings."""
         if stage not in STAGES:
             raise ValueError(f"stage must be one of {STAGES}, got {stage!r}")
         self.observer = observer
