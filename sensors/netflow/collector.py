@@ -6,6 +6,18 @@ lookup per datagram; the allowlist is checked once per source address). Decoding
 exporter when its pending datagrams reach ``batch_max_flows`` (estimated from the header counts)
 or ``batch_max_age_ms``, so the decoder works on whole batches.
 
+Decoding does not run in the receive callback but in a task that serves the due exporters in
+round robin, one turn of at most ``decode_quantum_ms`` each (sized from the exporter's measured
+cost per datagram), yielding to the event loop after every turn so the Kafka producer and the
+socket are served between turns. Each exporter's undecoded datagrams are bounded
+(``decode_backlog_bytes``, and ``decode_backlog_total_bytes`` for all): beyond, that exporter's
+datagrams are dropped and counted (``decode_overload``), so a source whose datagrams are
+expensive to decode (a fuzzer's: up to 100 times a valid one) loses its own input and nobody
+else's. A turn's rows wait until the exporter's backlog is decoded or a batch's worth is there,
+so the producer sends batch-sized messages. The decoder's state is bounded too (see
+:class:`~sensors.netflow.templates.TemplateStore`), and so are the exporter label values
+(``max_exporter_labels``) and the completeness rows.
+
 ``workers > 1`` runs that many processes, each with its own socket bound to the same port with
 ``SO_REUSEPORT``: the kernel hashes each datagram's 4-tuple to one socket, so an exporter (one
 source address and port) always reaches the same worker and its template state stays in one
