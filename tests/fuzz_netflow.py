@@ -337,7 +337,8 @@ class FuzzReport:
             f"valid exporter: sent {self.valid.flows} flows / {self.valid.bytes} bytes / {self.valid.packets} "
             f"packets; stored in Kafka {flows} / {size} / {packets}",
             f"sensor RSS: {self.rss_before_kb / 1024:.1f} MiB before, {self.rss_after_kb / 1024:.1f} MiB after "
-            f"(at 1/2 of the run {self.rss_at(0.5) / 1024:.1f}, peak {max(self.rss_samples_kb, default=0) / 1024:.1f})",
+            f"(at 1/4, 1/2, 3/4 of the run {self.rss_at(0.25) / 1024:.1f}, {self.rss_at(0.5) / 1024:.1f}, "
+            f"{self.rss_at(0.75) / 1024:.1f}; peak {max(self.rss_samples_kb, default=0) / 1024:.1f})",
             f"/metrics: {self.metrics_before} bytes before, {self.metrics_after} bytes after",
             f"decode errors by reason: {self.errors_by_reason()}",
             f"sensor log: {len(self.log_lines)} lines while fuzzed",
@@ -345,6 +346,8 @@ class FuzzReport:
             f"{self.metric('flowtally_sensor_flows_dropped_total'):.0f}; templates evicted: "
             f"{self.metric('flowtally_sensor_netflow_templates_evicted_total'):.0f}; state evicted: "
             f"{self.metric('flowtally_sensor_netflow_state_evicted_total'):.0f}",
+            f"state at the end: {self.by_label('flowtally_sensor_netflow_state', 'kind')}, decode backlog "
+            f"{self.metric('flowtally_sensor_netflow_decode_backlog_bytes'):.0f} bytes",
             f"flows published: {self.metric('flowtally_sensor_flows_published_total'):.0f} in "
             f"{self.metric('flowtally_sensor_batches_published_total'):.0f} messages; dropped by reason: "
             f"{self.by_label('flowtally_sensor_flows_dropped_total', 'reason')}",
