@@ -114,3 +114,34 @@ class MetricsServer:
             self._server.shutdown()
             self._server.server_close()
             self._server = None
+
+
+class LabelCap:
+    """Bounds the distinct values of one Prometheus label (each value is a set of time series
+    kept for the life of the process): the first ``max_values`` values seen are used as they
+    are, every later one becomes ``other``, so a source of new values (an exporter address,
+    anything attacker-controlled) cannot grow ``/metrics`` and memory without bound.
+
+    Not thread-safe: call it from the one thread (the stage's event loop) that updates the
+    metrics.
+    """
+
+    OTHER = "other"
+
+    def __init__(self, max_values: int) -> None:
+        self.max_values = max(0, max_values)
+        self._known: set[str] = set()
+        self.overflowed = 0  # lookups that got OTHER
+
+    def __call__(self, value: str) -> str:
+        """``value`` itself if it already has series or there is room for it, else ``other``."""
+        if value in self._known:
+            return value
+        if len(self._known) < self.max_values and value != self.OTHER:
+            self._known.add(value)
+            return value
+        self.overflowed += 1
+        return self.OTHER
+
+    def __len__(self) -> int:
+        return len(self._known)

@@ -31,6 +31,14 @@ Additive columns (older writers lack them; readers fill the defaults with
 - ``implausible_time``: the enricher's count of flows whose end time was outside the plausible
   window around their receive time (clamped or sent to the DLQ: :mod:`enricher.times`).
 
+Bounded rows: the observation domain comes from the datagram, so a sender can invent one per
+datagram. Per minute an exporter gets at most ``max_domains_per_exporter`` rows; its further
+domains are counted on its overflow row (observation domain :data:`OVERFLOW_DOMAIN`), and a
+minute holds at most ``max_rows_per_minute`` rows, the last of which is the one overflow row of
+the minute (exporter :data:`OVERFLOW_EXPORTER`, ``ff..ff``, a multicast address no exporter
+sends from; domain :data:`OVERFLOW_DOMAIN`). Totals stay exact; only the attribution of what
+overflowed is coarser. The kernel drop row is exempt (one per minute).
+
 Per-exporter counts the decoder keeps per exporter only (errors, sequence losses) are put on the
 row of the exporter's first observation domain in the decoded batch.
 
@@ -47,6 +55,9 @@ import pyarrow as pa
 
 SCHEMA_NAME = "completeness.v1"
 UNKNOWN_EXPORTER = b"\x00" * 16
+#: The exporter and domain of overflow rows (see the module docstring).
+OVERFLOW_EXPORTER = b"\xff" * 16
+OVERFLOW_DOMAIN = 0xFFFFFFFF
 MINUTE_MS = 60_000
 
 COUNTERS = ("packets", "records", "bytes", "sequence_lost", "decode_errors", "dropped_backpressure",
@@ -135,19 +146,43 @@ def group_counts(minutes: np.ndarray, domains: np.ndarray) -> Iterable[tuple[int
 class CompletenessAccumulator:
     """Counts per (minute, exporter, domain) until :meth:`take` hands closed minutes over."""
 
-    def __init__(self, observer: str = "", stage: str = STAGES[0]) -> None:
+    def __init__(self, observer: str = "", stage: str = STAGES[0], *, max_rows_per_minute: int = 65_536,
+                 max_domains_per_exporter: int = 1024) -> None:
+        """``max_*``: the row bounds (see the module docstring). The defaults are generous (a
+        stage that sees every sensor's flows, the enricher, must not fold real exporters into
+        overflow rows) yet keep a minute's rows near 16 MB (~250 bytes a row, measured); the
+        NetFlow sensor passes its tighter settings."""
         if stage not in STAGES:
             raise ValueError(f"stage must be one of {STAGES}, got {stage!r}")
         self.observer = observer
         self.stage = stage
+        self.max_rows_per_minute = max(2, max_rows_per_minute)
+        self.max_domains_per_exporter = max(1, max_domains_per_exporter)
         self._counts: dict[Key, Counts] = {}
+        self._rows: dict[int, int] = {}  # minute -> rows (the kernel drop row not counted)
+        self._domains: dict[tuple[int, bytes], int] = {}  # (minute, exporter) -> its domain rows
+        self.overflowed = 0  # keys that were counted on an overflow row (first use of each)
 
     def counts(self, minute_ms: int, exporter: bytes, domain: int) -> Counts:
-        """The live counters of one key (created on first use); ``minute_ms`` any ms in the minute."""
-        key = (minute_of(minute_ms), exporter, domain)
+        """The live counters of one key (created on first use, or its overflow row's beyond the
+        bounds); ``minute_ms`` any ms in the minute."""
+        minute = minute_of(minute_ms)
+        key = (minute, exporter, domain)
         counts = self._counts.get(key)
-        if counts is None:
-            counts = self._counts[key] = Counts()
+        if counts is not None:
+            return counts
+        if exporter != UNKNOWN_EXPORTER:
+            rows = self._rows.get(minute, 0)
+            if exporter != OVERFLOW_EXPORTER and domain != OVERFLOW_DOMAIN and \
+                    self._domains.get((minute, exporter), 0) >= self.max_domains_per_exporter:
+                self.overflowed += 1
+                return self.counts(minute, exporter, OVERFLOW_DOMAIN)
+            if rows >= self.max_rows_per_minute - 1 and exporter != OVERFLOW_EXPORTER:
+                self.overflowed += 1
+                return self.counts(minute, OVERFLOW_EXPORTER, OVERFLOW_DOMAIN)
+            self._rows[minute] = rows + 1
+            self._domains[(minute, exporter)] = self._domains.get((minute, exporter), 0) + 1
+        counts = self._counts[key] = Counts()
         return counts
 
     def add_kernel_drops(self, minute_ms: int, n: int) -> None:
@@ -159,6 +194,10 @@ class CompletenessAccumulator:
         """Remove and return the rows of minutes starting before ``before_ms`` (all if None)."""
         keys = sorted(k for k in self._counts if before_ms is None or k[0] < before_ms)
         rows = [(k, self._counts.pop(k)) for k in keys]
+        for minute in [m for m in self._rows if before_ms is None or m < before_ms]:
+            del self._rows[minute]
+        for pair in [p for p in self._domains if before_ms is None or p[0] < before_ms]:
+            del self._domains[pair]
         columns: dict[str, list[object]] = {
             "minute": [k[0] for k, _ in rows],
             "exporter": [k[1] for k, _ in rows],

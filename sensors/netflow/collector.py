@@ -6,6 +6,18 @@ lookup per datagram; the allowlist is checked once per source address). Decoding
 exporter when its pending datagrams reach ``batch_max_flows`` (estimated from the header counts)
 or ``batch_max_age_ms``, so the decoder works on whole batches.
 
+Decoding does not run in the receive callback but in a task that serves the due exporters in
+round robin, one turn of at most ``decode_quantum_ms`` each (sized from the exporter's measured
+cost per datagram), yielding to the event loop after every turn so the Kafka producer and the
+socket are served between turns. Each exporter's undecoded datagrams are bounded
+(``decode_backlog_bytes``, and ``decode_backlog_total_bytes`` for all): beyond, that exporter's
+datagrams are dropped and counted (``decode_overload``), so a source whose datagrams are
+expensive to decode (a fuzzer's: up to 100 times a valid one) loses its own input and nobody
+else's. A turn's rows wait until the exporter's backlog is decoded or a batch's worth is there,
+so the producer sends batch-sized messages. The decoder's state is bounded too (see
+:class:`~sensors.netflow.templates.TemplateStore`), and so are the exporter label values
+(``max_exporter_labels``) and the completeness rows.
+
 ``workers > 1`` runs that many processes, each with its own socket bound to the same port with
 ``SO_REUSEPORT``: the kernel hashes each datagram's 4-tuple to one socket, so an exporter (one
 source address and port) always reaches the same worker and its template state stays in one
@@ -36,13 +48,13 @@ from pydantic import Field, field_validator
 from flowtally import kafka
 from flowtally.kafka import TopicSettings
 from flowtally.lifecycle import run_components
-from flowtally.metrics import MetricsServer
+from flowtally.metrics import LabelCap, MetricsServer
 from flowtally.process import M_MMAP_THRESHOLD, M_TRIM_THRESHOLD, keep_pandas_out, mallopt
 from flowtally.settings import CommaList, KafkaSettings, StageSettings, load_settings, parse_hostport
 from sensors.completeness import SCHEMA_NAME as COMPLETENESS_SCHEMA
 from sensors.completeness import CompletenessAccumulator, group_counts
 from sensors.netflow.decoder import DecodeStats, ExporterStats, decode_payloads, flush_pending
-from sensors.netflow.receiver import Run, UdpReceiver, domains_many, open_udp_socket
+from sensors.netflow.receiver import Run, UdpReceiver, domains_many, open_udp_socket, split_run
 from sensors.netflow.templates import TemplateStore
 from sensors.publisher import Publisher, encode_messages
 from sensors.schema import address16, address_text, build_raw_table, with_observer
@@ -68,7 +80,25 @@ DENIED = Counter("flowtally_sensor_netflow_denied_packets_total",
 KERNEL_DROPS = Gauge("flowtally_sensor_netflow_kernel_drops",
                      "Datagrams the kernel dropped at this process's socket (SO_RXQ_OVFL, cumulative)")
 
+TEMPLATES_EVICTED = Counter("flowtally_sensor_netflow_templates_evicted_total", "Templates the state bounds "
+                            "evicted (least recently used first), by the bound that did", ["reason"])
+STATE_EVICTED = Counter("flowtally_sensor_netflow_state_evicted_total", "Decoder state the bounds evicted: "
+                        "exporters, domains (all of their state), pending_sets (held data lost with them)",
+                        ["kind"])
+STATE = Gauge("flowtally_sensor_netflow_state", "Decoder state held: templates, template_fields, domains, "
+              "exporters, completeness_rows, pending_set_bytes", ["kind"])
+DECODE_BACKLOG = Gauge("flowtally_sensor_netflow_decode_backlog_bytes",
+                       "Datagram bytes received and waiting to be decoded (all exporters)")
+
 _ADDRESS_CACHE_MAX = 65_536  # distinct source addresses remembered (allowlist verdicts)
+#: What a datagram waiting for the decoder costs beyond its payload (bytes object, list slots,
+#: receive time, header row): counted against the backlog bounds.
+_BACKLOG_OVERHEAD = 128
+#: Datagrams of an exporter decoded in its first turn, before its cost per datagram is known
+#: (small: a hostile datagram can cost over 1 ms).
+_FIRST_CHUNK = 8
+#: Decode errors reason for datagrams dropped because the exporter's backlog was full.
+OVERLOAD = "decode_overload"
 
 
 class NetflowSettings(StageSettings):
@@ -114,6 +144,41 @@ class NetflowSettings(StageSettings):
     max_pending_age_ms: int = Field(30_000, ge=0, le=3_600_000, description="How long (by receive time) "
                                     "a data set waits for its template before it is dropped and counted as "
                                     "missing_template_expired")
+    max_pending_total_bytes: int = Field(16 << 20, ge=0, le=1 << 34, description="Bytes of data sets held "
+                                         "for a missing template, all exporters and domains together; beyond "
+                                         "a set is not held (counted as missing_template_expired)")
+    # Bounds on what exporters can make the sensor hold (see sensors.netflow.templates and the
+    # README's "Hostile input" section). A router has one to a few observation domains, tens of
+    # templates of 10-60 fields; the defaults leave a wide margin for that and cap the worst case.
+    max_exporters: int = Field(1024, ge=1, le=1_000_000, description="Exporter addresses whose decoder "
+                               "state (templates, sequence numbers, ...) is kept; beyond, the least "
+                               "recently used exporter's state is evicted and counted")
+    max_domains_per_exporter: int = Field(64, ge=1, le=1_000_000, description="Observation domains (v9 "
+                                          "source IDs) kept per exporter; beyond, the least recently used "
+                                          "one's state is evicted and counted")
+    max_templates_per_domain: int = Field(512, ge=1, le=65_536, description="Templates kept per "
+                                          "exporter and domain; beyond, the least recently used is evicted")
+    max_template_fields_per_exporter: int = Field(16_384, ge=1, le=1 << 30, description="Field specifiers "
+                                                  "of all of one exporter's templates (~200 bytes of memory "
+                                                  "each); beyond, its least recently used templates go")
+    max_template_fields: int = Field(131_072, ge=1, le=1 << 30, description="Field specifiers of all "
+                                     "templates held (~200 bytes each, measured: the default bounds the "
+                                     "cache near 26 MB; a router's templates are ~1,500); beyond, the "
+                                     "exporter holding the most loses its least recently used templates")
+    max_exporter_labels: int = Field(128, ge=1, le=100_000, description="Distinct exporter label values "
+                                     "on the metrics (~4 KB of /metrics each); later exporters are counted "
+                                     "under exporter=\"other\"")
+    max_completeness_rows: int = Field(4096, ge=2, le=1_000_000, description="Completeness rows per minute "
+                                       "(exporter x observation domain); beyond, counted on one overflow row")
+    decode_backlog_bytes: int = Field(8 << 20, ge=65_536, le=1 << 31, description="Received bytes of one "
+                                      "exporter waiting for the decoder; beyond, its datagrams are dropped "
+                                      "and counted as decode_overload (only that exporter's)")
+    decode_backlog_total_bytes: int = Field(64 << 20, ge=65_536, le=1 << 34, description="Received bytes "
+                                            "of all exporters waiting for the decoder; beyond, datagrams are "
+                                            "dropped and counted as decode_overload")
+    decode_quantum_ms: float = Field(10.0, ge=0.5, le=1000, description="Decoding time an exporter gets "
+                                     "per turn (round robin over exporters with datagrams to decode) before "
+                                     "the event loop sends to Kafka and receives again")
 
 
     @field_validator("allow_exporters")
@@ -149,15 +214,27 @@ class _Pending:
     """One exporter's datagrams waiting to be decoded (parallel lists, no object per datagram;
     their lengths and header bytes in the receiver's numpy chunks)."""
 
-    __slots__ = ("heads", "lengths", "payloads", "received", "records", "since", "wakeups")
+    __slots__ = ("bytes", "heads", "lengths", "payloads", "received", "records", "since", "wakeups")
 
     def __init__(self, since: float) -> None:
+        self.bytes = 0  # payloads + _BACKLOG_OVERHEAD each: what the backlog bounds count
         self.payloads: list[bytes] = []
         self.received: list[int] = []
         self.lengths: list[np.ndarray] = []
         self.heads: list[np.ndarray] = []
         self.wakeups: list[int] = []  # the receive times, once per run
         self.records = 0
+        self.since = since
+
+
+class _Decoded:
+    """One exporter's decoded tables waiting to fill a message."""
+
+    __slots__ = ("rows", "since", "tables")
+
+    def __init__(self, since: float) -> None:
+        self.tables: list[pa.Table] = []
+        self.rows = 0
         self.since = since
 
 
@@ -170,15 +247,32 @@ class NetflowReceiver:
                  completeness_topic: str | None = None) -> None:
         self._settings = settings
         self._publisher = publisher
-        self._templates = TemplateStore(settings.max_pending_sets, settings.max_pending_bytes,
-                                        settings.max_pending_age_ms)
+        self._templates = TemplateStore(
+            settings.max_pending_sets, settings.max_pending_bytes, settings.max_pending_age_ms,
+            max_exporters=settings.max_exporters, max_domains_per_exporter=settings.max_domains_per_exporter,
+            max_templates_per_domain=settings.max_templates_per_domain,
+            max_template_fields_per_exporter=settings.max_template_fields_per_exporter,
+            max_template_fields=settings.max_template_fields,
+            max_pending_total_bytes=settings.max_pending_total_bytes)
         self._pending: dict[bytes, _Pending] = {}
         self._exporters: dict[bytes, bytes | None] = {}  # source address -> itself, None = denied
-        self._labels: dict[bytes, str] = {}
+        self._labels: dict[bytes, str] = {}  # exporter -> its metrics label (at most max_exporter_labels)
+        self._label_cap = LabelCap(settings.max_exporter_labels)
+        # The decoder's round robin: exporters whose pending datagrams are due, in turn order;
+        # their measured decoding cost per datagram (bounded like the template state).
+        self._ready: dict[bytes, None] = {}
+        self._wake = asyncio.Event()
+        self._cost: dict[bytes, float] = {}
+        self._backlog = 0  # bytes of all pending datagrams (_Pending.bytes summed)
+        self._decoder: asyncio.Task[None] | None = None
+        self._decoded: dict[bytes, _Decoded] = {}  # decoded rows not yet published, per exporter
+        self._held_rows = 0
         self._allow = Allowlist(settings.allow_exporters)
         self._udp: UdpReceiver | None = None
         self._ticker: asyncio.Task[None] | None = None
-        self._completeness = CompletenessAccumulator(settings.observer)
+        self._completeness = CompletenessAccumulator(
+            settings.observer, max_rows_per_minute=settings.max_completeness_rows,
+            max_domains_per_exporter=settings.max_domains_per_exporter)
         self._completeness_topic = completeness_topic if settings.completeness else None
         self._kernel_drops_seen = 0
         self._closed_before = 0  # the minute the last per-minute take closed
@@ -199,21 +293,26 @@ class NetflowReceiver:
         self.bound = self._udp.address
         self._udp.start()
         self._ticker = asyncio.create_task(self._tick())
+        self._decoder = asyncio.create_task(self._decode_loop())
         log.info("receiving NetFlow on udp://[%s]:%d", *self.bound)
 
     async def stop(self) -> None:
         """Stop receiving (taking what the socket holds) and hand every pending datagram over."""
-        if self._ticker is not None:
-            self._ticker.cancel()
-            await asyncio.gather(self._ticker, return_exceptions=True)
-            self._ticker = None
+        for task in (self._ticker, self._decoder):
+            if task is not None:
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
+        self._ticker = self._decoder = None
         if self._udp is not None:
             self._udp.stop(drain=True)
             self._note_kernel_drops()
             self._udp = None
         for exporter in list(self._pending):
             self._flush(exporter)
+        for exporter in list(self._decoded):
+            self._publish(exporter)
         self._give_up_pending()
+        self._export_state()
         self._publish_completeness(None)
 
     def _give_up_pending(self) -> None:
@@ -224,7 +323,7 @@ class NetflowReceiver:
             return
         now_ms = time.time_ns() // 1_000_000
         for label, counts in stats.by_exporter().items():
-            _export(label, counts, 0)
+            _export(self._label_cap(label), counts, 0)
             if self._completeness_topic:
                 exporter = address16(label)
                 row = self._completeness.counts(now_ms, exporter, 0)
@@ -249,14 +348,120 @@ class NetflowReceiver:
             pending = pending_of.get(exporter)
             if pending is None:
                 pending = pending_of[exporter] = _Pending(time.monotonic())
+            size = sum(int(c.sum()) for c in run.lengths) + _BACKLOG_OVERHEAD * len(payloads)
+            if pending.bytes + size > self._settings.decode_backlog_bytes or \
+                    self._backlog + size > self._settings.decode_backlog_total_bytes:
+                run, size = self._shed(exporter, pending, run, received_ms)
+                payloads = run.payloads
+                if not payloads:
+                    continue
+            pending.bytes += size
+            self._backlog += size
             pending.payloads.extend(payloads)
             pending.received.extend([received_ms] * len(payloads))
             pending.wakeups.append(received_ms)
             pending.lengths.extend(run.lengths)
             pending.heads.extend(run.heads)
             pending.records += run.records
-            if pending.records >= max_flows:
-                self._flush(exporter)
+            if pending.records >= max_flows and exporter not in self._ready:
+                self._ready[exporter] = None
+                self._wake.set()
+
+    def _shed(self, exporter: bytes, pending: _Pending, run: Run, received_ms: int) -> tuple[Run, int]:
+        """The part of ``run`` that fits the backlog bounds (and its size); the rest is dropped
+        and counted as ``decode_overload`` of this exporter: packets, bytes and decode errors
+        on the metrics and in the completeness counts (so a saturated decoder drops its own
+        input, never another exporter's and never what it already decoded)."""
+        room = min(self._settings.decode_backlog_bytes - pending.bytes,
+                   self._settings.decode_backlog_total_bytes - self._backlog)
+        lengths = _joined(run.lengths) + _BACKLOG_OVERHEAD
+        keep = int(np.searchsorted(np.cumsum(lengths), room, side="right")) if room > 0 else 0
+        kept, dropped = split_run(run, keep)
+        dropped_lengths = _joined(dropped.lengths)
+        label = self._label(exporter)
+        n = len(dropped.payloads)
+        PACKETS.labels(label).inc(n)
+        PAYLOAD_BYTES.labels(label).inc(int(dropped_lengths.sum()))
+        ERRORS.labels(label, OVERLOAD).inc(n)
+        if self._completeness_topic:
+            counts = ExporterStats()
+            counts.error(OVERLOAD, n)
+            domains = domains_many(np.concatenate(dropped.heads), dropped_lengths)
+            self._account(exporter, dropped_lengths, domains, [received_ms] * n, [received_ms], counts)
+        return kept, int(lengths[:keep].sum())
+
+    def _label(self, exporter: bytes) -> str:
+        """The exporter's metrics label: its address, or ``other`` beyond ``max_exporter_labels``."""
+        label = self._labels.get(exporter)
+        if label is None:
+            label = self._label_cap(address_text(exporter))
+            if len(self._labels) < self._settings.max_exporter_labels:
+                self._labels[exporter] = label
+        return label
+
+    async def _decode_loop(self) -> None:
+        """Decode the due exporters' datagrams in round robin, one bounded turn each, yielding
+        to the event loop after every turn.
+
+        Decoding and publishing share this loop: run to completion, a busy decoder would keep
+        the Kafka producer from sending (measured at 10,000 fuzz datagrams/s, decoded in the
+        receive callback: 585,040 decoded flows dropped for backpressure, 16,448 kernel drops,
+        3,870 of a valid exporter's 20,000 flows published). A turn is at most
+        ``decode_quantum_ms`` of decoding as estimated from the exporter's measured cost per
+        datagram (hostile datagrams cost up to 100 times a valid one), so an exporter whose
+        datagrams are expensive gets through fewer of them per turn, its backlog fills, and it
+        is its input that is dropped (:meth:`_shed`), while every other exporter still gets a
+        turn per round."""
+        quantum = self._settings.decode_quantum_ms / 1000
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            while self._ready:
+                exporter = next(iter(self._ready))
+                del self._ready[exporter]
+                cost = self._cost.get(exporter)
+                limit = _FIRST_CHUNK if cost is None else max(1, int(quantum / max(cost, 1e-7)))
+                pending = self._take(exporter, limit)
+                if pending is None:
+                    continue
+                started = time.perf_counter()
+                try:
+                    self._decode(exporter, pending)
+                except Exception:  # a bug must not stop the decoding of every exporter
+                    log.exception("decoding %d datagrams of %s failed", len(pending.payloads),
+                                  address_text(exporter))
+                per = (time.perf_counter() - started) / len(pending.payloads)
+                self._cost.pop(exporter, None)
+                self._cost[exporter] = per if cost is None else (cost + per) / 2
+                if len(self._cost) > self._settings.max_exporters:
+                    del self._cost[next(iter(self._cost))]
+                await asyncio.sleep(0)
+
+    def _take(self, exporter: bytes, limit: int) -> _Pending | None:
+        """Up to ``limit`` of the exporter's oldest pending datagrams, removed from its backlog;
+        what remains is due again (back in the round robin)."""
+        pending = self._pending.get(exporter)
+        if pending is None or not pending.payloads:
+            self._pending.pop(exporter, None)
+            return None
+        if len(pending.payloads) <= limit:
+            del self._pending[exporter]
+            self._backlog -= pending.bytes
+            return pending
+        lengths, heads = _joined(pending.lengths), np.concatenate(pending.heads)
+        head = _Pending(pending.since)
+        head.payloads, pending.payloads = pending.payloads[:limit], pending.payloads[limit:]
+        head.received, pending.received = pending.received[:limit], pending.received[limit:]
+        head.lengths, pending.lengths = [lengths[:limit]], [lengths[limit:]]
+        head.heads, pending.heads = [heads[:limit]], [heads[limit:]]
+        head.wakeups = pending.wakeups  # a superset of each part's: only their extremes are read
+        head.bytes = int(lengths[:limit].sum()) + _BACKLOG_OVERHEAD * limit
+        share = pending.records * limit // (limit + len(pending.payloads))
+        head.records, pending.records = share, pending.records - share
+        pending.bytes -= head.bytes
+        self._backlog -= head.bytes
+        self._ready[exporter] = None
+        return head
 
     def _learn(self, source: bytes) -> bytes | None:
         if len(self._exporters) >= _ADDRESS_CACHE_MAX:
@@ -264,6 +469,8 @@ class NetflowReceiver:
         host = address_text(source)
         verdict = source if self._allow.allows(host) else None
         self._exporters[source] = verdict
+        if verdict is not None:
+            self._label(source)  # labels go to exporters in the order they were first heard
         if verdict is None:
             log.warning("datagrams from %s are not from an allowed exporter: dropped and counted", host)
         return verdict
@@ -275,8 +482,13 @@ class NetflowReceiver:
             await asyncio.sleep(max_age / 4)
             now = time.monotonic()
             for exporter in [e for e, p in self._pending.items() if now - p.since >= max_age]:
-                self._flush(exporter)
+                self._ready[exporter] = None
+            if self._ready:
+                self._wake.set()
+            for exporter in [e for e, d in self._decoded.items() if now - d.since >= max_age]:
+                self._publish(exporter)
             self._note_kernel_drops()
+            self._export_state()
             # A minute is closed once every datagram received in it has been decoded.
             now_ms = time.time_ns() // 1_000_000
             self._publish_completeness(now_ms - grace_ms - (now_ms - grace_ms) % 60_000)
@@ -290,19 +502,41 @@ class NetflowReceiver:
             self._completeness.add_kernel_drops(time.time_ns() // 1_000_000, drops - self._kernel_drops_seen)
             self._kernel_drops_seen = drops
 
+    def _export_state(self) -> None:
+        """The template store's size and evictions (as deltas) into the metrics."""
+        store = self._templates
+        for reason, n in store.templates_evicted.items():
+            TEMPLATES_EVICTED.labels(reason).inc(n)
+        for kind, n in store.evicted.items():
+            STATE_EVICTED.labels(kind).inc(n)
+        store.templates_evicted.clear()
+        store.evicted.clear()
+        STATE.labels("templates").set(len(store))
+        STATE.labels("template_fields").set(store.template_fields())
+        STATE.labels("domains").set(store.domain_count())
+        STATE.labels("exporters").set(store.exporter_count())
+        STATE.labels("completeness_rows").set(len(self._completeness))
+        STATE.labels("pending_set_bytes").set(store.pending_bytes())
+        DECODE_BACKLOG.set(self._backlog)
+
     def _flush(self, exporter: bytes) -> None:
+        """Decode all of one exporter's pending datagrams now (at stop)."""
         pending = self._pending.pop(exporter, None)
+        self._ready.pop(exporter, None)
         if pending is None or not pending.payloads:
             return
+        self._backlog -= pending.bytes
+        self._decode(exporter, pending)
+
+    def _decode(self, exporter: bytes, pending: _Pending) -> None:
+        """Decode, count and publish one batch of an exporter's datagrams."""
         payloads, received = pending.payloads, pending.received
         stats = DecodeStats()
         table = decode_payloads(exporter, payloads, received, self._templates, stats)
         if self._settings.observer:
             table = with_observer(table, self._settings.observer)
-        label = self._labels.get(exporter)
-        if label is None:
-            label = self._labels[exporter] = address_text(exporter)
-        counts = stats.by_exporter().get(label) or ExporterStats()
+        label = self._label(exporter)
+        counts = stats.by_exporter().get(address_text(exporter)) or ExporterStats()
         lengths = _joined(pending.lengths)
         _export(label, counts, int(lengths.sum()))
         if self._completeness_topic:
@@ -310,11 +544,35 @@ class NetflowReceiver:
             self._account(exporter, lengths, domains, received, pending.wakeups, counts)
             self._account_rows(exporter, table, "records")
         if table.num_rows:
-            offset = 0
-            for message in encode_messages(table, label.encode(), compression=self._settings.compression):
-                if not self._publisher.offer(message) and self._completeness_topic:
-                    self._account_rows(exporter, table.slice(offset, message.flows), "dropped_backpressure")
-                offset += message.flows
+            held = self._decoded.get(exporter)
+            if held is None:
+                held = self._decoded[exporter] = _Decoded(time.monotonic())
+            held.tables.append(table)
+            held.rows += table.num_rows
+            self._held_rows += table.num_rows
+        # Published once the exporter's backlog is decoded (the usual case: one turn takes a
+        # whole batch) or a batch's worth is held: a turn's slice of a backlog is not a message
+        # of its own (under fuzz, per-turn messages outran what the producer could send).
+        held = self._decoded.get(exporter)
+        if held is not None and (exporter not in self._pending or held.rows >= self._settings.batch_max_flows
+                                 or self._held_rows > 4 * self._settings.batch_max_flows):
+            self._publish(exporter)
+
+    def _publish(self, exporter: bytes) -> None:
+        """Encode the exporter's decoded rows and offer them to the publisher (what it cannot
+        take is counted as dropped_backpressure)."""
+        held = self._decoded.pop(exporter, None)
+        if held is None:
+            return
+        self._held_rows -= held.rows
+        table = held.tables[0] if len(held.tables) == 1 else \
+            pa.concat_tables(held.tables).unify_dictionaries().combine_chunks()
+        offset = 0
+        key = address_text(exporter).encode()  # the partition key: the address, never "other"
+        for message in encode_messages(table, key, compression=self._settings.compression):
+            if not self._publisher.offer(message) and self._completeness_topic:
+                self._account_rows(exporter, table.slice(offset, message.flows), "dropped_backpressure")
+            offset += message.flows
 
     def _account(self, exporter: bytes, lengths: np.ndarray, domains: np.ndarray, received: list[int],
                  wakeups: list[int], counts: ExporterStats) -> None:

@@ -423,7 +423,7 @@ def _track_many(templates: TemplateStore, stream: tuple[int, bytes, int], sequen
         expected = templates.sequences.get(stream)
         in_order = not ((seq[1:] - seq[:-1] - sizes[:-1]) % _WRAP).any()
         if (expected is None or sequences[0] == expected) and in_order:
-            templates.sequences[stream] = (sequences[-1] + int(sizes[-1])) % _WRAP
+            templates.set_sequence(stream, (sequences[-1] + int(sizes[-1])) % _WRAP)
             return
     for sequence, units in zip(sequences, records, strict=True):
         track(templates, stream, sequence, units, False, counts)

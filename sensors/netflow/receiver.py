@@ -97,6 +97,27 @@ class Run:
         self.heads: list[np.ndarray] = []
 
 
+def split_run(run: Run, keep: int) -> tuple[Run, Run]:
+    """The first ``keep`` datagrams of ``run`` and the rest, as two runs of the same source
+    (records re-estimated from each part's header bytes)."""
+    head, tail = Run(run.source), Run(run.source)
+    head.payloads, tail.payloads = run.payloads[:keep], run.payloads[keep:]
+    left = keep
+    for lengths, heads in zip(run.lengths, run.heads, strict=True):
+        take = min(left, len(lengths))
+        if take:
+            head.lengths.append(lengths[:take])
+            head.heads.append(heads[:take])
+        if take < len(lengths):
+            tail.lengths.append(lengths[take:])
+            tail.heads.append(heads[take:])
+        left -= take
+    for part in (head, tail):
+        part.records = sum(int(estimate_records_many(h, ln).sum()) for h, ln in zip(part.heads, part.lengths,
+                                                                                      strict=True))
+    return head, tail
+
+
 #: Called once per wakeup with the runs and the receive time in UTC ms.
 OnDatagrams = Callable[[list[Run], int], None]
 

@@ -55,4 +55,4 @@ def track(store: TemplateStore, key: DomainKey, sequence: int, units: int | None
                 return  # the stream's expectation stays where the newest datagram put it
             else:
                 counts.sequence_resets += 1
-    store.sequences[key] = None if units is None else (sequence + units) % _MOD
+    store.set_sequence(key, None if units is None else (sequence + units) % _MOD)

@@ -20,7 +20,7 @@ Time is whatever the caller says (datagram receive times): the store never reads
 
 from __future__ import annotations
 
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, NamedTuple
@@ -111,17 +111,60 @@ class TemplateStore:
     """
 
     __slots__ = (
-        "_pending", "_pending_bytes", "_raw", "_templates", "max_pending_age_ms", "max_pending_bytes",
-        "max_pending_sets", "samplers", "sampling", "sequences", "sys_init",
+        "_domain_templates",
+        "_domains",
+        "_exporter_templates",
+        "_fields",
+        "_fields_total",
+        "_held_bytes",
+        "_pending",
+        "_pending_bytes",
+        "_raw",
+        "_templates",
+        "evicted",
+        "max_domains_per_exporter",
+        "max_exporters",
+        "max_pending_age_ms",
+        "max_pending_bytes",
+        "max_pending_sets",
+        "max_pending_total_bytes",
+        "max_template_fields",
+        "max_template_fields_per_exporter",
+        "max_templates_per_domain",
+        "samplers",
+        "sampling",
+        "sequences",
+        "sys_init",
+        "templates_evicted",
     )
 
     def __init__(self, max_pending_sets: int = 256, max_pending_bytes: int = 1 << 20,
-                 max_pending_age_ms: int = 30_000) -> None:
+                 max_pending_age_ms: int = 30_000, *, max_exporters: int = 1024,
+                 max_domains_per_exporter: int = 64, max_templates_per_domain: int = 512,
+                 max_template_fields_per_exporter: int = 16_384, max_template_fields: int = 131_072,
+                 max_pending_total_bytes: int = 16 << 20) -> None:
         """``max_pending_*`` bound the data sets held for a missing template, per (version,
         exporter, domain): beyond ``max_pending_sets`` sets or ``max_pending_bytes`` bytes the
         oldest is dropped; a set older than ``max_pending_age_ms`` (by receive time) is dropped
-        by :meth:`expire`. 0 sets disables holding."""
-        self._templates: dict[TemplateKey, Template] = {}
+        by :meth:`expire`. 0 sets disables holding. ``max_pending_total_bytes`` bounds the
+        held sets of all domains together: beyond it a set is not held (counted as dropped).
+
+        The other bounds keep the whole store finite whatever exporters send (every piece of
+        state is created on what a datagram claims): at most ``max_exporters`` exporter
+        addresses, ``max_domains_per_exporter`` (version, domain) pairs each, and templates at
+        most ``max_templates_per_domain`` per domain, ``max_template_fields_per_exporter``
+        field specifiers per exporter and ``max_template_fields`` in all (a template's cost is
+        its fields: one datagram can define a template of 16,000 of them). Beyond a bound the
+        least recently used item goes (a domain or exporter with all its state; beyond the
+        total of fields, the least recently used template of the exporter holding the most
+        fields), counted in
+        :attr:`evicted` and :attr:`templates_evicted`. "Used" is: a template stored or
+        refreshed; a domain with any state written (templates, held data, options, sequence
+        numbers: every decoded datagram writes its sequence). A well-behaved exporter refreshes
+        its templates and sends steadily, so it stays recent; a source inventing domains or
+        templates evicts its own first, since the per-exporter bounds come first.
+        """
+        self._templates: dict[TemplateKey, Template] = {}  # in least recently used order
         #: The wire bytes each template was last built from: a refresh with the same bytes (the
         #: usual case: exporters resend unchanged templates every few packets) is recognised with
         #: one bytes comparison instead of being parsed into Field tuples again.
@@ -129,6 +172,25 @@ class TemplateStore:
         self.max_pending_sets = max_pending_sets
         self.max_pending_bytes = max_pending_bytes
         self.max_pending_age_ms = max_pending_age_ms
+        self.max_pending_total_bytes = max_pending_total_bytes
+        self._held_bytes = 0  # _pending_bytes summed
+        self.max_exporters = max(1, max_exporters)
+        self.max_domains_per_exporter = max(1, max_domains_per_exporter)
+        self.max_templates_per_domain = max(1, max_templates_per_domain)
+        self.max_template_fields_per_exporter = max(1, max_template_fields_per_exporter)
+        self.max_template_fields = max(1, max_template_fields)
+        #: exporter -> its (version, domain) pairs; both levels in least recently used order.
+        self._domains: dict[bytes, dict[tuple[int, int], None]] = {}
+        #: The template IDs of each domain and the template keys of each exporter, in LRU order.
+        self._domain_templates: dict[DomainKey, dict[int, None]] = {}
+        self._exporter_templates: dict[bytes, dict[TemplateKey, None]] = {}
+        self._fields: dict[bytes, int] = {}  # field specifiers of each exporter's templates
+        self._fields_total = 0
+        #: What the bounds evicted, by kind (``exporters``, ``domains``, ``pending_sets``) and
+        #: templates by reason (``domain_limit``, ``exporter_fields``, ``total_fields``,
+        #: ``domain_evicted``): monotonic, read (and reset) by the caller.
+        self.evicted: Counter[str] = Counter()
+        self.templates_evicted: Counter[str] = Counter()
         self._pending: dict[DomainKey, OrderedDict[int, PendingSet]] = {}
         self._pending_bytes: dict[DomainKey, int] = {}
         #: Sampling rate announced for a whole domain (options data without a sampler ID).
@@ -140,7 +202,143 @@ class TemplateStore:
         self.sys_init: dict[tuple[bytes, int], int] = {}
         #: Next expected sequence number per stream; None after a message whose record count is
         #: unknown (data held for a missing template), so the next one only resynchronises.
+        #: Written through :meth:`set_sequence` (which keeps the bounds); read directly.
         self.sequences: dict[DomainKey, int | None] = {}
+
+    # --- the bounds ---------------------------------------------------------------------------
+
+    def touch(self, version: int, exporter: bytes, domain: int) -> None:
+        """Mark a domain (and its exporter) as just used, registering it if new: a new domain
+        beyond ``max_domains_per_exporter`` evicts the exporter's least recently used one, a new
+        exporter beyond ``max_exporters`` the least recently used exporter."""
+        domains = self._domains.get(exporter)
+        pair = (version, domain)
+        if (domains is not None and next(reversed(self._domains)) == exporter
+                and next(reversed(domains)) == pair):
+            return  # the usual case: the same stream as the last call
+        if domains is None:
+            domains = self._domains[exporter] = {}
+            if len(self._domains) > self.max_exporters:
+                self._evict_exporter(next(iter(self._domains)))
+        else:
+            del self._domains[exporter]
+            self._domains[exporter] = domains
+        if pair in domains:
+            del domains[pair]
+            domains[pair] = None
+            return
+        domains[pair] = None
+        if len(domains) > self.max_domains_per_exporter:
+            old_version, old_domain = next(iter(domains))
+            self._evict_domain(old_version, exporter, old_domain)
+
+    def set_sequence(self, key: DomainKey, value: int | None) -> None:
+        """Set a stream's next expected sequence number (see :attr:`sequences`), within the bounds."""
+        self.touch(*key)
+        self.sequences[key] = value
+
+    def _evict_exporter(self, exporter: bytes) -> None:
+        self.evicted["exporters"] += 1
+        for version, domain in list(self._domains.get(exporter, ())):
+            self._evict_domain(version, exporter, domain, count=False)
+        self._domains.pop(exporter, None)
+
+    def _evict_domain(self, version: int, exporter: bytes, domain: int, *, count: bool = True) -> None:
+        """Forget every piece of state of one domain (its templates counted as evicted)."""
+        if count:
+            self.evicted["domains"] += 1
+        dkey = (version, exporter, domain)
+        for template_id in list(self._domain_templates.get(dkey, ())):
+            self._drop_template((version, exporter, domain, template_id))
+            self.templates_evicted["domain_evicted"] += 1
+        self._forget_domain(dkey)
+
+    def _forget_domain(self, dkey: DomainKey) -> None:
+        version, exporter, domain = dkey
+        queue = self._pending.pop(dkey, None)
+        if queue:
+            self.evicted["pending_sets"] += len(queue)
+        self._held_bytes -= self._pending_bytes.pop(dkey, 0)
+        self.sampling.pop(dkey, None)
+        self.samplers.pop(dkey, None)
+        self.sequences.pop(dkey, None)
+        if version == 10:
+            self.sys_init.pop((exporter, domain), None)
+        domains = self._domains.get(exporter)
+        if domains is not None:
+            domains.pop((version, domain), None)
+            if not domains:
+                del self._domains[exporter]
+
+    def _drop_template(self, key: TemplateKey) -> Template | None:
+        """Remove one template from the store and every index of it."""
+        template = self._templates.pop(key, None)
+        self._raw.pop(key, None)
+        if template is None:
+            return None
+        exporter = key[1]
+        ids = self._domain_templates.get(key[:3])
+        if ids is not None:
+            ids.pop(key[3], None)
+            if not ids:
+                del self._domain_templates[key[:3]]
+        keys = self._exporter_templates.get(exporter)
+        if keys is not None:
+            keys.pop(key, None)
+            if not keys:
+                del self._exporter_templates[exporter]
+        weight = _weight(template)
+        self._fields_total -= weight
+        left = self._fields.get(exporter, 0) - weight
+        if left > 0:
+            self._fields[exporter] = left
+        else:
+            self._fields.pop(exporter, None)
+        return template
+
+    def _used(self, key: TemplateKey) -> None:
+        """Move a stored template to the most recently used end of every order."""
+        ids = self._domain_templates.get(key[:3])
+        if ids is not None and key[3] in ids:
+            del ids[key[3]]
+            ids[key[3]] = None
+        keys = self._exporter_templates.get(key[1])
+        if keys is not None and key in keys:
+            del keys[key]
+            keys[key] = None
+        self._templates[key] = self._templates.pop(key)
+
+    def _enforce(self, key: TemplateKey) -> None:
+        """Evict least recently used templates until every template bound holds again."""
+        exporter = key[1]
+        ids = self._domain_templates.get(key[:3])
+        while ids and len(ids) > self.max_templates_per_domain:
+            self._drop_template((*key[:3], next(iter(ids))))
+            self.templates_evicted["domain_limit"] += 1
+            ids = self._domain_templates.get(key[:3])
+        while self._fields.get(exporter, 0) > self.max_template_fields_per_exporter:
+            self._drop_template(next(iter(self._exporter_templates[exporter])))
+            self.templates_evicted["exporter_fields"] += 1
+        while self._fields_total > self.max_template_fields:
+            # From the exporter holding the most: under the total bound, a source that floods
+            # the cache pays for it, not the small, steady exporters beside it.
+            heaviest = max(self._fields, key=self._fields.__getitem__)
+            self._drop_template(next(iter(self._exporter_templates[heaviest])))
+            self.templates_evicted["total_fields"] += 1
+
+    def template_fields(self) -> int:
+        """Field specifiers of all stored templates (what the total bound counts)."""
+        return self._fields_total
+
+    def domain_count(self) -> int:
+        """(exporter, version, domain) streams with state."""
+        return sum(len(d) for d in self._domains.values())
+
+    def exporter_count(self) -> int:
+        """Exporter addresses with state."""
+        return len(self._domains)
+
+    # --- templates ----------------------------------------------------------------------------
 
     def get(self, version: int, exporter: bytes, domain: int, template_id: int) -> Template | None:
         """The template in force for this exporter, domain and ID, or None if none was received."""
@@ -152,69 +350,84 @@ class TemplateStore:
 
         A refresh with an unchanged layout keeps the stored object, so the decoder, which groups
         records by template object, keeps one group per layout across refreshes. ``raw`` is the
-        template record's wire bytes, remembered for :meth:`same_raw`.
+        template record's wire bytes, remembered for :meth:`same_raw`. The bounds are enforced
+        (least recently used templates evicted, this one last).
         """
+        self.touch(version, exporter, domain)
         key = (version, exporter, domain, template_id)
-        if raw is not None:
-            self._raw[key] = raw
-        else:
-            self._raw.pop(key, None)
         old = self._templates.get(key)
         if old == template:
+            if raw is not None:
+                self._raw[key] = raw
+            else:
+                self._raw.pop(key, None)
+            self._used(key)
             return False
+        if old is not None:
+            self._drop_template(key)
         self._templates[key] = template
+        if raw is not None:
+            self._raw[key] = raw
+        self._domain_templates.setdefault(key[:3], {})[template_id] = None
+        self._exporter_templates.setdefault(exporter, {})[key] = None
+        weight = _weight(template)
+        self._fields[exporter] = self._fields.get(exporter, 0) + weight
+        self._fields_total += weight
+        self._enforce(key)
         return True
 
     def same_raw(self, version: int, exporter: bytes, domain: int, template_id: int, raw: bytes) -> bool:
         """True when the template in force was built from exactly these wire bytes (a refresh
-        that needs no parsing)."""
+        that needs no parsing); such a refresh counts as a use of the template and its domain."""
         key = (version, exporter, domain, template_id)
-        return self._raw.get(key) == raw and key in self._templates
+        if self._raw.get(key) == raw and key in self._templates:
+            self.touch(version, exporter, domain)
+            self._used(key)
+            return True
+        return False
 
     def remove(self, version: int, exporter: bytes, domain: int, template_id: int) -> bool:
         """Forget one template (IPFIX template withdrawal); True if it was known."""
-        key = (version, exporter, domain, template_id)
-        self._raw.pop(key, None)
-        return self._templates.pop(key, None) is not None
+        return self._drop_template((version, exporter, domain, template_id)) is not None
 
     def remove_domain(self, version: int, exporter: bytes, domain: int, options: bool | None = None) -> int:
         """Forget every template of one domain (IPFIX withdraw-all); ``options`` limits it to
         options templates (True) or data templates (False). Returns how many were removed."""
-        keys = [k for k, t in self._templates.items()
-                if k[:3] == (version, exporter, domain) and (options is None or t.is_options == options)]
+        ids = self._domain_templates.get((version, exporter, domain), ())
+        keys = [(version, exporter, domain, t) for t in ids]
+        keys = [k for k in keys if options is None or self._templates[k].is_options == options]
         for key in keys:
-            del self._templates[key]
-            self._raw.pop(key, None)
+            self._drop_template(key)
         return len(keys)
 
     def clear(self, exporter: bytes | None = None) -> None:
         """Forget all templates and other state, or only those of one exporter address."""
         if exporter is None:
-            self._templates.clear()
-            self._raw.clear()
-            self._pending.clear()
-            self._pending_bytes.clear()
-            self.sampling.clear()
-            self.samplers.clear()
-            self.sys_init.clear()
-            self.sequences.clear()
+            for state in (self._templates, self._raw, self._pending, self._pending_bytes, self.sampling,
+                          self.samplers, self.sys_init, self.sequences, self._domains, self._domain_templates,
+                          self._exporter_templates, self._fields):
+                state.clear()
+            self._fields_total = self._held_bytes = 0
             return
-        for key in [k for k in self._templates if k[1] == exporter]:
-            del self._templates[key]
-            self._raw.pop(key, None)
+        for key in list(self._exporter_templates.get(exporter, ())):
+            self._drop_template(key)
+        self._held_bytes -= sum(n for k, n in self._pending_bytes.items() if k[1] == exporter)
         for state in (self._pending, self._pending_bytes, self.sampling, self.samplers, self.sequences):
             for dkey in [k for k in state if k[1] == exporter]:
                 del state[dkey]
         for ikey in [k for k in self.sys_init if k[0] == exporter]:
             del self.sys_init[ikey]
+        self._domains.pop(exporter, None)
 
     # --- data sets waiting for their template ---------------------------------------------
 
     def hold(self, version: int, exporter: bytes, domain: int, pending: PendingSet) -> int:
         """Keep a data set until its template arrives; returns how many sets were dropped to
         stay within the bounds (the oldest ones, or this one if holding is disabled)."""
-        if self.max_pending_sets <= 0 or len(pending.data) > self.max_pending_bytes:
+        if self.max_pending_sets <= 0 or len(pending.data) > self.max_pending_bytes or \
+                self._held_bytes + len(pending.data) > self.max_pending_total_bytes:
             return 1
+        self.touch(version, exporter, domain)
         key = (version, exporter, domain)
         queue = self._pending.get(key)
         if queue is None:
@@ -224,10 +437,12 @@ class TemplateStore:
         serial = next(reversed(queue)) + 1 if queue else 0
         queue[serial] = pending
         self._pending_bytes[key] += len(pending.data)
+        self._held_bytes += len(pending.data)
         dropped = 0
         while len(queue) > self.max_pending_sets or self._pending_bytes[key] > self.max_pending_bytes:
             _, old = queue.popitem(last=False)
             self._pending_bytes[key] -= len(old.data)
+            self._held_bytes -= len(old.data)
             dropped += 1
         return dropped
 
@@ -239,7 +454,9 @@ class TemplateStore:
             return []
         serials = [s for s, p in queue.items() if p.template_id == template_id]
         out = [queue.pop(s) for s in serials]
-        self._pending_bytes[key] -= sum(len(p.data) for p in out)
+        released = sum(len(p.data) for p in out)
+        self._pending_bytes[key] -= released
+        self._held_bytes -= released
         if not queue:
             del self._pending[key], self._pending_bytes[key]
         return out
@@ -256,7 +473,9 @@ class TemplateStore:
             if not old:
                 continue
             for s in old:
-                self._pending_bytes[key] -= len(queue.pop(s).data)
+                size = len(queue.pop(s).data)
+                self._pending_bytes[key] -= size
+                self._held_bytes -= size
             if not queue:
                 del self._pending[key], self._pending_bytes[key]
             out.append((key[1], len(old)))
@@ -270,6 +489,7 @@ class TemplateStore:
         field 48 or 302, or else for the whole domain) and IPFIX's systemInitTimeMilliseconds."""
         from sensors.netflow.fields import SAMPLER_ID, SELECTOR_ID, SYSTEM_INIT_MS, rate_from_options
 
+        self.touch(version, exporter, domain)
         init = values.get(SYSTEM_INIT_MS)
         if init and init < 1 << 62:  # beyond is noise, and would overflow the int64 time columns
             self.sys_init[(exporter, domain)] = int(init)
@@ -298,6 +518,10 @@ class TemplateStore:
             return next(iter(table.values()))
         return 1
 
+    def pending_bytes(self) -> int:
+        """Bytes of data sets currently held for a missing template, all exporters."""
+        return self._held_bytes
+
     def pending_sets(self) -> int:
         """Data sets currently held for a missing template, all exporters."""
         return sum(len(q) for q in self._pending.values())
@@ -311,6 +535,11 @@ class TemplateStore:
 
     def __iter__(self) -> Iterator[tuple[TemplateKey, Template]]:
         return iter(list(self._templates.items()))
+
+
+def _weight(template: Template) -> int:
+    """What a template costs the bounds: its field specifiers (at least 1)."""
+    return max(1, len(template.fields) + len(template.scope_fields))
 
 
 def hold_unknown(templates: TemplateStore, version: int, exporter: bytes, domain: int,

@@ -130,7 +130,7 @@ class V9Batch:
                 for value in seqs.tolist():  # a gap, reordering or restart: count it as one by one
                     track(templates, key3, value, 1, True, counts)
             else:
-                templates.sequences[key3] = (int(seqs[-1]) + 1) % _MOD
+                templates.set_sequence(key3, (int(seqs[-1]) + 1) % _MOD)
         view = memoryview(scan.buf)
         export_ms = (head["secs"][a:b].astype(np.int64) * 1000)
         uptime = head["uptime"][a:b].astype(np.int64)
