@@ -4,6 +4,11 @@ The schema name travels in the ``flowtally-schema`` header so a consumer can ref
 does not understand before it parses a byte; ``flowtally-origin`` names the raw message a batch
 was derived from (topic/partition/offset), which the sink turns into an insert deduplication
 token so a replay anywhere upstream cannot double count.
+
+Buffers are compressed inside the IPC stream. Flow batches (raw.v1 from the sensors, enriched.v1
+from the enricher) take their stage's ``compression`` setting, lz4 by default; the other messages
+(completeness batches, dead-letter messages) use :data:`WRITE_OPTIONS`, zstd, the default of
+:func:`encode_batch`. A reader decompresses any of them without being told which.
 """
 
 from __future__ import annotations
@@ -21,8 +26,11 @@ Headers = Sequence[tuple[str, bytes]]
 #: the sensors hand theirs over without copying it into bytes).
 Value: TypeAlias = bytes | pa.Buffer
 
-# zstd inside the IPC stream (per buffer) rather than Kafka-level compression: no extra Python
-# codec needed by every client, and consumers decompress straight into Arrow buffers.
+# Compression inside the IPC stream (per buffer) rather than Kafka-level compression: no extra
+# Python codec needed by every client, and consumers decompress straight into Arrow buffers.
+# zstd for the completeness batches and dead-letter messages (a small share of the traffic); the
+# flow batches are written with their stage's ``compression`` setting, lz4 by default, which costs
+# about half of zstd's CPU (the numbers are in sensors/publisher.py).
 WRITE_OPTIONS = pa.ipc.IpcWriteOptions(compression="zstd")
 
 
