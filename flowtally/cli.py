@@ -42,6 +42,38 @@ _TARGETS = {
 }
 
 
+#: Each stage's section of the settings reference and its own page (paths in the source tree).
+CONFIGURATION_DOC = "deploy/docs/configuration.md"
+STAGE_DOCS = {
+    ("sensor", "netflow"): ("flowtally-sensor-netflow", "deploy/docs/sensor-netflow.md"),
+    ("sensor", "conntrack"): ("flowtally-sensor-conntrack", "deploy/docs/sensor-conntrack.md"),
+    ("enrich",): ("flowtally-enrich", "deploy/docs/enricher.md"),
+    ("watch-k8s",): ("flowtally-watch-k8s", "deploy/docs/watcher.md"),
+    ("sink",): ("flowtally-sink-flowtally-migrate-flowtally-query", "deploy/docs/sink.md"),
+    ("migrate",): ("flowtally-sink-flowtally-migrate-flowtally-query", "deploy/docs/sink.md"),
+    ("query",): ("flowtally-sink-flowtally-migrate-flowtally-query", "deploy/docs/queries.md"),
+}
+
+
+def _stage_epilog(path: tuple[str, ...]) -> str:
+    """Where ``flowtally <path> --help`` sends a reader for the settings the flags do not show."""
+    anchor, page = STAGE_DOCS[path]
+    # Lines of our own (a raw formatter): argparse would wrap the anchor at its hyphens.
+    return (f"every setting, with its default and bounds:\n  {CONFIGURATION_DOC}#{anchor}\n"
+            "every setting is also a FLOWTALLY_... environment variable (kafka.bootstrap is\n"
+            "FLOWTALLY_KAFKA_BOOTSTRAP) and a key of the --config YAML file\n"
+            f"more about this command: {page}")
+
+
+def _stage_parser(sub: argparse._SubParsersAction, path: tuple[str, ...],
+                  help_: str) -> argparse.ArgumentParser:
+    """The subcommand ``path[-1]`` of ``sub``, with the common options and its settings epilog."""
+    p: argparse.ArgumentParser = sub.add_parser(path[-1], help=help_, epilog=_stage_epilog(path),
+                                               formatter_class=argparse.RawDescriptionHelpFormatter)
+    _common(p)
+    return p
+
+
 def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("-c", "--config", help="YAML settings file (also FLOWTALLY_CONFIG)")
     p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
@@ -59,39 +91,33 @@ def build_parser() -> argparse.ArgumentParser:
     sensor = sub.add_parser("sensor", help="run a sensor").add_subparsers(
         dest="sensor", required=True, metavar="KIND"
     )
-    nf = sensor.add_parser("netflow", help="receive NetFlow v5/v9 over UDP, publish raw batches")
-    _common(nf)
+    nf = _stage_parser(sensor, ("sensor", "netflow"),
+                       "receive NetFlow v5/v9/IPFIX over UDP, publish raw batches")
     nf.add_argument("--listen", help="UDP address to receive on, host:port (default 0.0.0.0:2055)")
     nf.add_argument("--metrics-listen", help="host:port of /metrics and /healthz")
-    ct = sensor.add_parser("conntrack", help="report the node's conntrack connections (netlink events "
-                           "and dumps) as raw batches")
-    _common(ct)
+    ct = _stage_parser(sensor, ("sensor", "conntrack"),
+                       "report the node's conntrack connections (netlink events and dumps) as raw batches")
     ct.add_argument("--stdout", action="store_true", help="print records as JSON lines, publish nothing")
     ct.add_argument("--metrics-listen", help="host:port of /metrics and /healthz (default 0.0.0.0:9464)")
 
-    enrich = sub.add_parser("enrich", help="run the Faust enrichment stream")
-    _common(enrich)
+    enrich = _stage_parser(sub, ("enrich",), "run the Faust enrichment stream")
     enrich.add_argument("--inventory", help="static identity inventory (YAML)")
     enrich.add_argument("--metrics-listen", help="host:port of /metrics and /healthz")
 
-    watch = sub.add_parser("watch-k8s", help="watch the Kubernetes API, write the identity topic")
-    _common(watch)
+    watch = _stage_parser(sub, ("watch-k8s",), "watch the Kubernetes API, write the identity topic")
     watch.add_argument("--kubeconfig", help="kubeconfig file (default: in-cluster, else ~/.kube/config)")
     watch.add_argument("--context", help="kubeconfig context (default: its current one)")
     watch.add_argument("--metrics-listen", help="host:port of /metrics and /healthz")
 
-    sink = sub.add_parser("sink", help="write enriched batches to ClickHouse")
-    _common(sink)
+    sink = _stage_parser(sub, ("sink",), "write enriched batches to ClickHouse")
     sink.add_argument("--metrics-listen", help="host:port of /metrics and /healthz")
 
-    migrate = sub.add_parser("migrate", help="apply the SQL migrations in sql/migrations")
-    _common(migrate)
+    migrate = _stage_parser(sub, ("migrate",), "apply the SQL migrations in sql/migrations")
     migrate.add_argument("--status", action="store_true", help="list migrations, apply nothing")
     migrate.add_argument("--render", action="store_true",
                          help="print the DDL (for clickhouse.cluster when set) without connecting")
 
-    query = sub.add_parser("query", help="run a named query from sql/queries")
-    _common(query)
+    query = _stage_parser(sub, ("query",), "run a named query from sql/queries (no name: list them)")
     query.add_argument("name", nargs="?", help="query name (omit to list them)")
     query.add_argument("--param", action="append", default=[], metavar="KEY=VALUE")
     query.add_argument("--format", choices=["table", "json", "csv"], default="table")

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import shlex
 import shutil
 import subprocess
 import sys
@@ -73,8 +74,27 @@ def run(args: argparse.Namespace) -> int:
     print(f"stored   {flows:>12,} flows {bytes_:>16,} bytes {packets:>13,} packets"
           f"   {'exact' if exact else 'MISMATCH'}")
     print(f"\nstate kept in {state} (logs in {state / 'logs'}); query it with:\n"
-          f"  FLOWTALLY_CLICKHOUSE_PATH={state / 'chdb'} flowtally query top_talkers --param minutes=0")
+          f"  FLOWTALLY_CLICKHOUSE_PATH={shlex.quote(str(state / 'chdb'))} {flowtally_command()} "
+          f"query top_talkers --param minutes=0")
     return 0 if exact else 1
+
+
+def flowtally_command(cwd: Path | None = None) -> str:
+    """A shell command that runs this flowtally from ``cwd`` (default: the current directory).
+
+    The demo runs from the venv that command 1 creates, which is not on PATH: the console script
+    next to this interpreter (relative when it is under ``cwd``, as ``.venv/bin/flowtally``), else
+    this interpreter with ``-m flowtally.cli``."""
+    here = Path.cwd() if cwd is None else cwd
+    # sys.executable, not its resolved target: a venv's python is a symlink to the system one,
+    # whose directory has no flowtally script.
+    script = Path(sys.executable).parent / "flowtally"
+    if not script.is_file():
+        return f"{shlex.quote(sys.executable)} -m flowtally.cli"
+    try:
+        return shlex.quote(str(script.relative_to(here)))
+    except ValueError:
+        return shlex.quote(str(script))
 
 
 def _generate(port: int, flows: int, rate: float) -> dict[str, int]:

@@ -2,7 +2,8 @@
 -- over the last `minutes` minutes of flow end time (0 = all time), sampling-scaled, from the
 -- rollups (minute-aligned windows up to a day, hour-aligned beyond). ASN 0 / organisation '' =
 -- not in the ASN database (or no database configured); the organisation is the one the ASN
--- database gave (the greatest name if it changed; '' for rows rolled up before migration 0009).
+-- database gave (the greatest name if it changed; '' for rows rolled up by an older flowtally
+-- that did not keep the organisation in the rollups).
 -- `per_workload` = 1 splits each ASN by source namespace/workload; `namespace` / `workload`
 -- narrow it to one namespace or workload ('*' = all).
 -- params: minutes UInt32 = 60 (0 = all time), per_workload UInt8 = 0, namespace String = *, workload String = *, limit UInt32 = 20

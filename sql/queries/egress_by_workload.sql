@@ -1,6 +1,6 @@
 -- Traffic leaving the cluster (destination kind `external`) by source workload over the last
 -- `minutes` minutes (0 = all time), from the rollups. Bytes and packets are sampling-scaled.
--- Per ASN and country comes with the geo/ASN columns of the enrichment (issue 6).
+-- Per destination ASN and organisation, or per country: egress_by_asn, egress_by_country.
 -- params: minutes UInt32 = 60 (0 = all time), limit UInt32 = 20
 SELECT
     src_namespace AS namespace,

@@ -1,7 +1,7 @@
 -- External destinations each workload started talking to since `since` (UTC, 'YYYY-MM-DD
 -- hh:mm:ss'): destinations whose first flow started at or after `since`, with when they were
 -- first and last seen and the sampling-scaled bytes and flows sent there since. From the
--- first-seen table (migration 0007), which keeps a destination until it has not been seen for
+-- first-seen table first_seen_external, which keeps a destination until it has not been seen for
 -- the per-hour rollup's TTL, so "new" looks back much further than the raw flows' TTL.
 -- `namespace` / `workload` narrow it to one namespace or workload ('*' = all).
 -- params: since String = 1970-01-01 00:00:00, namespace String = *, workload String = *, limit UInt32 = 100
