@@ -15,6 +15,7 @@ import pytest
 
 from flowtally import cli, demo
 from sql import queries
+from tests.scripts import load_script
 
 ROOT = Path(__file__).resolve().parents[2]
 DOCS = ROOT / "deploy" / "docs"
@@ -62,7 +63,7 @@ def test_slug_as_github_makes_it() -> None:
 
 def test_the_pages_are_there() -> None:
     names = {p.name for p in PAGES}
-    assert {"README.md", "configuration.md", "sensor-netflow.md", "sensor-conntrack.md", "enricher.md",
+    assert {"README.md", "configuration.md", "named-queries.md", "sensor-netflow.md", "sensor-conntrack.md", "enricher.md",
             "watcher.md", "sink.md", "queries.md", "health.md", "deploy.md", "dashboards.md",
             "development.md"} <= names
 
@@ -103,6 +104,16 @@ def test_query_descriptions_name_no_internal_numbers(name: str) -> None:
     description = queries.load(name).description
     assert description
     assert not _INTERNAL_NUMBER.search(description), description
+
+
+def test_committed_query_reference_is_what_the_generator_writes() -> None:
+    gen = load_script(DOCS / "generate_query_reference.py")
+    assert (DOCS / "named-queries.md").read_text() == gen.render(), \
+        "stale: run python deploy/docs/generate_query_reference.py"
+    assert gen.main(["--check"]) == 0
+    for name in queries.names():  # the page's parameters are the ones `flowtally query` fills in
+        assert {p: d for p, _t, d, _n in gen.parameters(name)} == queries.load(name).defaults, name
+    assert ("minutes", "UInt32", "60", "0 = all time") in gen.parameters("top_talkers")
 
 
 def _help(path: tuple[str, ...], capsys: pytest.CaptureFixture[str]) -> str:
