@@ -83,6 +83,20 @@ def test_relative_links_reach_a_file_and_heading(page: Path) -> None:
     assert not broken, broken
 
 
+#: Top-level folders of the repository: a code span starting with one of them names a file or folder.
+_TREES = ("flowtally/", "sensors/", "enricher/", "sink/", "sql/", "deploy/", "tests/")
+
+
+@pytest.mark.parametrize("page", PAGES, ids=lambda p: str(p.relative_to(ROOT)))
+def test_named_source_paths_exist(page: Path) -> None:
+    """A path in code, e.g. `enricher/times.py` or `sql/migrations/NNNN_*.sql`, names something that
+    is there (so a module that moves takes its mentions along)."""
+    spans = re.findall(r"`([^`]+)`", _FENCE.sub("", page.read_text()))
+    named = {s for s in spans if s.startswith(_TREES) and re.fullmatch(r"[\w./*-]+", s)}
+    missing = [p for p in sorted(named) if not list(ROOT.glob(p.replace("NNNN", "[0-9]" * 4).rstrip("/")))]
+    assert not missing, missing
+
+
 def test_readme_links_every_page() -> None:
     """The README is the front page: every page under deploy/docs is one link away."""
     linked = {(ROOT / t.partition("#")[0]).resolve() for t in links(ROOT / "README.md")}
