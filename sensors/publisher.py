@@ -3,7 +3,9 @@
 A bounded queue sits between the receiving side and the producer: when Kafka is slow or down
 the queue fills, and further batches are dropped *and counted* rather than growing memory
 without bound (a UDP sensor cannot push back on its exporters). Memory held here is at most
-``max_queued + max_in_flight`` messages of at most :data:`~flowtally.kafka.MAX_MESSAGE_BYTES`.
+``max_queued + max_in_flight`` messages of at most ``kafka.max_message_bytes`` (batches are split
+to fit it by :func:`encode_messages`; a single row that cannot fit is dropped and counted under
+``reason="message_too_large"``).
 
 Sends are pipelined: up to ``max_in_flight`` messages are handed to the producer before the
 oldest acknowledgement is awaited (the producer is idempotent, so retries neither duplicate nor
@@ -30,8 +32,8 @@ import pyarrow as pa
 from aiokafka import AIOKafkaProducer
 from prometheus_client import Counter, Gauge
 
-from flowtally.kafka import MAX_MESSAGE_BYTES
-from flowtally.wire import SCHEMA_HEADER, WRITE_OPTIONS, Value, write_stream
+from flowtally.settings import DEFAULT_MAX_MESSAGE_BYTES
+from flowtally.wire import SCHEMA_HEADER, WRITE_OPTIONS, RowTooLarge, Value, encode_pieces
 from sensors.schema import SCHEMA_NAME
 
 log = logging.getLogger(__name__)
@@ -74,19 +76,23 @@ _OPTIONS = {c: pa.ipc.IpcWriteOptions(compression=None if c == "none" else c, us
             for c in COMPRESSIONS}
 
 
-def encode_messages(table: pa.Table, key: bytes, max_bytes: int = MAX_MESSAGE_BYTES,
+def encode_messages(table: pa.Table, key: bytes, max_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
                     schema_name: str = SCHEMA_NAME, topic: str | None = None,
                     compression: str | None = None) -> list[Message]:
-    """Encode ``table`` as one message, or split it in halves until each fits ``max_bytes``.
+    """Encode ``table`` as one message, or split it in halves until each fits ``max_bytes``
+    (``kafka.max_message_bytes``: the whole Kafka message, see :func:`flowtally.wire.encode_pieces`).
 
-    ``compression`` None uses the wire format's default (:func:`flowtally.wire.encode_batch`)."""
-    value = write_stream(table, WRITE_OPTIONS if compression is None else _OPTIONS[compression])
-    headers = [(SCHEMA_HEADER, schema_name.encode())]
-    if len(value) <= max_bytes or table.num_rows <= 1:
-        return [Message(key, value, headers, table.num_rows, topic)]
-    half = table.num_rows // 2
-    return encode_messages(table.slice(0, half), key, max_bytes, schema_name, topic, compression) + \
-        encode_messages(table.slice(half), key, max_bytes, schema_name, topic, compression)
+    A table with a row that cannot fit on its own gives no message: its flows are dropped and
+    counted (``reason="message_too_large"``) rather than handed to a producer that would refuse
+    them. ``compression`` None uses the wire format's default (:func:`flowtally.wire.encode_batch`)."""
+    options = WRITE_OPTIONS if compression is None else _OPTIONS[compression]
+    try:
+        pieces = encode_pieces(table, max_bytes, [(SCHEMA_HEADER, schema_name.encode())], options)
+    except RowTooLarge as exc:
+        Publisher._drop(Message(key, b"", [], table.num_rows, topic), "message_too_large")
+        log.error("dropped a batch of %d rows that cannot be split to fit a message: %s", table.num_rows, exc)
+        return []
+    return [Message(key, p.value, p.headers, p.num_rows, topic) for p in pieces]
 
 
 class Publisher:

@@ -46,7 +46,7 @@ from flowtally.clickhouse import connect
 from flowtally.lifecycle import run_components
 from flowtally.metrics import MetricsServer
 from flowtally.settings import load_settings
-from flowtally.wire import ORIGIN_HEADER, WireError, decode_batch, header
+from flowtally.wire import ORIGIN_HEADER, PART_HEADER, WireError, decode_batch, header, part_of
 from sink.delivery import Delivery, FeedMetrics, FeedWorker, Retry, Stopped
 from sink.groups import Consumed, Group, Intent, PartitionGroups
 from sink.rows import flow_rows
@@ -72,14 +72,20 @@ GROUPS_TABLE = "sink_groups"
 
 
 def origin_of(msg: ConsumerRecord) -> str:
-    """The raw message a batch came from (set by the enricher), else this message itself."""
+    """The raw message a batch came from (set by the enricher), else this message itself; for
+    piece ``i`` of ``n`` of a split batch (``flowtally-part``) ``<origin>#i/n``. The pieces of one
+    raw message are different rows, so each is its own origin to deduplicate a replay against
+    (a replay re-emits the same pieces: enrichment is the same function of the same raw rows)."""
     origin = header(msg.headers, ORIGIN_HEADER)
-    return origin.decode() if origin else f"{msg.topic}/{msg.partition}/{msg.offset}"
+    base = origin.decode() if origin else f"{msg.topic}/{msg.partition}/{msg.offset}"
+    part = header(msg.headers, PART_HEADER)
+    return base if part is None else f"{base}#{part.decode(errors='replace')}"
 
 
 def decode(msg: ConsumerRecord) -> Consumed:
     """One enriched message as flow rows (or why it is not a batch), with its origin."""
     try:
+        part_of(msg.headers)  # a malformed part header: not a batch of ours (to the DLQ)
         enriched = decode_batch(msg.value, msg.headers, ENRICHED_SCHEMA, ENRICHED, with_additive_defaults)
         rows = flow_rows(enriched)
     except WireError as exc:

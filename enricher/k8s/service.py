@@ -13,6 +13,11 @@ picture would close the versions of everything not listed yet.
 ``/healthz`` is healthy once the initial lists of every resource have been written. SIGTERM:
 the watch threads stop, the events already received are flushed and written, exit 0. A write
 that fails keeps its addresses pending; the next flush writes their then-current lists.
+
+Every record fits ``kafka.max_message_bytes``: an address whose list would not fit is written
+without its oldest ended versions (``flowtally_watcher_versions_trimmed_total``); one that does
+not fit even so is not written (``flowtally_watcher_records_refused_total``, logged) rather than
+failing every flush.
 """
 
 from __future__ import annotations
@@ -28,7 +33,13 @@ from aiokafka.errors import KafkaError
 from prometheus_client import Counter, Gauge, Histogram
 
 from enricher.identity import Version
-from enricher.identity_topic import IdentityRecordError, decode_record, encode_key, encode_versions
+from enricher.identity_topic import (
+    IdentityRecordError,
+    IdentityRecordTooLarge,
+    decode_record,
+    encode_key,
+    fit_versions,
+)
 from enricher.k8s.objects import RESOURCES, ClusterState
 from enricher.k8s.settings import WatcherSettings
 from enricher.k8s.watcher import (
@@ -55,6 +66,10 @@ ADDRESSES = Gauge("flowtally_watcher_addresses", "Addresses with a version histo
 VERSIONS = Gauge("flowtally_watcher_versions", "Versions held over all addresses")
 OBJECTS = Gauge("flowtally_watcher_objects", "Objects held", ["resource"])
 PENDING = Gauge("flowtally_watcher_pending_addresses", "Changed addresses not written yet")
+TRIMMED = Counter("flowtally_watcher_versions_trimmed_total",
+                  "Ended versions left out of identity records to fit kafka.max_message_bytes")
+REFUSED = Counter("flowtally_watcher_records_refused_total",
+                  "Identity records not written: too large for kafka.max_message_bytes even trimmed")
 FLUSH_SECONDS = Histogram("flowtally_watcher_flush_seconds", "Computing the changes of one flush")
 
 REPLAY_TIMEOUT_S = 300.0
@@ -201,13 +216,25 @@ class WatchStage:
     async def _write(self) -> None:
         assert self._state is not None and self._producer is not None
         addresses = sorted(self._pending)
+        limit = self._settings.kafka.max_message_bytes
         try:
-            futures, tombstones = [], 0
+            futures, tombstones, refused = [], 0, 0
             for address in addresses:
                 versions = self._state.versions(address)
+                key = encode_key(address)
+                try:
+                    value, trimmed = fit_versions(versions or None, key, limit)
+                except IdentityRecordTooLarge as exc:
+                    REFUSED.inc()
+                    refused += 1
+                    log.error("identity record not written: %s", exc)
+                    continue
+                if trimmed:
+                    TRIMMED.inc(trimmed)
+                    log.warning("identity record of %s: left out its %d oldest ended versions to fit "
+                                "%d bytes", address, trimmed, limit)
                 tombstones += not versions
-                futures.append(await self._producer.send(
-                    self._topic, encode_versions(versions or None), key=encode_key(address)))
+                futures.append(await self._producer.send(self._topic, value, key=key))
             await asyncio.gather(*futures)
         except KafkaError as exc:
             WRITE_ERRORS.inc()
@@ -215,7 +242,7 @@ class WatchStage:
                         len(addresses), exc)
             return
         self._pending.difference_update(addresses)
-        RECORDS.labels("versions").inc(len(addresses) - tombstones)
+        RECORDS.labels("versions").inc(len(addresses) - tombstones - refused)
         RECORDS.labels("tombstone").inc(tombstones)
 
 

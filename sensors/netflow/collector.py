@@ -311,7 +311,8 @@ class NetflowReceiver:
             self._account_rows(exporter, table, "records")
         if table.num_rows:
             offset = 0
-            for message in encode_messages(table, label.encode(), compression=self._settings.compression):
+            for message in encode_messages(table, label.encode(), self._settings.kafka.max_message_bytes,
+                                           compression=self._settings.compression):
                 if not self._publisher.offer(message) and self._completeness_topic:
                     self._account_rows(exporter, table.slice(offset, message.flows), "dropped_backpressure")
                 offset += message.flows
@@ -381,8 +382,8 @@ class NetflowReceiver:
         table = self._completeness.take(before_ms)
         if table.num_rows:
             key = (self._settings.observer or os.uname().nodename).encode()
-            for message in encode_messages(table, key, schema_name=COMPLETENESS_SCHEMA,
-                                           topic=self._completeness_topic):
+            for message in encode_messages(table, key, self._settings.kafka.max_message_bytes,
+                                           schema_name=COMPLETENESS_SCHEMA, topic=self._completeness_topic):
                 self._publisher.offer(message)
 
 

@@ -5,8 +5,11 @@ from __future__ import annotations
 
 import pyarrow as pa
 import pytest
+from aiokafka.structs import ConsumerRecord
 
+from flowtally.wire import ORIGIN_HEADER, PART_HEADER
 from sink.groups import Consumed, GroupLimits, Intent, PartitionGroups
+from sink.service import decode, origin_of
 
 
 def _item(offset: int, origin: str, rows: int = 10) -> Consumed:
@@ -157,3 +160,48 @@ def test_resume_without_a_recorded_group_forms_fresh_ones(start: int) -> None:
     group = g.take()
     assert group is not None
     assert group.intent.origins == (("raw/0/x",) if start else ("raw/0/0", "raw/0/x"))
+
+
+def _record(offset: int, headers: list[tuple[str, bytes]]) -> ConsumerRecord[bytes, bytes]:
+    return ConsumerRecord("enriched", 3, offset, 0, 0, b"k", b"", None, 1, 0, headers)
+
+
+def test_pieces_of_one_raw_message_are_distinct_origins() -> None:
+    whole = _record(5, [(ORIGIN_HEADER, b"raw/0/7")])
+    pieces = [_record(6 + i, [(ORIGIN_HEADER, b"raw/0/8"), (PART_HEADER, f"{i}/3".encode())]) for i in (1, 2, 3)]
+    assert origin_of(whole) == "raw/0/7"
+    assert [origin_of(p) for p in pieces] == ["raw/0/8#1/3", "raw/0/8#2/3", "raw/0/8#3/3"]
+    assert origin_of(_record(9, [])) == "enriched/3/9"  # no origin: the message itself
+    # a malformed part header makes the message undecodable (to the DLQ), not a crash
+    bad = decode(_record(10, [(ORIGIN_HEADER, b"raw/0/9"), (PART_HEADER, b"x")]))
+    assert bad.rows is None and bad.error is not None and bad.origin == "raw/0/9#x"
+
+
+def test_the_pieces_of_a_raw_message_are_all_inserted_and_their_replay_is_skipped() -> None:
+    """A raw message split into three pieces: all three go into the group (keyed on the raw
+    origin alone, pieces 2 and 3 would be dropped as duplicates of piece 1); the enricher
+    re-emitting the same three pieces after a crash, within the group or after it landed, adds
+    nothing; and a group re-formed after a sink restart takes the same three pieces."""
+    g = _groups()
+    parts = [f"raw/0/8#{i}/3" for i in (1, 2, 3)]
+    g.add(_item(0, "raw/0/7"), 0.0)
+    for offset, origin in enumerate(parts, start=1):
+        g.add(_item(offset, origin), 0.0)
+    g.add(_item(4, parts[0]), 0.0)  # re-emitted at once
+    first = g.take()
+    assert first is not None
+    assert first.intent.origins == ("raw/0/7", *parts) and first.num_rows == 40
+    assert [c.offset for c in first.duplicates] == [4]
+    g.landed(first)
+    for offset, origin in enumerate(parts, start=5):  # re-emitted after the group was committed
+        g.add(_item(offset, origin), 0.0)
+    second = g.take()
+    assert second is not None and second.included == [] and [c.offset for c in second.duplicates] == [5, 6, 7]
+    # the sink restarts inside a recorded group of pieces: exactly those pieces again
+    h = _groups()
+    h.resume(1, [Intent("enriched", 3, 1, 4, "tok-P", tuple(parts))])
+    for offset, origin in enumerate([*parts, parts[1]], start=1):
+        h.add(_item(offset, origin), 0.0)
+    reformed = h.take()
+    assert reformed is not None and reformed.recorded and reformed.intent.token == "tok-P"
+    assert [c.offset for c in reformed.included] == [1, 2, 3] and [c.offset for c in reformed.duplicates] == [4]
