@@ -16,6 +16,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TypeAlias
 
+import numpy as np
 import pyarrow as pa
 
 SCHEMA_HEADER = "flowtally-schema"
@@ -107,7 +108,8 @@ def encode_pieces(table: pa.Table, limit: int, headers: Headers,
 
     The table is encoded whole; if that is too large its rows are split in halves (row slices,
     in order) and each half is encoded again, recursively, until every piece fits. Concatenating
-    the pieces' rows gives ``table`` exactly. With more than one piece, piece ``i`` of ``n``
+    the pieces' rows gives ``table`` exactly (a split piece's dictionary columns hold only the
+    values its rows use: :func:`compact_dictionaries`). With more than one piece, piece ``i`` of ``n``
     carries the header ``flowtally-part: i/n`` (1-based). Raises :class:`RowTooLarge` when a single
     row does not fit (nothing is returned then: the caller decides about the whole table)."""
     budget = limit - MESSAGE_OVERHEAD
@@ -133,8 +135,39 @@ def _split_to_fit(table: pa.Table, budget: int, limit: int, options: pa.ipc.IpcW
     if table.num_rows <= 1:
         raise RowTooLarge(len(value), limit)
     half = table.num_rows // 2
-    _split_to_fit(table.slice(0, half), budget, limit, options, out)
-    _split_to_fit(table.slice(half), budget, limit, options, out)
+    _split_to_fit(compact_dictionaries(table.slice(0, half)), budget, limit, options, out)
+    _split_to_fit(compact_dictionaries(table.slice(half)), budget, limit, options, out)
+
+
+def compact_dictionaries(table: pa.Table) -> pa.Table:
+    """``table`` with each dictionary column's dictionary reduced to the values its rows use.
+
+    A slice keeps the whole dictionary of the array it was cut from, and the IPC writer writes
+    all of it: half of an enriched batch with thousands of distinct pod names would still carry
+    every name, and halving could never make it fit. The values are unchanged (the codes are
+    renumbered; the dictionaries stay free of duplicates, which ClickHouse requires)."""
+    if not any(pa.types.is_dictionary(f.type) for f in table.schema):
+        return table
+    columns = [pa.chunked_array([_compact(c) for c in col.chunks], col.type)
+               if pa.types.is_dictionary(col.type) else col for col in table.columns]
+    return pa.Table.from_arrays(columns, schema=table.schema)
+
+
+def _compact(array: pa.DictionaryArray) -> pa.DictionaryArray:
+    dictionary, indices = array.dictionary, array.indices
+    if not len(dictionary) or not len(indices):
+        return array
+    codes = indices.fill_null(0).to_numpy(zero_copy_only=False)
+    used = np.zeros(len(dictionary), dtype=bool)
+    used[codes] = True
+    if used.all():
+        return array
+    distinct = np.flatnonzero(used)
+    position = np.zeros(len(dictionary), dtype=indices.type.to_pandas_dtype())
+    position[distinct] = np.arange(len(distinct))
+    mask = indices.is_null().to_numpy(zero_copy_only=False) if indices.null_count else None
+    return pa.DictionaryArray.from_arrays(pa.array(position[codes], indices.type, mask=mask),
+                                          dictionary.take(pa.array(distinct)), ordered=array.type.ordered)
 
 
 def part_of(headers: Headers | dict[str, bytes] | None) -> tuple[int, int] | None:

@@ -131,7 +131,9 @@ _rows = st.lists(st.tuples(st.integers(-2**63, 2**63 - 1), st.text(max_size=3000
 def test_pieces_concatenate_to_the_input_and_each_fits(rows: list[tuple[int, str]], limit: int,
                                                        compression: str | None) -> None:
     table = pa.table({"n": pa.array([r[0] for r in rows], pa.int64()),
-                      "label": pa.array([r[1] for r in rows], pa.string())})
+                      "label": pa.array([r[1] for r in rows], pa.string()),
+                      # dictionary-encoded like the enriched identity columns (a few repeated values)
+                      "name": pa.array([r[1][:40] for r in rows], pa.string()).dictionary_encode()})
     options = pa.ipc.IpcWriteOptions(compression=compression)
     base = [(SCHEMA_HEADER, b"test.v1"), ("flowtally-origin", b"t/0/5")]
     try:
@@ -144,7 +146,8 @@ def test_pieces_concatenate_to_the_input_and_each_fits(rows: list[tuple[int, str
         return
     assert all(len(p.value) + MESSAGE_OVERHEAD <= limit for p in pieces)
     assert sum(p.num_rows for p in pieces) == table.num_rows
-    assert pa.concat_tables([_read(p.value) for p in pieces]).equals(table)
+    back = pa.concat_tables([_read(p.value) for p in pieces])
+    assert back.schema.equals(table.schema) and back.to_pylist() == table.to_pylist()
     n = len(pieces)
     for i, piece in enumerate(pieces, start=1):
         assert piece.headers[:2] == base
@@ -168,6 +171,21 @@ def test_a_big_batch_splits_in_order_into_numbered_pieces() -> None:
     assert all(len(p.value) <= 256 * 1024 - MESSAGE_OVERHEAD for p in pieces)
     back = pa.concat_tables(decode_batch(p.value, p.headers, RAW_SCHEMA, SCHEMA_NAME) for p in pieces)
     assert back.equals(table)
+
+
+def test_split_pieces_carry_only_the_dictionary_values_they_use() -> None:
+    """An enriched-like batch where every row has its own 100-byte name (dictionary-encoded): a
+    slice would still carry all 20,000 names (2 MB), so only compacted pieces can fit."""
+    names = [f"{i:06d}-" + "abcdefghij" * 9 + "xyz" for i in range(20_000)]
+    table = pa.table({"n": pa.array(range(20_000), pa.int64()),
+                      "name": pa.array(names).dictionary_encode()})
+    options = pa.ipc.IpcWriteOptions(compression=None)
+    assert len(write_stream(table.slice(0, 1), options)) > 1_000_000  # the whole dictionary
+    pieces = encode_pieces(table, 256 * 1024, [], options)
+    assert len(pieces) > 8 and all(len(p.value) + MESSAGE_OVERHEAD <= 256 * 1024 for p in pieces)
+    tables = [_read(p.value) for p in pieces]
+    assert all(len(t.column("name").chunk(0).dictionary) == t.num_rows for t in tables)
+    assert pa.concat_tables(tables).to_pylist() == table.to_pylist()
 
 
 def test_a_row_too_large_for_any_message_is_refused() -> None:
