@@ -150,7 +150,7 @@ async def _check_limits(admin: AIOKafkaAdminClient, names: list[str], limit: int
     the broker's default) is below ``limit``; returns every topic's limit that could be read."""
     if not names:
         return {}
-    resources = [ConfigResource(ConfigResourceType.TOPIC, name, configs=["max.message.bytes"])
+    resources = [ConfigResource(ConfigResourceType.TOPIC, name, configs={"max.message.bytes": None})
                  for name in names]
     try:
         responses = await admin.describe_configs(resources)

@@ -1,0 +1,220 @@
+"""No Kafka message is too large by construction: real Kafka, the real enricher and sink, chDB.
+
+Every stage runs with ``kafka.max_message_bytes`` = 64 KiB, so the topics flowtally creates
+refuse anything larger (the broker enforces it, checked first). Raw batches fit (the sensor's
+:func:`~sensors.publisher.encode_messages` splits them), but enrichment (pod names, workloads,
+services, lz4) makes each enriched batch several times larger: the enricher must publish every
+batch as pieces (``flowtally-part: i/n``), and the sink must insert every piece — keyed on the
+raw origin alone, as before, it would drop pieces 2..n as duplicates of piece 1 and the totals
+below would fall short. The enricher is SIGKILLed once mid-stream (with a long commit interval),
+so it re-emits pieces it had already published: those must be skipped, not counted twice.
+
+One raw batch is poison: its flows come from a pod whose (random, incompressible) 100 KB name
+makes a single enriched row larger than a message. It goes to the DLQ with the reason
+``message_too_large``; the enricher does not crash-loop on it and everything else is stored.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import os
+import time
+import uuid
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+from aiokafka.errors import MessageSizeTooLargeError
+from prometheus_client import REGISTRY
+
+from flowtally import kafka
+from flowtally.clickhouse import connect
+from flowtally.localstack import Stage, free_port
+from flowtally.settings import ClickHouseSettings, KafkaSettings
+from sensors.publisher import encode_messages
+from sensors.schema import build_raw_table, ipv4_to_mapped
+from tests.integration.test_exactly_once import _wait_drained
+
+LIMIT = 65_536
+BATCHES = 24
+ROWS = 3_000
+PODS = [0x0AF40100 + i for i in range(200)]  # 10.244.1.0/24
+POISON_POD = 0x0AF40200  # 10.244.2.0
+EXTERNAL = [0x51024500 + i for i in range(50)]  # 81.2.69.x
+
+
+def _dotted(ip: int) -> str:
+    return ".".join(str((ip >> s) & 255) for s in (24, 16, 8, 0))
+
+
+def _inventory(path: Path) -> None:
+    owners = [{"ip": _dotted(ip), "kind": "pod", "namespace": f"team-{i % 7}-production",
+               "name": f"checkout-frontend-{i:03d}-7d9c6f5b8d-{i * 7919 % 100_000:05d}",
+               "workload": f"checkout-frontend-{i % 20}", "workload_kind": "Deployment",
+               "service": f"checkout-frontend-{i % 20}.team-{i % 7}-production", "node": f"node-{i % 5}"}
+              for i, ip in enumerate(PODS)]
+    owners.append({"ip": _dotted(POISON_POD), "kind": "pod", "namespace": "poison",
+                   "name": base64.b64encode(os.urandom(75_000)).decode(), "node": "node-0"})
+    path.write_text(yaml.safe_dump({"owners": owners}))
+
+
+def _raw_messages(now_ms: int) -> tuple[list[tuple[bytes, bytes]], bytes, tuple[int, int]]:
+    """(key, value) of the raw messages of the good batches (split by the sensor's own rule to fit
+    LIMIT), the poison message, and the good flows' (count, sum of bytes)."""
+    rng = np.random.default_rng(22)
+    messages, count, total = [], 0, 0
+    for i in range(BATCHES):
+        nbytes = rng.integers(40, 10_000_000, ROWS, dtype=np.uint64)
+        table = build_raw_table({
+            "src_addr": ipv4_to_mapped(rng.choice(np.array(PODS, np.uint32), ROWS)),
+            "dst_addr": ipv4_to_mapped(rng.choice(np.array(PODS + EXTERNAL, np.uint32), ROWS)),
+            "bytes": nbytes, "packets": rng.integers(1, 10_000, ROWS, dtype=np.uint64),
+            "start": np.full(ROWS, now_ms - 5000), "end": np.full(ROWS, now_ms),
+            "time_received": np.full(ROWS, now_ms), "src_port": rng.integers(1024, 65535, ROWS),
+            "dst_port": rng.choice([53, 80, 443, 8080], ROWS), "proto": np.full(ROWS, 6),
+            "version": np.full(ROWS, 10),
+        })
+        key = f"exporter-{i % 3}".encode()
+        messages += [(key, m.value.to_pybytes()) for m in encode_messages(table, key, LIMIT)]
+        count += ROWS
+        total += int(nbytes.sum())
+    poison = build_raw_table({
+        "src_addr": ipv4_to_mapped(np.full(5, POISON_POD, np.uint32)),
+        "dst_addr": ipv4_to_mapped(np.full(5, EXTERNAL[0], np.uint32)),
+        "bytes": np.full(5, 1000), "packets": np.ones(5), "end": np.full(5, now_ms),
+        "time_received": np.full(5, now_ms), "proto": np.full(5, 6),
+    })
+    (poison_message,) = encode_messages(poison, b"exporter-0", LIMIT)
+    return messages, poison_message.value.to_pybytes(), (count, total)
+
+
+async def _produce(settings: KafkaSettings, messages: list[tuple[bytes, bytes]], seconds: float) -> None:
+    producer = kafka.producer(settings)
+    await producer.start()
+    try:
+        for key, value in messages:
+            await producer.send_and_wait(settings.topic("raw"), value, key=key,
+                                         headers=[("flowtally-schema", b"raw.v1")])
+            await asyncio.sleep(seconds / len(messages))
+    finally:
+        await producer.stop()
+
+
+async def _broker_enforces_the_topic_limit(settings: KafkaSettings) -> None:
+    """The topics were created with max.message.bytes = LIMIT: a producer allowed more is refused
+    by the broker; and a stage configured for more is warned at start that the topics are smaller."""
+    producer = kafka.producer(settings, max_request_size=4 * LIMIT)
+    await producer.start()
+    try:
+        with pytest.raises(MessageSizeTooLargeError):
+            await producer.send_and_wait(settings.topic("dlq"), os.urandom(LIMIT + 1024))
+        await producer.send_and_wait(settings.topic("dlq"), b"x" * 1000)  # the limit is not 0
+    finally:
+        await producer.stop()
+
+    def warned() -> dict[str, float]:
+        return {name: REGISTRY.get_sample_value("flowtally_kafka_topic_limit_too_small_total",
+                                                {"topic": settings.topic(name)}) or 0.0
+                for name in ("raw", "enriched", "dlq", "identity", "completeness")}
+
+    before = warned()
+    bigger = settings.model_copy(update={"max_message_bytes": 2 * LIMIT})
+    await kafka.ensure_topics(bigger, kafka.TopicSettings())
+    assert {k: v - before[k] for k, v in warned().items()} == dict.fromkeys(before, 1.0)
+    await kafka.ensure_topics(settings, kafka.TopicSettings())  # the configured limit: no warning
+    assert {k: v - before[k] for k, v in warned().items()} == dict.fromkeys(before, 1.0)
+
+
+async def _read_dlq(settings: KafkaSettings, group: str) -> list[tuple[bytes, dict[str, bytes]]]:
+    consumer = kafka.consumer(settings, settings.topic("dlq"), group_id=group)
+    await consumer.start()
+    got: list[tuple[bytes, dict[str, bytes]]] = []
+    try:
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            for messages in (await consumer.getmany(timeout_ms=500)).values():
+                got += [(m.value, dict(m.headers)) for m in messages if m.value is not None]
+            if sum(h.get("flowtally-stage") == b"enricher" for _, h in got) >= 2:
+                break
+    finally:
+        await consumer.stop()
+    return got
+
+
+def test_enriched_batches_larger_than_a_message_are_split_and_stored_exactly(
+        kafka_bootstrap: str, tmp_path: Path) -> None:
+    prefix = f"ms{uuid.uuid4().hex[:10]}"
+    settings = KafkaSettings(bootstrap=kafka_bootstrap, topic_prefix=prefix, max_message_bytes=LIMIT)
+    asyncio.run(kafka.ensure_topics(settings, kafka.TopicSettings()))
+    asyncio.run(_broker_enforces_the_topic_limit(settings))
+
+    inventory = tmp_path / "inventory.yaml"
+    _inventory(inventory)
+    messages, poison, expected = _raw_messages(int(time.time() * 1000))
+    assert all(len(v) < LIMIT for _, v in messages) and len(poison) < LIMIT
+    env = {"FLOWTALLY_KAFKA_BOOTSTRAP": kafka_bootstrap, "FLOWTALLY_KAFKA_TOPIC_PREFIX": prefix,
+           "FLOWTALLY_KAFKA_MAX_MESSAGE_BYTES": str(LIMIT), "FLOWTALLY_CLICKHOUSE_PATH": str(tmp_path / "chdb")}
+    stages = {
+        "sink": Stage("sink", ["sink", "--metrics-listen", f"127.0.0.1:{free_port()}"],
+                      env | {"FLOWTALLY_GROUP_ID": f"{prefix}-sink"}, tmp_path / "sink.log", 0),
+        "enricher": Stage("enricher", ["enrich", "--inventory", str(inventory),
+                                       "--metrics-listen", f"127.0.0.1:{free_port()}"],
+                          env | {"FLOWTALLY_APP_ID": f"{prefix}-enricher",
+                                 # a restarted worker takes its partition back at once
+                                 "FLOWTALLY_GROUP_INSTANCE_ID": f"{prefix}-enricher-0",
+                                 "FLOWTALLY_SESSION_TIMEOUT_S": "6",
+                                 # offsets committed seldom: the kill leaves published pieces uncommitted
+                                 "FLOWTALLY_COMMIT_INTERVAL_S": "30"},
+                          tmp_path / "enricher.log", 0),
+    }
+    for stage in stages.values():
+        stage.metrics_port = int(stage.argv[-1].rsplit(":", 1)[1])
+    groups = {f"{prefix}-enricher": settings.topic("raw"), f"{prefix}-sink": settings.topic("enriched")}
+    try:
+        for stage in stages.values():
+            stage.start()
+        for stage in stages.values():
+            stage.wait_healthy(60)
+        half = len(messages) // 2
+        asyncio.run(_produce(settings, [*messages[:half], (b"exporter-0", poison)], seconds=2.0))
+        enricher = stages["enricher"]
+        deadline = time.monotonic() + 30
+        while enricher.metric("flowtally_enricher_batches_total") < half + 1 and time.monotonic() < deadline:
+            time.sleep(0.2)
+        split = enricher.metric("flowtally_enricher_batches_split_total")
+        published = enricher.metric("flowtally_enricher_messages_published_total")
+        too_large = enricher.metric("flowtally_enricher_batches_total", {"outcome": "dlq_message_too_large"})
+        assert enricher.process is not None
+        enricher.process.kill()  # nothing committed yet (30 s interval): all of it is handled again
+        enricher.process.wait(10)
+        enricher.start()
+        enricher.wait_healthy(60)
+        asyncio.run(_produce(settings, messages[half:], seconds=1.0))
+        lag = asyncio.run(_wait_drained(settings, groups, stages, timeout=60))
+        assert lag[f"{prefix}-enricher"] == 0 and lag[f"{prefix}-sink"] == 0, lag
+        duplicates = stages["sink"].metric("flowtally_sink_messages_total", {"outcome": "duplicate"})
+        dlq = asyncio.run(_read_dlq(settings, f"{prefix}-dlq-reader"))
+    finally:
+        codes = {name: stage.stop(30) for name, stage in stages.items()}
+    assert codes == {"sink": 0, "enricher": 0}, codes
+    print(f"raw messages {len(messages) + 1}; before the kill: {split:.0f} batches split into "
+          f"{published:.0f} enriched messages; enriched messages in the topic {lag[settings.topic('enriched') + ' end']}; "
+          f"sink skipped {duplicates:.0f} re-emitted pieces")
+    # Before the kill every good batch had been split (each enriched batch > 64 KiB), the poison
+    # batch had gone to the DLQ, and the replay after the kill re-emitted pieces the sink skipped.
+    assert split == half and published >= 2 * half and too_large == 1
+    assert duplicates >= published, (duplicates, published)
+    enricher_dlq = [(v, h) for v, h in dlq if h.get("flowtally-stage") == b"enricher"]
+    assert [v for v, _ in enricher_dlq] == [poison, poison]  # once before the kill, once after
+    assert all(h["flowtally-error"].startswith(b"message_too_large: one row encodes to") for _, h in enricher_dlq)
+
+    client = connect(ClickHouseSettings(path=tmp_path / "chdb"))
+    try:
+        got = client.query("SELECT count(), sum(bytes) FROM flows").result_rows[0]
+        assert (int(got[0]), int(got[1])) == expected
+        hourly = client.query("SELECT sum(flows), sum(bytes) FROM flows_1h").result_rows[0]
+        assert (int(hourly[0]), int(hourly[1])) == expected
+    finally:
+        client.close()
