@@ -189,6 +189,7 @@ def test_enriched_batches_larger_than_a_message_are_split_and_stored_exactly(
         assert enricher.process is not None
         enricher.process.kill()  # nothing committed yet (30 s interval): all of it is handled again
         enricher.process.wait(10)
+        enricher.env["FLOWTALLY_COMMIT_INTERVAL_S"] = "1"  # from now on, commit as usual
         enricher.start()
         enricher.wait_healthy(60)
         asyncio.run(_produce(settings, messages[half:], seconds=1.0))
