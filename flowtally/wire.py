@@ -12,6 +12,8 @@ numbered in the ``flowtally-part`` header (``i/n``, 1-based; absent when there i
 
 from __future__ import annotations
 
+import itertools
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TypeAlias
@@ -107,7 +109,8 @@ def encode_pieces(table: pa.Table, limit: int, headers: Headers,
     """``table`` as messages of at most ``limit`` bytes each, value plus :data:`MESSAGE_OVERHEAD`.
 
     The table is encoded whole; if that is too large its rows are split in halves (row slices,
-    in order) and each half is encoded again, recursively, until every piece fits. Concatenating
+    in order; in ``k`` equal slices at once when it is ``k`` > 2 times too large) and each is
+    encoded again, recursively, until every piece fits. Concatenating
     the pieces' rows gives ``table`` exactly (a split piece's dictionary columns hold only the
     values its rows use: :func:`compact_dictionaries`). With more than one piece, piece ``i`` of ``n``
     carries the header ``flowtally-part: i/n`` (1-based). Raises :class:`RowTooLarge` when a single
@@ -134,9 +137,12 @@ def _split_to_fit(table: pa.Table, budget: int, limit: int, options: pa.ipc.IpcW
         return
     if table.num_rows <= 1:
         raise RowTooLarge(len(value), limit)
-    half = table.num_rows // 2
-    _split_to_fit(compact_dictionaries(table.slice(0, half)), budget, limit, options, out)
-    _split_to_fit(compact_dictionaries(table.slice(half)), budget, limit, options, out)
+    # Halves; or, for a table several times too large, as many equal slices as its size says
+    # (with a tenth to spare) at once: each halving level encodes every row again.
+    parts = max(2, min(table.num_rows, math.ceil(len(value) / (0.9 * budget))))
+    bounds = [table.num_rows * i // parts for i in range(parts + 1)]
+    for start, end in itertools.pairwise(bounds):
+        _split_to_fit(compact_dictionaries(table.slice(start, end - start)), budget, limit, options, out)
 
 
 def compact_dictionaries(table: pa.Table) -> pa.Table:
