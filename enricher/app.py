@@ -59,6 +59,7 @@ from flowtally.wire import (
     WireError,
     decode_batch,
     encode_pieces,
+    note_header,
 )
 from sensors.completeness import SCHEMA_NAME as COMPLETENESS
 from sensors.completeness import CompletenessAccumulator, minute_of
@@ -285,7 +286,7 @@ def create_app(settings: EnricherSettings, state: EnricherState) -> faust.App:
                      extra: list[tuple[str, bytes]] | None = None) -> None:
         """Send the raw message of ``event`` to the DLQ with why, and count it."""
         BATCHES.labels(f"dlq_{reason}").inc()
-        headers = [*_pairs(event.headers), ("flowtally-error", error.encode()),
+        headers = [*_pairs(event.headers), ("flowtally-error", note_header(error)),
                    ("flowtally-stage", b"enricher"), *(extra or [])]
         await (await dlq_topic.send(key=event.key, value=event.value, headers=headers))
 
@@ -323,7 +324,7 @@ def create_app(settings: EnricherSettings, state: EnricherState) -> faust.App:
                           origin, len(refused), len(pieces))
                 await to_dlq(event, "message_too_large", f"message_too_large: {refused[0][1]}",
                              [("flowtally-parts-refused",
-                               ",".join(f"{i}/{len(pieces)}" for i, _ in refused).encode())])
+                               note_header(",".join(f"{i}/{len(pieces)}" for i, _ in refused)))])
                 continue
             BATCHES.labels("enriched").inc()
             FLOWS.inc(enriched.num_rows)

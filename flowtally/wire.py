@@ -84,6 +84,20 @@ def encode_batch(table: pa.Table, schema_name: str) -> tuple[bytes, list[tuple[s
     return write_stream(table).to_pybytes(), [(SCHEMA_HEADER, schema_name.encode())]
 
 
+#: Longest diagnostic header value (an error text) a stage adds when it forwards a message, e.g.
+#: to the DLQ: the forwarded value already uses the message limit but for MESSAGE_OVERHEAD, which
+#: must hold the key, the original headers and these.
+MAX_NOTE_BYTES = 1024
+
+
+def note_header(text: str) -> bytes:
+    """``text`` as a header value of at most :data:`MAX_NOTE_BYTES` (cut, with "…", if longer)."""
+    data = text.encode()
+    if len(data) <= MAX_NOTE_BYTES:
+        return data
+    return data[:MAX_NOTE_BYTES - 3].decode(errors="ignore").encode() + "…".encode()
+
+
 class RowTooLarge(ValueError):
     """A single row whose encoded message exceeds the message limit: it cannot be split further."""
 

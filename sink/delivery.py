@@ -28,7 +28,7 @@ from clickhouse_connect.driver.client import Client
 from prometheus_client import Counter, Histogram
 
 from flowtally import kafka
-from flowtally.wire import WireError
+from flowtally.wire import WireError, note_header
 from sink.settings import SinkSettings
 from sink.writer import InsertFailure, Writer, classify
 
@@ -150,7 +150,7 @@ class Delivery:
                       msg.topic, msg.partition, msg.offset, self._schema_name, exc)
             error = str(exc)
         self._metrics.messages.labels(f"dlq_{getattr(exc, 'reason', type(exc).__name__)}").inc()
-        headers = [*(msg.headers or ()), ("flowtally-error", error.encode()),
+        headers = [*(msg.headers or ()), ("flowtally-error", note_header(error)),  # fits the limit
                    ("flowtally-stage", b"sink")]
         await self._dlq.send_and_wait(self._dlq_topic, msg.value, key=msg.key, headers=headers)
 

@@ -26,6 +26,12 @@ committed offset are either the one being re-formed or never inserted), so a rec
 never landed cannot hide a message. The enricher keys its output like its input, so a re-emit
 lands in the partition of the original; the memory is per partition.
 
+A raw batch the enricher had to split to fit the message limit arrives as pieces
+(``flowtally-part: i/n``); each piece is its own origin, ``<raw origin>#i/n``
+(:func:`sink.service.origin_of`), so the pieces of one raw message are all inserted while a
+re-emitted piece is still a duplicate. The enricher splits a re-processed batch the same way as
+long as its enriched size is the same (identity and GeoIP unchanged in between).
+
 On a ClickHouse cluster ``sink_groups`` is replicated like the other tables; a sink that moves to
 a replica lagging behind the one that recorded a group could miss that intent and form a fresh
 group over messages that had landed. Keep the sink on one replica per shard (or insert with

@@ -8,6 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from flowtally.wire import (
+    MAX_NOTE_BYTES,
     MESSAGE_OVERHEAD,
     PART_HEADER,
     SCHEMA_HEADER,
@@ -17,6 +18,7 @@ from flowtally.wire import (
     encode_batch,
     encode_pieces,
     header,
+    note_header,
     part_of,
     write_stream,
 )
@@ -218,3 +220,9 @@ def test_a_sensor_row_that_cannot_fit_is_dropped_and_counted() -> None:
     assert dropped() - before == 3
     messages = encode_messages(table, b"k", max_bytes=MESSAGE_OVERHEAD + 100_000)
     assert [m.flows for m in messages] == [3] and messages[0].headers == [(SCHEMA_HEADER, SCHEMA_NAME.encode())]
+
+
+def test_note_headers_are_cut_to_fit_the_message_overhead() -> None:
+    assert note_header("short") == b"short"
+    long = note_header("é" * 2000)  # two bytes each: cut on a character boundary
+    assert len(long) <= MAX_NOTE_BYTES and long.decode().endswith("…") and long.decode()[0] == "é"
