@@ -12,6 +12,9 @@ so it re-emits pieces it had already published: those must be skipped, not count
 One raw batch is poison: its flows come from a pod whose (random, incompressible) 100 KB name
 makes a single enriched row larger than a message. It goes to the DLQ with the reason
 ``message_too_large``; the enricher does not crash-loop on it and everything else is stored.
+
+The watcher keeps each identity record within the limit too (a second test): an address with too
+long a history loses its oldest ended versions, a record that cannot fit at all is refused.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ import base64
 import os
 import time
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -29,13 +33,18 @@ import yaml
 from aiokafka.errors import MessageSizeTooLargeError
 from prometheus_client import REGISTRY
 
+from enricher.identity import OwnerInfo, Version
+from enricher.identity_topic import encode_key, encode_versions
 from flowtally import kafka
 from flowtally.clickhouse import connect
 from flowtally.localstack import Stage, free_port
 from flowtally.settings import ClickHouseSettings, KafkaSettings
+from flowtally.wire import MESSAGE_OVERHEAD
 from sensors.publisher import encode_messages
 from sensors.schema import build_raw_table, ipv4_to_mapped
+from tests.fake_apiserver import FakeApiServer
 from tests.integration.test_exactly_once import _wait_drained
+from tests.integration.test_watch_k8s import Watcher, pod, secs
 
 LIMIT = 65_536
 BATCHES = 24
@@ -219,3 +228,57 @@ def test_enriched_batches_larger_than_a_message_are_split_and_stored_exactly(
         assert (int(hourly[0]), int(hourly[1])) == expected
     finally:
         client.close()
+
+
+@pytest.fixture
+def fake_api() -> Iterator[FakeApiServer]:
+    with FakeApiServer() as server:
+        yield server
+
+
+def test_the_watcher_trims_an_address_record_to_fit_and_refuses_one_that_cannot(
+        kafka_bootstrap: str, fake_api: FakeApiServer, tmp_path: Path) -> None:
+    """An address that had 400 short-lived pods in the last hour (its record read back from the
+    identity topic, ~60 KB) gets a new pod: the watcher, at a 32 KiB limit, writes its record
+    without the versions that ended first. A pod whose own (open) version cannot fit (a 40 KB
+    label value) is not written and is counted; the watcher stays healthy and writes the rest."""
+    w = Watcher(kafka_bootstrap, fake_api, tmp_path)
+    settings = KafkaSettings(bootstrap=kafka_bootstrap, topic_prefix=w.prefix)  # 1 MiB: room for the old record
+    asyncio.run(kafka.ensure_topics(settings, kafka.TopicSettings()))
+    now = int(time.time() * 1000)
+    old = [Version(OwnerInfo(kind="pod", namespace="shop", name=f"batch-job-{i:03d}-x7k2p", workload="batch-job",
+                             workload_kind="Job", node="node-1", pod_uid=f"uid-batch-{i:03d}"),
+                   secs(now - 2_400_000 + i * 5000), secs(now - 2_400_000 + i * 5000 + 4000)) for i in range(400)]
+
+    async def write_history() -> None:
+        producer = kafka.producer(settings)
+        await producer.start()
+        try:
+            await producer.send_and_wait(w.topic, encode_versions(old), key=encode_key("10.244.1.5"))
+        finally:
+            await producer.stop()
+
+    asyncio.run(write_history())
+    record = encode_versions(old)
+    assert record is not None and len(record) > 2 * 32_768
+    fake_api.put("namespaces", {"metadata": {"name": "shop"}})
+    fake_api.put("pods", pod("web-0", "10.244.1.5", now))
+    fake_api.put("pods", pod("huge-0", "10.244.1.6", now, labels={"app": "x" * 40_000}))
+    fake_api.put("pods", pod("web-1", "10.244.1.7", now))
+    w.access = w.access | {"FLOWTALLY_KAFKA_MAX_MESSAGE_BYTES": "32768"}
+    stage = w.start()
+    try:
+        stage.wait_healthy(60)
+        topic = w.topic_now()
+        trimmed = stage.metric("flowtally_watcher_versions_trimmed_total")
+        refused = stage.metric("flowtally_watcher_records_refused_total")
+    finally:
+        assert stage.stop() == 0
+    versions = topic["10.244.1.5"]
+    assert versions is not None and versions[-1].open and versions[-1].owner.name == "web-0"
+    assert 0 < trimmed == len(old) + 1 - len(versions)
+    assert versions[:-1] == old[int(trimmed):]  # the ones that ended first are gone
+    assert len(encode_versions(versions) or b"") <= 32_768 - MESSAGE_OVERHEAD
+    assert refused == 1 and "10.244.1.6" not in topic
+    web1 = topic["10.244.1.7"]
+    assert web1 is not None and [v.owner.name for v in web1] == ["web-1"]
