@@ -30,6 +30,7 @@ from dataclasses import dataclass
 
 import pyarrow as pa
 from aiokafka import AIOKafkaProducer
+from aiokafka.errors import KafkaError, MessageSizeTooLargeError
 from prometheus_client import Counter, Gauge
 
 from flowtally.settings import DEFAULT_MAX_MESSAGE_BYTES
@@ -233,6 +234,8 @@ class Publisher:
                 future = await self._producer.send(message.topic or self._topic, message.value,
                                                    key=message.key, headers=message.headers)
             except Exception as exc:
+                if self._refused_as_too_large(message, exc):  # by the client: nothing was sent
+                    return
                 await self._failed(message, exc, delay)
                 delay = min(delay * 2, self._retry_max_s)
                 continue
@@ -248,6 +251,10 @@ class Publisher:
                 await future
                 break
             except Exception as exc:
+                if self._refused_as_too_large(message, exc):  # by the broker
+                    self._in_flight.popleft()
+                    await self._renew_producer()
+                    return
                 await self._failed(message, exc, delay)
                 delay = min(delay * 2, self._retry_max_s)
                 assert self._producer is not None
@@ -264,6 +271,35 @@ class Publisher:
         if message.topic is None:
             PUBLISHED_FLOWS.inc(message.flows)
         PUBLISHED_BYTES.inc(len(message.value))
+
+    def _refused_as_too_large(self, message: Message, exc: BaseException) -> bool:
+        """Whether Kafka refused ``message`` for its size (the client's max_request_size, or a
+        topic/broker limit below ``kafka.max_message_bytes``): retrying cannot help, so it is
+        dropped and counted (``reason="message_too_large"``) instead of blocking every later one."""
+        if not isinstance(exc, MessageSizeTooLargeError):
+            return False
+        self._drop(message, "message_too_large")
+        log.error("Kafka refused a message of %d bytes (%d flows) as too large, dropped: %s; is the "
+                  "topic's max.message.bytes below kafka.max_message_bytes?", len(message.value),
+                  message.flows, exc)
+        return True
+
+    async def _renew_producer(self) -> None:
+        """Replace the producer after the broker refused a batch: the refused batch took sequence
+        numbers of the idempotent producer that the broker never saw, so it answers every later
+        batch of that producer with OutOfOrderSequenceNumber. The new producer has a new producer
+        id; the messages still in flight on the old one are sent again on it."""
+        old, self._producer = self._producer, None
+        if old is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(old.stop(), 5.0)
+        loop = asyncio.get_running_loop()
+        for i, (message, future) in enumerate(self._in_flight):
+            if not future.done():  # the old producer will not settle it any more
+                again: asyncio.Future[object] = loop.create_future()
+                again.set_exception(KafkaError("sent again on a new producer"))
+                self._in_flight[i] = (message, again)
+        self._producer = await self._connect()
 
     async def _failed(self, message: Message, exc: BaseException, delay: float) -> None:
         PUBLISH_ERRORS.inc()

@@ -39,12 +39,13 @@ from flowtally import kafka
 from flowtally.clickhouse import connect
 from flowtally.localstack import Stage, free_port
 from flowtally.settings import ClickHouseSettings, KafkaSettings
-from flowtally.wire import MESSAGE_OVERHEAD
-from sensors.publisher import encode_messages
-from sensors.schema import build_raw_table, ipv4_to_mapped
+from flowtally.wire import MESSAGE_OVERHEAD, decode_batch
+from sensors.publisher import Publisher, encode_messages
+from sensors.schema import RAW_SCHEMA, SCHEMA_NAME, build_raw_table, ipv4_to_mapped
 from tests.fake_apiserver import FakeApiServer
 from tests.integration.test_exactly_once import _wait_drained
 from tests.integration.test_watch_k8s import Watcher, pod, secs
+from tests.tables import random_raw_table
 
 LIMIT = 65_536
 BATCHES = 24
@@ -282,3 +283,43 @@ def test_the_watcher_trims_an_address_record_to_fit_and_refuses_one_that_cannot(
     assert refused == 1 and "10.244.1.6" not in topic
     web1 = topic["10.244.1.7"]
     assert web1 is not None and [v.owner.name for v in web1] == ["web-1"]
+
+
+def test_a_sensor_message_kafka_refuses_as_too_large_is_dropped_and_counted(kafka_bootstrap: str) -> None:
+    """A raw topic whose max.message.bytes is below the sensor's setting (created elsewhere with a
+    32 KiB limit): the broker refuses the larger message; the publisher drops it, counted
+    with reason message_too_large, and the messages after it still arrive (no endless retry)."""
+    prefix = f"ms{uuid.uuid4().hex[:10]}"
+    small = KafkaSettings(bootstrap=kafka_bootstrap, topic_prefix=prefix, max_message_bytes=32_768)
+    settings = KafkaSettings(bootstrap=kafka_bootstrap, topic_prefix=prefix)  # 1 MiB
+    big = encode_messages(random_raw_table(4000, 1), b"exporter-0", settings.max_message_bytes)
+    fits = encode_messages(random_raw_table(100, 2), b"exporter-0", settings.max_message_bytes)
+    assert len(big) == 1 and len(big[0].value) > 40_000 and len(fits[0].value) < 20_000
+
+    def dropped() -> float:
+        return REGISTRY.get_sample_value("flowtally_sensor_flows_dropped_total",
+                                         {"reason": "message_too_large"}) or 0.0
+
+    async def scenario() -> int:
+        await kafka.ensure_topics(small, kafka.TopicSettings())
+        publisher = Publisher(lambda: kafka.producer(settings), settings.topic("raw"), max_queued=8)
+        await publisher.start()
+        for message in [*fits, *big, *fits]:
+            assert publisher.offer(message)
+        await publisher.stop()
+        consumer = kafka.consumer(settings, settings.topic("raw"), group_id=f"{prefix}-reader")
+        await consumer.start()
+        flows = 0
+        try:
+            deadline = time.monotonic() + 10
+            while flows < 200 and time.monotonic() < deadline:
+                for records in (await consumer.getmany(timeout_ms=500)).values():
+                    flows += sum(decode_batch(r.value, r.headers, RAW_SCHEMA, SCHEMA_NAME).num_rows
+                                 for r in records)
+        finally:
+            await consumer.stop()
+        return flows
+
+    before = dropped()
+    assert asyncio.run(scenario()) == 200
+    assert dropped() - before == 4000
