@@ -323,3 +323,33 @@ def test_a_sensor_message_kafka_refuses_as_too_large_is_dropped_and_counted(kafk
     before = dropped()
     assert asyncio.run(scenario()) == 200
     assert dropped() - before == 4000
+
+
+def test_the_watcher_survives_a_topic_whose_limit_is_below_its_setting(
+        kafka_bootstrap: str, fake_api: FakeApiServer, tmp_path: Path) -> None:
+    """The identity topic was created with a 32 KiB limit, the watcher runs with 1 MiB: the broker
+    refuses a 40 KB record. The watcher counts it as refused, writes the rest, becomes healthy, and
+    writes later changes too (its idempotent producer renewed; else OutOfOrderSequenceNumber)."""
+    w = Watcher(kafka_bootstrap, fake_api, tmp_path)
+    small = KafkaSettings(bootstrap=kafka_bootstrap, topic_prefix=w.prefix, max_message_bytes=32_768)
+    asyncio.run(kafka.ensure_topics(small, kafka.TopicSettings()))
+    now = int(time.time() * 1000)
+    fake_api.put("namespaces", {"metadata": {"name": "shop"}})
+    fake_api.put("pods", pod("web-0", "10.244.1.5", now))
+    fake_api.put("pods", pod("huge-0", "10.244.1.6", now, labels={"app": "x" * 40_000}))
+    stage = w.start()
+    try:
+        stage.wait_healthy(60)
+        assert stage.metric("flowtally_watcher_records_refused_total") == 1
+        # and it said so at start
+        assert stage.metric("flowtally_kafka_topic_limit_too_small_total", {"topic": w.topic}) == 1
+        fake_api.wait_watching()
+        fake_api.put("pods", pod("web-1", "10.244.1.7", now))
+        deadline = time.monotonic() + 30
+        while "10.244.1.7" not in w.topic_now() and time.monotonic() < deadline:
+            stage.check_alive()
+            time.sleep(0.2)
+        topic = w.topic_now()
+    finally:
+        assert stage.stop() == 0
+    assert sorted(topic) == ["10.244.1.5", "10.244.1.7"]
