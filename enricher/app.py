@@ -31,6 +31,7 @@ import argparse
 import asyncio
 import logging
 import time
+import uuid
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -52,6 +53,7 @@ from flowtally import kafka
 from flowtally.metrics import MetricsServer
 from flowtally.settings import load_settings
 from flowtally.wire import (
+    EMISSION_HEADER,
     ORIGIN_HEADER,
     SCHEMA_HEADER,
     Piece,
@@ -102,9 +104,16 @@ STUCK_AFTER_S = 60.0
 
 def encode_enriched(table: pa.Table, compression: str, origin: str, limit: int) -> list[Piece]:
     """One enriched batch as messages of at most ``limit`` bytes (the wire format with the chosen
-    buffer compression), each naming its raw ``origin``. Raises :class:`RowTooLarge`."""
+    buffer compression), each naming its raw ``origin``; pieces of a split batch also name this
+    emission (a fresh id: the sink keeps the first emission of a raw message whole, see
+    :mod:`sink.groups`). Raises :class:`RowTooLarge`."""
     headers = [(SCHEMA_HEADER, ENRICHED.encode()), (ORIGIN_HEADER, origin.encode())]
-    return encode_pieces(table, limit, headers, pa.ipc.IpcWriteOptions(compression=compression))
+    pieces = encode_pieces(table, limit, headers, pa.ipc.IpcWriteOptions(compression=compression))
+    if len(pieces) > 1:
+        emission = uuid.uuid4().hex[:12].encode()
+        for piece in pieces:
+            piece.headers.append((EMISSION_HEADER, emission))
+    return pieces
 
 
 class EnricherState:

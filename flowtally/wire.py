@@ -24,6 +24,9 @@ import pyarrow as pa
 SCHEMA_HEADER = "flowtally-schema"
 ORIGIN_HEADER = "flowtally-origin"
 PART_HEADER = "flowtally-part"
+#: Names one production of the pieces of a batch (the enricher: one id per time it handled a raw
+#: message), so a consumer can tell a re-emission, perhaps split differently, from more pieces.
+EMISSION_HEADER = "flowtally-emission"
 #: Bytes of a Kafka message besides its value that :func:`encode_pieces` reserves: the key, the
 #: headers and the record batch framing (61 bytes of batch header, up to 21 of record overhead).
 MESSAGE_OVERHEAD = 2048

@@ -46,7 +46,15 @@ from flowtally.clickhouse import connect
 from flowtally.lifecycle import run_components
 from flowtally.metrics import MetricsServer
 from flowtally.settings import load_settings
-from flowtally.wire import ORIGIN_HEADER, PART_HEADER, WireError, decode_batch, header, part_of
+from flowtally.wire import (
+    EMISSION_HEADER,
+    ORIGIN_HEADER,
+    PART_HEADER,
+    WireError,
+    decode_batch,
+    header,
+    part_of,
+)
 from sink.delivery import Delivery, FeedMetrics, FeedWorker, Retry, Stopped
 from sink.groups import Consumed, Group, Intent, PartitionGroups
 from sink.rows import flow_rows
@@ -73,13 +81,17 @@ GROUPS_TABLE = "sink_groups"
 
 def origin_of(msg: ConsumerRecord) -> str:
     """The raw message a batch came from (set by the enricher), else this message itself; for
-    piece ``i`` of ``n`` of a split batch (``flowtally-part``) ``<origin>#i/n``. The pieces of one
-    raw message are different rows, so each is its own origin to deduplicate a replay against
-    (a replay re-emits the same pieces: enrichment is the same function of the same raw rows)."""
+    piece ``i`` of ``n`` of a split batch (``flowtally-part``) ``<origin>#<emission>:i/n``. The
+    pieces of one raw message are different rows, so each is its own origin; the emission (one
+    id per time the enricher handled the raw message) lets the sink keep only the first emission
+    of a raw message, however a re-emission was split (:mod:`sink.groups`)."""
     origin = header(msg.headers, ORIGIN_HEADER)
     base = origin.decode() if origin else f"{msg.topic}/{msg.partition}/{msg.offset}"
     part = header(msg.headers, PART_HEADER)
-    return base if part is None else f"{base}#{part.decode(errors='replace')}"
+    if part is None:
+        return base
+    emission = header(msg.headers, EMISSION_HEADER) or b""
+    return f"{base}#{emission.decode(errors='replace')}:{part.decode(errors='replace')}"
 
 
 def decode(msg: ConsumerRecord) -> Consumed:

@@ -7,7 +7,8 @@ services, lz4) makes each enriched batch several times larger: the enricher must
 batch as pieces (``flowtally-part: i/n``), and the sink must insert every piece — keyed on the
 raw origin alone, as before, it would drop pieces 2..n as duplicates of piece 1 and the totals
 below would fall short. The enricher is SIGKILLed once mid-stream (with a long commit interval),
-so it re-emits pieces it had already published: those must be skipped, not counted twice.
+so it re-emits batches it had already published — split into more pieces this time, its pods
+having been renamed meanwhile: those must be skipped as a whole, not counted twice.
 
 One raw batch is poison: its flows come from a pod whose (random, incompressible) 100 KB name
 makes a single enriched row larger than a message. It goes to the DLQ with the reason
@@ -21,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import hashlib
 import os
 import time
 import uuid
@@ -59,9 +61,11 @@ def _dotted(ip: int) -> str:
     return ".".join(str((ip >> s) & 255) for s in (24, 16, 8, 0))
 
 
-def _inventory(path: Path) -> None:
+def _inventory(path: Path, renamed: bool = False) -> None:
+    """The pods (``renamed``: with 192 more characters of name each, incompressible)."""
     owners = [{"ip": _dotted(ip), "kind": "pod", "namespace": f"team-{i % 7}-production",
-               "name": f"checkout-frontend-{i:03d}-7d9c6f5b8d-{i * 7919 % 100_000:05d}",
+               "name": f"checkout-frontend-{i:03d}-7d9c6f5b8d-{i * 7919 % 100_000:05d}"
+                       + (f"-{hashlib.sha256(str(i).encode()).hexdigest() * 3}" if renamed else ""),
                "workload": f"checkout-frontend-{i % 20}", "workload_kind": "Deployment",
                "service": f"checkout-frontend-{i % 20}.team-{i % 7}-production", "node": f"node-{i % 5}"}
               for i, ip in enumerate(PODS)]
@@ -199,9 +203,16 @@ def test_enriched_batches_larger_than_a_message_are_split_and_stored_exactly(
         assert enricher.process is not None
         enricher.process.kill()  # nothing committed yet (30 s interval): all of it is handled again
         enricher.process.wait(10)
+        # Meanwhile the pods got longer names: the re-emitted batches split into more pieces,
+        # which are no copies of the first pieces by number (the sink keeps the first emission)
+        _inventory(inventory, renamed=True)
         enricher.env["FLOWTALLY_COMMIT_INTERVAL_S"] = "1"  # from now on, commit as usual
         enricher.start()
         enricher.wait_healthy(60)
+        deadline = time.monotonic() + 30
+        while enricher.metric("flowtally_enricher_batches_total") < half + 1 and time.monotonic() < deadline:
+            time.sleep(0.2)
+        republished = enricher.metric("flowtally_enricher_messages_published_total")
         asyncio.run(_produce(settings, messages[half:], seconds=1.0))
         lag = asyncio.run(_wait_drained(settings, groups, stages, timeout=60))
         assert lag[f"{prefix}-enricher"] == 0 and lag[f"{prefix}-sink"] == 0, lag
@@ -211,12 +222,12 @@ def test_enriched_batches_larger_than_a_message_are_split_and_stored_exactly(
         codes = {name: stage.stop(30) for name, stage in stages.items()}
     assert codes == {"sink": 0, "enricher": 0}, codes
     print(f"raw messages {len(messages) + 1}; before the kill: {split:.0f} batches split into "
-          f"{published:.0f} enriched messages; enriched messages in the topic {lag[settings.topic('enriched') + ' end']}; "
-          f"sink skipped {duplicates:.0f} re-emitted pieces")
+          f"{published:.0f} enriched messages, re-emitted as {republished:.0f}; enriched messages in the topic "
+          f"{lag[settings.topic('enriched') + ' end']}; sink skipped {duplicates:.0f} re-emitted pieces")
     # Before the kill every good batch had been split (each enriched batch > 64 KiB), the poison
     # batch had gone to the DLQ, and the replay after the kill re-emitted pieces the sink skipped.
     assert split == half and published >= 2 * half and too_large == 1
-    assert duplicates >= published, (duplicates, published)
+    assert republished > published and duplicates == republished, (published, republished, duplicates)
     enricher_dlq = [(v, h) for v, h in dlq if h.get("flowtally-stage") == b"enricher"]
     assert [v for v, _ in enricher_dlq] == [poison, poison]  # once before the kill, once after
     assert all(h["flowtally-error"].startswith(b"message_too_large: one row encodes to") for _, h in enricher_dlq)
