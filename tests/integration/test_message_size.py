@@ -141,7 +141,8 @@ async def _broker_enforces_the_topic_limit(settings: KafkaSettings) -> None:
     assert {k: v - before[k] for k, v in warned().items()} == dict.fromkeys(before, 1.0)
 
 
-async def _read_dlq(settings: KafkaSettings, group: str) -> list[tuple[bytes, dict[str, bytes]]]:
+async def _read_dlq(settings: KafkaSettings, group: str, want: int = 2) -> list[tuple[bytes, dict[str, bytes]]]:
+    """The enricher's DLQ messages (value, headers), waiting up to 10 s for ``want`` of them."""
     consumer = kafka.consumer(settings, settings.topic("dlq"), group_id=group)
     await consumer.start()
     got: list[tuple[bytes, dict[str, bytes]]] = []
@@ -150,11 +151,11 @@ async def _read_dlq(settings: KafkaSettings, group: str) -> list[tuple[bytes, di
         while time.monotonic() < deadline:
             for messages in (await consumer.getmany(timeout_ms=500)).values():
                 got += [(m.value, dict(m.headers)) for m in messages if m.value is not None]
-            if sum(h.get("flowtally-stage") == b"enricher" for _, h in got) >= 2:
+            if sum(h.get("flowtally-stage") == b"enricher" for _, h in got) >= want:
                 break
     finally:
         await consumer.stop()
-    return got
+    return [(v, h) for v, h in got if h.get("flowtally-stage") == b"enricher"]
 
 
 def test_enriched_batches_larger_than_a_message_are_split_and_stored_exactly(
@@ -364,3 +365,41 @@ def test_the_watcher_survives_a_topic_whose_limit_is_below_its_setting(
     finally:
         assert stage.stop() == 0
     assert sorted(topic) == ["10.244.1.5", "10.244.1.7"]
+
+
+def test_enriched_messages_the_broker_refuses_go_to_the_dlq_without_a_crash_loop(
+        kafka_bootstrap: str, tmp_path: Path) -> None:
+    """The topics were created with a 64 KiB limit, the enricher runs with the default 1 MiB: its
+    enriched batches (~400 KB, one piece each) are refused by the broker. Each raw message goes to
+    the DLQ (reason message_too_large, which pieces were refused), the enricher keeps running and
+    handles every message once."""
+    prefix = f"ms{uuid.uuid4().hex[:10]}"
+    small = KafkaSettings(bootstrap=kafka_bootstrap, topic_prefix=prefix, max_message_bytes=LIMIT)
+    asyncio.run(kafka.ensure_topics(small, kafka.TopicSettings()))
+    inventory = tmp_path / "inventory.yaml"
+    _inventory(inventory)
+    messages = _raw_messages(int(time.time() * 1000))[0][:3]
+    port = free_port()
+    enricher = Stage("enricher", ["enrich", "--inventory", str(inventory), "--metrics-listen", f"127.0.0.1:{port}"],
+                     {"FLOWTALLY_KAFKA_BOOTSTRAP": kafka_bootstrap, "FLOWTALLY_KAFKA_TOPIC_PREFIX": prefix,
+                      "FLOWTALLY_APP_ID": f"{prefix}-enricher"}, tmp_path / "enricher.log", port)
+    enricher.start()
+    try:
+        enricher.wait_healthy(60)
+        asyncio.run(_produce(small, messages, seconds=0.3))
+        dlq: list[tuple[bytes, dict[str, bytes]]] = []
+        deadline = time.monotonic() + 30
+        while len(dlq) < 3 and time.monotonic() < deadline:
+            enricher.check_alive()
+            dlq = asyncio.run(_read_dlq(small, f"{prefix}-dlq-{len(dlq)}", want=3))
+        metrics = (enricher.metric("flowtally_enricher_batches_total", {"outcome": "dlq_message_too_large"}),
+                   enricher.metric("flowtally_enricher_batches_total", {"outcome": "enriched"}),
+                   enricher.metric("flowtally_kafka_topic_limit_too_small_total"))
+        enricher.check_alive()
+        assert enricher.healthy()
+    finally:
+        assert enricher.stop(30) == 0
+    assert [v for v, _ in dlq] == [v for _, v in messages]
+    assert all(h["flowtally-error"].startswith(b"message_too_large: ") and h["flowtally-parts-refused"] == b"1/1"
+               for _, h in dlq)
+    assert metrics == (3, 0, 5)  # and at start it said that the five topics are too small
