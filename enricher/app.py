@@ -38,6 +38,7 @@ from typing import Any
 import faust
 import pyarrow as pa
 from aiokafka.errors import MessageSizeTooLargeError
+from faust.exceptions import ProducerSendError
 from prometheus_client import Counter, Gauge, Histogram
 
 from enricher.enrich import EnrichStats, ObservedNodes, enrich_batch
@@ -280,12 +281,16 @@ def create_app(settings: EnricherSettings, state: EnricherState) -> faust.App:
             try:
                 futures.append((i, await enriched_topic.send(key=key, value=piece.value.to_pybytes(),
                                                              headers=piece.headers)))
-            except MessageSizeTooLargeError as exc:  # the client's own check (max_request_size)
+            except Exception as exc:  # the client's own check (max_request_size)?
+                if not _too_large(exc):
+                    raise
                 refused.append((i, str(exc)))
         for i, future in futures:
             try:
                 await future
-            except MessageSizeTooLargeError as exc:  # the broker's (the topic's max.message.bytes)
+            except Exception as exc:  # the broker's (the topic's max.message.bytes)?
+                if not _too_large(exc):
+                    raise
                 refused.append((i, str(exc)))
             else:
                 PUBLISHED.inc()
@@ -293,11 +298,22 @@ def create_app(settings: EnricherSettings, state: EnricherState) -> faust.App:
 
     async def to_dlq(event: Any, reason: str, error: str,
                      extra: list[tuple[str, bytes]] | None = None) -> None:
-        """Send the raw message of ``event`` to the DLQ with why, and count it."""
+        """Send the raw message of ``event`` to the DLQ with why, and count it. A raw message too
+        large for a message of this enricher's limit (a sensor configured with a larger one) is
+        parked without its value, marked so, rather than failing the agent on it forever."""
         BATCHES.labels(f"dlq_{reason}").inc()
         headers = [*_pairs(event.headers), ("flowtally-error", note_header(error)),
                    ("flowtally-stage", b"enricher"), *(extra or [])]
-        await (await dlq_topic.send(key=event.key, value=event.value, headers=headers))
+        try:
+            await (await dlq_topic.send(key=event.key, value=event.value, headers=headers))
+        except Exception as exc:
+            if not _too_large(exc):
+                raise
+            log.error("raw message of %d bytes does not fit a DLQ message (%s): parked without its value",
+                      len(event.value or b""), exc)
+            headers.append(("flowtally-value-dropped", note_header(
+                f"{len(event.value or b'')} bytes, more than kafka.max_message_bytes allows: {exc}")))
+            await (await dlq_topic.send(key=event.key, value=b"", headers=headers))
 
     async def _handle(stream: Any) -> None:
         async for event in in_hand(stream):
@@ -340,6 +356,13 @@ def create_app(settings: EnricherSettings, state: EnricherState) -> faust.App:
             state.last_batch = time.monotonic()
 
     return app
+
+
+def _too_large(exc: BaseException) -> bool:
+    """Whether Kafka refused a message for its size (Faust wraps the client's own refusal in a
+    ProducerSendError; the broker's arrives as it is)."""
+    return isinstance(exc, MessageSizeTooLargeError) or (
+        isinstance(exc, ProducerSendError) and isinstance(exc.__cause__, MessageSizeTooLargeError))
 
 
 def _pairs(headers: Any) -> list[tuple[str, bytes]]:

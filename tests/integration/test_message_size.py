@@ -403,3 +403,49 @@ def test_enriched_messages_the_broker_refuses_go_to_the_dlq_without_a_crash_loop
     assert all(h["flowtally-error"].startswith(b"message_too_large: ") and h["flowtally-parts-refused"] == b"1/1"
                for _, h in dlq)
     assert metrics == (3, 0, 5)  # and at start it said that the five topics are too small
+
+
+def test_a_raw_message_too_large_for_the_dlq_is_parked_without_its_value(kafka_bootstrap: str,
+                                                                         tmp_path: Path) -> None:
+    """Misaligned settings: the raw topic takes 1 MiB messages, the enricher is limited to 64 KiB.
+    A raw message of ~250 KB with a poison row (its enriched row alone exceeds 64 KiB) cannot go
+    to the DLQ whole either: it is parked without its value (marked), and the enricher goes on."""
+    prefix = f"ms{uuid.uuid4().hex[:10]}"
+    settings = KafkaSettings(bootstrap=kafka_bootstrap, topic_prefix=prefix)
+    asyncio.run(kafka.ensure_topics(settings, kafka.TopicSettings()))
+    inventory = tmp_path / "inventory.yaml"
+    _inventory(inventory)
+    rng = np.random.default_rng(3)
+    n = 40_000
+    src = rng.choice(np.array(PODS, np.uint32), n)
+    src[17] = POISON_POD
+    now = int(time.time() * 1000)
+    table = build_raw_table({"src_addr": ipv4_to_mapped(src), "dst_addr": ipv4_to_mapped(rng.choice(
+        np.array(EXTERNAL, np.uint32), n)), "bytes": rng.integers(40, 10_000, n), "packets": np.ones(n),
+        "end": np.full(n, now), "time_received": np.full(n, now), "src_port": rng.integers(1024, 65535, n)})
+    (raw,) = encode_messages(table, b"exporter-0", settings.max_message_bytes)
+    assert len(raw.value) > 2 * LIMIT
+    good = _raw_messages(now)[0][:1]
+    port = free_port()
+    enricher = Stage("enricher", ["enrich", "--inventory", str(inventory), "--metrics-listen", f"127.0.0.1:{port}"],
+                     {"FLOWTALLY_KAFKA_BOOTSTRAP": kafka_bootstrap, "FLOWTALLY_KAFKA_TOPIC_PREFIX": prefix,
+                      "FLOWTALLY_APP_ID": f"{prefix}-enricher", "FLOWTALLY_KAFKA_MAX_MESSAGE_BYTES": str(LIMIT)},
+                     tmp_path / "enricher.log", port)
+    enricher.start()
+    try:
+        enricher.wait_healthy(60)
+        asyncio.run(_produce(settings, [(b"exporter-0", raw.value.to_pybytes()), *good], seconds=0.2))
+        dlq = asyncio.run(_read_dlq(settings, f"{prefix}-dlq", want=1))
+        deadline = time.monotonic() + 20
+        while enricher.metric("flowtally_enricher_batches_total", {"outcome": "enriched"}) < 1 \
+                and time.monotonic() < deadline:
+            time.sleep(0.2)
+        enriched = enricher.metric("flowtally_enricher_batches_total", {"outcome": "enriched"})
+        enricher.check_alive()
+    finally:
+        assert enricher.stop(30) == 0
+    assert len(dlq) == 1 and dlq[0][0] == b""
+    headers = dlq[0][1]
+    assert headers["flowtally-error"].startswith(b"message_too_large: one row encodes to")
+    assert headers["flowtally-value-dropped"].startswith(f"{len(raw.value)} bytes".encode())
+    assert enriched == 1  # the good message after it
