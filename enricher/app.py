@@ -7,6 +7,13 @@ offset whose output is durable. The enriched message carries the raw message's c
 ``flowtally-origin``; the sink deduplicates on them, so a batch the enricher re-processes after a
 crash cannot be counted twice.
 
+An enriched batch larger than ``kafka.max_message_bytes`` (enrichment adds names and labels to
+every row) is published as several pieces (:func:`flowtally.wire.encode_pieces`, each with a
+``flowtally-part: i/n`` header the sink keys its deduplication on), all acknowledged before the
+raw offset may be committed. A raw message that still cannot be published (one row too large, or
+Kafka refusing a piece: a topic limit below the setting) goes to the DLQ with the reason
+``message_too_large`` instead of failing the agent over and over on the same message.
+
 Identity: the static inventory (if any) seeds the index; an :class:`IdentityFeed` task replays
 the identity topic to its end before the agent handles its first batch, then keeps applying
 changes while the stream runs. MaxMind files (if configured) are re-checked between batches.
@@ -25,11 +32,14 @@ import asyncio
 import logging
 import signal
 import time
+import uuid
 from collections.abc import AsyncIterator
 from typing import Any
 
 import faust
 import pyarrow as pa
+from aiokafka.errors import MessageSizeTooLargeError
+from faust.exceptions import ProducerSendError
 from prometheus_client import Counter, Gauge, Histogram
 
 from enricher.enrich import EnrichStats, ObservedNodes, enrich_batch
@@ -44,7 +54,18 @@ from enricher.settings import EnricherSettings
 from flowtally import kafka
 from flowtally.metrics import MetricsServer
 from flowtally.settings import load_settings
-from flowtally.wire import ORIGIN_HEADER, SCHEMA_HEADER, WireError, decode_batch, encode_batch
+from flowtally.wire import (
+    EMISSION_HEADER,
+    ORIGIN_HEADER,
+    SCHEMA_HEADER,
+    Piece,
+    RowTooLarge,
+    WireError,
+    decode_batch,
+    encode_batch,
+    encode_pieces,
+    note_header,
+)
 from sensors.completeness import SCHEMA_NAME as COMPLETENESS
 from sensors.completeness import CompletenessAccumulator, minute_of
 from sensors.schema import RAW_SCHEMA, with_additive_defaults
@@ -75,6 +96,10 @@ IMPLAUSIBLE = Counter("flowtally_enricher_flows_implausible_time_total",
                       "Flows whose end was outside the plausible window around their receive time, by "
                       "action (clamp: kept at the receive time; dlq: sent to the DLQ as received)",
                       ["action"])
+SPLIT = Counter("flowtally_enricher_batches_split_total",
+                "Enriched batches published as several messages to fit kafka.max_message_bytes")
+PUBLISHED = Counter("flowtally_enricher_messages_published_total",
+                    "Enriched messages acknowledged by Kafka (a split batch counts each piece)")
 OBSERVED = Gauge("flowtally_enricher_observed_nodes",
                  "Nodes whose sensors reported within the observer window (from completeness rows)")
 
@@ -84,12 +109,18 @@ OBSERVED = Gauge("flowtally_enricher_observed_nodes",
 STUCK_AFTER_S = 60.0
 
 
-def encode_enriched(table: pa.Table, compression: str) -> tuple[bytes, list[tuple[str, bytes]]]:
-    """One enriched batch as one message (the wire format with the chosen buffer compression)."""
-    sink = pa.BufferOutputStream()
-    with pa.ipc.new_stream(sink, table.schema, options=pa.ipc.IpcWriteOptions(compression=compression)) as w:
-        w.write_table(table)
-    return sink.getvalue().to_pybytes(), [(SCHEMA_HEADER, ENRICHED.encode())]
+def encode_enriched(table: pa.Table, compression: str, origin: str, limit: int) -> list[Piece]:
+    """One enriched batch as messages of at most ``limit`` bytes (the wire format with the chosen
+    buffer compression), each naming its raw ``origin``; pieces of a split batch also name this
+    emission (a fresh id: the sink keeps the first emission of a raw message whole, see
+    :mod:`sink.groups`). Raises :class:`RowTooLarge`."""
+    headers = [(SCHEMA_HEADER, ENRICHED.encode()), (ORIGIN_HEADER, origin.encode())]
+    pieces = encode_pieces(table, limit, headers, pa.ipc.IpcWriteOptions(compression=compression))
+    if len(pieces) > 1:
+        emission = uuid.uuid4().hex[:12].encode()
+        for piece in pieces:
+            piece.headers.append((EMISSION_HEADER, emission))
+    return pieces
 
 
 class EnricherState:
@@ -171,10 +202,10 @@ def create_app(settings: EnricherSettings, state: EnricherState) -> faust.App:
         datadir=str(settings.data_dir),  # not Faust's default "<app id>-data" in the working directory
         consumer_auto_offset_reset="earliest",
         producer_acks=-1,
-        producer_max_request_size=kafka.MAX_MESSAGE_BYTES + 64_000,
+        producer_max_request_size=settings.kafka.max_message_bytes,
         # Per partition: one message's worth (a batch is one message); more is memory held in
         # fetch buffers while the identity replay blocks the agent.
-        consumer_max_fetch_size=kafka.MAX_MESSAGE_BYTES + 64_000,
+        consumer_max_fetch_size=settings.kafka.max_message_bytes,
         # Each event is a whole batch (up to 1 MB): a few in flight is plenty, and each buffered
         # one is resident memory.
         stream_buffer_maxsize=4,
@@ -195,8 +226,10 @@ def create_app(settings: EnricherSettings, state: EnricherState) -> faust.App:
             return
         table = acc.take(before_ms)
         if table.num_rows:
-            value, headers = encode_batch(table, COMPLETENESS)
-            await completeness_topic.send(key=settings.app_id.encode(), value=value, headers=headers)
+            for piece in encode_pieces(table, settings.kafka.max_message_bytes,
+                                       [(SCHEMA_HEADER, COMPLETENESS.encode())]):
+                await completeness_topic.send(key=settings.app_id.encode(), value=piece.value.to_pybytes(),
+                                              headers=piece.headers)
 
     @app.timer(interval=10.0)
     async def closed_minutes() -> None:
@@ -249,6 +282,49 @@ def create_app(settings: EnricherSettings, state: EnricherState) -> faust.App:
 
     time_window = settings.time_window()
 
+    async def publish(key: bytes | None, pieces: list[Piece]) -> list[tuple[int, str]]:
+        """Send ``pieces`` and wait for every acknowledgement; returns the (1-based) pieces Kafka
+        refused as too large, with the error (any other failure raises: the agent restarts)."""
+        futures: list[Any] = []
+        refused: list[tuple[int, str]] = []
+        for i, piece in enumerate(pieces, start=1):
+            try:
+                futures.append((i, await enriched_topic.send(key=key, value=piece.value.to_pybytes(),
+                                                             headers=piece.headers)))
+            except Exception as exc:  # the client's own check (max_request_size)?
+                if not _too_large(exc):
+                    raise
+                refused.append((i, str(exc)))
+        for i, future in futures:
+            try:
+                await future
+            except Exception as exc:  # the broker's (the topic's max.message.bytes)?
+                if not _too_large(exc):
+                    raise
+                refused.append((i, str(exc)))
+            else:
+                PUBLISHED.inc()
+        return sorted(refused)
+
+    async def to_dlq(event: Any, reason: str, error: str,
+                     extra: list[tuple[str, bytes]] | None = None) -> None:
+        """Send the raw message of ``event`` to the DLQ with why, and count it. A raw message too
+        large for a message of this enricher's limit (a sensor configured with a larger one) is
+        parked without its value, marked so, rather than failing the agent on it forever."""
+        BATCHES.labels(f"dlq_{reason}").inc()
+        headers = [*_pairs(event.headers), ("flowtally-error", note_header(error)),
+                   ("flowtally-stage", b"enricher"), *(extra or [])]
+        try:
+            await (await dlq_topic.send(key=event.key, value=event.value, headers=headers))
+        except Exception as exc:
+            if not _too_large(exc):
+                raise
+            log.error("raw message of %d bytes does not fit a DLQ message (%s): parked without its value",
+                      len(event.value or b""), exc)
+            headers.append(("flowtally-value-dropped", note_header(
+                f"{len(event.value or b'')} bytes, more than kafka.max_message_bytes allows: {exc}")))
+            await (await dlq_topic.send(key=event.key, value=b"", headers=headers))
+
     async def _handle(stream: Any) -> None:
         async for event in in_hand(stream):
             message = event.message
@@ -258,10 +334,7 @@ def create_app(settings: EnricherSettings, state: EnricherState) -> faust.App:
                 raw = decode_batch(event.value, event.headers, RAW_SCHEMA, RAW, with_additive_defaults)
             except WireError as exc:
                 log.error("raw message %s is not a %s batch (%s): sent to the DLQ", origin, RAW, exc)
-                BATCHES.labels(f"dlq_{exc.reason}").inc()
-                headers = [*_pairs(event.headers), ("flowtally-error", str(exc).encode()),
-                           ("flowtally-stage", b"enricher")]
-                await (await dlq_topic.send(key=event.key, value=event.value, headers=headers))
+                await to_dlq(event, exc.reason, str(exc))
                 continue
             stats = EnrichStats()
             geo = state.geo.current() if state.geo is not None else None
@@ -277,16 +350,38 @@ def create_app(settings: EnricherSettings, state: EnricherState) -> faust.App:
                             ("flowtally-stage", b"enricher"),
                             ("flowtally-dlq-rows", str(rejected.num_rows).encode())]
                 await (await dlq_topic.send(key=event.key, value=value, headers=headers))
-            value, headers = encode_enriched(enriched, settings.compression)
-            headers.append((ORIGIN_HEADER, origin.encode()))
+            try:
+                pieces = encode_enriched(enriched, settings.compression, origin,
+                                         settings.kafka.max_message_bytes)
+            except RowTooLarge as exc:
+                log.error("raw message %s: %s: sent to the DLQ", origin, exc)
+                await to_dlq(event, "message_too_large", f"message_too_large: {exc}")
+                continue
             SECONDS.observe(time.perf_counter() - started)
-            # Wait for the broker's ack: the offset of this event is committed only after.
-            await (await enriched_topic.send(key=event.key, value=value, headers=headers))
+            if len(pieces) > 1:
+                SPLIT.inc()
+            # Wait for the broker's acks: the offset of this event is committed only after.
+            refused = await publish(event.key, pieces)
+            if refused:
+                log.error("raw message %s: Kafka refused %d of its %d enriched pieces as too large "
+                          "(a topic or broker limit below kafka.max_message_bytes?): sent to the DLQ",
+                          origin, len(refused), len(pieces))
+                await to_dlq(event, "message_too_large", f"message_too_large: {refused[0][1]}",
+                             [("flowtally-parts-refused",
+                               note_header(",".join(f"{i}/{len(pieces)}" for i, _ in refused)))])
+                continue
             BATCHES.labels("enriched").inc()
             FLOWS.inc(enriched.num_rows)
             state.last_batch = time.monotonic()
 
     return app
+
+
+def _too_large(exc: BaseException) -> bool:
+    """Whether Kafka refused a message for its size (Faust wraps the client's own refusal in a
+    ProducerSendError; the broker's arrives as it is)."""
+    return isinstance(exc, MessageSizeTooLargeError) or (
+        isinstance(exc, ProducerSendError) and isinstance(exc.__cause__, MessageSizeTooLargeError))
 
 
 def _pairs(headers: Any) -> list[tuple[str, bytes]]:

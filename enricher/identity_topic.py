@@ -17,6 +17,11 @@ as ``"labels": {"app": "cart", …}``.
 ``to: null`` means the version is open. Empty fields may be left out. A record with no value (a
 tombstone) forgets the address. JSON rather than Arrow: identity changes are few (pods starting
 and stopping), records are small, and they stay readable with ``kafka-console-consumer``.
+
+A record fits ``kafka.max_message_bytes`` by construction (:func:`fit_versions`): an address with
+so many versions (or such long label sets) that its record would not fit loses its oldest
+*ended* versions from the record (a late flow of that time is then attributed as unknown); the
+open version is never trimmed, and a record that does not fit even so is refused.
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ from typing import Any
 import orjson
 
 from enricher.identity import OPEN, OwnerInfo, Version, labels_text
+from flowtally.wire import MESSAGE_OVERHEAD
 from sensors.schema import address16, address_text
 
 FORMAT_VERSION = 1
@@ -36,6 +42,10 @@ _FIELDS = ("kind", "namespace", "name", "pod_uid", "workload", "workload_kind", 
 
 class IdentityRecordError(ValueError):
     """A record of the identity topic that cannot be read."""
+
+
+class IdentityRecordTooLarge(ValueError):
+    """An address's record does not fit the message limit even with only its open versions."""
 
 
 def encode_key(address: bytes | str) -> bytes:
@@ -49,19 +59,54 @@ def encode_versions(versions: Sequence[Version] | None) -> bytes | None:
     """The record value for a version list (None: a tombstone)."""
     if versions is None:
         return None
-    out = []
-    for v in versions:
-        item: dict[str, Any] = {"from": v.valid_from_ms, "to": None if v.open else v.valid_to_ms}
-        for f in _FIELDS:
-            value = getattr(v.owner, f)
-            if value:
-                item[f] = value
-        if v.owner.labels:
-            item["labels"] = orjson.Fragment(v.owner.labels)  # already JSON (labels_text)
-        if v.owner.host_ports:
-            item["host_ports"] = [list(p) for p in v.owner.host_ports]
-        out.append(item)
-    return orjson.dumps({"v": FORMAT_VERSION, "versions": out})
+    return orjson.dumps({"v": FORMAT_VERSION, "versions": [_item(v) for v in versions]})
+
+
+def _item(v: Version) -> dict[str, Any]:
+    item: dict[str, Any] = {"from": v.valid_from_ms, "to": None if v.open else v.valid_to_ms}
+    for f in _FIELDS:
+        value = getattr(v.owner, f)
+        if value:
+            item[f] = value
+    if v.owner.labels:
+        item["labels"] = orjson.Fragment(v.owner.labels)  # already JSON (labels_text)
+    if v.owner.host_ports:
+        item["host_ports"] = [list(p) for p in v.owner.host_ports]
+    return item
+
+
+def fit_versions(versions: Sequence[Version] | None, key: bytes, limit: int) -> tuple[bytes | None, int]:
+    """The record value of ``versions`` (None: a tombstone) for a message of at most ``limit``
+    bytes with ``key`` (plus :data:`~flowtally.wire.MESSAGE_OVERHEAD`), and how many versions
+    were left out to fit: the ended ones that ended first. Raises :class:`IdentityRecordTooLarge`
+    when the open versions alone do not fit."""
+    value = encode_versions(versions)
+    budget = limit - MESSAGE_OVERHEAD - len(key)
+    if value is None or len(value) <= budget:
+        return value, 0
+    assert versions is not None
+    # Each version's share of the record: its item plus the comma between items.
+    sizes = [len(orjson.dumps(_item(v))) + 1 for v in versions]
+    total = len(value)
+    ended = sorted((i for i, v in enumerate(versions) if not v.open),
+                   key=lambda i: (versions[i].valid_to_ms, versions[i].valid_from_ms))
+    dropped: set[int] = set()
+    taken = 0
+    while True:
+        while total > budget and taken < len(ended):
+            dropped.add(ended[taken])
+            total -= sizes[ended[taken]]
+            taken += 1
+        kept = [v for i, v in enumerate(versions) if i not in dropped]
+        value = encode_versions(kept)
+        assert value is not None
+        if len(value) <= budget:
+            return value, len(dropped)
+        if taken == len(ended):
+            raise IdentityRecordTooLarge(
+                f"record of {key.decode(errors='replace')} is {len(value)} bytes with its {len(kept)} open "
+                f"version(s) only, more than the {budget} bytes a message of {limit} leaves for it")
+        total = len(value)  # the estimate was short: trim on from the real size
 
 
 def _labels(value: Any) -> str:

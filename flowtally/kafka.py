@@ -2,6 +2,13 @@
 
 Producers are idempotent with ``acks=all`` so a retried send cannot duplicate a batch; consumers
 never auto-commit, because a stage commits its input only after its output is durable.
+
+One setting, ``kafka.max_message_bytes``, bounds every message: producers split what they emit
+to fit it (:func:`flowtally.wire.encode_pieces`), their ``max_request_size`` is it, the topics
+flowtally creates get it as ``max.message.bytes``, and consumers fetch at least that much. An
+existing topic whose limit is smaller is logged and counted at start
+(``flowtally_kafka_topic_limit_too_small_total``): the broker would refuse messages that fit
+the setting.
 """
 
 from __future__ import annotations
@@ -13,15 +20,20 @@ from typing import Any
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
-from aiokafka.errors import KafkaConnectionError, TopicAlreadyExistsError
+from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
+from aiokafka.errors import KafkaConnectionError, KafkaError, TopicAlreadyExistsError
+from prometheus_client import Counter
 from pydantic import Field
 
 from flowtally.settings import Group, KafkaSettings
 
 log = logging.getLogger(__name__)
 
-#: A batch is one message; keep well under the broker's default message.max.bytes (1 MiB).
-MAX_MESSAGE_BYTES = 1_000_000
+TOPIC_LIMIT_TOO_SMALL = Counter(
+    "flowtally_kafka_topic_limit_too_small_total",
+    "Existing topics found at start with max.message.bytes below kafka.max_message_bytes", ["topic"])
+#: Consumers fetch this much per request at least (aiokafka's default fetch_max_bytes, 50 MiB).
+_FETCH_MAX_BYTES = 52_428_800
 
 
 class TopicSettings(Group):
@@ -41,7 +53,9 @@ def producer(kafka: KafkaSettings, **overrides: Any) -> AIOKafkaProducer:
         "enable_idempotence": True,
         "acks": "all",
         "linger_ms": 5,
-        "max_request_size": MAX_MESSAGE_BYTES + 64_000,
+        # aiokafka compares a record's size estimate (value, key, headers, framing) with this;
+        # the pieces are cut to fit it with room to spare (wire.MESSAGE_OVERHEAD).
+        "max_request_size": kafka.max_message_bytes,
     }
     return AIOKafkaProducer(**(kwargs | overrides))
 
@@ -53,7 +67,9 @@ def consumer(kafka: KafkaSettings, *topics: str, group_id: str, **overrides: Any
         "enable_auto_commit": False,
         "auto_offset_reset": "earliest",
         "isolation_level": "read_committed",
-        "max_partition_fetch_bytes": 4 * MAX_MESSAGE_BYTES,
+        # A few messages per partition and fetch (the broker returns a larger one alone anyway).
+        "max_partition_fetch_bytes": 4 * kafka.max_message_bytes,
+        "fetch_max_bytes": max(_FETCH_MAX_BYTES, 4 * kafka.max_message_bytes),
     }
     return AIOKafkaConsumer(*topics, **(kwargs | overrides))
 
@@ -86,7 +102,8 @@ def leave_group_on_stop(consumer: object) -> bool:
 def topic_specs(kafka: KafkaSettings, topics: TopicSettings) -> list[NewTopic]:
     """Every flowtally topic with its partitions and configuration."""
     retention = str(topics.retention_hours * 3600 * 1000)
-    flow = {"retention.ms": retention, "max.message.bytes": str(MAX_MESSAGE_BYTES + 64_000)}
+    limit = {"max.message.bytes": str(kafka.max_message_bytes)}
+    flow = {"retention.ms": retention} | limit
     rf = topics.replication_factor
     return [
         NewTopic(kafka.topic("raw"), topics.raw_partitions, rf, topic_configs=flow),
@@ -94,7 +111,7 @@ def topic_specs(kafka: KafkaSettings, topics: TopicSettings) -> list[NewTopic]:
         NewTopic(kafka.topic("dlq"), topics.dlq_partitions, rf, topic_configs=flow),
         # Compacted: only the latest identity record per key matters after a replay.
         NewTopic(kafka.topic("identity"), topics.identity_partitions, rf,
-                 topic_configs={"cleanup.policy": "compact"}),
+                 topic_configs={"cleanup.policy": "compact"} | limit),
         # Small (one row per exporter and minute): one partition keeps each sensor's minutes in order.
         NewTopic(kafka.topic("completeness"), 1, rf, topic_configs=flow),
     ]
@@ -130,7 +147,9 @@ async def ensure_topics(kafka: KafkaSettings, topics: TopicSettings, *, timeout:
                 await asyncio.sleep(1.0)
     try:
         existing = set(await admin.list_topics())
-        wanted = [t for t in topic_specs(kafka, topics) if t.name not in existing]
+        specs = topic_specs(kafka, topics)
+        wanted = [t for t in specs if t.name not in existing]
+        await _check_limits(admin, [t.name for t in specs if t.name in existing], kafka.max_message_bytes)
         for spec in wanted:
             try:
                 await admin.create_topics([spec])
@@ -139,6 +158,42 @@ async def ensure_topics(kafka: KafkaSettings, topics: TopicSettings, *, timeout:
                 pass  # another stage won the race
     finally:
         await admin.close()
+
+
+async def _check_limits(admin: AIOKafkaAdminClient, names: list[str], limit: int) -> dict[str, int]:
+    """Log and count each of the existing topics ``names`` whose ``max.message.bytes`` (its own or
+    the broker's default) is below ``limit``; returns every topic's limit that could be read."""
+    if not names:
+        return {}
+    resources = [ConfigResource(ConfigResourceType.TOPIC, name, configs={"max.message.bytes": None})
+                 for name in names]
+    try:
+        responses = await admin.describe_configs(resources)
+    except KafkaError as exc:  # e.g. no DescribeConfigs permission: the start goes on
+        log.warning("could not read the message limits of the topics: %s", exc)
+        return {}
+    limits = topic_limits(responses)
+    for name, got in sorted(limits.items()):
+        if got < limit:
+            TOPIC_LIMIT_TOO_SMALL.labels(name).inc()
+            log.error("topic %s accepts messages of at most %d bytes (max.message.bytes), less than "
+                      "kafka.max_message_bytes = %d: Kafka will refuse messages that fit the setting; "
+                      "raise the topic's max.message.bytes or lower the setting", name, got, limit)
+    return limits
+
+
+def topic_limits(responses: list[Any]) -> dict[str, int]:
+    """``max.message.bytes`` per topic from DescribeConfigs responses."""
+    out: dict[str, int] = {}
+    for response in responses:
+        for resource in response.resources:
+            error_code, _, _, name, entries = resource[:5]
+            if error_code:
+                continue
+            for entry in entries:
+                if entry[0] == "max.message.bytes" and entry[1] is not None:
+                    out[name] = int(entry[1])
+    return out
 
 
 class KafkaUnavailable(RuntimeError):

@@ -88,6 +88,10 @@ def parse_hostport(value: str, *, what: str) -> tuple[str, int]:
     return host.strip("[]"), int(port)
 
 
+#: Kafka's own default limit of a message (``max.message.bytes``), 1 MiB.
+DEFAULT_MAX_MESSAGE_BYTES = 1_048_576
+
+
 class KafkaSettings(Group):
     """Where Kafka is and what the topics are called."""
 
@@ -103,6 +107,12 @@ class KafkaSettings(Group):
     sasl_username: str | None = Field(None, description="SASL user")
     sasl_password: SecretStr | None = Field(None, description="SASL password (never logged)")
     request_timeout_ms: int = Field(30_000, ge=1_000, le=600_000, description="Timeout of one Kafka request")
+    max_message_bytes: int = Field(
+        DEFAULT_MAX_MESSAGE_BYTES, ge=32_768, le=64 * 1_048_576,
+        description="Largest Kafka message flowtally produces (value, key, headers and framing): "
+        "batches are split to fit it; also the producers' max_request_size, the max.message.bytes "
+        "of the topics flowtally creates and the consumers' fetch sizes. The broker's "
+        "message.max.bytes and replica.fetch.max.bytes must be at least this")
 
     @field_validator("bootstrap")
     @classmethod

@@ -9,17 +9,32 @@ Buffers are compressed inside the IPC stream. Flow batches (raw.v1 from the sens
 from the enricher) take their stage's ``compression`` setting, lz4 by default; the other messages
 (completeness batches, dead-letter messages) use :data:`WRITE_OPTIONS`, zstd, the default of
 :func:`encode_batch`. A reader decompresses any of them without being told which.
+
+No message is larger than the configured limit (``kafka.max_message_bytes``) by construction:
+:func:`encode_pieces` splits a table that does not fit into row slices, each its own message,
+numbered in the ``flowtally-part`` header (``i/n``, 1-based; absent when there is one piece).
 """
 
 from __future__ import annotations
 
+import itertools
+import math
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import TypeAlias
 
+import numpy as np
 import pyarrow as pa
 
 SCHEMA_HEADER = "flowtally-schema"
 ORIGIN_HEADER = "flowtally-origin"
+PART_HEADER = "flowtally-part"
+#: Names one production of the pieces of a batch (the enricher: one id per time it handled a raw
+#: message), so a consumer can tell a re-emission, perhaps split differently, from more pieces.
+EMISSION_HEADER = "flowtally-emission"
+#: Bytes of a Kafka message besides its value that :func:`encode_pieces` reserves: the key, the
+#: headers and the record batch framing (61 bytes of batch header, up to 21 of record overhead).
+MESSAGE_OVERHEAD = 2048
 
 Headers = Sequence[tuple[str, bytes]]
 #: A message value: bytes, or an Arrow buffer (which Kafka clients take as any bytes-like object;
@@ -78,6 +93,128 @@ def _worst_case_size(table: pa.Table) -> int:
 def encode_batch(table: pa.Table, schema_name: str) -> tuple[bytes, list[tuple[str, bytes]]]:
     """Serialise ``table`` as one Arrow IPC stream; returns the message value and headers."""
     return write_stream(table).to_pybytes(), [(SCHEMA_HEADER, schema_name.encode())]
+
+
+#: Longest diagnostic header value (an error text) a stage adds when it forwards a message, e.g.
+#: to the DLQ: the forwarded value already uses the message limit but for MESSAGE_OVERHEAD, which
+#: must hold the key, the original headers and these.
+MAX_NOTE_BYTES = 1024
+
+
+def note_header(text: str) -> bytes:
+    """``text`` as a header value of at most :data:`MAX_NOTE_BYTES` (cut, with "…", if longer)."""
+    data = text.encode()
+    if len(data) <= MAX_NOTE_BYTES:
+        return data
+    return data[:MAX_NOTE_BYTES - 3].decode(errors="ignore").encode() + "…".encode()
+
+
+class RowTooLarge(ValueError):
+    """A single row whose encoded message exceeds the message limit: it cannot be split further."""
+
+    def __init__(self, size: int, limit: int) -> None:
+        super().__init__(f"one row encodes to {size} bytes (+{MESSAGE_OVERHEAD} overhead), "
+                         f"more than the message limit of {limit} bytes")
+        self.size = size
+        self.limit = limit
+
+
+@dataclass(frozen=True, slots=True)
+class Piece:
+    """One message of a table split by :func:`encode_pieces`: its value, its headers (the
+    caller's plus ``flowtally-part`` when there are several) and how many rows it holds."""
+
+    value: pa.Buffer
+    headers: list[tuple[str, bytes]]
+    num_rows: int
+
+
+def encode_pieces(table: pa.Table, limit: int, headers: Headers,
+                  options: pa.ipc.IpcWriteOptions = WRITE_OPTIONS) -> list[Piece]:
+    """``table`` as messages of at most ``limit`` bytes each, value plus :data:`MESSAGE_OVERHEAD`.
+
+    The table is encoded whole; if that is too large its rows are split in halves (row slices,
+    in order; in ``k`` equal slices at once when it is ``k`` > 2 times too large) and each is
+    encoded again, recursively, until every piece fits. Concatenating
+    the pieces' rows gives ``table`` exactly (a split piece's dictionary columns hold only the
+    values its rows use: :func:`compact_dictionaries`). With more than one piece, piece ``i`` of ``n``
+    carries the header ``flowtally-part: i/n`` (1-based). Raises :class:`RowTooLarge` when a single
+    row does not fit (nothing is returned then: the caller decides about the whole table)."""
+    budget = limit - MESSAGE_OVERHEAD
+    if budget <= 0:
+        raise ValueError(f"a message limit of {limit} bytes leaves no room for a value")
+    encoded: list[tuple[pa.Buffer, int]] = []
+    _split_to_fit(table, budget, limit, options, encoded)
+    base = list(headers)
+    if len(encoded) == 1:
+        value, rows = encoded[0]
+        return [Piece(value, base, rows)]
+    n = len(encoded)
+    return [Piece(value, [*base, (PART_HEADER, f"{i}/{n}".encode())], rows)
+            for i, (value, rows) in enumerate(encoded, start=1)]
+
+
+def _split_to_fit(table: pa.Table, budget: int, limit: int, options: pa.ipc.IpcWriteOptions,
+                  out: list[tuple[pa.Buffer, int]]) -> None:
+    value = write_stream(table, options)
+    if len(value) <= budget:
+        out.append((value, table.num_rows))
+        return
+    if table.num_rows <= 1:
+        raise RowTooLarge(len(value), limit)
+    # Halves; or, for a table several times too large, as many equal slices as its size says
+    # (with a tenth to spare) at once: each halving level encodes every row again.
+    parts = max(2, min(table.num_rows, math.ceil(len(value) / (0.9 * budget))))
+    bounds = [table.num_rows * i // parts for i in range(parts + 1)]
+    for start, end in itertools.pairwise(bounds):
+        _split_to_fit(compact_dictionaries(table.slice(start, end - start)), budget, limit, options, out)
+
+
+def compact_dictionaries(table: pa.Table) -> pa.Table:
+    """``table`` with each dictionary column's dictionary reduced to the values its rows use.
+
+    A slice keeps the whole dictionary of the array it was cut from, and the IPC writer writes
+    all of it: half of an enriched batch with thousands of distinct pod names would still carry
+    every name, and halving could never make it fit. The values are unchanged (the codes are
+    renumbered; the dictionaries stay free of duplicates, which ClickHouse requires)."""
+    if not any(pa.types.is_dictionary(f.type) for f in table.schema):
+        return table
+    columns = [pa.chunked_array([_compact(c) for c in col.chunks], col.type)
+               if pa.types.is_dictionary(col.type) else col for col in table.columns]
+    return pa.Table.from_arrays(columns, schema=table.schema)
+
+
+def _compact(array: pa.DictionaryArray) -> pa.DictionaryArray:
+    dictionary, indices = array.dictionary, array.indices
+    if not len(dictionary) or not len(indices):
+        return array
+    codes = indices.fill_null(0).to_numpy(zero_copy_only=False)
+    used = np.zeros(len(dictionary), dtype=bool)
+    used[codes] = True
+    if used.all():
+        return array
+    distinct = np.flatnonzero(used)
+    position = np.zeros(len(dictionary), dtype=indices.type.to_pandas_dtype())
+    position[distinct] = np.arange(len(distinct))
+    mask = indices.is_null().to_numpy(zero_copy_only=False) if indices.null_count else None
+    return pa.DictionaryArray.from_arrays(pa.array(position[codes], indices.type, mask=mask),
+                                          dictionary.take(pa.array(distinct)), ordered=array.type.ordered)
+
+
+def part_of(headers: Headers | dict[str, bytes] | None) -> tuple[int, int] | None:
+    """``(i, n)`` of a message that is piece ``i`` of ``n`` (see :func:`encode_pieces`); None for
+    a whole message. Raises :class:`WireError` for a malformed ``flowtally-part`` header."""
+    raw = header(headers, PART_HEADER)
+    if raw is None:
+        return None
+    try:
+        i_text, n_text = raw.decode().split("/")
+        i, n = int(i_text), int(n_text)
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise WireError("bad-part-header", f"{PART_HEADER} {raw!r} is not i/n") from exc
+    if not 1 <= i <= n:
+        raise WireError("bad-part-header", f"{PART_HEADER} {raw!r}: i must be within 1..n")
+    return i, n
 
 
 def header(headers: Headers | dict[str, bytes] | None, name: str) -> bytes | None:

@@ -3,7 +3,9 @@
 A bounded queue sits between the receiving side and the producer: when Kafka is slow or down
 the queue fills, and further batches are dropped *and counted* rather than growing memory
 without bound (a UDP sensor cannot push back on its exporters). Memory held here is at most
-``max_queued + max_in_flight`` messages of at most :data:`~flowtally.kafka.MAX_MESSAGE_BYTES`.
+``max_queued + max_in_flight`` messages of at most ``kafka.max_message_bytes`` (batches are split
+to fit it by :func:`encode_messages`; a single row that cannot fit is dropped and counted under
+``reason="message_too_large"``).
 
 Sends are pipelined: up to ``max_in_flight`` messages are handed to the producer before the
 oldest acknowledgement is awaited (the producer is idempotent, so retries neither duplicate nor
@@ -28,10 +30,11 @@ from dataclasses import dataclass
 
 import pyarrow as pa
 from aiokafka import AIOKafkaProducer
+from aiokafka.errors import KafkaError, MessageSizeTooLargeError
 from prometheus_client import Counter, Gauge
 
-from flowtally.kafka import MAX_MESSAGE_BYTES
-from flowtally.wire import SCHEMA_HEADER, WRITE_OPTIONS, Value, write_stream
+from flowtally.settings import DEFAULT_MAX_MESSAGE_BYTES
+from flowtally.wire import SCHEMA_HEADER, WRITE_OPTIONS, RowTooLarge, Value, encode_pieces
 from sensors.schema import SCHEMA_NAME
 
 log = logging.getLogger(__name__)
@@ -74,19 +77,23 @@ _OPTIONS = {c: pa.ipc.IpcWriteOptions(compression=None if c == "none" else c, us
             for c in COMPRESSIONS}
 
 
-def encode_messages(table: pa.Table, key: bytes, max_bytes: int = MAX_MESSAGE_BYTES,
+def encode_messages(table: pa.Table, key: bytes, max_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
                     schema_name: str = SCHEMA_NAME, topic: str | None = None,
                     compression: str | None = None) -> list[Message]:
-    """Encode ``table`` as one message, or split it in halves until each fits ``max_bytes``.
+    """Encode ``table`` as one message, or split it in halves until each fits ``max_bytes``
+    (``kafka.max_message_bytes``: the whole Kafka message, see :func:`flowtally.wire.encode_pieces`).
 
-    ``compression`` None uses the wire format's default (:func:`flowtally.wire.encode_batch`)."""
-    value = write_stream(table, WRITE_OPTIONS if compression is None else _OPTIONS[compression])
-    headers = [(SCHEMA_HEADER, schema_name.encode())]
-    if len(value) <= max_bytes or table.num_rows <= 1:
-        return [Message(key, value, headers, table.num_rows, topic)]
-    half = table.num_rows // 2
-    return encode_messages(table.slice(0, half), key, max_bytes, schema_name, topic, compression) + \
-        encode_messages(table.slice(half), key, max_bytes, schema_name, topic, compression)
+    A table with a row that cannot fit on its own gives no message: its flows are dropped and
+    counted (``reason="message_too_large"``) rather than handed to a producer that would refuse
+    them. ``compression`` None uses the wire format's default (:func:`flowtally.wire.encode_batch`)."""
+    options = WRITE_OPTIONS if compression is None else _OPTIONS[compression]
+    try:
+        pieces = encode_pieces(table, max_bytes, [(SCHEMA_HEADER, schema_name.encode())], options)
+    except RowTooLarge as exc:
+        Publisher._drop(Message(key, b"", [], table.num_rows, topic), "message_too_large")
+        log.error("dropped a batch of %d rows that cannot be split to fit a message: %s", table.num_rows, exc)
+        return []
+    return [Message(key, p.value, p.headers, p.num_rows, topic) for p in pieces]
 
 
 class Publisher:
@@ -227,6 +234,8 @@ class Publisher:
                 future = await self._producer.send(message.topic or self._topic, message.value,
                                                    key=message.key, headers=message.headers)
             except Exception as exc:
+                if self._refused_as_too_large(message, exc):  # by the client: nothing was sent
+                    return
                 await self._failed(message, exc, delay)
                 delay = min(delay * 2, self._retry_max_s)
                 continue
@@ -242,6 +251,10 @@ class Publisher:
                 await future
                 break
             except Exception as exc:
+                if self._refused_as_too_large(message, exc):  # by the broker
+                    self._in_flight.popleft()
+                    await self._renew_producer()
+                    return
                 await self._failed(message, exc, delay)
                 delay = min(delay * 2, self._retry_max_s)
                 assert self._producer is not None
@@ -258,6 +271,35 @@ class Publisher:
         if message.topic is None:
             PUBLISHED_FLOWS.inc(message.flows)
         PUBLISHED_BYTES.inc(len(message.value))
+
+    def _refused_as_too_large(self, message: Message, exc: BaseException) -> bool:
+        """Whether Kafka refused ``message`` for its size (the client's max_request_size, or a
+        topic/broker limit below ``kafka.max_message_bytes``): retrying cannot help, so it is
+        dropped and counted (``reason="message_too_large"``) instead of blocking every later one."""
+        if not isinstance(exc, MessageSizeTooLargeError):
+            return False
+        self._drop(message, "message_too_large")
+        log.error("Kafka refused a message of %d bytes (%d flows) as too large, dropped: %s; is the "
+                  "topic's max.message.bytes below kafka.max_message_bytes?", len(message.value),
+                  message.flows, exc)
+        return True
+
+    async def _renew_producer(self) -> None:
+        """Replace the producer after the broker refused a batch: the refused batch took sequence
+        numbers of the idempotent producer that the broker never saw, so it answers every later
+        batch of that producer with OutOfOrderSequenceNumber. The new producer has a new producer
+        id; the messages still in flight on the old one are sent again on it."""
+        old, self._producer = self._producer, None
+        if old is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(old.stop(), 5.0)
+        loop = asyncio.get_running_loop()
+        for i, (message, future) in enumerate(self._in_flight):
+            if not future.done():  # the old producer will not settle it any more
+                again: asyncio.Future[object] = loop.create_future()
+                again.set_exception(KafkaError("sent again on a new producer"))
+                self._in_flight[i] = (message, again)
+        self._producer = await self._connect()
 
     async def _failed(self, message: Message, exc: BaseException, delay: float) -> None:
         PUBLISH_ERRORS.inc()

@@ -28,7 +28,7 @@ from clickhouse_connect.driver.client import Client
 from prometheus_client import Counter, Histogram
 
 from flowtally import kafka
-from flowtally.wire import WireError
+from flowtally.wire import WireError, note_header
 from sink.settings import SinkSettings
 from sink.writer import InsertFailure, Writer, classify
 
@@ -162,7 +162,7 @@ class Delivery:
             error = str(exc)
         reason = getattr(exc, "reason", type(exc).__name__)
         self._metrics.messages.labels(f"{'partial_' if value is not None else ''}dlq_{reason}").inc()
-        headers = [*(msg.headers or ()), ("flowtally-error", error.encode()),
+        headers = [*(msg.headers or ()), ("flowtally-error", note_header(error)),  # fits the limit
                    ("flowtally-stage", b"sink")]
         if rows is not None:
             headers.append((DLQ_ROWS_HEADER, str(rows).encode()))

@@ -26,6 +26,18 @@ committed offset are either the one being re-formed or never inserted), so a rec
 never landed cannot hide a message. The enricher keys its output like its input, so a re-emit
 lands in the partition of the original; the memory is per partition.
 
+A raw batch the enricher had to split to fit the message limit arrives as pieces
+(``flowtally-part: i/n``, ``flowtally-emission``: one id per time the enricher handled the raw
+message); each piece is its own origin, ``<raw origin>#<emission>:i/n``
+(:func:`sink.service.origin_of`), so the pieces of one raw message are all inserted. The *first
+emission* of a raw origin wins as a whole: a piece (or a whole message) of the same raw origin
+from another emission is a duplicate, even if it was split differently — a re-processed batch
+may enrich to other sizes (identity, GeoIP and the observed nodes may have changed meanwhile), so
+matching pieces by number alone could count rows twice. Inexact only if the enricher died while
+publishing the pieces of one batch (some in Kafka, some not): the re-emission is dropped, so the
+pieces that never made it are missing (counted by nothing; the window is the milliseconds of
+one batch's sends, against the commit interval for a whole-message replay).
+
 On a ClickHouse cluster ``sink_groups`` is replicated like the other tables; a sink that moves to
 a replica lagging behind the one that recorded a group could miss that intent and form a fresh
 group over messages that had landed. Keep the sink on one replica per shard (or insert with
@@ -124,6 +136,13 @@ def new_token(topic: str, partition: int, first: int, last: int) -> str:
     return f"{topic}/{partition}/{first}-{last}/{uuid.uuid4().hex[:12]}"
 
 
+def split_origin(origin: str) -> tuple[str, str]:
+    """(raw origin, emission) of an origin key: a piece's key is ``<raw>#<emission>:i/n``, a
+    whole message's is the raw origin itself (emission "")."""
+    base, sep, rest = origin.partition("#")
+    return base, (rest.partition(":")[0] if sep else "")
+
+
 class PartitionGroups:
     """Forms the groups of one partition, in offset order (see the module doc)."""
 
@@ -142,6 +161,8 @@ class PartitionGroups:
         self._pending: Intent | None = None
         #: origin -> last offset of the committed group holding it (offset order)
         self._seen: OrderedDict[str, int] = OrderedDict()
+        #: raw origin -> (its first emission, last offset of a committed group holding it)
+        self._emissions: OrderedDict[str, tuple[str, int]] = OrderedDict()
 
     def resume(self, start_offset: int, recorded: Iterable[Intent]) -> None:
         """Resume at ``start_offset`` (the committed offset) given the partition's recorded
@@ -150,6 +171,7 @@ class PartitionGroups:
         never landed and are ignored."""
         self._pending = None
         self._seen.clear()
+        self._emissions.clear()
         recorded = list(recorded)
         committed = [i for i in recorded if i.last_offset < start_offset]
         for intent in sorted(committed, key=lambda i: i.last_offset):
@@ -206,11 +228,12 @@ class PartitionGroups:
         duplicates: list[Consumed] = []
         undecodable: list[Consumed] = []
         origins: set[str] = set()
+        emissions: dict[str, str] = {}  # raw origin -> emission, in this group
         rows = nbytes = 0
         for item in self._forming:
             if item.error is not None:
                 undecodable.append(item)
-            elif item.origin in self._seen or item.origin in origins:
+            elif self._duplicate(item.origin, origins, emissions):
                 duplicates.append(item)
             else:
                 if included and (rows + item.num_rows > self._limits.max_rows
@@ -218,6 +241,8 @@ class PartitionGroups:
                     break
                 included.append(item)
                 origins.add(item.origin)
+                base, emission = split_origin(item.origin)
+                emissions.setdefault(base, emission)
                 rows += item.num_rows
                 nbytes += item.nbytes
             items.append(item)
@@ -227,6 +252,17 @@ class PartitionGroups:
                         tuple(c.origin for c in included))
         self._consume(len(items))
         return Group(intent, False, included, duplicates, undecodable)
+
+    def _duplicate(self, origin: str, origins: set[str], emissions: dict[str, str]) -> bool:
+        """Whether ``origin`` was inserted before (committed, or earlier in the forming group:
+        ``origins``), or belongs to another emission of a raw origin than its first."""
+        if origin in self._seen or origin in origins:
+            return True
+        base, emission = split_origin(origin)
+        first = emissions.get(base)
+        if first is None and base in self._emissions:
+            first = self._emissions[base][0]
+        return first is not None and first != emission
 
     def _reform(self, intent: Intent) -> Group:
         """Exactly the recorded group: its offsets, the first message of each recorded origin."""
@@ -265,6 +301,10 @@ class PartitionGroups:
         for origin in intent.origins:
             self._seen[origin] = intent.last_offset
             self._seen.move_to_end(origin)
+            base, emission = split_origin(origin)
+            first = self._emissions.get(base, (emission, 0))[0]
+            self._emissions[base] = (first, intent.last_offset)
+            self._emissions.move_to_end(base)
 
     def _prune(self, next_offset: int) -> None:
         """Forget origins of groups that ended more than ``window_messages`` offsets ago."""
@@ -273,3 +313,8 @@ class PartitionGroups:
             if last >= next_offset - self._window:
                 break
             del self._seen[origin]
+        while self._emissions:
+            base, (_, last) = next(iter(self._emissions.items()))
+            if last >= next_offset - self._window:
+                break
+            del self._emissions[base]

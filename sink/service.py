@@ -51,7 +51,16 @@ from flowtally.clickhouse import connect_when_reachable
 from flowtally.lifecycle import run_components
 from flowtally.metrics import MetricsServer
 from flowtally.settings import load_settings
-from flowtally.wire import ORIGIN_HEADER, WireError, decode_batch, encode_batch, header
+from flowtally.wire import (
+    EMISSION_HEADER,
+    ORIGIN_HEADER,
+    PART_HEADER,
+    WireError,
+    decode_batch,
+    encode_batch,
+    header,
+    part_of,
+)
 from sink import split
 from sink.delivery import Delivery, FeedMetrics, FeedWorker, Retry, Stopped
 from sink.groups import Consumed, Group, Intent, PartitionGroups
@@ -83,14 +92,24 @@ GROUPS_TABLE = "sink_groups"
 
 
 def origin_of(msg: ConsumerRecord) -> str:
-    """The raw message a batch came from (set by the enricher), else this message itself."""
+    """The raw message a batch came from (set by the enricher), else this message itself; for
+    piece ``i`` of ``n`` of a split batch (``flowtally-part``) ``<origin>#<emission>:i/n``. The
+    pieces of one raw message are different rows, so each is its own origin; the emission (one
+    id per time the enricher handled the raw message) lets the sink keep only the first emission
+    of a raw message, however a re-emission was split (:mod:`sink.groups`)."""
     origin = header(msg.headers, ORIGIN_HEADER)
-    return origin.decode() if origin else f"{msg.topic}/{msg.partition}/{msg.offset}"
+    base = origin.decode() if origin else f"{msg.topic}/{msg.partition}/{msg.offset}"
+    part = header(msg.headers, PART_HEADER)
+    if part is None:
+        return base
+    emission = header(msg.headers, EMISSION_HEADER) or b""
+    return f"{base}#{emission.decode(errors='replace')}:{part.decode(errors='replace')}"
 
 
 def decode(msg: ConsumerRecord) -> Consumed:
     """One enriched message as flow rows (or why it is not a batch), with its origin."""
     try:
+        part_of(msg.headers)  # a malformed part header: not a batch of ours (to the DLQ)
         enriched = decode_batch(msg.value, msg.headers, ENRICHED_SCHEMA, ENRICHED, with_additive_defaults)
         rows = flow_rows(enriched)
     except WireError as exc:

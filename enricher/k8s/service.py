@@ -13,6 +13,11 @@ picture would close the versions of everything not listed yet.
 ``/healthz`` is healthy once the initial lists of every resource have been written. SIGTERM:
 the watch threads stop, the events already received are flushed and written, exit 0. A write
 that fails keeps its addresses pending; the next flush writes their then-current lists.
+
+Every record fits ``kafka.max_message_bytes``: an address whose list would not fit is written
+without its oldest ended versions (``flowtally_watcher_versions_trimmed_total``); one that does
+not fit even so is not written (``flowtally_watcher_records_refused_total``, logged) rather than
+failing every flush.
 """
 
 from __future__ import annotations
@@ -22,13 +27,20 @@ import asyncio
 import contextlib
 import logging
 import time
+from typing import Any
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
-from aiokafka.errors import KafkaError
+from aiokafka.errors import KafkaError, MessageSizeTooLargeError
 from prometheus_client import Counter, Gauge, Histogram
 
 from enricher.identity import Version
-from enricher.identity_topic import IdentityRecordError, decode_record, encode_key, encode_versions
+from enricher.identity_topic import (
+    IdentityRecordError,
+    IdentityRecordTooLarge,
+    decode_record,
+    encode_key,
+    fit_versions,
+)
 from enricher.k8s.objects import RESOURCES, ClusterState
 from enricher.k8s.settings import WatcherSettings
 from enricher.k8s.watcher import (
@@ -55,6 +67,10 @@ ADDRESSES = Gauge("flowtally_watcher_addresses", "Addresses with a version histo
 VERSIONS = Gauge("flowtally_watcher_versions", "Versions held over all addresses")
 OBJECTS = Gauge("flowtally_watcher_objects", "Objects held", ["resource"])
 PENDING = Gauge("flowtally_watcher_pending_addresses", "Changed addresses not written yet")
+TRIMMED = Counter("flowtally_watcher_versions_trimmed_total",
+                  "Ended versions left out of identity records to fit kafka.max_message_bytes")
+REFUSED = Counter("flowtally_watcher_records_refused_total",
+                  "Identity records not written: too large for kafka.max_message_bytes even trimmed")
 FLUSH_SECONDS = Histogram("flowtally_watcher_flush_seconds", "Computing the changes of one flush")
 
 REPLAY_TIMEOUT_S = 300.0
@@ -201,22 +217,67 @@ class WatchStage:
     async def _write(self) -> None:
         assert self._state is not None and self._producer is not None
         addresses = sorted(self._pending)
+        limit = self._settings.kafka.max_message_bytes
+        sent: list[tuple[str, bool, asyncio.Future[Any]]] = []  # address, tombstone, ack
+        done: set[str] = set()  # written or refused: no longer pending
+        failure: BaseException | None = None
         try:
-            futures, tombstones = [], 0
             for address in addresses:
                 versions = self._state.versions(address)
-                tombstones += not versions
-                futures.append(await self._producer.send(
-                    self._topic, encode_versions(versions or None), key=encode_key(address)))
-            await asyncio.gather(*futures)
+                key = encode_key(address)
+                try:
+                    value, trimmed = fit_versions(versions or None, key, limit)
+                except IdentityRecordTooLarge as exc:
+                    self._refuse(address, str(exc), done)
+                    continue
+                if trimmed:
+                    TRIMMED.inc(trimmed)
+                    log.warning("identity record of %s: left out its %d oldest ended versions to fit "
+                                "%d bytes", address, trimmed, limit)
+                try:
+                    future = await self._producer.send(self._topic, value, key=key)
+                except MessageSizeTooLargeError as exc:  # cannot be, fit_versions used the same limit
+                    self._refuse(address, f"Kafka refused it: {exc}", done)
+                    continue
+                sent.append((address, not versions, future))
         except KafkaError as exc:
+            failure = exc
+        results = await asyncio.gather(*(future for _, _, future in sent), return_exceptions=True)
+        renew = False
+        for (address, tombstone, _), result in zip(sent, results, strict=True):
+            if isinstance(result, MessageSizeTooLargeError):  # the topic's limit is below ours
+                self._refuse(address, f"Kafka refused it: {result}", done)
+                renew = True
+            elif isinstance(result, KafkaError):
+                failure = failure or result
+            elif isinstance(result, BaseException):
+                raise result
+            else:
+                done.add(address)
+                RECORDS.labels("tombstone" if tombstone else "versions").inc()
+        self._pending.difference_update(done)
+        if failure is not None:
             WRITE_ERRORS.inc()
             log.warning("writing %d identity records failed (retried at the next flush): %s",
-                        len(addresses), exc)
-            return
-        self._pending.difference_update(addresses)
-        RECORDS.labels("versions").inc(len(addresses) - tombstones)
-        RECORDS.labels("tombstone").inc(tombstones)
+                        len(set(addresses) - done), failure)
+        if renew:
+            await self._renew_producer()
+
+    def _refuse(self, address: str, why: str, done: set[str]) -> None:
+        """Give up on writing ``address``'s record (until it changes again), counted."""
+        REFUSED.inc()
+        done.add(address)
+        log.error("identity record of %s not written: %s", address, why)
+
+    async def _renew_producer(self) -> None:
+        """A new producer after the broker refused a record: the refused batch left a gap in the
+        idempotent producer's sequence numbers, and the broker would answer every later batch
+        of it with OutOfOrderSequenceNumber (the addresses they held stay pending)."""
+        old, self._producer = self._producer, kafka.producer(self._settings.kafka)
+        if old is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(old.stop(), 5.0)
+        await self._producer.start()
 
 
 def run(args: argparse.Namespace) -> int:

@@ -46,6 +46,8 @@ from string import Template
 from types import TracebackType
 from typing import Any, TypeVar
 
+from flowtally.settings import DEFAULT_MAX_MESSAGE_BYTES
+
 __all__ = [
     "DEFAULT_STATE_DIR",
     "DEPENDENCY_PLUGIN_VERSION",
@@ -320,6 +322,9 @@ class LocalKafka:
     previous ones from ``state_dir`` when they are still free, so a restarted broker keeps its
     address). ``cache_dir`` is the jar cache root (see :func:`cache_root`).
 
+    ``max_message_bytes`` is the broker's ``message.max.bytes`` and ``replica.fetch.max.bytes``
+    (match ``kafka.max_message_bytes``; ``flowtally kafka up`` reads ``FLOWTALLY_KAFKA_MAX_MESSAGE_BYTES``).
+
     With ``stop_at_exit=True`` (the default) a started broker is also stopped when this Python
     process exits normally; ``flowtally kafka up`` turns that off to leave the broker running.
     """
@@ -331,9 +336,11 @@ class LocalKafka:
         cache_dir: Path | None = None,
         *,
         stop_at_exit: bool = True,
+        max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
     ) -> None:
         if not 0 <= port <= 65535:
             raise ValueError(f"port {port} is not in 0-65535")
+        self.max_message_bytes = max_message_bytes
         # Absolute and canonical: it is written into the config and into the broker's command line
         # (where stop() looks for it, from whatever cwd), and the JVM runs with cwd=state_dir.
         self.state_dir = Path(state_dir).expanduser().resolve()
@@ -559,7 +566,8 @@ class LocalKafka:
 
     def _write_config(self, port: int, controller_port: int) -> Path:
         config = Template(_data_file("server.properties")).substitute(
-            port=port, controller_port=controller_port, log_dir=self.data_dir
+            port=port, controller_port=controller_port, log_dir=self.data_dir,
+            max_message_bytes=self.max_message_bytes,
         )
         path = self.state_dir / "server.properties"
         _write_atomic(path, config)
@@ -791,7 +799,13 @@ def run_up(args: argparse.Namespace) -> int:
     """``flowtally kafka up``: start the broker in the background (or find it running) and print
     ``FLOWTALLY_KAFKA_BOOTSTRAP=127.0.0.1:<port>`` on stdout, for ``eval``/``export``."""
     port = int(getattr(args, "port", 0) or 0)
-    kafka = LocalKafka(_state_dir(args), port=port, stop_at_exit=False)
+    limit = os.environ.get("FLOWTALLY_KAFKA_MAX_MESSAGE_BYTES", "")
+    if limit and not limit.isdigit():
+        print(f"flowtally kafka up: FLOWTALLY_KAFKA_MAX_MESSAGE_BYTES={limit!r} is not a number of bytes",
+              file=sys.stderr)
+        return 2
+    kafka = LocalKafka(_state_dir(args), port=port, stop_at_exit=False,
+                       max_message_bytes=int(limit) if limit else DEFAULT_MAX_MESSAGE_BYTES)
     state = kafka.running_state()
     if state is not None:
         if port and state.get("port") != port:

@@ -317,7 +317,8 @@ class ConntrackSensor:
         assert self._publisher is not None
         table = build_raw_table(columns, observer=self._settings.observer)
         key = self._settings.observer.encode()
-        for message in encode_messages(table, key, compression=self._settings.compression):
+        for message in encode_messages(table, key, self._settings.kafka.max_message_bytes,
+                                       compression=self._settings.compression):
             if not self._publisher.offer(message):
                 self._completeness.counts(now_ms, self._exporter, 0).dropped_backpressure += message.flows
 
@@ -327,6 +328,7 @@ class ConntrackSensor:
         table = self._completeness.take(before_ms)
         if table.num_rows:
             for message in encode_messages(table, self._settings.observer.encode(),
+                                           self._settings.kafka.max_message_bytes,
                                            schema_name=COMPLETENESS_SCHEMA, topic=self._completeness_topic):
                 self._publisher.offer(message)
 

@@ -569,7 +569,8 @@ class NetflowReceiver:
             pa.concat_tables(held.tables).unify_dictionaries().combine_chunks()
         offset = 0
         key = address_text(exporter).encode()  # the partition key: the address, never "other"
-        for message in encode_messages(table, key, compression=self._settings.compression):
+        for message in encode_messages(table, key, self._settings.kafka.max_message_bytes,
+                                       compression=self._settings.compression):
             if not self._publisher.offer(message) and self._completeness_topic:
                 self._account_rows(exporter, table.slice(offset, message.flows), "dropped_backpressure")
             offset += message.flows
@@ -639,8 +640,8 @@ class NetflowReceiver:
         table = self._completeness.take(before_ms)
         if table.num_rows:
             key = (self._settings.observer or os.uname().nodename).encode()
-            for message in encode_messages(table, key, schema_name=COMPLETENESS_SCHEMA,
-                                           topic=self._completeness_topic):
+            for message in encode_messages(table, key, self._settings.kafka.max_message_bytes,
+                                           schema_name=COMPLETENESS_SCHEMA, topic=self._completeness_topic):
                 self._publisher.offer(message)
 
 

@@ -5,8 +5,11 @@ from __future__ import annotations
 
 import pyarrow as pa
 import pytest
+from aiokafka.structs import ConsumerRecord
 
-from sink.groups import Consumed, GroupLimits, Intent, PartitionGroups
+from flowtally.wire import EMISSION_HEADER, ORIGIN_HEADER, PART_HEADER
+from sink.groups import Consumed, GroupLimits, Intent, PartitionGroups, split_origin
+from sink.service import decode, origin_of
 
 
 def _item(offset: int, origin: str, rows: int = 10) -> Consumed:
@@ -157,3 +160,98 @@ def test_resume_without_a_recorded_group_forms_fresh_ones(start: int) -> None:
     group = g.take()
     assert group is not None
     assert group.intent.origins == (("raw/0/x",) if start else ("raw/0/0", "raw/0/x"))
+
+
+def _record(offset: int, headers: list[tuple[str, bytes]]) -> ConsumerRecord[bytes, bytes]:
+    return ConsumerRecord("enriched", 3, offset, 0, 0, b"k", b"", None, 1, 0, headers)
+
+
+def test_pieces_of_one_raw_message_are_distinct_origins() -> None:
+    whole = _record(5, [(ORIGIN_HEADER, b"raw/0/7")])
+    pieces = [_record(6 + i, [(ORIGIN_HEADER, b"raw/0/8"), (PART_HEADER, f"{i}/3".encode()),
+                              (EMISSION_HEADER, b"e1")]) for i in (1, 2, 3)]
+    assert origin_of(whole) == "raw/0/7" and split_origin("raw/0/7") == ("raw/0/7", "")
+    assert [origin_of(p) for p in pieces] == ["raw/0/8#e1:1/3", "raw/0/8#e1:2/3", "raw/0/8#e1:3/3"]
+    assert split_origin("raw/0/8#e1:2/3") == ("raw/0/8", "e1")
+    assert origin_of(_record(9, [])) == "enriched/3/9"  # no origin: the message itself
+    # a malformed part header makes the message undecodable (to the DLQ), not a crash
+    bad = decode(_record(10, [(ORIGIN_HEADER, b"raw/0/9"), (PART_HEADER, b"x")]))
+    assert bad.rows is None and bad.error is not None and bad.origin == "raw/0/9#:x"
+
+
+def _pieces(raw: str, emission: str, n: int) -> list[str]:
+    return [f"{raw}#{emission}:{i}/{n}" for i in range(1, n + 1)]
+
+
+def test_the_pieces_of_a_raw_message_are_all_inserted_and_their_replay_is_skipped() -> None:
+    """A raw message split into three pieces: all three go into the group (keyed on the raw
+    origin alone, pieces 2 and 3 would be dropped as duplicates of piece 1); the enricher
+    re-emitting the same three pieces after a crash, within the group or after it landed, adds
+    nothing; and a group re-formed after a sink restart takes the same three pieces."""
+    g = _groups()
+    parts = _pieces("raw/0/8", "e1", 3)
+    g.add(_item(0, "raw/0/7"), 0.0)
+    for offset, origin in enumerate(parts, start=1):
+        g.add(_item(offset, origin), 0.0)
+    g.add(_item(4, parts[0]), 0.0)  # the same piece twice (a producer retry)
+    g.add(_item(5, "raw/0/8#e2:1/2"), 0.0)  # re-emitted at once, split in two this time
+    first = g.take()
+    assert first is not None
+    assert first.intent.origins == ("raw/0/7", *parts) and first.num_rows == 40
+    assert [c.offset for c in first.duplicates] == [4, 5]
+    g.landed(first)
+    # re-emitted after the group was committed: the same split, another split, one whole message
+    for offset, origin in enumerate([*_pieces("raw/0/8", "e3", 3), *_pieces("raw/0/8", "e4", 4), "raw/0/8"],
+                                    start=6):
+        g.add(_item(offset, origin), 0.0)
+    second = g.take()
+    assert second is not None and second.included == [] and len(second.duplicates) == 8
+    # the sink restarts inside a recorded group of pieces: exactly those pieces again
+    h = _groups()
+    h.resume(1, [Intent("enriched", 3, 1, 4, "tok-P", tuple(parts))])
+    for offset, origin in enumerate([*parts, parts[1]], start=1):
+        h.add(_item(offset, origin), 0.0)
+    reformed = h.take()
+    assert reformed is not None and reformed.recorded and reformed.intent.token == "tok-P"
+    assert [c.offset for c in reformed.included] == [1, 2, 3] and [c.offset for c in reformed.duplicates] == [4]
+
+
+def test_the_first_emission_of_a_raw_message_wins_across_groups_and_restarts() -> None:
+    """Pieces of one emission may span groups (other messages between them); a whole message
+    first and pieces later (or the other way round) are one raw message too; a sink resuming
+    after committed groups remembers which emission each raw origin had."""
+    g = _groups(max_rows=25)
+    g.add(_item(0, "raw/0/1#a:1/3"), 0.0)
+    g.add(_item(1, "raw/0/1#a:2/3"), 0.0)
+    g.add(_item(2, "raw/0/2"), 0.0)  # whole
+    g.add(_item(3, "raw/0/1#a:3/3"), 0.0)  # the last piece, in the next group (row limit)
+    g.add(_item(4, "raw/0/1#b:1/1"), 0.0)
+    g.add(_item(5, "raw/0/2#c:1/2"), 0.0)
+    first = g.take()
+    assert first is not None and first.intent.origins == ("raw/0/1#a:1/3", "raw/0/1#a:2/3")
+    g.landed(first)
+    second = g.take()
+    assert second is not None and second.intent.origins == ("raw/0/2", "raw/0/1#a:3/3")
+    assert [c.offset for c in second.duplicates] == [4, 5]
+    # a restart after both groups: the recorded intents rebuild the memory of emissions
+    h = _groups()
+    h.resume(6, [first.intent, second.intent])
+    for offset, origin in [(6, "raw/0/1#d:2/2"), (7, "raw/0/2#e:1/2"), (8, "raw/0/3#f:1/2"), (9, "raw/0/3#f:2/2")]:
+        h.add(_item(offset, origin), 0.0)
+    third = h.take()
+    assert third is not None and third.intent.origins == ("raw/0/3#f:1/2", "raw/0/3#f:2/2")
+    assert [c.offset for c in third.duplicates] == [6, 7]
+    # the memory of emissions forgets with the window like the rest
+    w = _groups(window=10)
+    w.add(_item(0, "raw/0/1#a:1/2"), 0.0)
+    w.add(_item(1, "raw/0/1#a:2/2"), 0.0)
+    old = w.take()
+    assert old is not None
+    w.landed(old)
+    w.add(_item(30, "raw/0/30"), 0.0)
+    mid = w.take()
+    assert mid is not None
+    w.landed(mid)
+    w.add(_item(31, "raw/0/1#z:1/1"), 0.0)
+    late = w.take()
+    assert late is not None and late.intent.origins == ("raw/0/1#z:1/1",)
