@@ -148,7 +148,7 @@ class NetflowSettings(StageSettings):
                                          "for a missing template, all exporters and domains together; beyond "
                                          "a set is not held (counted as missing_template_expired)")
     # Bounds on what exporters can make the sensor hold (see sensors.netflow.templates and the
-    # README's "Hostile input" section). A router has one to a few observation domains, tens of
+    # deploy/docs/sensor-netflow.md, "Hostile input"). A router has one to a few observation domains, tens of
     # templates of 10-60 fields; the defaults leave a wide margin for that and cap the worst case.
     max_exporters: int = Field(1024, ge=1, le=1_000_000, description="Exporter addresses whose decoder "
                                "state (templates, sequence numbers, ...) is kept; beyond, the least "

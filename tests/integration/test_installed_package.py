@@ -51,8 +51,11 @@ def installed(tmp_path_factory: pytest.TempPathFactory) -> Path:
     # The dependencies from this environment: a plain path line, so the site-packages' own .pth
     # files (the editable install's finder among them) are not processed.
     (site / "dependencies.pth").write_text(sysconfig.get_path("purelib") + "\n")
+    # Without PYTHONPATH: a checkout on it (a worktree's) would make pip see flowtally as installed
+    # already (its egg-info) and install nothing.
+    clean = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     _run([sys.executable, "-m", "pip", "--python", str(python), "install", "--no-deps", "--quiet",
-          str(wheel)], cwd=root, timeout=BUILD_TIMEOUT_S)
+          str(wheel)], cwd=root, env=clean, timeout=BUILD_TIMEOUT_S)
     return bin_dir
 
 
