@@ -139,17 +139,6 @@ class ObservedNodes:
         return list(self._last)
 
 
-def _kind_classes(kind: pa.DictionaryArray) -> np.ndarray:
-    per_value = np.array([_KIND_CLASS.get(v, 0) for v in kind.dictionary.to_pylist()], dtype=np.int32)
-    return per_value[kind.indices.to_numpy(zero_copy_only=False)]
-
-
-def direction_codes(src_kind: pa.DictionaryArray, dst_kind: pa.DictionaryArray) -> pa.DictionaryArray:
-    """The ``direction`` column for two kind columns (the rule in the module docstring)."""
-    codes = _DIRECTION_TABLE[_kind_classes(src_kind), _kind_classes(dst_kind)]
-    return pa.DictionaryArray.from_arrays(pa.array(codes, pa.int32()), _direction_dict())
-
-
 def _numpy(raw: pa.Table, name: str) -> np.ndarray:
     column = raw.column(name)
     if column.num_chunks == 1:

@@ -19,7 +19,6 @@ Unknown keys and duplicate addresses are errors naming the entry.
 from __future__ import annotations
 
 import ipaddress
-from collections.abc import Iterable
 from enum import StrEnum
 from pathlib import Path
 
@@ -102,8 +101,3 @@ def load_inventory(path: str | Path) -> Inventory:
     except ValidationError as exc:
         raise InventoryError(f"inventory file {path}: {exc}") from None
 
-
-def dump_inventory(owners: Iterable[Owner]) -> str:
-    """Serialise owners in the file format (empty fields left out)."""
-    rows = [o.model_dump(mode="json", exclude_defaults=True) | {"ip": o.ip} for o in owners]
-    return yaml.safe_dump({"owners": rows}, sort_keys=False)

@@ -14,7 +14,7 @@ defaults so older rows read as empty):
 - ``*_pod_uid``: the pod's UID (distinguishes two pods that had the same name or IP).
 - ``*_asn``/``*_as_org``/``*_country``/``*_city``/``*_lat``/``*_lon``: MaxMind data for public
   addresses (0 / "" / NaN when unknown or not looked up).
-- ``direction``: see :func:`enricher.enrich.direction_codes` for the rule.
+- ``direction``: the rule is in :mod:`enricher.enrich`'s module docstring.
 - ``nat_namespace``/``nat_service``: the service a translated record's initiator addressed
   (``nat_addr``'s owner when it is a ClusterIP service; "" when not translated or not a service),
   migration 0008. See :mod:`enricher.enrich` for how it also sets the service side's

@@ -121,18 +121,6 @@ def minute_of(ms: int) -> int:
     return ms - ms % MINUTE_MS
 
 
-def domain_of(payload: bytes) -> int:
-    """The observation domain in a NetFlow header: v9 source ID, IPFIX observation domain ID,
-    v5 engine type << 8 | engine ID (as the decoders record it); 0 if there is none."""
-    if len(payload) >= 20 and payload[1] == 9 and payload[0] == 0:
-        return int.from_bytes(payload[16:20], "big")
-    if len(payload) >= 16 and payload[1] == 10 and payload[0] == 0:
-        return int.from_bytes(payload[12:16], "big")
-    if len(payload) >= 22 and payload[1] == 5 and payload[0] == 0:
-        return (payload[20] << 8) | payload[21]
-    return 0
-
-
 def group_counts(minutes: np.ndarray, domains: np.ndarray) -> Iterable[tuple[int, int, int]]:
     """(minute, domain, rows) for each distinct pair in two parallel columns."""
     if len(minutes) == 0:

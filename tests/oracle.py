@@ -470,3 +470,15 @@ def conversation_times(truth: dict[TruthKey, dict[str, Any]], key: TruthKey) -> 
         return truth[key]["first_ms"], truth[key]["last_ms"]
     both = [truth[key]] + ([truth[k]] if (k := (dst, src, dport, sport, proto)) in truth else [])
     return min(f["first_ms"] for f in both), max(f["last_ms"] for f in both)
+
+
+def domain_of(payload: bytes) -> int:
+    """One NetFlow payload's observation domain read the plain way (v9 source ID, IPFIX observation
+    domain ID, v5 engine type << 8 | engine ID; 0 if none): the oracle of the receiver's batched read."""
+    if len(payload) >= 20 and payload[1] == 9 and payload[0] == 0:
+        return int.from_bytes(payload[16:20], "big")
+    if len(payload) >= 16 and payload[1] == 10 and payload[0] == 0:
+        return int.from_bytes(payload[12:16], "big")
+    if len(payload) >= 22 and payload[1] == 5 and payload[0] == 0:
+        return (payload[20] << 8) | payload[21]
+    return 0

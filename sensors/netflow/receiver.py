@@ -149,9 +149,11 @@ def estimate_records_many(heads: np.ndarray, lengths: np.ndarray) -> np.ndarray:
 
 
 def domains_many(heads: np.ndarray, lengths: np.ndarray) -> np.ndarray:
-    """:func:`~sensors.completeness.domain_of` of many datagrams at once (uint32), from their
-    first :data:`HEAD` bytes (an (n, >= HEAD) uint8 array; bytes past a datagram's length are
-    never read as a domain: the length checks exclude them) and their lengths."""
+    """The observation domain in the NetFlow header (v9 source ID, IPFIX observation domain ID,
+    v5 engine type << 8 | engine ID, as the decoders record it; 0 if there is none) of many
+    datagrams at once (uint32), from their first :data:`HEAD` bytes (an (n, >= HEAD) uint8
+    array; bytes past a datagram's length are never read as a domain: the length checks
+    exclude them) and their lengths."""
     zero = heads[:, 0] == 0
     out = np.zeros(len(heads), dtype=np.uint32)
     v9 = zero & (heads[:, 1] == 9) & (lengths >= 20)

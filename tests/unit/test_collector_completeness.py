@@ -13,7 +13,6 @@ from sensors.completeness import (
     COMPLETENESS_SCHEMA,
     UNKNOWN_EXPORTER,
     CompletenessAccumulator,
-    domain_of,
     group_counts,
     minute_of,
 )
@@ -22,6 +21,7 @@ from sensors.netflow.decoder import ExporterStats
 from sensors.netflow.receiver import Run, domains_many, header_bytes
 from sensors.publisher import Publisher
 from sensors.schema import address16
+from tests.oracle import domain_of
 
 E = address16("10.0.0.1")
 

@@ -12,7 +12,6 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from sensors.completeness import domain_of
 from sensors.netflow.receiver import (
     Run,
     UdpReceiver,
@@ -22,6 +21,7 @@ from sensors.netflow.receiver import (
     open_udp_socket,
     source_address,
 )
+from tests.oracle import domain_of
 
 
 async def _exchange(coalesce_ms: float, bursts: int, per_burst: int) -> tuple[list[bytes], UdpReceiver, bool]:
@@ -61,6 +61,7 @@ async def _exchange(coalesce_ms: float, bursts: int, per_burst: int) -> tuple[li
         receiver.stop()
     assert sources == {source_address("127.0.0.1")}
     return got, receiver, waiting
+
 
 
 def test_coalesced_reads_keep_order_and_return_to_the_socket() -> None:
