@@ -47,12 +47,14 @@ from enricher.geo import GeoIP
 from enricher.identity import IdentityIndex
 from enricher.identity_feed import IdentityFeed
 from enricher.inventory import load_inventory
-from enricher.memory import lean_process, release_free_memory
+from enricher.memory import MEMORY
 from enricher.observer_feed import ObserverFeed
 from enricher.schema import SCHEMA_NAME as ENRICHED
 from enricher.settings import EnricherSettings
 from flowtally import kafka
 from flowtally.metrics import MetricsServer
+from flowtally.process import apply as apply_memory_policy
+from flowtally.process import release_free_memory
 from flowtally.settings import load_settings
 from flowtally.wire import (
     EMISSION_HEADER,
@@ -394,7 +396,7 @@ def _pairs(headers: Any) -> list[tuple[str, bytes]]:
 
 def run(args: argparse.Namespace) -> int:
     """`flowtally enrich`: create topics, load identity, run the Faust worker until SIGTERM."""
-    lean_process()
+    apply_memory_policy(MEMORY)
     settings = load_settings(
         EnricherSettings, args.config, inventory=args.inventory, metrics_listen=args.metrics_listen
     )

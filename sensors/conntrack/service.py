@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import gc
 import json
 import logging
 import sys
@@ -30,7 +29,8 @@ from prometheus_client import Counter, Gauge
 from flowtally import kafka
 from flowtally.lifecycle import run_components
 from flowtally.metrics import MetricsServer
-from flowtally.process import keep_pandas_out
+from flowtally.process import MemoryPolicy
+from flowtally.process import apply as apply_memory_policy
 from flowtally.settings import load_settings
 from sensors.completeness import SCHEMA_NAME as COMPLETENESS_SCHEMA
 from sensors.completeness import CompletenessAccumulator
@@ -356,21 +356,18 @@ def run(args: argparse.Namespace) -> int:
     """`flowtally sensor conntrack`."""
     settings = load_settings(ConntrackSettings, args.config, metrics_listen=args.metrics_listen,
                              stdout=True if args.stdout else None)
-    keep_pandas_out()  # pyarrow would import it on the first batch's timestamps (~40 MB, unused)
+    apply_memory_policy(MEMORY)
     return asyncio.run(_main(settings))
 
 
-def tune_gc() -> None:
-    """Garbage collection for the sensor's process: the tracker keeps up to millions of small
-    objects alive and every wakeup allocates per row, so the collector's passes would walk them
-    all, and everything imported by then, again and again. What exists now is moved out of its
-    sight, and young collections run less often."""
-    gc.freeze()
-    gc.set_threshold(50_000, 20, 20)
+#: Garbage collection for the sensor's process: the tracker keeps up to millions of small objects
+#: alive and every wakeup allocates per row, so the collector's passes would walk them all, and
+#: everything imported by then, again and again. What exists at start is moved out of its sight,
+#: and young collections run less often.
+MEMORY = MemoryPolicy(freeze_gc=True, gc_thresholds=(50_000, 20, 20))
 
 
 async def _main(settings: ConntrackSettings) -> int:
-    tune_gc()
     publisher: Publisher | None = None
     if not settings.stdout:
         async def prepare() -> None:

@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import gc
 import ipaddress
 import logging
 import os
@@ -49,7 +48,8 @@ from flowtally import kafka
 from flowtally.kafka import TopicSettings
 from flowtally.lifecycle import run_components
 from flowtally.metrics import LabelCap, MetricsServer
-from flowtally.process import M_MMAP_THRESHOLD, M_TRIM_THRESHOLD, keep_pandas_out, mallopt
+from flowtally.process import MemoryPolicy
+from flowtally.process import apply as apply_memory_policy
 from flowtally.settings import CommaList, KafkaSettings, StageSettings, load_settings, parse_hostport
 from sensors.completeness import SCHEMA_NAME as COMPLETENESS_SCHEMA
 from sensors.completeness import CompletenessAccumulator, group_counts
@@ -654,7 +654,7 @@ def _joined(chunks: list[np.ndarray]) -> np.ndarray:
 
 def _warm_up() -> None:
     """Build one raw table before receiving: the first timestamp conversion has pyarrow look for
-    pandas (importing it, about a CPU-second, where :func:`_tune_process` did not keep it out),
+    pandas (importing it, about a CPU-second, where :data:`MEMORY` did not keep it out),
     which would otherwise stall the first batch's datagrams."""
     build_raw_table({"bytes": np.zeros(1, dtype=np.uint64), "end": np.zeros(1, dtype=np.int64)})
 
@@ -768,41 +768,30 @@ def run(args: argparse.Namespace) -> int:
     if not settings.allow_exporters:
         log.warning("allow_exporters is empty: datagrams from any source are decoded; on an exposed "
                     "address set FLOWTALLY_ALLOW_EXPORTERS to your exporters' CIDRs")
-    _tune_process()
+    apply_memory_policy(MEMORY)
     return asyncio.run(_main(settings))
 
 
-def _tune_process() -> None:
-    """Process-wide settings for a long-running sensor (measured with bench_sensor, v9, 1 M flows).
-
-    Arrow's default pool (mimalloc) gives the pages of freed buffers back to the kernel between
-    two batches, so every batch's encoding faults fresh (huge) pages in again: 55 k minor faults
-    and 0.30 system CPU-s per million flows. The system allocator keeps them: 10 k faults and
-    0.09 CPU-s.
-
-    glibc's malloc serves blocks above a (dynamic) threshold with their own mmap and gives the top
-    of the heap back beyond another: a batch's buffers (hundreds of KB to a few MB, allocated and
-    freed every batch) would be faulted in afresh each time. Both thresholds are raised, so
-    freed memory is reused; the heap keeps the peak of what the sensor held (bounded by its
-    queue and batch sizes).
-
-    pandas is kept out (:func:`flowtally.process.keep_pandas_out`): pyarrow imported it on the
-    first batch's timestamps, ~40 MB resident and about a CPU-second at start for nothing.
-
-    What start-up created (modules, settings, metrics) lives as long as the process: frozen out
-    of the cyclic garbage collector's reach, so the collections the receive path triggers do not
-    walk it again and again.
-    """
-    keep_pandas_out()
-    pa.set_memory_pool(pa.system_memory_pool())
-    _keep_freed_memory()
-    gc.freeze()
-
-
-def _keep_freed_memory(trim: int = 256 << 20, mmap: int = 32 << 20) -> bool:
-    """mallopt(3): serve blocks up to ``mmap`` bytes from the heap and keep up to ``trim`` bytes
-    of freed heap; False where the C library has no mallopt (not glibc)."""
-    return mallopt(M_MMAP_THRESHOLD, mmap) and mallopt(M_TRIM_THRESHOLD, trim)
+#: Process-wide settings for a long-running sensor (measured with bench_sensor, v9, 1 M flows).
+#:
+#: Arrow's default pool (mimalloc) gives the pages of freed buffers back to the kernel between
+#: two batches, so every batch's encoding faults fresh (huge) pages in again: 55 k minor faults
+#: and 0.30 system CPU-s per million flows. The system allocator keeps them: 10 k faults and
+#: 0.09 CPU-s.
+#:
+#: glibc's malloc serves blocks above a (dynamic) threshold with their own mmap and gives the top
+#: of the heap back beyond another: a batch's buffers (hundreds of KB to a few MB, allocated and
+#: freed every batch) would be faulted in afresh each time. Both thresholds are raised, so
+#: freed memory is reused; the heap keeps the peak of what the sensor held (bounded by its
+#: queue and batch sizes).
+#:
+#: pandas is kept out (every policy does): pyarrow imported it on the first batch's timestamps,
+#: ~40 MB resident and about a CPU-second at start for nothing.
+#:
+#: What start-up created (modules, settings, metrics) lives as long as the process: frozen out
+#: of the cyclic garbage collector's reach, so the collections the receive path triggers do not
+#: walk it again and again.
+MEMORY = MemoryPolicy(mmap_threshold=32 << 20, trim_threshold=256 << 20, freeze_gc=True)
 
 
 async def _main(settings: NetflowSettings) -> int:

@@ -37,11 +37,12 @@ from pathlib import Path
 
 from flowtally.localkafka import LocalKafka
 from flowtally.localstack import scrape
+from flowtally.process import apply as apply_memory_policy
 from sensors.conntrack.filters import make_filter
 from sensors.conntrack.messages import Rows, decode
 from sensors.conntrack.netlink import DumpSocket
 from sensors.conntrack.records import build_table
-from sensors.conntrack.service import tune_gc
+from sensors.conntrack.service import MEMORY
 from sensors.conntrack.tracker import Deltas, Tracker
 from tests.benchmarks.bench_pipeline import cpu_seconds
 from tests.netns import PortBridge, Topology, in_netns, sh
@@ -213,7 +214,7 @@ def run_dump(ns: str, entries: int) -> dict[str, float]:
         tracker.end_dump(time.monotonic())
         return time.thread_time() - t0, time.monotonic() - w0, rows, records
 
-    tune_gc()  # as the sensor's process does, and as its start warms pyarrow up:
+    apply_memory_policy(MEMORY)  # as the sensor's process does, and as its start warms pyarrow up:
     build_table(Rows.empty(), Deltas([], []), 0, "bench")
     cpu, wall, rows, records = in_netns(ns, sensor_dump)
     # Again, nothing having changed: every row is a connection already reported.

@@ -6,7 +6,7 @@
 Run by ``bench_sensor --floor`` beside the sensor and nfcapd. It first receives the generator's
 stream on a plain socket and decodes it into the batches the sensor would build (records counted
 from the headers up to ``batch_max_flows``, as the collector does); none of that is measured.
-Then, in a process tuned like the sensor (:func:`sensors.netflow.collector._tune_process`), it
+Then, in a process tuned like the sensor (:data:`sensors.netflow.collector.MEMORY`), it
 encodes each batch with Arrow IPC (the sensor's compression) and hands it to the sensor's
 :class:`~sensors.publisher.Publisher` on the real broker, paced as the batches filled while the
 stream arrived, and measures its CPU from the first batch until Kafka acknowledged the last.
@@ -34,8 +34,9 @@ from prometheus_client import REGISTRY
 
 from flowtally import kafka
 from flowtally.kafka import TopicSettings
+from flowtally.process import apply as apply_memory_policy
 from flowtally.settings import KafkaSettings
-from sensors.netflow.collector import _tune_process
+from sensors.netflow.collector import MEMORY
 from sensors.netflow.decoder import DecodeStats, decode_payloads
 from sensors.netflow.receiver import estimate_records, open_udp_socket
 from sensors.netflow.templates import TemplateStore
@@ -154,7 +155,7 @@ def main() -> int:
     if decoded != sent:  # a datagram lost on loopback would make the floor look cheaper
         raise SystemExit(f"captured {decoded} of the {sent} flows sent")
     del stream
-    _tune_process()
+    apply_memory_policy(MEMORY)
     settings = KafkaSettings(bootstrap=args.bootstrap, topic_prefix=args.topic_prefix)
     result = asyncio.run(publish(settings, work, args.compression))
     print(json.dumps(result))

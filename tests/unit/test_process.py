@@ -49,3 +49,26 @@ def test_mallopt_and_malloc_trim_reach_glibc() -> None:
         "malloc_trim()\nprint(json.dumps({'ok': mallopt(M_MMAP_THRESHOLD, 1 << 20), 'libc': libc() is not None}))"
     )
     assert result == {"ok": True, "libc": True}
+
+
+@pytest.mark.parametrize("stage", ["sensors.netflow.collector", "sensors.conntrack.service", "enricher.memory"])
+def test_each_stage_policy_applies_once_in_one_place(stage: str) -> None:
+    """The stages' memory policies go through flowtally.process.apply: the garbage collector as
+    each asks, Arrow on the system allocator, pandas out, release_free_memory live only after."""
+    result = _probe(
+        "import gc, importlib, json, sys\n"
+        "import flowtally.process as p\n"
+        f"policy = importlib.import_module({stage!r}).MEMORY\n"
+        "before = p._applied\n"
+        "p.apply(policy)\n"
+        "import pyarrow as pa\n"
+        "print(json.dumps({'before': before is None, 'after': p._applied is policy,"
+        " 'frozen': gc.get_freeze_count() > 0, 'thresholds': list(gc.get_threshold()),"
+        " 'pool': pa.default_memory_pool().backend_name,"
+        " 'finders': sum(type(f).__name__ == '_NoPandas' for f in sys.meta_path),"
+        " 'freeze_gc': policy.freeze_gc, 'gc_thresholds': list(policy.gc_thresholds or ())}))"
+    )
+    assert result["before"] and result["after"] and result["finders"] == 1 and result["pool"] == "system"
+    assert result["frozen"] == result["freeze_gc"]
+    if result["gc_thresholds"]:
+        assert result["thresholds"] == result["gc_thresholds"]
