@@ -19,10 +19,11 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from aiokafka import AIOKafkaConsumer, TopicPartition
+from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
 
 from enricher.identity import IdentityIndex, Version
 from enricher.identity_topic import IdentityRecordError, decode_record
+from flowtally.kafka import replay
 from flowtally.settings import KafkaSettings
 
 log = logging.getLogger(__name__)
@@ -100,17 +101,19 @@ class IdentityFeed:
             t0 = time.monotonic()
             batch: dict[bytes, list[Version] | None] = {}
             changed = 0
-            while [tp for tp in tps if await consumer.position(tp) < ends[tp]]:
-                got = await consumer.getmany(*tps, timeout_ms=500, max_records=REPLAY_POLL_RECORDS)
-                for messages in got.values():
-                    for m in messages:
-                        self._collect(batch, m.key, m.value)
+
+            def take(records: list[ConsumerRecord]) -> None:
+                nonlocal changed
+                for m in records:
+                    self._collect(batch, m.key, m.value)
                 if len(batch) >= REPLAY_CHUNK:
                     # Into the index's arrays now (one sort at the end): holding a whole topic of
                     # Version objects would cost more memory than the index itself.
                     changed += len(batch)
                     self.index.apply(batch, rebuild=False)
                     batch.clear()
+
+            await replay(consumer, ends, take, max_records=REPLAY_POLL_RECORDS)
             changed += len(batch)
             self.index.apply(batch, rebuild=False)
             log.debug("identity: replay read, rebuilding (%s)", _memory_mb())

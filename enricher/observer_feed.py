@@ -26,6 +26,7 @@ import pyarrow as pa
 from aiokafka import AIOKafkaConsumer, ConsumerRecord
 
 from enricher.enrich import ObservedNodes
+from flowtally.kafka import replay
 from flowtally.settings import KafkaSettings
 from flowtally.wire import WireError, decode_batch
 from sensors.completeness import COMPLETENESS_SCHEMA, MINUTE_MS, STAGES, with_additive_defaults
@@ -84,6 +85,10 @@ class ObserverFeed:
         if self._on_note is not None and seen:
             self._on_note(len(seen))
 
+    def _take_all(self, messages: list[ConsumerRecord]) -> None:
+        for message in messages:
+            self._take(message)
+
     async def run(self) -> None:
         """Read the last window, set :attr:`ready`, then follow until :meth:`stop`."""
         # Subscribed without a group: the consumer assigns itself every partition of the topic.
@@ -107,18 +112,13 @@ class ObserverFeed:
                     await consumer.seek_to_end(tp)
                 else:
                     consumer.seek(tp, found.offset)
-            ends = await consumer.end_offsets(tps)
-            while [tp for tp in tps if await consumer.position(tp) < ends[tp]]:
-                for messages in (await consumer.getmany(*tps, timeout_ms=500)).values():
-                    for m in messages:
-                        self._take(m)
+            await replay(consumer, await consumer.end_offsets(tps), self._take_all)
             log.info("observers: %d nodes reporting in the last %.0f s",
                      len(self.observers.active(self._wall_ms())), self.observers.window_ms / 1000)
             self.ready.set()
             while not self._stopping:
                 for messages in (await consumer.getmany(timeout_ms=1000)).values():
-                    for m in messages:
-                        self._take(m)
+                    self._take_all(messages)
         finally:
             self.ready.set()  # a failed feed must not hold the agent forever (the raw stream still counts)
             await consumer.stop()

@@ -16,9 +16,11 @@ from __future__ import annotations
 import asyncio
 import logging
 import socket
+import time
+from collections.abc import Callable, Mapping
 from typing import Any
 
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
 from aiokafka.errors import KafkaConnectionError, KafkaError, TopicAlreadyExistsError
@@ -198,3 +200,25 @@ def topic_limits(responses: list[Any]) -> dict[str, int]:
 
 class KafkaUnavailable(RuntimeError):
     """The broker could not be reached within the allowed time."""
+
+
+async def replay(consumer: AIOKafkaConsumer, ends: Mapping[TopicPartition, int],
+                 take: Callable[[list[ConsumerRecord]], None], *, max_records: int | None = None,
+                 timeout: float | None = None) -> None:
+    """Read the partitions of ``ends`` from the consumer's current positions up to those end
+    offsets (noted by the caller before: what was there when the replay began), handing each
+    poll's records of a partition to ``take``.
+
+    The start of every stage that rebuilds its state from a topic (the identity topic in the
+    enricher and the watcher, the completeness topic's last window in the enricher) before it
+    follows the topic in its own way. ``timeout``: raise TimeoutError past it.
+    """
+    deadline = None if timeout is None else time.monotonic() + timeout
+    tps = list(ends)
+    while [tp for tp in tps if await consumer.position(tp) < ends[tp]]:
+        if deadline is not None and time.monotonic() > deadline:
+            raise TimeoutError(f"reading {', '.join(sorted({tp.topic for tp in tps}))} back took longer "
+                               f"than {timeout:.0f} s")
+        got = await consumer.getmany(*tps, timeout_ms=500, max_records=max_records)
+        for records in got.values():
+            take(records)

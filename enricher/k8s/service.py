@@ -29,7 +29,7 @@ import logging
 import time
 from typing import Any
 
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord, TopicPartition
 from aiokafka.errors import KafkaError, MessageSizeTooLargeError
 from prometheus_client import Counter, Gauge, Histogram
 
@@ -87,12 +87,9 @@ async def read_history(settings: KafkaSettings, topic: str, *,
         tp = TopicPartition(topic, 0)  # the identity topic has one partition
         consumer.assign([tp])
         await consumer.seek_to_beginning(tp)
-        end = (await consumer.end_offsets([tp]))[tp]
-        deadline = time.monotonic() + timeout
-        while await consumer.position(tp) < end:
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"reading {topic} back took longer than {timeout:.0f} s")
-            for m in (await consumer.getmany(tp, timeout_ms=500, max_records=10_000)).get(tp, ()):
+
+        def take(records: list[ConsumerRecord]) -> None:
+            for m in records:
                 try:
                     address, versions = decode_record(m.key, m.value)
                 except IdentityRecordError as exc:
@@ -102,6 +99,9 @@ async def read_history(settings: KafkaSettings, topic: str, *,
                     history[address_text(address)] = versions
                 else:
                     history.pop(address_text(address), None)
+
+        await kafka.replay(consumer, await consumer.end_offsets([tp]), take, max_records=10_000,
+                           timeout=timeout)
     finally:
         await consumer.stop()
     return history
