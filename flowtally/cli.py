@@ -34,11 +34,11 @@ _TARGETS = {
     ("migrate",): "sql.migrate:run",
     ("query",): "sql.queries:run",
     ("decode",): "sensors.netflow.decodefile:run",
-    ("generate", "netflow"): "sensors.netflow.generator:run_netflow",
-    ("generate", "inventory"): "sensors.netflow.generator:run_inventory",
-    ("kafka", "up"): "flowtally.localkafka:run_up",
-    ("kafka", "down"): "flowtally.localkafka:run_down",
-    ("demo",): "flowtally.demo:run",
+    ("generate", "netflow"): "flowtally.dev.generator:run_netflow",
+    ("generate", "inventory"): "flowtally.dev.generator:run_inventory",
+    ("kafka", "up"): "flowtally.dev.localkafka:run_up",
+    ("kafka", "down"): "flowtally.dev.localkafka:run_down",
+    ("demo",): "flowtally.dev.demo:run",
 }
 
 
@@ -79,8 +79,9 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The whole command-line interface."""
+def build_parser(with_generator: bool = True) -> argparse.ArgumentParser:
+    """The whole command-line interface (``with_generator=False``: without the options of
+    ``generate netflow``, so that parsing any other command never imports the generator)."""
     parser = argparse.ArgumentParser(
         prog="flowtally",
         description="Kubernetes traffic history: sensors -> Kafka -> enricher -> ClickHouse.",
@@ -133,10 +134,13 @@ def build_parser() -> argparse.ArgumentParser:
     gen = sub.add_parser("generate", help="synthetic data").add_subparsers(
         dest="what", required=True, metavar="WHAT"
     )
-    # The generator owns its options (benchmarks build the same parser with it).
-    from sensors.netflow.generator import add_netflow_arguments
+    netflow_gen = gen.add_parser("netflow", help="send a synthetic NetFlow v9 or IPFIX stream")
+    if with_generator:
+        # The generator owns its options (benchmarks build the same parser with it); a development
+        # tool, imported only when the command is `generate`.
+        from flowtally.dev.generator import add_netflow_arguments
 
-    add_netflow_arguments(gen.add_parser("netflow", help="send a synthetic NetFlow v9 or IPFIX stream"))
+        add_netflow_arguments(netflow_gen)
     ginv = gen.add_parser("inventory", help="print the synthetic cluster's inventory (YAML)")
     ginv.add_argument("--seed", type=int, default=1)
     ginv.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
@@ -162,7 +166,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `flowtally` console script."""
-    args = build_parser().parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = build_parser(with_generator="generate" in argv).parse_args(argv)
     logging.basicConfig(
         level=getattr(args, "log_level", "INFO"),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",

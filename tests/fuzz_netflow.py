@@ -14,7 +14,7 @@ reproducible):
   (decodable flows that create state: templates, sequence trackers, completeness rows).
 
 :func:`valid_stream` is the well-behaved exporter: v9 datagrams from
-:func:`~sensors.netflow.generator.encode_packets` with the exact totals (flows, bytes, packets)
+:func:`~flowtally.dev.generator.encode_packets` with the exact totals (flows, bytes, packets)
 a test compares with what reached Kafka. :class:`MultiSender` interleaves many sources (each a
 bound UDP socket: source address and port) at a target datagram rate.
 """
@@ -32,7 +32,7 @@ from pathlib import Path
 
 import numpy as np
 
-from sensors.netflow.generator import encode_packets, synthetic_cluster, synthetic_flows
+from flowtally.dev.generator import encode_packets, synthetic_cluster, synthetic_flows
 
 V9_HEADER = struct.Struct("!HHIIII")  # version, count, sysUptime, unix secs, sequence, source ID
 IPFIX_HEADER = struct.Struct("!HHIII")  # version, length, export time, sequence, domain
@@ -320,7 +320,7 @@ class FuzzReport:
 
     def metric(self, name: str, labels: dict[str, str] | None = None) -> float:
         """A metric of the final scrape (summed over matching label sets)."""
-        from flowtally.localstack import scrape
+        from flowtally.dev.localstack import scrape
 
         return scrape(self.metrics, name, labels)
 
@@ -424,7 +424,7 @@ def run_fuzz(bootstrap: str, workdir: Path, *, hostile_rate: float, seconds: flo
     ``addresses`` x ``ports_each`` sources for ``seconds`` while a valid exporter (127.0.0.1)
     sends ``valid_flows`` flows spread over the same time, and read the valid exporter's
     flows back from the raw topic."""
-    from flowtally.localstack import Stage, free_port
+    from flowtally.dev.localstack import Stage, free_port
     from flowtally.settings import KafkaSettings
     from sensors.schema import address16
 

@@ -1,7 +1,7 @@
 """Render the README's pictures (Grafana itself does not run here):
 
 - ``images/service-map-demo.png``: the service map of the demo's synthetic cluster. Its traffic
-  (sensors/netflow/generator.py) goes through the enricher's pure core and the sink's writer into
+  (flowtally/dev/generator.py) goes through the enricher's pure core and the sink's writer into
   chDB, the named queries ``service_map_nodes`` / ``service_map_edges`` (what the Node Graph panel
   shows) read it back, and graphviz draws the graph, one box per namespace.
 - ``images/layout-<dashboard>.png``: each dashboard's layout, drawn from its generated JSON: every panel at
@@ -121,7 +121,7 @@ def load_demo(client: Any, now_ms: int, flows: int = DEMO_FLOWS) -> int:
     from enricher.enrich import enrich_batch
     from enricher.identity import IdentityIndex
     from enricher.inventory import Inventory
-    from sensors.netflow.generator import inventory_owners, synthetic_cluster, synthetic_flows
+    from flowtally.dev.generator import inventory_owners, synthetic_cluster, synthetic_flows
     from sensors.schema import address16, build_raw_table
     from sink.rows import flow_rows
     from sink.writer import Writer

@@ -36,7 +36,7 @@ if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ] || [ deploy/local/constr
   touch "$stamp"
 fi
 
-.venv/bin/python -c 'from flowtally.localkafka import LocalKafka; LocalKafka("var/kafka").ensure_jars()'
+.venv/bin/python -c 'from flowtally.dev.localkafka import LocalKafka; LocalKafka("var/kafka").ensure_jars()'
 
 # Deploy validators (tests/unit/test_deploy_*.py), Go binaries cached in ~/.cache/flowtally/bin:
 #   flowtally-compose-validate: compose-go, the loader behind `docker compose config` (no Docker

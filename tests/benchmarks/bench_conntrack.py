@@ -35,8 +35,8 @@ import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
-from flowtally.localkafka import LocalKafka
-from flowtally.localstack import scrape
+from flowtally.dev.localkafka import LocalKafka
+from flowtally.dev.localstack import scrape
 from flowtally.process import apply as apply_memory_policy
 from sensors.conntrack.filters import make_filter
 from sensors.conntrack.messages import Rows, decode

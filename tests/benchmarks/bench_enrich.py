@@ -41,9 +41,9 @@ from enricher.identity import IdentityIndex, OwnerInfo, Version
 from enricher.identity_topic import encode_key, encode_versions
 from enricher.schema import SCHEMA_NAME as ENRICHED
 from flowtally import kafka
+from flowtally.dev.localkafka import LocalKafka
+from flowtally.dev.localstack import Stage, free_port
 from flowtally.kafka import TopicSettings
-from flowtally.localkafka import LocalKafka
-from flowtally.localstack import Stage, free_port
 from flowtally.settings import KafkaSettings
 from flowtally.wire import decode_batch, encode_batch
 from sensors.publisher import encode_messages

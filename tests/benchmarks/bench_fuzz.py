@@ -16,7 +16,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from flowtally.localkafka import LocalKafka
+from flowtally.dev.localkafka import LocalKafka
 from tests.fuzz_netflow import run_fuzz
 
 

@@ -17,7 +17,7 @@ import sys
 import time
 from multiprocessing.connection import Connection
 
-from sensors.netflow import generator as gen
+from flowtally.dev import generator as gen
 
 _CHUNK = 20_000
 # Lets root exceed net.core.rmem_max; Python does not export the constant (33 on Linux).

@@ -25,10 +25,10 @@ import time
 from pathlib import Path
 
 from flowtally.clickhouse import connect
-from flowtally.localkafka import LocalKafka
-from flowtally.localstack import Pipeline
+from flowtally.dev.generator import inventory_yaml, synthetic_cluster
+from flowtally.dev.localkafka import LocalKafka
+from flowtally.dev.localstack import Pipeline
 from flowtally.settings import ClickHouseSettings
-from sensors.netflow.generator import inventory_yaml, synthetic_cluster
 
 TICKS = os.sysconf("SC_CLK_TCK")
 

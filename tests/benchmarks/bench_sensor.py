@@ -63,16 +63,16 @@ import time
 from pathlib import Path
 from typing import Any
 
-from flowtally.localkafka import LocalKafka
-from flowtally.localstack import Stage, free_port, scrape
+from flowtally.dev.localkafka import LocalKafka
+from flowtally.dev.localstack import Stage, free_port, scrape
 from tests.benchmarks.bench_pipeline import TICKS, cpu_seconds
 
 
 def generate(port: int, flows: int, rate: float, fmt: str = "v9", seed: int = 1) -> dict[str, Any]:
-    """Send the synthetic stream (``python -m sensors.netflow.generator``, which has --format);
+    """Send the synthetic stream (``python -m flowtally.dev.generator``, which has --format);
     returns the sender's JSON report."""
     out = subprocess.run(
-        [sys.executable, "-m", "sensors.netflow.generator", "netflow", "--to", f"127.0.0.1:{port}",
+        [sys.executable, "-m", "flowtally.dev.generator", "netflow", "--to", f"127.0.0.1:{port}",
          "--flows", str(flows), "--rate", str(rate), "--seed", str(seed), "--format", fmt, "--json"],
         check=True, capture_output=True, text=True,
     )
@@ -328,8 +328,8 @@ def encode_study(flows: int) -> None:
     """CPU and bytes of Arrow IPC encoding of one decoded 8192-flow batch, per codec."""
     import pyarrow as pa
 
+    from flowtally.dev.generator import encode_packets, synthetic_cluster, synthetic_flows
     from sensors.netflow.decoder import Datagram, DecodeStats, decode_datagrams
-    from sensors.netflow.generator import encode_packets, synthetic_cluster, synthetic_flows
     from sensors.netflow.templates import TemplateStore
     from sensors.schema import address16
 

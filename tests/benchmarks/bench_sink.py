@@ -49,11 +49,11 @@ from enricher.inventory import load_inventory
 from enricher.schema import SCHEMA_NAME as ENRICHED
 from flowtally import kafka
 from flowtally.clickhouse import connect
-from flowtally.localkafka import LocalKafka
-from flowtally.localstack import Stage, free_port
+from flowtally.dev.generator import inventory_yaml, synthetic_cluster
+from flowtally.dev.localkafka import LocalKafka
+from flowtally.dev.localstack import Stage, free_port
 from flowtally.settings import ClickHouseSettings, KafkaSettings
 from flowtally.wire import ORIGIN_HEADER, encode_batch
-from sensors.netflow.generator import inventory_yaml, synthetic_cluster
 from sensors.schema import build_raw_table, ipv4_to_mapped
 from sink.rows import flow_rows
 from sink.writer import VIEW_SETTINGS

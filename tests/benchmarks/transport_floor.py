@@ -68,7 +68,7 @@ def capture(flows: int, rate: float, fmt: str) -> tuple[list[tuple[bytes, float]
 
     thread = threading.Thread(target=receive, daemon=True)
     thread.start()
-    sent = subprocess.run([sys.executable, "-m", "sensors.netflow.generator", "netflow", "--to", f"127.0.0.1:{port}",
+    sent = subprocess.run([sys.executable, "-m", "flowtally.dev.generator", "netflow", "--to", f"127.0.0.1:{port}",
                     "--flows", str(flows), "--rate", str(rate), "--format", fmt, "--json"],
                           check=True, capture_output=True, text=True)
     done.set()

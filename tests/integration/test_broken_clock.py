@@ -26,12 +26,12 @@ from enricher.schema import ENRICHED_SCHEMA
 from enricher.schema import SCHEMA_NAME as ENRICHED
 from flowtally import kafka
 from flowtally.clickhouse import connect
-from flowtally.localstack import Stage, free_port
+from flowtally.dev.generator import encode_ipfix_packets, synthetic_cluster, synthetic_flows
+from flowtally.dev.localstack import Stage, free_port
 from flowtally.settings import ClickHouseSettings, KafkaSettings
 from flowtally.wire import ORIGIN_HEADER, decode_batch, encode_batch
 from sensors.completeness import COMPLETENESS_SCHEMA, with_additive_defaults
 from sensors.completeness import SCHEMA_NAME as COMPLETENESS
-from sensors.netflow.generator import encode_ipfix_packets, synthetic_cluster, synthetic_flows
 from sensors.schema import RAW_SCHEMA, build_raw_table, ipv4_to_mapped
 from sensors.schema import SCHEMA_NAME as RAW
 from sink import split

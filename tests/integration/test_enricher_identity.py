@@ -20,8 +20,8 @@ from enricher.identity_topic import encode_key, encode_versions
 from enricher.schema import ENRICHED_SCHEMA
 from enricher.schema import SCHEMA_NAME as ENRICHED
 from flowtally import kafka
+from flowtally.dev.localstack import Stage, free_port
 from flowtally.kafka import TopicSettings
-from flowtally.localstack import Stage, free_port
 from flowtally.settings import KafkaSettings
 from flowtally.wire import decode_batch, encode_batch
 from sensors.completeness import COMPLETENESS_SCHEMA, minute_of

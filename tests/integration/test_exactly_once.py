@@ -39,7 +39,7 @@ from aiokafka.admin import AIOKafkaAdminClient
 
 from flowtally import kafka
 from flowtally.clickhouse import connect
-from flowtally.localstack import Stage, free_port
+from flowtally.dev.localstack import Stage, free_port
 from flowtally.settings import ClickHouseSettings, KafkaSettings
 from flowtally.wire import encode_batch
 from sensors.schema import build_raw_table, ipv4_to_mapped

@@ -101,7 +101,7 @@ def test_provisioning_files() -> None:
 # --- Data the newer panels need, on top of tests/fixtures/grafana.FLOWS ------------------------
 
 #: External flows enriched with the MaxMind *test* databases (what each address resolves to is in
-#: tests/unit/test_geo.py and sensors/netflow/generator.py), and conntrack records with a state.
+#: tests/unit/test_geo.py and flowtally/dev/generator.py), and conntrack records with a state.
 #: (src, dst, bytes, dst_port, age_ms, observer, conn_state, initiator)
 GEO_AND_CONNTRACK = [
     (CART, "89.160.20.112", 2000, 443, 7 * MIN, "node-1", "", 0),      # SE Linköping, AS29518

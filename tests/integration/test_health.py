@@ -23,9 +23,9 @@ from enricher.identity import IdentityIndex
 from enricher.schema import SCHEMA_NAME as ENRICHED
 from flowtally import kafka
 from flowtally.clickhouse import connect
+from flowtally.dev.localkafka import LocalKafka
+from flowtally.dev.localstack import Stage, free_port
 from flowtally.health import UNREADY_AFTER_S
-from flowtally.localkafka import LocalKafka
-from flowtally.localstack import Stage, free_port
 from flowtally.metrics import MetricsServer
 from flowtally.settings import ClickHouseSettings, KafkaSettings
 from flowtally.wire import ORIGIN_HEADER, encode_batch

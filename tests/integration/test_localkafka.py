@@ -1,4 +1,4 @@
-"""The local Kafka broker (flowtally.localkafka): a real round trip through it with the clients the
+"""The local Kafka broker (flowtally.dev.localkafka): a real round trip through it with the clients the
 pipeline uses, and its process lifecycle: stop() really ends the JVM, a restart reuses the
 formatted storage and its data, a failed start leaves nothing running, and ``flowtally kafka
 up|down`` work across processes."""
@@ -20,7 +20,7 @@ import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
-from flowtally.localkafka import (
+from flowtally.dev.localkafka import (
     KAFKA_VERSION,
     LOG4J_VERSION,
     SCALA_BINARY_VERSION,
@@ -258,7 +258,7 @@ def test_cli_up_and_down(tmp_path: Path) -> None:
 def test_pom_defaults_match_module_pins() -> None:
     """The pom's default versions are what the module passes to Maven, so running Maven on the pom
     by hand resolves the same jars."""
-    pom = (Path(__file__).parents[2] / "flowtally" / "localkafka" / "pom.xml").read_text()
+    pom = (Path(__file__).parents[2] / "flowtally" / "dev" / "localkafka" / "pom.xml").read_text()
     assert f"<kafka.version>{KAFKA_VERSION}</kafka.version>" in pom
     assert f"<log4j.version>{LOG4J_VERSION}</log4j.version>" in pom
     assert f"<scala.binary.version>{SCALA_BINARY_VERSION}</scala.binary.version>" in pom

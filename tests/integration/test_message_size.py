@@ -39,7 +39,7 @@ from enricher.identity import OwnerInfo, Version
 from enricher.identity_topic import encode_key, encode_versions
 from flowtally import kafka
 from flowtally.clickhouse import connect
-from flowtally.localstack import Stage, free_port
+from flowtally.dev.localstack import Stage, free_port
 from flowtally.settings import ClickHouseSettings, KafkaSettings
 from flowtally.wire import MESSAGE_OVERHEAD, decode_batch
 from sensors.publisher import Publisher, encode_messages

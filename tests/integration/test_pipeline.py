@@ -19,7 +19,7 @@ import pytest
 import yaml
 
 from flowtally.clickhouse import connect
-from flowtally.localstack import Pipeline
+from flowtally.dev.localstack import Pipeline
 from flowtally.settings import ClickHouseSettings
 from sensors.netflow.pcap import iter_udp
 from tests.oracle import DATA, OracleResult, shared_testdata, tshark_decode
@@ -166,7 +166,7 @@ def test_sigterm_drains_what_the_sensor_holds(kafka_bootstrap: str, tmp_path: Pa
 
 def test_generator_stream_totals(kafka_bootstrap: str, tmp_path: Path) -> None:
     """The synthetic v9 stream: ClickHouse holds exactly the flows, bytes and packets sent."""
-    from sensors.netflow.generator import inventory_yaml, synthetic_cluster
+    from flowtally.dev.generator import inventory_yaml, synthetic_cluster
 
     pipe = _pipeline(kafka_bootstrap, tmp_path)
     pipe.inventory = tmp_path / "inventory.yaml"
@@ -254,7 +254,7 @@ def test_bad_kafka_messages_go_to_the_dlq_and_lose_nothing_else(kafka_bootstrap:
 
 def test_a_stage_that_cannot_start_leaves_nothing_running(kafka_bootstrap: str, tmp_path: Path) -> None:
     """A bad sensor setting: the sensor exits 2 naming it, and the stages already started are stopped."""
-    from flowtally.localstack import StageFailed
+    from flowtally.dev.localstack import StageFailed
 
     pipe = _pipeline(kafka_bootstrap, tmp_path, None, FLOWTALLY_BATCH_MAX_FLOWS="0")
     with pytest.raises(StageFailed, match="batch_max_flows"):

@@ -19,9 +19,9 @@ import uuid
 from pathlib import Path
 
 from flowtally.clickhouse import connect
-from flowtally.localstack import Pipeline
+from flowtally.dev.generator import inventory_yaml, synthetic_cluster
+from flowtally.dev.localstack import Pipeline
 from flowtally.settings import ClickHouseSettings
-from sensors.netflow.generator import inventory_yaml, synthetic_cluster
 
 FLOWS = 2_000_000
 RATE = 250_000

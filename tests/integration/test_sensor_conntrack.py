@@ -28,7 +28,7 @@ from typing import Any
 import pyarrow as pa
 import pytest
 
-from flowtally.localstack import Stage, free_port
+from flowtally.dev.localstack import Stage, free_port
 from sensors.schema import address_text
 from tests.integration.test_sensor_netflow import _read
 from tests.netns import (

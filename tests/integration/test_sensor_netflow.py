@@ -18,7 +18,7 @@ import pyarrow as pa
 import pytest
 
 from flowtally import kafka
-from flowtally.localstack import Stage, free_port
+from flowtally.dev.localstack import Stage, free_port
 from flowtally.settings import KafkaSettings
 from sensors.netflow.pcap import iter_udp
 from sensors.schema import address16, address_text

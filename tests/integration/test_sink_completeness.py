@@ -18,7 +18,7 @@ from enricher.identity import IdentityIndex
 from enricher.schema import SCHEMA_NAME as ENRICHED
 from flowtally import kafka
 from flowtally.clickhouse import connect
-from flowtally.localstack import Stage, free_port
+from flowtally.dev.localstack import Stage, free_port
 from flowtally.settings import ClickHouseSettings, KafkaSettings
 from flowtally.wire import ORIGIN_HEADER, encode_batch
 from sensors.completeness import (

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import pytest
 
-from flowtally.localstack import Stage, free_port
+from flowtally.dev.localstack import Stage, free_port
 from tests.integration.test_health import get
 
 #: Bounds for a loaded CI machine; a protocol bound, not a benchmark.

@@ -24,7 +24,7 @@ from enricher.identity_topic import decode_record
 from enricher.schema import ENRICHED_SCHEMA
 from enricher.schema import SCHEMA_NAME as ENRICHED
 from flowtally import kafka
-from flowtally.localstack import Stage, free_port
+from flowtally.dev.localstack import Stage, free_port
 from flowtally.settings import KafkaSettings
 from flowtally.wire import decode_batch, encode_batch
 from sensors.schema import SCHEMA_NAME as RAW

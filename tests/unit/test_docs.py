@@ -13,7 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from flowtally import cli, demo
+from flowtally import cli
+from flowtally.dev import demo
 from sql import queries
 from tests.scripts import load_script
 

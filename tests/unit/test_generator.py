@@ -26,7 +26,7 @@ import numpy as np
 import pytest
 
 from enricher.inventory import OwnerKind, load_inventory
-from sensors.netflow import generator as gen
+from flowtally.dev import generator as gen
 from tests.oracle import shared_testdata
 
 NF_PORT = 2055
@@ -687,11 +687,11 @@ def test_encode_ipfix_variable_lengths_and_extremes_with_tshark(tmp_path: Path) 
 
 
 def test_generate_ipfix_module_cli(tmp_path: Path) -> None:
-    """`python -m sensors.netflow.generator netflow --format ipfix` sends what it reports, and
+    """`python -m flowtally.dev.generator netflow --format ipfix` sends what it reports, and
     tshark decodes every record of it."""
     rx = _Receiver()
     proc = subprocess.run(
-        [sys.executable, "-m", "sensors.netflow.generator", "netflow", "--format", "ipfix", "--to", rx.target,
+        [sys.executable, "-m", "flowtally.dev.generator", "netflow", "--format", "ipfix", "--to", rx.target,
          "--flows", "3000", "--rate", "0", "--source-id", "6", "--json"],
         capture_output=True, text=True, check=True,
     )

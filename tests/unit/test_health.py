@@ -10,8 +10,8 @@ import time
 import urllib.error
 import urllib.request
 
+from flowtally.dev.localstack import free_port
 from flowtally.health import KafkaProbe, LoopWatch, combined
-from flowtally.localstack import free_port
 from flowtally.metrics import MetricsServer
 from flowtally.settings import KafkaSettings
 

@@ -592,7 +592,7 @@ def test_bulk_path_of_variable_length_sets_in_two_domains(chunk: int) -> None:
 
 
 def test_bulk_path_on_the_generator_ipfix_stream() -> None:
-    from sensors.netflow.generator import encode_ipfix_packets, synthetic_cluster, synthetic_flows
+    from flowtally.dev.generator import encode_ipfix_packets, synthetic_cluster, synthetic_flows
 
     cols = synthetic_flows(synthetic_cluster(4), 6000, (4, 0), SECS * 1000 - 2000, span_ms=1000)
     enc = encode_ipfix_packets(cols, domain=3, sequence=0xFFFF_FF00, export_secs=SECS, template_every=9)

@@ -607,7 +607,7 @@ def test_bulk_path_equals_per_datagram_walk(chunk: int) -> None:
 
 
 def test_bulk_path_on_the_generator_stream() -> None:
-    from sensors.netflow.generator import encode_packets, synthetic_cluster, synthetic_flows
+    from flowtally.dev.generator import encode_packets, synthetic_cluster, synthetic_flows
 
     cols = synthetic_flows(synthetic_cluster(2), 6000, (2, 0), SECS * 1000 - 2000, span_ms=1000)
     enc = encode_packets(cols, source_id=3, sequence=0xFFFF_FFF0, unix_secs=SECS, uptime_ms=UPTIME,

@@ -19,8 +19,8 @@ import time
 from pathlib import Path
 
 from flowtally.clickhouse import connect
-from flowtally.localkafka import LocalKafka
-from flowtally.localstack import Pipeline, StageFailed
+from flowtally.dev.localkafka import LocalKafka
+from flowtally.dev.localstack import Pipeline, StageFailed
 from flowtally.settings import ClickHouseSettings
 from sql.queries import execute, format_table
 
@@ -29,7 +29,7 @@ log = logging.getLogger(__name__)
 
 def run(args: argparse.Namespace) -> int:
     """Run the demo; 0 when ClickHouse holds exactly what was sent."""
-    from sensors.netflow.generator import inventory_yaml, synthetic_cluster
+    from flowtally.dev.generator import inventory_yaml, synthetic_cluster
 
     state = Path(args.dir).resolve()
     if state.exists():

@@ -81,7 +81,7 @@ CACHE_ENV = "FLOWTALLY_LOCALKAFKA_CACHE"  # not FLOWTALLY_KAFKA_*: that prefix i
 STARTED_LINE = "Kafka Server started"
 #: The JVM system property that tags our broker processes with their state directory, so a PID
 #: read from state.json (or found in /proc) is only ever signalled if it is really our broker.
-_TAG_PROPERTY = "flowtally.localkafka.state_dir"
+_TAG_PROPERTY = "flowtally.dev.localkafka.state_dir"
 _BROKER_MAIN = "kafka.Kafka"
 _JVM_OPTIONS = (
     "-Xms256m",

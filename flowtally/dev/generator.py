@@ -11,7 +11,7 @@ Three layers, each usable on its own:
 * :func:`encode_v9` is a pure NetFlow v9 encoder (columns -> UDP payloads), and
   :func:`encode_ipfix_packets` a pure IPFIX one (fixed-length fields, reduced-size encoding and
   one variable-length field); :func:`run_netflow` is the thin shell that paces and sends them
-  (``flowtally generate netflow``, or ``python -m sensors.netflow.generator netflow --format ipfix``).
+  (``flowtally generate netflow``, or ``python -m flowtally.dev.generator netflow --format ipfix``).
 
 The encoders are deliberately written from RFC 3954 / RFC 7011 alone, not from the collector's decoder, so the
 two can check each other; the unit tests check it against tshark.
@@ -1132,9 +1132,9 @@ def run_inventory(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m sensors.netflow.generator netflow ...``: the sender with every option
+    """``python -m flowtally.dev.generator netflow ...``: the sender with every option
     (including ``--format``), for benchmarks and tools that do not go through the CLI."""
-    parser = argparse.ArgumentParser(prog="python -m sensors.netflow.generator")
+    parser = argparse.ArgumentParser(prog="python -m flowtally.dev.generator")
     sub = parser.add_subparsers(dest="what", required=True)
     add_netflow_arguments(sub.add_parser("netflow", help="send a synthetic NetFlow v9 or IPFIX stream"))
     args = parser.parse_args(argv)
