@@ -1,5 +1,5 @@
 """Implausible flow times (pure): a broken exporter clock is decided here, before enrichment, so
-it never reaches an insert as rows on 150 different days (issue 22).
+it never reaches an insert as rows on 150 different days.
 
 A flow's ``end`` is plausible within a window around the time the sensor *received* it:
 ``[time_received - max_age, time_received + max_future]`` (settings ``max_flow_age_s``, default
