@@ -40,8 +40,9 @@ import dpkt
 import pyarrow as pa
 import pytest
 
-from sensors.netflow.decoder import Datagram, DecodeStats, decode_datagrams, flush_pending
+from sensors.netflow.decoder import Datagram, decode_datagrams, flush_pending
 from sensors.netflow.pcap import iter_udp
+from sensors.netflow.stats import DecodeStats
 from sensors.netflow.templates import TemplateStore
 from sensors.schema import ADDRESS_COLUMNS, DETAIL_COLUMNS, address_bytes, address_text
 

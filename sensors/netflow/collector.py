@@ -53,8 +53,9 @@ from flowtally.process import apply as apply_memory_policy
 from flowtally.settings import CommaList, KafkaSettings, StageSettings, load_settings, parse_hostport
 from sensors.completeness import SCHEMA_NAME as COMPLETENESS_SCHEMA
 from sensors.completeness import CompletenessAccumulator, group_counts
-from sensors.netflow.decoder import DecodeStats, ExporterStats, decode_payloads, flush_pending
+from sensors.netflow.decoder import decode_payloads, flush_pending
 from sensors.netflow.receiver import Run, UdpReceiver, domains_many, open_udp_socket, split_run
+from sensors.netflow.stats import DecodeStats, ExporterStats
 from sensors.netflow.templates import TemplateStore
 from sensors.publisher import Publisher, encode_messages
 from sensors.schema import address16, address_text, build_raw_table, with_observer

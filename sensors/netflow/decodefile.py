@@ -25,8 +25,9 @@ import numpy as np
 import orjson
 import pyarrow as pa
 
-from sensors.netflow.decoder import Datagram, DecodeStats, decode_datagrams, flush_pending
+from sensors.netflow.decoder import Datagram, decode_datagrams, flush_pending
 from sensors.netflow.pcap import CaptureCounts, NotACaptureError, check_capture, iter_udp
+from sensors.netflow.stats import DecodeStats
 from sensors.netflow.templates import TemplateStore
 from sensors.schema import DETAIL_COLUMNS, address_bytes, address_text
 

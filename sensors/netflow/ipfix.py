@@ -61,7 +61,7 @@ from sensors.netflow.templates import (
 )
 
 if TYPE_CHECKING:
-    from sensors.netflow.decoder import ExporterStats
+    from sensors.netflow.stats import ExporterStats
 
 VERSION = 10
 HEADER = struct.Struct("!HHIII")  # version, length, export time, sequence, observation domain

@@ -18,7 +18,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from sensors.netflow.decoder import ExporterStats
+    from sensors.netflow.stats import ExporterStats
     from sensors.netflow.templates import DomainKey, TemplateStore
 
 _MOD = 1 << 32

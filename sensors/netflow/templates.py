@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, NamedTuple
 VARIABLE_LENGTH = 0xFFFF
 
 if TYPE_CHECKING:
-    from sensors.netflow.decoder import ExporterStats
+    from sensors.netflow.stats import ExporterStats
 
 
 class Field(NamedTuple):

@@ -15,7 +15,7 @@ import numpy as np
 from sensors.schema import icmp_from_port, ipv4_to_mapped
 
 if TYPE_CHECKING:
-    from sensors.netflow.decoder import ExporterStats
+    from sensors.netflow.stats import ExporterStats
     from sensors.netflow.templates import TemplateStore
 
 VERSION = 5

@@ -36,7 +36,7 @@ from sensors.netflow.templates import Field, PendingSet, Template, TemplateStore
 from sensors.netflow.v5 import uptime_to_unix_ms
 
 if TYPE_CHECKING:
-    from sensors.netflow.decoder import ExporterStats
+    from sensors.netflow.stats import ExporterStats
 
 VERSION = 9
 HEADER = struct.Struct("!HHIIII")  # version, count, sysUptime, unix secs, sequence, source ID

@@ -22,7 +22,8 @@ import time
 import numpy as np
 
 from sensors.netflow.collector import NetflowSettings
-from sensors.netflow.decoder import Datagram, DecodeStats, decode_datagrams, decode_payloads
+from sensors.netflow.decoder import Datagram, decode_datagrams, decode_payloads
+from sensors.netflow.stats import DecodeStats
 from sensors.netflow.templates import TemplateStore
 
 EXPORTER = b"\x00" * 10 + b"\xff\xff" + bytes([192, 0, 2, 1])

@@ -329,7 +329,8 @@ def encode_study(flows: int) -> None:
     import pyarrow as pa
 
     from flowtally.dev.generator import encode_packets, synthetic_cluster, synthetic_flows
-    from sensors.netflow.decoder import Datagram, DecodeStats, decode_datagrams
+    from sensors.netflow.decoder import Datagram, decode_datagrams
+    from sensors.netflow.stats import DecodeStats
     from sensors.netflow.templates import TemplateStore
     from sensors.schema import address16
 

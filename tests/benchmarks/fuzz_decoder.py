@@ -32,8 +32,9 @@ from collections import Counter
 from pathlib import Path
 from types import FrameType
 
-from sensors.netflow.decoder import DecodeStats, decode_payloads, flush_pending
+from sensors.netflow.decoder import decode_payloads, flush_pending
 from sensors.netflow.pcap import iter_udp
+from sensors.netflow.stats import DecodeStats
 from sensors.netflow.templates import TemplateStore
 from sensors.schema import RAW_SCHEMA
 from tests.oracle import DATA, shared_testdata

@@ -37,8 +37,9 @@ from flowtally.kafka import TopicSettings
 from flowtally.process import apply as apply_memory_policy
 from flowtally.settings import KafkaSettings
 from sensors.netflow.collector import MEMORY
-from sensors.netflow.decoder import DecodeStats, decode_payloads
+from sensors.netflow.decoder import decode_payloads
 from sensors.netflow.receiver import estimate_records, open_udp_socket
+from sensors.netflow.stats import DecodeStats
 from sensors.netflow.templates import TemplateStore
 from sensors.publisher import Publisher, encode_messages
 from sensors.schema import address16

@@ -17,8 +17,8 @@ from sensors.completeness import (
     minute_of,
 )
 from sensors.netflow.collector import Allowlist, NetflowReceiver, NetflowSettings, _sequence_lost
-from sensors.netflow.decoder import ExporterStats
 from sensors.netflow.receiver import Run, domains_many, header_bytes
+from sensors.netflow.stats import ExporterStats
 from sensors.publisher import Publisher
 from sensors.schema import address16
 from tests.oracle import domain_of

@@ -11,7 +11,8 @@ from pydantic import ValidationError
 
 from sensors.netflow import collector
 from sensors.netflow.collector import NetflowReceiver, NetflowSettings
-from sensors.netflow.decoder import Datagram, DecodeStats, ExporterStats, decode_datagrams, decode_payloads
+from sensors.netflow.decoder import Datagram, decode_datagrams, decode_payloads
+from sensors.netflow.stats import DecodeStats, ExporterStats
 from sensors.netflow.templates import TemplateStore
 from sensors.schema import address16
 

@@ -607,7 +607,8 @@ def _with_names(expected: Counter[tuple[Any, ...]], names: dict[int, str] | None
 def test_encode_ipfix_matches_tshark(cluster: gen.SyntheticCluster, tmp_path: Path) -> None:
     """Every record, header field and template of the IPFIX encoder as tshark decodes it, and the
     sensor's decoder agrees (same records, no error, no sequence gap)."""
-    from sensors.netflow.decoder import DecodeStats, decode_payloads
+    from sensors.netflow.decoder import decode_payloads
+    from sensors.netflow.stats import DecodeStats
     from sensors.netflow.templates import TemplateStore
     from sensors.schema import address16
 

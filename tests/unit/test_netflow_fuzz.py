@@ -10,8 +10,9 @@ from pathlib import Path
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from sensors.netflow.decoder import Datagram, DecodeStats, decode_datagrams
+from sensors.netflow.decoder import Datagram, decode_datagrams
 from sensors.netflow.pcap import iter_udp
+from sensors.netflow.stats import DecodeStats
 from sensors.netflow.templates import TemplateStore
 from sensors.schema import RAW_SCHEMA
 from tests.oracle import DATA, shared_testdata, table_rows

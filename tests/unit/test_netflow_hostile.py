@@ -19,8 +19,9 @@ from pydantic import ValidationError
 from flowtally.metrics import LabelCap
 from sensors.completeness import OVERFLOW_DOMAIN, OVERFLOW_EXPORTER, UNKNOWN_EXPORTER, CompletenessAccumulator
 from sensors.netflow.collector import NetflowReceiver, NetflowSettings
-from sensors.netflow.decoder import DecodeStats, decode_payloads
+from sensors.netflow.decoder import decode_payloads
 from sensors.netflow.receiver import Run, estimate_records_many, header_bytes
+from sensors.netflow.stats import DecodeStats
 from sensors.netflow.templates import TemplateStore
 from sensors.publisher import Publisher
 from sensors.schema import address16

@@ -11,7 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from sensors.netflow.decoder import Datagram, DecodeStats, decode_datagrams, decode_payloads, flush_pending
+from sensors.netflow.decoder import Datagram, decode_datagrams, decode_payloads, flush_pending
+from sensors.netflow.stats import DecodeStats
 from sensors.netflow.templates import TemplateStore
 from sensors.schema import RAW_SCHEMA
 from tests.oracle import (
@@ -445,8 +446,8 @@ def _random_set(rng: random.Random, segments: list[int], tail: int) -> bytes:
                                     [(8, 4), (82, 0xFFFF), (96, 0xFFFF)]])
 def test_lockstep_walk_equals_record_walk(layout: list[tuple[int, int]]) -> None:
     from sensors.netflow import ipfix
-    from sensors.netflow.decoder import ExporterStats
     from sensors.netflow.fields import Group
+    from sensors.netflow.stats import ExporterStats
     from sensors.netflow.templates import Field, Template
 
     plan = ipfix._Plan(Template(fields=tuple(Field(t, n) for t, n in layout)))
@@ -481,8 +482,8 @@ def test_lockstep_walk_equals_record_walk(layout: list[tuple[int, int]]) -> None
 def test_lockstep_walk_of_empty_sets() -> None:
     """Data sets with no bytes at all (a bare set header): no records, nothing read."""
     from sensors.netflow import ipfix
-    from sensors.netflow.decoder import ExporterStats
     from sensors.netflow.fields import Group
+    from sensors.netflow.stats import ExporterStats
     from sensors.netflow.templates import Field, Template
 
     plan = ipfix._Plan(Template(fields=(Field(7, 2), Field(82, 0xFFFF))))

@@ -7,7 +7,8 @@ import ipaddress
 import struct
 from pathlib import Path
 
-from sensors.netflow.decoder import Datagram, DecodeStats, decode_datagrams
+from sensors.netflow.decoder import Datagram, decode_datagrams
+from sensors.netflow.stats import DecodeStats
 from sensors.netflow.templates import TemplateStore
 from tests.oracle import (
     DATA,

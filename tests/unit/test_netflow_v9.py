@@ -10,7 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from sensors.netflow.decoder import Datagram, DecodeStats, decode_datagrams, decode_payloads, flush_pending
+from sensors.netflow.decoder import Datagram, decode_datagrams, decode_payloads, flush_pending
+from sensors.netflow.stats import DecodeStats
 from sensors.netflow.templates import Field, Template, TemplateStore
 from sensors.schema import RAW_SCHEMA
 from tests.oracle import (
